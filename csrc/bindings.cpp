@@ -1,0 +1,145 @@
+// pybind11 module lowbit._C. Tensors arrive as raw pointers (ints) with shapes and strides:
+// the extension never includes or links torch, so one wheel serves every torch version.
+// Python (lowbit/_backend.py) checks dtypes/devices/contiguity first; this layer re-checks
+// what a bad pointer or shape would turn into a crash, then releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "api.h"
+#include "dispatch.h"
+#include "formats.h"
+#include "threadpool.h"
+
+namespace py = pybind11;
+using namespace lowbit;
+
+namespace {
+
+template <typename T>
+const T* ptr(uint64_t p) { return reinterpret_cast<const T*>(static_cast<uintptr_t>(p)); }
+
+DType to_dtype(int d) {
+  if (d < 0 || d >= kNumDTypes) throw std::invalid_argument("unknown dtype id " + std::to_string(d));
+  return DType(d);
+}
+
+QWeight make_weight(int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
+                    uint64_t data, int64_t ld_data, uint64_t scales, uint64_t zeros,
+                    uint64_t dq_scale, uint64_t dq_offset) {
+  if (fmt < 0 || fmt >= kNumFormats) throw std::invalid_argument("unknown format id " + std::to_string(fmt));
+  QWeight w{};
+  w.fmt = Format(fmt);
+  w.N = N;
+  w.K = K;
+  w.group = group;
+  w.n_groups = group > 0 ? (K + group - 1) / group : 0;
+  w.symmetric = symmetric;
+  w.double_quant = double_quant;
+  w.data = ptr<uint8_t>(data);
+  w.ld_data = ld_data;
+  w.scales = ptr<void>(scales);
+  w.zeros = ptr<uint8_t>(zeros);
+  w.dq_scale = ptr<float>(dq_scale);
+  w.dq_offset = ptr<float>(dq_offset);
+  w.dq_chunks = (w.n_groups + kNF4DoubleQuantChunk - 1) / kNF4DoubleQuantChunk;
+  if (fmt == kNF4 && (reinterpret_cast<uintptr_t>(w.dq_scale) % 4 || reinterpret_cast<uintptr_t>(w.dq_offset) % 4))
+    throw std::invalid_argument("double-quant tensors must be 4-byte aligned float32");
+  if (!(fmt == kNF4 && double_quant) && reinterpret_cast<uintptr_t>(w.scales) % 4)
+    throw std::invalid_argument("scales must be 4-byte aligned float32");
+  validate(w);
+  return w;
+}
+
+const KernelTable* table_arg(const std::string& isa) {
+  return isa.empty() ? nullptr : &table_for(isa);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lowbit CPU kernels (plain C++ behind a pointer-passing binding)";
+
+  m.def(
+      "linear",
+      [](int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
+         uint64_t data, int64_t ld_data, uint64_t scales, uint64_t zeros, uint64_t dq_scale,
+         uint64_t dq_offset, uint64_t x, int x_dtype, int64_t M, int64_t ldx, uint64_t bias,
+         uint64_t y, int y_dtype, int64_t ldy, int n_threads, const std::string& isa) {
+        LinearArgs a{};
+        a.w = make_weight(fmt, N, K, group, symmetric, double_quant, data, ld_data, scales, zeros,
+                          dq_scale, dq_offset);
+        a.x = ptr<void>(x);
+        a.x_dtype = to_dtype(x_dtype);
+        a.M = M;
+        a.ldx = ldx;
+        a.bias = ptr<float>(bias);
+        a.y = reinterpret_cast<void*>(static_cast<uintptr_t>(y));
+        a.y_dtype = to_dtype(y_dtype);
+        a.ldy = ldy;
+        a.n_threads = n_threads;
+        const KernelTable* t = table_arg(isa);
+        py::gil_scoped_release nogil;
+        lowbit::linear(a, t);
+      },
+      py::arg("fmt"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("symmetric"),
+      py::arg("double_quant"), py::arg("data"), py::arg("ld_data"), py::arg("scales"),
+      py::arg("zeros"), py::arg("dq_scale"), py::arg("dq_offset"), py::arg("x"),
+      py::arg("x_dtype"), py::arg("M"), py::arg("ldx"), py::arg("bias"), py::arg("y"),
+      py::arg("y_dtype"), py::arg("ldy"), py::arg("n_threads"), py::arg("isa") = "");
+
+  m.def(
+      "dequantize",
+      [](int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
+         uint64_t data, int64_t ld_data, uint64_t scales, uint64_t zeros, uint64_t dq_scale,
+         uint64_t dq_offset, uint64_t out, int out_dtype, int64_t ldo, int n_threads,
+         const std::string& isa) {
+        QWeight w = make_weight(fmt, N, K, group, symmetric, double_quant, data, ld_data, scales,
+                                zeros, dq_scale, dq_offset);
+        const DType dt = to_dtype(out_dtype);
+        const KernelTable* t = table_arg(isa);
+        void* o = reinterpret_cast<void*>(static_cast<uintptr_t>(out));
+        py::gil_scoped_release nogil;
+        lowbit::dequantize(w, o, dt, ldo, n_threads, t);
+      },
+      py::arg("fmt"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("symmetric"),
+      py::arg("double_quant"), py::arg("data"), py::arg("ld_data"), py::arg("scales"),
+      py::arg("zeros"), py::arg("dq_scale"), py::arg("dq_offset"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("ldo"), py::arg("n_threads"), py::arg("isa") = "");
+
+  m.def("set_isa", [](const std::string& isa) { set_active_isa(isa); });
+  m.def("active_isa", [] { return std::string(active_table().isa); });
+  m.def("active_reason", [] { return active_reason(); });
+  m.def("compiled_isas", [] { return compiled_isas(); });
+  m.def("supported_isas", [] { return supported_isas(); });
+  m.def("pool_size", [] { return pool_size(); });
+  m.def("cpu_features", [] {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
+    d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl;
+    d["avx512dq"] = f.avx512dq; d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
+    d["neon"] = f.neon; d["dotprod"] = f.dotprod;
+    return d;
+  });
+  m.def("format_traits", [] {
+    py::list out;
+    for (int i = 0; i < kNumFormats; ++i) {
+      const FormatTraits& t = kFormatTraits[i];
+      py::dict d;
+      d["id"] = i; d["name"] = t.name; d["bits"] = t.bits; d["default_group"] = t.default_group;
+      d["packed_nibbles"] = t.packed_nibbles; d["has_zero_point"] = t.has_zero_point;
+      d["has_codebook"] = t.has_codebook;
+      out.append(d);
+    }
+    return out;
+  });
+  m.def("nf4_codebook", [] {
+    py::list l;
+    for (float v : kNF4Codebook) l.append(v);
+    return l;
+  });
+  m.attr("NF4_DOUBLE_QUANT_CHUNK") = kNF4DoubleQuantChunk;
+}

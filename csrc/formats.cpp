@@ -1,0 +1,31 @@
+#include "formats.h"
+
+namespace lowbit {
+
+const FormatTraits kFormatTraits[kNumFormats] = {
+    // name    bits default_group packed_nibbles has_zero_point has_codebook
+    {"int8", 8, -1, false, false, false},
+    {"int4", 4, 128, true, true, false},
+    {"nf4", 4, 64, true, false, true},
+};
+
+const float kNF4Codebook[16] = {
+    -1.0f,
+    -0.6961928009986877f,
+    -0.5250730514526367f,
+    -0.39491748809814453f,
+    -0.28444138169288635f,
+    -0.18477343022823334f,
+    -0.09105003625154495f,
+    0.0f,
+    0.07958029955625534f,
+    0.16093020141124725f,
+    0.24611230194568634f,
+    0.33791524171829224f,
+    0.44070982251167297f,
+    0.5626170039176941f,
+    0.7229568362236023f,
+    1.0f,
+};
+
+}  // namespace lowbit

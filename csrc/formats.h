@@ -1,0 +1,39 @@
+// Weight formats: the C++ mirror of python/lowbit/formats.py (a test proves they agree).
+//
+// Every weight is [N, K] = [out_features, in_features] like nn.Linear; groups (blocks) run
+// along K. A format is a row of kFormatTraits, not an if/elif: kernels index tables by Format.
+#pragma once
+#include <cstdint>
+
+namespace lowbit {
+
+enum Format : int {
+  kInt8 = 0,  // int8 codes [N, K]; float32 scale per row; w = q * s
+  kInt4 = 1,  // uint4 codes, 2 per byte [N, ceil(K/2)]; float32 scale + uint8 zero per group;
+              // w = (q - z) * s   (symmetric: z is the constant 8, no zeros tensor)
+  kNF4 = 2,   // NormalFloat-4 codebook index, 2 per byte [N, ceil(K/2)]; float32 absmax per
+              // block; w = kNF4Codebook[q] * absmax (double quant: absmax = c * dq_s + dq_o)
+  kNumFormats = 3,
+};
+
+struct FormatTraits {
+  const char* name;
+  int bits;                // bits per stored code
+  int default_group;       // default group/block size along K (-1: one group per row)
+  bool packed_nibbles;     // two codes per byte, element 2j in the low nibble, 2j+1 in the high
+  bool has_zero_point;     // asymmetric variant stores one uint8 zero-point per group
+  bool has_codebook;       // codes index kNF4Codebook
+};
+
+extern const FormatTraits kFormatTraits[kNumFormats];
+
+// The 16 NormalFloat-4 values (QLoRA; identical to bitsandbytes' NF4 table), ascending.
+extern const float kNF4Codebook[16];
+
+// Number of double-quantized absmax values that share one (scale, offset) pair.
+constexpr int64_t kNF4DoubleQuantChunk = 256;
+
+// Zero-point implied by the symmetric int4 variant: codes store q + 8, q in [-8, 7].
+constexpr int kInt4SymmetricZero = 8;
+
+}  // namespace lowbit

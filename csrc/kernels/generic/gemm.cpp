@@ -1,0 +1,66 @@
+// Readable scalar matmul: for each output row n, decode one group of weights at a time into a
+// small buffer and dot it with every activation row. Correct for any shape; not fast.
+#include "kernels/common.h"
+
+namespace lowbit {
+namespace generic {
+using namespace detail;
+
+
+static constexpr int64_t kChunk = 256;  // weights decoded per step (a stack buffer)
+
+// Decodes w[n, k0:k1] (k1 - k0 <= kChunk) into buf.
+static void decode_span(const QWeight& w, int64_t n, int64_t k0, int64_t k1, float* buf) {
+  if (w.fmt == kInt8) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(w.data + n * w.ld_data);
+    const float s = static_cast<const float*>(w.scales)[n];
+    for (int64_t k = k0; k < k1; ++k) buf[k - k0] = float(q[k]) * s;
+    return;
+  }
+  const uint8_t* row = w.data + n * w.ld_data;
+  int64_t k = k0;
+  while (k < k1) {
+    const int64_t g = k / w.group;
+    const int64_t gend = min64(k1, (g + 1) * w.group);
+    const float s = group_scale(w, n, g);
+    const int z = group_zero(w, n, g);
+    for (; k < gend; ++k) {
+      const int q = nibble_at(row, k);
+      buf[k - k0] = (w.fmt == kNF4) ? kNF4Codebook[q] * s : float(q - z) * s;
+    }
+  }
+}
+
+static void gemm_any(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0,
+                     int64_t n1, float* y, int64_t ldy) {
+  float buf[kChunk];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = 0.0f;
+    for (int64_t k0 = 0; k0 < w.K; k0 += kChunk) {
+      const int64_t k1 = min64(w.K, k0 + kChunk);
+      decode_span(w, n, k0, k1, buf);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * ldx;
+        float acc = 0.0f;
+        for (int64_t k = k0; k < k1; ++k) acc += buf[k - k0] * xr[k];
+        y[m * ldy + n] += acc;
+      }
+    }
+  }
+}
+
+void gemm_int8(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
+               float* y, int64_t ldy) {
+  gemm_any(w, x, M, ldx, n0, n1, y, ldy);
+}
+void gemm_int4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
+               float* y, int64_t ldy) {
+  gemm_any(w, x, M, ldx, n0, n1, y, ldy);
+}
+void gemm_nf4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
+              float* y, int64_t ldy) {
+  gemm_any(w, x, M, ldx, n0, n1, y, ldy);
+}
+
+}  // namespace generic
+}  // namespace lowbit

@@ -1,0 +1,55 @@
+"""lowbit: low-bit (INT8 / INT4 / NF4) weight-quantized matmul for PyTorch.
+
+    qw = lowbit.quantize_weight(linear.weight, "int4", group_size=128)
+    y = lowbit.linear(x, qw, linear.bias)
+    layer = lowbit.QuantLinear.from_linear(linear, "nf4")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import formats, reference  # noqa: F401
+from .formats import FORMATS, NF4_CODEBOOK  # noqa: F401
+from .nn import QuantLinear  # noqa: F401
+from .ops import dequantize, linear, quantize_weight  # noqa: F401
+from .qweight import QuantizedWeight  # noqa: F401
+
+
+def backend_info() -> dict:
+    """Which kernels run here and why: the CPU ISA chosen (and the reason), the ISAs compiled
+    and supported, CPU features, thread count and its source, and the GPU side."""
+    import os
+
+    import torch
+
+    from . import _backend, ops
+
+    info = {"version": __version__, "torch": torch.__version__}
+    try:
+        C = _backend.ext()
+        info.update(cpu_isa=C.active_isa(), cpu_isa_reason=C.active_reason(),
+                    compiled_isas=list(C.compiled_isas()), supported_isas=list(C.supported_isas()),
+                    cpu_features={k: v for k, v in C.cpu_features().items() if v})
+    except RuntimeError as e:
+        info.update(cpu_isa=None, cpu_isa_reason=str(e))
+    info["num_threads"] = _backend.num_threads()
+    info["num_threads_source"] = ("LOWBIT_NUM_THREADS" if os.environ.get("LOWBIT_NUM_THREADS")
+                                  else "torch.get_num_threads()")
+    info["cuda_available"] = torch.cuda.is_available()
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    kernels = ops._gpu_kernels()
+    info["gpu_backend"] = ("triton (lowbit.kernels)" if kernels is not None
+                           else "dequantize + torch matmul (no Triton kernels on this machine)")
+    return info
+
+
+def set_isa(isa: str) -> None:
+    """Force the CPU kernels to one ISA ('avx512', 'avx2', 'neon' or 'scalar') for this process,
+    like LOWBIT_ISA; RuntimeError if this CPU can't run it."""
+    from . import _backend
+    _backend.ext().set_isa(isa)

@@ -1,0 +1,137 @@
+"""QuantLinear: a drop-in replacement for nn.Linear whose weight stays packed."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from . import formats as F
+from .ops import linear, quantize_weight
+from .qweight import TENSOR_FIELDS, QuantizedWeight
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W^T + b`` with W held only as a :class:`QuantizedWeight` (no float copy).
+
+    The packed tensors are buffers (``weight_data``, ``weight_scales`` and, where the format
+    has them, ``weight_zeros``, ``weight_dq_scale``, ``weight_dq_offset``); the format
+    settings travel in the state dict's extra state, so ``state_dict()`` /
+    ``load_state_dict()`` round-trip bit-exactly and a mismatched checkpoint is refused.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "int4",
+                 *, group_size: Optional[int] = None, symmetric: Optional[bool] = None,
+                 double_quant: bool = False, device=None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        spec = F.get_format(fmt)
+        group_size = F.check_group_size(spec, group_size)
+        if symmetric is None:
+            symmetric = spec.name != "int4"
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        # Empty tensors of the right layout, to be filled by from_linear / load_state_dict.
+        probe = QuantizedWeight(spec.name, (self.out_features, self.in_features),
+                                torch.empty(0), torch.empty(0), group_size=group_size,
+                                symmetric=symmetric, double_quant=double_quant, validate=False)
+        for name in TENSOR_FIELDS:
+            want = probe.expected_layout()[name]
+            t = None if want is None else torch.zeros(want[0], dtype=want[1], device=device)
+            self.register_buffer("weight_" + name, t)
+        self._config = probe.config()
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device,
+                                                 dtype=dtype or torch.float32), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str = "int4", **format_options) -> "QuantLinear":
+        """Quantize an nn.Linear (its weight is read, never kept)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        qw = quantize_weight(linear.weight.detach(), fmt, **format_options)
+        return cls.from_quantized(qw, linear.bias)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Wrap an existing QuantizedWeight (shares its tensors)."""
+        N, K = qw.shape
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = K, N
+        for name in TENSOR_FIELDS:
+            m.register_buffer("weight_" + name, getattr(qw, name))
+        m._config = qw.config()
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        else:
+            m.register_parameter("bias", None)
+        return m
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        c = self._config
+        return QuantizedWeight(c["fmt"], tuple(c["shape"]), self.weight_data, self.weight_scales,
+                               self.weight_zeros, group_size=c["group_size"],
+                               symmetric=c["symmetric"], double_quant=c["double_quant"],
+                               dq_scale=self.weight_dq_scale, dq_offset=self.weight_dq_offset,
+                               validate=False)
+
+    @property
+    def fmt(self) -> str:
+        return self._config["fmt"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.qweight, self.bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.dequantize(dtype)
+
+    # ---- state dict ---------------------------------------------------------------------
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"lowbit_version": 1, **self._config}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("lowbit_version") != 1:
+            raise ValueError(f"not a lowbit QuantLinear state (extra state: {state!r})")
+        cfg = {k: state[k] for k in ("fmt", "shape", "group_size", "symmetric", "double_quant")}
+        if list(cfg["shape"]) != [self.out_features, self.in_features]:
+            raise ValueError(f"checkpoint weight shape {cfg['shape']} does not match this layer "
+                             f"[{self.out_features}, {self.in_features}]")
+        if cfg != self._config:
+            # Different format settings: adopt them, re-shaping the buffers so the tensors
+            # that follow in load_state_dict fit (and are checked against the new layout).
+            probe = QuantizedWeight(cfg["fmt"], tuple(cfg["shape"]), torch.empty(0), torch.empty(0),
+                                    group_size=cfg["group_size"], symmetric=cfg["symmetric"],
+                                    double_quant=cfg["double_quant"], validate=False)
+            device = self.weight_data.device
+            for name in TENSOR_FIELDS:
+                want = probe.expected_layout()[name]
+                setattr(self, "weight_" + name,
+                        None if want is None else torch.zeros(want[0], dtype=want[1], device=device))
+            self._config = cfg
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Extra state first, so the buffers have the checkpoint's layout before they are filled.
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            self.set_extra_state(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        try:
+            self.qweight.validate()
+        except ValueError as e:
+            error_msgs.append(f"{prefix}: {e}")
+
+    def extra_repr(self) -> str:
+        c = self._config
+        opts = f"group_size={c['group_size']}"
+        if c["fmt"] == "int4":
+            opts += f", symmetric={c['symmetric']}"
+        if c["fmt"] == "nf4":
+            opts += f", double_quant={c['double_quant']}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, fmt={c['fmt']!r}, {opts}")

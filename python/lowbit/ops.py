@@ -1,0 +1,212 @@
+"""torch.library custom ops and the public functional API (linear, dequantize, quantize_weight).
+
+The ops take the QuantizedWeight's tensors plus plain attributes, so torch.compile and CUDA
+graphs see ordinary tensor ops with fake (meta) implementations. Each op routes by device:
+CPU -> lowbit._C kernels; CUDA -> Triton kernels when present (lowbit.kernels), else
+dequantize + torch matmul. Nothing above this module knows which kernel ran.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _backend
+from . import formats as F
+from . import reference
+from .qweight import QuantizedWeight
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---- device routing -----------------------------------------------------------------------
+def _gpu_kernels():
+    """lowbit.kernels (Triton) if importable on this machine, else None."""
+    try:
+        from . import kernels  # noqa: F401
+    except ImportError:
+        return None
+    return kernels if getattr(kernels, "AVAILABLE", False) else None
+
+
+def _linear_impl(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    N, K = qw.shape
+    lead = x.shape[:-1]
+    if x.device.type == "cpu":
+        x2d = x.reshape(-1, K)
+        out = torch.empty((x2d.shape[0], N), dtype=x.dtype)
+        b = None if bias is None else bias.to(torch.float32).contiguous()
+        _backend.linear(x2d, qw, b, out)
+        return out.reshape(*lead, N)
+    kernels = _gpu_kernels() if x.device.type == "cuda" else None
+    if kernels is not None:
+        return kernels.linear(x, qw, bias)
+    # Other devices: dequantize in the activation dtype, then the device's own matmul.
+    w = reference.dequantize(qw, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _dequantize_impl(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    if qw.device.type == "cpu":
+        return _backend.dequantize(qw, dtype)
+    kernels = _gpu_kernels() if qw.device.type == "cuda" else None
+    if kernels is not None:
+        return kernels.dequantize(qw, dtype)
+    return reference.dequantize(qw, dtype)
+
+
+def _qw_from(data, scales, zeros, dq_scale, dq_offset, fmt, in_features, group_size, symmetric):
+    return QuantizedWeight(fmt, (data.shape[0], in_features), data, scales, zeros,
+                           group_size=group_size, symmetric=symmetric,
+                           double_quant=dq_scale is not None, dq_scale=dq_scale,
+                           dq_offset=dq_offset, validate=False)
+
+
+# ---- custom ops ---------------------------------------------------------------------------
+@torch.library.custom_op("lowbit::linear", mutates_args=())
+def linear_op(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor,
+              zeros: Optional[torch.Tensor], dq_scale: Optional[torch.Tensor],
+              dq_offset: Optional[torch.Tensor], bias: Optional[torch.Tensor], fmt: str,
+              in_features: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    qw = _qw_from(data, scales, zeros, dq_scale, dq_offset, fmt, in_features, group_size, symmetric)
+    return _linear_impl(x, qw, bias)
+
+
+@linear_op.register_fake
+def _(x, data, scales, zeros, dq_scale, dq_offset, bias, fmt, in_features, group_size, symmetric):
+    return x.new_empty((*x.shape[:-1], data.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, data, scales, zeros, dq_scale, dq_offset, bias, fmt, in_features, group_size, symmetric = inputs
+    ctx.save_for_backward(data, scales, zeros, dq_scale, dq_offset)
+    ctx.meta = (fmt, in_features, group_size, symmetric)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, grad):
+    # The weight is frozen (quantized); gradients flow to x and bias, as in QLoRA.
+    data, scales, zeros, dq_scale, dq_offset = ctx.saved_tensors
+    w = dequantize_op(data, scales, zeros, dq_scale, dq_offset, *ctx.meta, grad.dtype)
+    gx = grad @ w
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return gx, None, None, None, None, None, gb, None, None, None, None
+
+
+linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+@torch.library.custom_op("lowbit::dequantize", mutates_args=())
+def dequantize_op(data: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                  dq_scale: Optional[torch.Tensor], dq_offset: Optional[torch.Tensor], fmt: str,
+                  in_features: int, group_size: int, symmetric: bool,
+                  dtype: torch.dtype) -> torch.Tensor:
+    qw = _qw_from(data, scales, zeros, dq_scale, dq_offset, fmt, in_features, group_size, symmetric)
+    return _dequantize_impl(qw, dtype)
+
+
+@dequantize_op.register_fake
+def _(data, scales, zeros, dq_scale, dq_offset, fmt, in_features, group_size, symmetric, dtype):
+    return data.new_empty((data.shape[0], in_features), dtype=dtype)
+
+
+def _op_args(qw: QuantizedWeight):
+    return (qw.data, qw.scales, qw.zeros, qw.dq_scale, qw.dq_offset)
+
+
+def _op_attrs(qw: QuantizedWeight):
+    return (qw.fmt, qw.shape[1], qw.group_size, qw.symmetric)
+
+
+# ---- public API ---------------------------------------------------------------------------
+def _check_qw(qw) -> None:
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"expected a lowbit.QuantizedWeight, got {type(qw).__name__}")
+
+
+def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with W stored as ``qw``: x is [..., K] (float32, bfloat16 or
+    float16), the result [..., N] in x's dtype, accumulated in float32."""
+    _check_qw(qw)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    N, K = qw.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"x's last dimension must equal in_features={K}, got shape {tuple(x.shape)}")
+    if x.device != qw.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {qw.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError("bias must be a float32, bfloat16 or float16 tensor")
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad or torch.compiler.is_compiling():
+        return linear_op(x, *_op_args(qw), bias, *_op_attrs(qw))
+    # Eager fast path: the op's own body without the dispatcher round trip.
+    return _linear_impl(x, qw, bias)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight [N, K] in ``dtype`` (float32, bfloat16 or float16); bit-exact against
+    :func:`lowbit.reference.dequantize`."""
+    _check_qw(qw)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if torch.compiler.is_compiling():
+        return dequantize_op(*_op_args(qw), *_op_attrs(qw), dtype)
+    return _dequantize_impl(qw, dtype)
+
+
+# Peak temporary memory of one quantization chunk (nf4's nearest-code search holds 16 floats
+# per weight), so a large layer never needs more than this on top of its own size.
+_QUANT_CHUNK_BYTES = 256 << 20
+
+
+def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[int] = None,
+                    symmetric: Optional[bool] = None, double_quant: bool = False) -> QuantizedWeight:
+    """Quantize a float weight ``[out_features, in_features]`` into ``fmt`` on w's device.
+
+    Options: ``group_size`` (int4 default 128, nf4 block default 64; -1 = one group per row;
+    int8 is always per row), ``symmetric`` (int4; default False), ``double_quant`` (nf4).
+    Raises ValueError on NaN/Inf in w. Same result as :func:`lowbit.reference.quantize_weight`,
+    computed in row chunks to bound memory.
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
+    if w.shape[0] == 0 or w.shape[1] == 0:
+        raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}")
+    spec = F.get_format(fmt)
+    if double_quant and spec.name != "nf4":
+        raise ValueError(f"double_quant applies to nf4 only, not {spec.name}")
+    if symmetric is not None and spec.name != "int4" and not symmetric:
+        raise ValueError(f"{spec.name} is always symmetric")
+    if symmetric is not None and not isinstance(symmetric, bool):
+        raise TypeError("symmetric must be a bool or None")
+    F.check_group_size(spec, group_size)
+    N, K = w.shape
+    rows = max(1, _QUANT_CHUNK_BYTES // (K * 4 * 20))
+    if rows >= N:
+        return reference.quantize_weight(w, spec.name, group_size=group_size, symmetric=symmetric,
+                                         double_quant=double_quant)
+    parts = [reference.quantize_weight(w[i:i + rows], spec.name, group_size=group_size,
+                                       symmetric=symmetric, double_quant=double_quant)
+             for i in range(0, N, rows)]
+    first = parts[0]
+
+    def cat(name):
+        return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
+
+    return QuantizedWeight(spec.name, (N, K), cat("data"), cat("scales"), cat("zeros"),
+                           group_size=first.group_size, symmetric=first.symmetric,
+                           double_quant=first.double_quant, dq_scale=cat("dq_scale"),
+                           dq_offset=cat("dq_offset"))

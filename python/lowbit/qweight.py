@@ -1,0 +1,151 @@
+"""QuantizedWeight: a packed weight and everything needed to decode it."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from . import formats as F
+
+# Tensor fields in a fixed order; optional ones may be None.
+TENSOR_FIELDS = ("data", "scales", "zeros", "dq_scale", "dq_offset")
+
+
+class QuantizedWeight:
+    """A weight ``[N, K]`` stored in one of the formats of :mod:`lowbit.formats`.
+
+    Fields: ``fmt`` (format name), ``shape`` (N, K), ``data`` (packed codes), ``scales``,
+    ``zeros`` (asymmetric int4 only, else None), ``group_size`` (-1 = one group per row),
+    ``symmetric``, ``double_quant`` and, for double-quantized nf4, ``dq_scale`` / ``dq_offset``.
+    The layouts are documented on each format's registry row.
+    """
+
+    __slots__ = ("fmt", "shape", "data", "scales", "zeros", "group_size", "symmetric",
+                 "double_quant", "dq_scale", "dq_offset")
+
+    def __init__(self, fmt: str, shape: Tuple[int, int], data: torch.Tensor, scales: torch.Tensor,
+                 zeros: Optional[torch.Tensor] = None, *, group_size: int = -1,
+                 symmetric: bool = True, double_quant: bool = False,
+                 dq_scale: Optional[torch.Tensor] = None, dq_offset: Optional[torch.Tensor] = None,
+                 validate: bool = True):
+        self.fmt = F.get_format(fmt).name
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.data = data
+        self.scales = scales
+        self.zeros = zeros
+        self.group_size = int(group_size)
+        self.symmetric = bool(symmetric)
+        self.double_quant = bool(double_quant)
+        self.dq_scale = dq_scale
+        self.dq_offset = dq_offset
+        if validate:
+            self.validate()
+
+    # ---- layout -------------------------------------------------------------------------
+    @property
+    def spec(self) -> F.FormatSpec:
+        return F.FORMATS[self.fmt]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def n_groups(self) -> int:
+        return F.n_groups(self.group_size, self.shape[1])
+
+    def expected_layout(self) -> Dict[str, Optional[Tuple[Tuple[int, ...], torch.dtype]]]:
+        """Shape and dtype every tensor field must have (None: the field must be None)."""
+        spec, (N, K), G = self.spec, self.shape, self.n_groups
+        data_dtype = torch.int8 if spec.name == "int8" else torch.uint8
+        lay = {"data": ((N, F.packed_cols(spec, K)), data_dtype),
+               "scales": ((N, G), torch.float32), "zeros": None, "dq_scale": None, "dq_offset": None}
+        if spec.name == "int4" and not self.symmetric:
+            lay["zeros"] = ((N, G), torch.uint8)
+        if spec.name == "nf4" and self.double_quant:
+            C = -(-G // F.NF4_DOUBLE_QUANT_CHUNK)
+            lay["scales"] = ((N, G), torch.uint8)
+            lay["dq_scale"] = ((N, C), torch.float32)
+            lay["dq_offset"] = ((N, C), torch.float32)
+        return lay
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose shape, dtype or device is wrong."""
+        spec = self.spec
+        N, K = self.shape
+        if N <= 0 or K <= 0:
+            raise ValueError(f"QuantizedWeight shape must be positive, got {self.shape}")
+        F.check_group_size(spec, self.group_size)
+        if self.double_quant and spec.name != "nf4":
+            raise ValueError("double_quant applies to nf4 only")
+        if spec.name != "int4" and not self.symmetric:
+            raise ValueError(f"{spec.name} has no asymmetric variant")
+        for name, want in self.expected_layout().items():
+            t = getattr(self, name)
+            if want is None:
+                if t is not None:
+                    raise ValueError(f"{self.fmt} weight must not carry '{name}'")
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{self.fmt} weight needs tensor '{name}', got {type(t).__name__}")
+            shape, dtype = want
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(f"{self.fmt} weight field '{name}' must be {dtype} {list(shape)}, "
+                                 f"got {t.dtype} {list(t.shape)}")
+            if t.device != self.data.device:
+                raise ValueError(f"field '{name}' is on {t.device} but data is on {self.data.device}")
+
+    # ---- tensors ------------------------------------------------------------------------
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The non-None tensor fields by name."""
+        return {k: getattr(self, k) for k in TENSOR_FIELDS if getattr(self, k) is not None}
+
+    def config(self) -> Dict[str, object]:
+        """Everything but the tensors, JSON-serialisable."""
+        return {"fmt": self.fmt, "shape": list(self.shape), "group_size": self.group_size,
+                "symmetric": self.symmetric, "double_quant": self.double_quant}
+
+    def _replace_tensors(self, fn) -> "QuantizedWeight":
+        kw = {k: (fn(getattr(self, k)) if getattr(self, k) is not None else None) for k in TENSOR_FIELDS}
+        return QuantizedWeight(self.fmt, self.shape, kw["data"], kw["scales"], kw["zeros"],
+                               group_size=self.group_size, symmetric=self.symmetric,
+                               double_quant=self.double_quant, dq_scale=kw["dq_scale"],
+                               dq_offset=kw["dq_offset"], validate=False)
+
+    def to(self, device) -> "QuantizedWeight":
+        """A copy on ``device`` (codes and scales keep their dtypes)."""
+        return self._replace_tensors(lambda t: t.to(device))
+
+    def contiguous(self) -> "QuantizedWeight":
+        return self._replace_tensors(lambda t: t.contiguous())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all stored tensors (codes, scales, zeros, double-quant constants)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from .ops import dequantize
+        return dequantize(self, dtype)
+
+    def __repr__(self) -> str:
+        opts = f"group_size={self.group_size}"
+        if self.fmt == "int4":
+            opts += f", symmetric={self.symmetric}"
+        if self.fmt == "nf4":
+            opts += f", double_quant={self.double_quant}"
+        return (f"QuantizedWeight(fmt={self.fmt!r}, shape={self.shape}, {opts}, "
+                f"device={self.device}, bits_per_weight={self.bits_per_weight:.3f})")

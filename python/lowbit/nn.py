@@ -89,6 +89,21 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.qweight.dequantize(dtype)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() would cast the float32 scales and corrupt the format:
+        # the packed tensors follow device moves but always keep their own dtypes.
+        for name in TENSOR_FIELDS:
+            t = self._buffers.get("weight_" + name)
+            if t is None:
+                continue
+            moved = fn(t)
+            self._buffers["weight_" + name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        packed = {k: self._buffers.pop(k) for k in list(self._buffers) if k.startswith("weight_")}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(packed)
+
     # ---- state dict ---------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
         return {"lowbit_version": 1, **self._config}

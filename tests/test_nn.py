@@ -68,10 +68,12 @@ def test_load_state_dict_refuses_mismatch():
 
 def test_to_moves_and_keeps_values():
     q = QuantLinear.from_linear(nn.Linear(64, 8), "int4", group_size=32)
-    m = q.to("meta")
+    import copy
+    m = copy.deepcopy(q).to("meta")  # Module.to works in place
     assert m.weight_data.device.type == "meta" and m.weight_zeros.device.type == "meta"
     assert m.weight_data.dtype == torch.uint8  # .to(dtype) semantics: codes keep their dtype
-    q2 = q.to(torch.bfloat16)
+    q2 = copy.deepcopy(q).to(torch.bfloat16)
+    assert torch.equal(q2.weight_scales, q.weight_scales)  # not rounded through bf16
     assert q2.weight_data.dtype == torch.uint8 and q2.weight_scales.dtype == torch.float32
     assert q2.bias.dtype == torch.bfloat16
     x = torch.randn(2, 64, dtype=torch.bfloat16)

@@ -1,0 +1,143 @@
+"""Tolerances for comparing a kernel's matmul with :func:`lowbit.reference.linear`.
+
+Dequantization must be bit-exact (``torch.equal``); a matmul can't be, because kernels sum in a
+different order (SIMD lanes, K tiles, threads) and may fold the scale into the sum. The bound
+used here is the textbook forward-error bound of a float32 dot product, made elementwise so it
+holds for outputs of very different sizes, plus the rounding of the output dtype::
+
+    tol[m, n] = acc_rtol * mag[m, n] + out_eps * (|expected[m, n]| + acc_rtol * mag[m, n]) + floor
+
+    mag[m, n] = sum_k |x[m, k]| * |W[n, k]| + |bias[n]|     (computed in float64)
+
+* ``acc_rtol`` (accumulation): summing K float32 products in any order has an error of at most
+  ``gamma_K = K * u * |..|`` with ``u = 2**-24`` for a sequential sum, measured against the sum of
+  absolute terms ``mag`` (the condition number of a dot product). Kernels split K over 8 or 16
+  SIMD lanes and blocks, so their worst case is about ``K / 8 * u``, and the rounding errors are
+  random in practice (growth ~ sqrt(K) * u). We use ``acc_rtol = 8 * sqrt(K) * u`` with a floor of
+  ``64 * u``: that is K/8 * u at K = 4096, and it also absorbs the few ulps per product that
+  differ when a kernel computes ``s * sum((q - z) * x)`` per group, or uses FMA, instead of the
+  reference's ``sum(((q - z) * s) * x)``. The reference itself is computed by torch's own
+  blocked GEMM, whose error is inside the same bound. Relative to |y| this is loose for
+  cancelling sums and tight (a few ulps) for same-sign ones, which is what we want: it flags a
+  wrong scale, zero-point, nibble order or group index (errors of order |x| |w|), never
+  summation order.
+* ``out_eps`` (output rounding): for bfloat16 / float16 results both sides round a float32 sum
+  to the output dtype; two float32 values a hair apart can round to neighbouring values, one
+  ulp apart. One ulp is at most ``eps * |y|`` with eps = 2**-7 (bf16, 8 significant bits) or
+  2**-10 (f16, 11 bits), i.e. twice the unit roundoff (2**-8, 2**-11). float32 output: 0 (its
+  rounding is part of the accumulation term).
+* ``floor``: the output dtype's smallest subnormal, so values that underflow compare equal.
+
+A kernel that rounds activations or decoded weights to 16 bits before multiplying (e.g. bf16
+dot-product instructions) needs a larger ``acc_rtol``; pass ``rtol=`` explicitly and say why
+where it is used. Inputs are activations in float32 / bfloat16 / float16; the comparison is done
+in float32 (float64 for ``mag``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+UNIT_ROUNDOFF_F32 = 2.0 ** -24
+
+
+def accumulation_rtol(K: int) -> float:
+    """Relative (to sum |x||w|) error allowed for a length-K float32 dot product."""
+    return max(64.0, 8.0 * math.sqrt(K)) * UNIT_ROUNDOFF_F32
+
+
+def output_eps(dtype: torch.dtype) -> float:
+    """One ulp of the output dtype relative to the value (0 for float32, see module docstring)."""
+    if dtype == torch.float32:
+        return 0.0
+    return float(torch.finfo(dtype).eps)
+
+
+def _weight_f32(qw) -> torch.Tensor:
+    from . import reference
+    from .qweight import QuantizedWeight
+    if isinstance(qw, QuantizedWeight):
+        return reference.dequantize(qw, torch.float32)
+    return qw.detach().to(torch.float32)
+
+
+def linear_tolerance(x: torch.Tensor, qw, expected: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+                     rtol: Optional[float] = None) -> torch.Tensor:
+    """Elementwise absolute tolerance (float32, shape ``[..., N]``) for ``linear(x, qw, bias)``.
+
+    ``qw`` is a :class:`lowbit.QuantizedWeight` (decoded with the reference) or a float weight
+    ``[N, K]``. ``expected`` is the reference output (needed for the bf16/f16 output-rounding
+    term; if omitted, ``mag`` stands in for |expected|, which is looser). ``out_dtype`` defaults to
+    ``expected.dtype`` or ``x.dtype``. ``rtol`` overrides the accumulation term
+    (:func:`accumulation_rtol`). See the module docstring for the reasoning.
+    """
+    w = _weight_f32(qw).to(torch.float64)
+    K = w.shape[1]
+    mag = x.detach().to(torch.float64).abs() @ w.abs().T
+    if bias is not None:
+        mag = mag + bias.detach().to(torch.float64).abs()
+    if out_dtype is None:
+        out_dtype = expected.dtype if expected is not None else x.dtype
+    acc = (accumulation_rtol(K) if rtol is None else float(rtol)) * mag
+    eps = output_eps(out_dtype)
+    ref_mag = expected.detach().to(torch.float64).abs() if expected is not None else mag
+    floor = float(torch.finfo(out_dtype).smallest_normal * torch.finfo(out_dtype).eps)
+    tol = acc + eps * (ref_mag + acc) + floor
+    return tol.to(torch.float32)
+
+
+def linear_mismatch(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, qw,
+                    bias: Optional[torch.Tensor] = None, rtol: Optional[float] = None) -> dict:
+    """How far ``actual`` is from ``expected`` in units of the tolerance.
+
+    Returns ``{"ok", "worst_ratio", "index", "actual", "expected", "tol", "n_bad"}``; ``ok`` is
+    True when every element is within tolerance (``worst_ratio <= 1``) and nothing is NaN.
+    """
+    if actual.shape != expected.shape:
+        return {"ok": False, "worst_ratio": math.inf, "index": None, "n_bad": -1,
+                "reason": f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"}
+    if actual.dtype != expected.dtype:
+        return {"ok": False, "worst_ratio": math.inf, "index": None, "n_bad": -1,
+                "reason": f"dtype {actual.dtype} != expected {expected.dtype}"}
+    tol = linear_tolerance(x, qw, expected=expected, bias=bias, out_dtype=expected.dtype, rtol=rtol)
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    err = (a - e).abs()
+    # Equal infinities (f16 overflow on both sides) are a match; NaN never is.
+    err = torch.where(a == e, torch.zeros_like(err), err)
+    ratio = err / tol.to(torch.float64)
+    ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, math.inf), ratio)
+    if ratio.numel() == 0:
+        return {"ok": True, "worst_ratio": 0.0, "index": None, "n_bad": 0}
+    flat = int(ratio.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ratio.shape))
+    worst = float(ratio.reshape(-1)[flat])
+    return {"ok": worst <= 1.0, "worst_ratio": worst, "index": idx,
+            "n_bad": int((ratio > 1.0).sum()), "actual": float(a[idx]), "expected": float(e[idx]),
+            "tol": float(tol[idx])}
+
+
+def assert_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, qw,
+                        bias: Optional[torch.Tensor] = None, rtol: Optional[float] = None,
+                        msg: str = "") -> None:
+    """Raise AssertionError unless ``actual`` matches the reference ``expected`` output of
+    ``linear(x, qw, bias)`` within :func:`linear_tolerance` everywhere."""
+    r = linear_mismatch(actual, expected, x, qw, bias=bias, rtol=rtol)
+    if r["ok"]:
+        return
+    prefix = f"{msg}: " if msg else ""
+    if "reason" in r:
+        raise AssertionError(prefix + r["reason"])
+    raise AssertionError(
+        f"{prefix}linear output differs from the reference beyond tolerance at {r['n_bad']} of "
+        f"{expected.numel()} elements; worst at {r['index']}: got {r['actual']!r}, expected "
+        f"{r['expected']!r}, |diff| = {abs(r['actual'] - r['expected']):.3g} > tol {r['tol']:.3g} "
+        f"({r['worst_ratio']:.3g}x the tolerance)")
+
+
+__all__ = ["accumulation_rtol", "output_eps", "linear_tolerance", "linear_mismatch",
+           "assert_linear_close", "UNIT_ROUNDOFF_F32"]

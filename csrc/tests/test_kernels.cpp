@@ -1,0 +1,894 @@
+// Plain C++ tests of the kernel library: every ISA this CPU supports (lowbit::supported_isas)
+// against an independent reference written here from the documented formats:
+//   int8: q * s          int4: (q - z) * s, symmetric (q - 8) * s
+//   nf4:  codebook[q] * absmax, double quant absmax = (c * dq_s) + dq_o
+// followed by a naive double-precision matmul.
+//   - dequant (table and lowbit::dequantize, every out dtype): bit-exact
+//   - gemm (table) and lowbit::linear (every activation/output dtype, bias, threads, strides):
+//     within a tolerance relative to sum |w * x|
+//   - conversions: bit-exact against the generic (scalar) table over all 65536 16-bit patterns
+//     and random/special floats, and generic against this file's own conversions
+//   - validate(): inconsistent weights throw std::invalid_argument
+// Every tensor is malloc'ed with its exact size, so ASan / valgrind catch any over-read.
+//
+// Usage: lowbit_kernel_tests [--quick] [--isa NAME] [--verbose]
+// Last line: "<passed> passed, <failed> failed"; exit status non-zero on any failure.
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "api.h"
+#include "dispatch.h"
+#include "formats.h"
+#include "kernel_api.h"
+
+using namespace lowbit;
+
+// ---- tiny check framework -------------------------------------------------------------------
+
+static int64_t g_passed = 0, g_failed = 0;
+static bool g_verbose = false;
+static std::string g_ctx;  // what is being tested, printed with a failure
+
+// Worst |gemm - reference| / sum |w * x| seen per ISA (printed with --verbose).
+static std::vector<std::pair<std::string, double>> g_worst;
+static void note_error(const char* isa, double ratio) {
+  for (auto& p : g_worst)
+    if (p.first == isa) {
+      if (ratio > p.second) p.second = ratio;
+      return;
+    }
+  g_worst.push_back({isa, ratio});
+}
+
+static void check(bool ok, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+static void check(bool ok, const char* fmt, ...) {
+  if (ok) {
+    ++g_passed;
+    return;
+  }
+  ++g_failed;
+  if (g_failed > 40) return;
+  std::fprintf(stderr, "FAIL [%s] ", g_ctx.c_str());
+  va_list ap;
+  va_start(ap, fmt);
+  std::vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  std::fputc('\n', stderr);
+}
+
+#define EXPECT_THROW(stmt, exc, what)                                                    \
+  do {                                                                                   \
+    bool thrown_ = false, other_ = false;                                                \
+    try {                                                                                \
+      stmt;                                                                              \
+    } catch (const exc&) {                                                               \
+      thrown_ = true;                                                                    \
+    } catch (...) {                                                                      \
+      other_ = true;                                                                     \
+    }                                                                                    \
+    check(thrown_, "%s: expected " #exc "%s", what, other_ ? " (got another exception)" : ""); \
+  } while (0)
+
+// ---- exact-size buffers ---------------------------------------------------------------------
+
+template <class T>
+struct Buf {
+  T* p = nullptr;
+  int64_t n = 0;
+  Buf() = default;
+  explicit Buf(int64_t count) { reset(count); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  void reset(int64_t count) {
+    std::free(p);
+    n = count;
+    // exactly count elements (malloc(0) may return nullptr: give zero-length buffers 1 byte)
+    p = static_cast<T*>(std::malloc(count > 0 ? size_t(count) * sizeof(T) : 1));
+    if (!p) {
+      std::fprintf(stderr, "out of memory\n");
+      std::exit(2);
+    }
+  }
+  T& operator[](int64_t i) { return p[i]; }
+  const T& operator[](int64_t i) const { return p[i]; }
+};
+
+// ---- deterministic random numbers -----------------------------------------------------------
+
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed) {}
+  uint64_t next() {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  uint32_t u32() { return uint32_t(next() >> 32); }
+  int64_t below(int64_t n) { return int64_t(next() % uint64_t(n)); }
+  float uniform(float lo, float hi) { return lo + (hi - lo) * float(double(next() >> 11) * 0x1.0p-53); }
+};
+
+static uint32_t fbits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+static float bitsf(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// ---- this file's own conversions (independent of kernels/common.h) --------------------------
+
+static float own_bf16_to_f32(uint16_t h) { return bitsf(uint32_t(h) << 16); }
+
+static float own_f16_to_f32(uint16_t h) {
+  const int e = (h >> 10) & 31, man = h & 1023;
+  const bool neg = h & 0x8000;
+  double v;
+  if (e == 0) v = std::ldexp(double(man), -24);
+  else if (e == 31) v = man ? NAN : INFINITY;
+  else v = std::ldexp(double(man + 1024), e - 25);
+  return float(neg ? -v : v);
+}
+
+// Round-to-nearest-even of a finite-or-inf float to a format with `mant` stored mantissa
+// bits, exponent bias `bias` and max biased exponent `emax` (all ones = inf/nan): computed
+// with exact double arithmetic and nearbyint (the default rounding mode is RNE).
+static uint16_t own_round(float f, int mant, int bias, int emax_biased) {
+  const uint16_t sign = (fbits(f) >> 31) ? 0x8000 : 0;  // both formats are 16 bits wide
+  const double a = std::fabs(double(f));
+  const uint16_t inf = uint16_t(emax_biased << mant);
+  if (std::isinf(a)) return sign | inf;
+  const int emin = 1 - bias;  // exponent of the smallest normal
+  if (a < std::ldexp(1.0, emin)) {
+    // subnormal (or zero): units of 2^(emin - mant); may round up to the smallest normal
+    const double r = std::nearbyint(std::ldexp(a, mant - emin));
+    return sign | uint16_t(r);
+  }
+  int ex;
+  std::frexp(a, &ex);  // a = m * 2^ex, m in [0.5, 1)
+  int e = ex - 1;      // a = frac * 2^e, frac in [1, 2)
+  double r = std::nearbyint(std::ldexp(a, mant - e));  // in [2^mant, 2^(mant+1)]
+  if (r >= std::ldexp(1.0, mant + 1)) {
+    r /= 2;
+    ++e;
+  }
+  const int eb = e + bias;
+  if (eb >= emax_biased) return sign | inf;
+  return sign | uint16_t((eb << mant) | (int(r) - (1 << mant)));
+}
+static uint16_t own_f32_to_f16(float f) { return own_round(f, 10, 15, 31); }
+static uint16_t own_f32_to_bf16(float f) { return own_round(f, 7, 127, 255); }
+
+static float own_to_f32(DType t, const void* p, int64_t i) {
+  if (t == kF32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return t == kBF16 ? own_bf16_to_f32(h) : own_f16_to_f32(h);
+}
+
+static const char* dtype_name(DType t) { return t == kF32 ? "f32" : t == kBF16 ? "bf16" : "f16"; }
+static size_t dtype_size(DType t) { return t == kF32 ? 4 : 2; }
+
+// ---- weights --------------------------------------------------------------------------------
+
+static const float kOwnNF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982251167297f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+enum Variant { kVInt8, kVInt4Asym, kVInt4Sym, kVNF4, kVNF4DQ, kNumVariants };
+static const char* const kVariantNames[kNumVariants] = {"int8", "int4", "int4-sym", "nf4", "nf4-dq"};
+
+struct TestWeight {
+  Variant v;
+  QWeight w{};
+  Buf<uint8_t> data;
+  Buf<float> scales;      // float scales (all but nf4-dq)
+  Buf<uint8_t> codes;     // nf4-dq uint8 absmax codes
+  Buf<uint8_t> zeros;     // int4 asymmetric
+  Buf<float> dqs, dqo;    // nf4-dq
+  std::vector<float> ref; // [N, K] decoded here
+};
+
+// Builds a random weight. ld_pad > 0 makes the data rows longer than needed (kernels must
+// use ld_data). group <= 0 means one group per row.
+static void make_weight(TestWeight& t, Variant v, int64_t N, int64_t K, int64_t group, int64_t ld_pad,
+                        Rng& rng) {
+  t.v = v;
+  QWeight& w = t.w;
+  w = QWeight{};
+  w.N = N;
+  w.K = K;
+  if (group <= 0 || v == kVInt8) group = K;
+  w.group = group;
+  w.n_groups = (K + group - 1) / group;
+  w.fmt = v == kVInt8 ? kInt8 : (v == kVInt4Asym || v == kVInt4Sym) ? kInt4 : kNF4;
+  w.symmetric = v == kVInt4Sym;
+  w.double_quant = v == kVNF4DQ;
+  w.ld_data = (v == kVInt8 ? K : (K + 1) / 2) + ld_pad;
+  t.data.reset(N * w.ld_data);
+  for (int64_t i = 0; i < t.data.n; ++i) t.data[i] = uint8_t(rng.u32());
+  w.data = t.data.p;
+  const int64_t NG = N * w.n_groups;
+  if (v == kVNF4DQ) {
+    w.dq_chunks = (w.n_groups + kNF4DoubleQuantChunk - 1) / kNF4DoubleQuantChunk;
+    t.codes.reset(NG);
+    for (int64_t i = 0; i < NG; ++i) t.codes[i] = uint8_t(rng.u32());
+    t.dqs.reset(N * w.dq_chunks);
+    t.dqo.reset(N * w.dq_chunks);
+    for (int64_t i = 0; i < t.dqs.n; ++i) {
+      t.dqs[i] = rng.uniform(1e-5f, 2e-4f);
+      t.dqo[i] = rng.uniform(0.0f, 0.02f);
+    }
+    w.scales = t.codes.p;
+    w.dq_scale = t.dqs.p;
+    w.dq_offset = t.dqo.p;
+  } else {
+    t.scales.reset(NG);
+    for (int64_t i = 0; i < NG; ++i) {
+      float s = v == kVInt8 ? rng.uniform(2e-4f, 1e-3f) : rng.uniform(2e-3f, 2e-2f);
+      if (v != kVNF4 && (rng.u32() & 1)) s = -s;  // scales may be negative; absmax is not
+      t.scales[i] = s;
+    }
+    w.scales = t.scales.p;
+  }
+  if (v == kVInt4Asym) {
+    t.zeros.reset(NG);
+    for (int64_t i = 0; i < NG; ++i) t.zeros[i] = uint8_t(rng.below(16));
+    w.zeros = t.zeros.p;
+  }
+
+  // Own decoding, one float expression per weight in the documented order.
+  t.ref.assign(size_t(N * K), 0.0f);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* row = t.data.p + n * w.ld_data;
+    for (int64_t k = 0; k < K; ++k) {
+      float val;
+      if (v == kVInt8) {
+        val = float(int8_t(row[k])) * t.scales[n];
+      } else {
+        const int q = (k % 2 == 0) ? (row[k / 2] & 15) : (row[k / 2] >> 4);
+        const int64_t g = k / group;
+        if (v == kVInt4Asym || v == kVInt4Sym) {
+          const int z = v == kVInt4Sym ? 8 : t.zeros[n * w.n_groups + g];
+          val = float(q - z) * t.scales[n * w.n_groups + g];
+        } else {
+          float absmax;
+          if (v == kVNF4DQ) {
+            const int64_t ch = n * w.dq_chunks + g / 256;
+            const float prod = float(t.codes[n * w.n_groups + g]) * t.dqs[ch];
+            absmax = prod + t.dqo[ch];
+          } else {
+            absmax = t.scales[n * w.n_groups + g];
+          }
+          val = kOwnNF4[q] * absmax;
+        }
+      }
+      t.ref[size_t(n * K + k)] = val;
+    }
+  }
+}
+
+// ---- activations and the reference matmul ---------------------------------------------------
+
+struct Act {
+  DType dt;
+  int64_t M, K, ldx;
+  Buf<uint8_t> raw;          // exact size: (M - 1) * ldx + K elements
+  std::vector<float> vals;   // [M, K] the float value of each element
+};
+
+static void make_act(Act& a, DType dt, int64_t M, int64_t K, int64_t ldx, Rng& rng) {
+  a.dt = dt;
+  a.M = M;
+  a.K = K;
+  a.ldx = ldx;
+  const int64_t elems = (M - 1) * ldx + K;
+  a.raw.reset(elems * int64_t(dtype_size(dt)));
+  a.vals.assign(size_t(M * K), 0.0f);
+  for (int64_t i = 0; i < elems; ++i) {
+    const float f = rng.uniform(-1.0f, 1.0f);
+    if (dt == kF32) reinterpret_cast<float*>(a.raw.p)[i] = f;
+    else if (dt == kBF16) reinterpret_cast<uint16_t*>(a.raw.p)[i] = own_f32_to_bf16(f);
+    else reinterpret_cast<uint16_t*>(a.raw.p)[i] = own_f32_to_f16(f);
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) a.vals[size_t(m * K + k)] = own_to_f32(dt, a.raw.p, m * ldx + k);
+}
+
+// ref[m, n] = sum_k W[n, k] * x[m, k] (+ bias[n]) in double; mag = sum |terms| (+ |bias|).
+static void ref_matmul(const TestWeight& t, const Act& a, const float* bias, std::vector<double>& ref,
+                       std::vector<double>& mag) {
+  const int64_t N = t.w.N, K = t.w.K, M = a.M;
+  ref.assign(size_t(M * N), 0.0);
+  mag.assign(size_t(M * N), 0.0);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = a.vals.data() + m * K;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* wr = t.ref.data() + n * K;
+      double s = 0, ms = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double p = double(wr[k]) * double(xr[k]);
+        s += p;
+        ms += std::fabs(p);
+      }
+      if (bias) {
+        s += bias[n];
+        ms += std::fabs(double(bias[n]));
+      }
+      ref[size_t(m * N + n)] = s;
+      mag[size_t(m * N + n)] = ms;
+    }
+  }
+}
+
+// Tolerance for an output of dtype `dt` against the double reference.
+static double tolerance(DType dt, double ref, double mag) {
+  const double f32 = 1e-5 * mag + 1e-30;
+  const double r = std::fabs(ref);
+  if (dt == kF32) return f32;
+  if (dt == kBF16) return 2 * f32 + r * 0x1.0p-8 + 0x1.0p-133;
+  return 2 * f32 + r * 0x1.0p-10 + 0x1.0p-24;
+}
+
+static double out_value(DType dt, const void* y, int64_t i) { return own_to_f32(dt, y, i); }
+
+// ---- test cases -----------------------------------------------------------------------------
+
+struct Shape {
+  Variant v;
+  int64_t N, K, group, ld_pad;
+};
+
+struct Config {
+  bool quick = false;
+  std::vector<std::string> isas;
+};
+
+// Table-level dequant: all rows, and a sub-range into a padded output; bit-exact.
+static void test_dequant_table(const KernelTable& tab, const TestWeight& t) {
+  const QWeight& w = t.w;
+  const int64_t N = w.N, K = w.K;
+  {
+    Buf<float> out(N * K);
+    tab.dequant[w.fmt](w, 0, N, out.p, K);
+    const bool ok = std::memcmp(out.p, t.ref.data(), size_t(N * K) * 4) == 0;
+    int64_t bad = -1;
+    if (!ok)
+      for (int64_t i = 0; i < N * K; ++i)
+        if (fbits(out[i]) != fbits(t.ref[size_t(i)])) { bad = i; break; }
+    check(ok, "dequant all rows not bit-exact: first diff at n=%lld k=%lld got %.9g want %.9g",
+          (long long)(bad / K), (long long)(bad % K), ok ? 0.0 : double(out[bad]),
+          ok ? 0.0 : double(t.ref[size_t(bad)]));
+  }
+  {
+    const int64_t n0 = N / 3, n1 = N - N / 4;
+    if (n1 > n0) {
+      const int64_t ldo = K + 3;
+      Buf<float> out((n1 - n0 - 1) * ldo + K);
+      const float sentinel = bitsf(0x7fc0dead);
+      for (int64_t i = 0; i < out.n; ++i) out[i] = sentinel;
+      tab.dequant[w.fmt](w, n0, n1, out.p, ldo);
+      bool ok = true;
+      for (int64_t n = n0; n < n1 && ok; ++n) {
+        ok = std::memcmp(out.p + (n - n0) * ldo, t.ref.data() + n * K, size_t(K) * 4) == 0;
+        if (n + 1 < n1)
+          for (int64_t k = K; k < ldo; ++k) ok = ok && fbits(out[(n - n0) * ldo + k]) == 0x7fc0dead;
+      }
+      check(ok, "dequant rows [%lld, %lld) with ldo=%lld not bit-exact (or wrote the row padding)",
+            (long long)n0, (long long)n1, (long long)ldo);
+    }
+  }
+}
+
+// Table-level gemm on [n0, n1) then the rest; untouched columns must keep their sentinel.
+static void test_gemm_table(const KernelTable& tab, const TestWeight& t, int64_t M, int64_t ldx_pad,
+                            Rng& rng) {
+  const QWeight& w = t.w;
+  const int64_t N = w.N, K = w.K;
+  Act a;
+  make_act(a, kF32, M, K, K + ldx_pad, rng);
+  std::vector<double> ref, mag;
+  ref_matmul(t, a, nullptr, ref, mag);
+  const int64_t ldy = N + 2;
+  Buf<float> y((M - 1) * ldy + N);
+  const uint32_t kSent = 0x7fc0beef;
+  for (int64_t i = 0; i < y.n; ++i) y[i] = bitsf(kSent);
+  const int64_t n0 = N / 4, n1 = N - N / 3;
+  const float* x = reinterpret_cast<const float*>(a.raw.p);
+  bool untouched = true;  // n1 > n0 for every N >= 1
+  tab.gemm[w.fmt](w, x, M, a.ldx, n0, n1, y.p, ldy);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      if ((n < n0 || n >= n1) && fbits(y[m * ldy + n]) != kSent) untouched = false;
+  if (n0 > 0) tab.gemm[w.fmt](w, x, M, a.ldx, 0, n0, y.p, ldy);
+  if (n1 < N) tab.gemm[w.fmt](w, x, M, a.ldx, n1, N, y.p, ldy);
+  check(untouched, "gemm on rows [%lld, %lld) wrote other columns", (long long)n0, (long long)n1);
+  int64_t bad = -1;
+  double worst = 0;
+  for (int64_t m = 0; m < M && bad < 0; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const size_t i = size_t(m * N + n);
+      const double got = y[m * ldy + n], err = std::fabs(got - ref[i]);
+      if (mag[i] > 0) note_error(tab.isa, err / mag[i]);
+      if (!(err <= tolerance(kF32, ref[i], mag[i]))) { bad = m * N + n; worst = got; break; }
+    }
+  check(bad < 0, "gemm M=%lld ldx=%lld: y[%lld, %lld] = %.9g, reference %.9g (sum|wx| %.3g)",
+        (long long)M, (long long)a.ldx, (long long)(bad / (N ? N : 1)), (long long)(bad % (N ? N : 1)),
+        worst, bad < 0 ? 0.0 : ref[size_t(bad)], bad < 0 ? 0.0 : mag[size_t(bad)]);
+  bool pad_ok = true;
+  for (int64_t m = 0; m + 1 < M; ++m)
+    for (int64_t n = N; n < ldy; ++n) pad_ok = pad_ok && fbits(y[m * ldy + n]) == kSent;
+  check(pad_ok, "gemm wrote the output row padding");
+}
+
+static void test_linear(const KernelTable& tab, const TestWeight& t, int64_t M, DType xdt, DType ydt,
+                        bool use_bias, int threads, int64_t ldx_pad, Rng& rng) {
+  const QWeight& w = t.w;
+  const int64_t N = w.N, K = w.K;
+  Act a;
+  make_act(a, xdt, M, K, K + ldx_pad, rng);
+  Buf<float> bias(N);
+  for (int64_t n = 0; n < N; ++n) bias[n] = rng.uniform(-1.0f, 1.0f);
+  std::vector<double> ref, mag;
+  ref_matmul(t, a, use_bias ? bias.p : nullptr, ref, mag);
+  const int64_t ldy = N + (ldx_pad ? 1 : 0);
+  Buf<uint8_t> y(((M - 1) * ldy + N) * int64_t(dtype_size(ydt)));
+  std::memset(y.p, 0xff, size_t(y.n));  // NaN in every dtype
+  LinearArgs la;
+  la.w = w;
+  la.x = a.raw.p;
+  la.x_dtype = xdt;
+  la.M = M;
+  la.ldx = a.ldx;
+  la.bias = use_bias ? bias.p : nullptr;
+  la.y = y.p;
+  la.y_dtype = ydt;
+  la.ldy = ldy;
+  la.n_threads = threads;
+  std::string err;
+  try {
+    linear(la, &tab);
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  check(err.empty(), "linear threw: %s", err.c_str());
+  int64_t bad = -1;
+  double got_bad = 0;
+  for (int64_t m = 0; m < M && bad < 0; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const size_t i = size_t(m * N + n);
+      const double got = out_value(ydt, y.p, m * ldy + n);
+      if (!(std::fabs(got - ref[i]) <= tolerance(ydt, ref[i], mag[i]))) { bad = m * N + n; got_bad = got; break; }
+    }
+  check(bad < 0, "linear M=%lld x=%s y=%s bias=%d threads=%d ldx=%lld: y[%lld, %lld] = %.9g, reference %.9g (sum|wx| %.3g)",
+        (long long)M, dtype_name(xdt), dtype_name(ydt), int(use_bias), threads, (long long)a.ldx,
+        (long long)(bad / N), (long long)(bad % N), got_bad, bad < 0 ? 0.0 : ref[size_t(bad)],
+        bad < 0 ? 0.0 : mag[size_t(bad)]);
+}
+
+static void test_dequantize_api(const KernelTable& tab, const TestWeight& t, DType odt, int threads,
+                                int64_t ld_pad) {
+  const QWeight& w = t.w;
+  const int64_t N = w.N, K = w.K, ldo = K + ld_pad;
+  const size_t es = dtype_size(odt);
+  Buf<uint8_t> out(((N - 1) * ldo + K) * int64_t(es));
+  std::string err;
+  try {
+    dequantize(w, out.p, odt, ldo, threads, &tab);
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  check(err.empty(), "dequantize threw: %s", err.c_str());
+  int64_t bad = -1;
+  for (int64_t n = 0; n < N && bad < 0; ++n)
+    for (int64_t k = 0; k < K; ++k) {
+      const float r = t.ref[size_t(n * K + k)];
+      bool same;
+      if (odt == kF32) same = fbits(reinterpret_cast<const float*>(out.p)[n * ldo + k]) == fbits(r);
+      else {
+        const uint16_t want = odt == kBF16 ? own_f32_to_bf16(r) : own_f32_to_f16(r);
+        same = reinterpret_cast<const uint16_t*>(out.p)[n * ldo + k] == want;
+      }
+      if (!same) { bad = n * K + k; break; }
+    }
+  check(bad < 0, "dequantize out=%s threads=%d ldo=%lld not bit-exact at n=%lld k=%lld", dtype_name(odt),
+        threads, (long long)ldo, (long long)(bad / K), (long long)(bad % K));
+}
+
+static std::string shape_name(const Shape& s) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "%s N=%lld K=%lld group=%lld%s", kVariantNames[s.v], (long long)s.N,
+                (long long)s.K, (long long)(s.group > 0 ? s.group : s.K), s.ld_pad ? " ld_data padded" : "");
+  return buf;
+}
+
+static std::vector<Shape> build_shapes(bool quick) {
+  const std::vector<int64_t> Ks = quick ? std::vector<int64_t>{1, 3, 7, 31, 33, 63, 64, 129, 257}
+                                        : std::vector<int64_t>{1, 2, 3, 7, 31, 32, 33, 63, 64, 65, 127,
+                                                               128, 129, 255, 256, 257, 576, 1000};
+  const std::vector<int64_t> groups = quick ? std::vector<int64_t>{32, 48, -1}
+                                            : std::vector<int64_t>{32, 64, 128, 256, -1, 48};
+  const std::vector<int64_t> Ns = quick ? std::vector<int64_t>{1, 17, 33} : std::vector<int64_t>{1, 3, 16, 17, 33, 100};
+  std::vector<Shape> shapes;
+  for (int v = 0; v < kNumVariants; ++v) {
+    int64_t c = 0;
+    for (int64_t K : Ks)
+      for (int64_t g : groups) {
+        if (v == kVInt8 && g != -1) continue;
+        const int64_t N = Ns[size_t((c + v) % int64_t(Ns.size()))];
+        shapes.push_back({Variant(v), N, K, g, 0});
+        ++c;
+      }
+  }
+  // Odd and tiny groups, double quant with more than one chunk (n_groups > 256), padded rows.
+  shapes.push_back({kVNF4DQ, 5, 600, 2, 0});     // 300 groups: 2 dq chunks
+  shapes.push_back({kVNF4DQ, 3, 1000, 3, 1});    // 334 odd groups: odd starts, 2 dq chunks
+  shapes.push_back({kVInt4Asym, 7, 257, 5, 0});
+  shapes.push_back({kVInt4Sym, 4, 33, 1, 2});
+  shapes.push_back({kVNF4, 6, 129, 7, 0});
+  shapes.push_back({kVInt4Asym, 17, 100, 33, 3});
+  shapes.push_back({kVInt8, 9, 77, -1, 5});
+  if (!quick) {
+    shapes.push_back({kVNF4DQ, 33, 8200, 16, 0});  // 513 groups: 3 dq chunks, long rows
+    shapes.push_back({kVInt4Asym, 100, 1000, 1000, 0});
+    shapes.push_back({kVInt8, 100, 1000, -1, 0});
+  }
+  return shapes;
+}
+
+static void test_weights(const std::vector<const KernelTable*>& tabs, const Config& cfg) {
+  const std::vector<int64_t> Ms = cfg.quick ? std::vector<int64_t>{1, 4, 5, 17}
+                                            : std::vector<int64_t>{1, 2, 3, 4, 5, 8, 9, 17};
+  const std::vector<Shape> shapes = build_shapes(cfg.quick);
+  int64_t idx = 0;
+  for (const Shape& s : shapes) {
+    const int64_t c = idx++;
+    Rng rng(0x1234567ull + uint64_t(c) * 7919u);
+    TestWeight t;
+    make_weight(t, s.v, s.N, s.K, s.group, s.ld_pad, rng);
+    // Spread the (M, dtype, bias, threads, stride) combinations over the shapes; each shape
+    // gets two different M values.
+    const int64_t M1 = Ms[size_t((c / 3) % int64_t(Ms.size()))];
+    const int64_t M2 = Ms[size_t((c / 3 + 3) % int64_t(Ms.size()))];
+    const DType xdt = DType(c % 3), ydt = DType((c / 3) % 3);
+    const bool bias = (c / 9) % 2;
+    const int threads = (c % 2) ? 3 : 1;
+    const int64_t ldx_pad = (c % 4 == 1 || c % 4 == 2) ? 1 + c % 7 : 0;
+    for (const KernelTable* tab : tabs) {
+      g_ctx = std::string(tab->isa) + " " + shape_name(s);
+      Rng r2(uint64_t(c) * 31 + 17);  // same activations for every ISA
+      test_dequant_table(*tab, t);
+      test_gemm_table(*tab, t, M1, ldx_pad, r2);
+      test_linear(*tab, t, M1, xdt, ydt, bias, threads, ldx_pad, r2);
+      test_linear(*tab, t, M2, DType((c + 1) % 3), DType((c / 3 + 2) % 3), !bias, 4 - threads,
+                  ldx_pad ? 0 : 5, r2);
+      test_dequantize_api(*tab, t, DType(c % 3), threads, (c % 5 == 0) ? 0 : 2);
+    }
+  }
+}
+
+// ---- conversions ----------------------------------------------------------------------------
+
+// src values -> every table's to_f32 / from_f32, compared with the generic table (and the
+// generic table with this file's own conversions), over several lengths so that vector
+// bodies and scalar tails both run. Inputs and outputs are exact-size copies.
+static void compare_from_f32(const KernelTable& tab, const KernelTable& gen, DType dt,
+                             const std::vector<float>& src, const char* what) {
+  const int64_t total = int64_t(src.size());
+  const int64_t lens[] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, total};
+  int64_t off = 0;
+  bool ok = true;
+  int64_t bad = -1;
+  for (int64_t len : lens) {
+    if (len > total) continue;
+    if (off + len > total) off = 0;
+    Buf<float> in(len);
+    if (len) std::memcpy(in.p, src.data() + off, size_t(len) * 4);
+    Buf<uint8_t> a(len * int64_t(dtype_size(dt))), b(len * int64_t(dtype_size(dt)));
+    tab.from_f32[dt](in.p, a.p, len);
+    gen.from_f32[dt](in.p, b.p, len);
+    if (len && std::memcmp(a.p, b.p, size_t(a.n)) != 0) {
+      ok = false;
+      for (int64_t i = 0; i < len; ++i)
+        if (dt != kF32 && reinterpret_cast<uint16_t*>(a.p)[i] != reinterpret_cast<uint16_t*>(b.p)[i]) {
+          bad = off + i;
+          break;
+        }
+    }
+    off += len;
+  }
+  check(ok, "from_f32[%s] (%s) differs from generic, first at input 0x%08x", dtype_name(dt), what,
+        bad >= 0 ? fbits(src[size_t(bad)]) : 0u);
+}
+
+static void compare_to_f32(const KernelTable& tab, const KernelTable& gen, DType dt,
+                           const std::vector<uint16_t>& src) {
+  const int64_t total = int64_t(src.size());
+  const int64_t lens[] = {0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, total - 1, total};
+  int64_t off = 0;
+  bool ok = true;
+  uint32_t bad = 0;
+  for (int64_t len : lens) {
+    if (off + len > total) off = total - len;
+    Buf<uint16_t> in(len);
+    if (len) std::memcpy(in.p, src.data() + off, size_t(len) * 2);
+    Buf<float> a(len), b(len);
+    tab.to_f32[dt](in.p, a.p, len);
+    gen.to_f32[dt](in.p, b.p, len);
+    if (len && std::memcmp(a.p, b.p, size_t(len) * 4) != 0) {
+      ok = false;
+      for (int64_t i = 0; i < len; ++i)
+        if (fbits(a[i]) != fbits(b[i])) { bad = in[i]; break; }
+    }
+    off += len;
+  }
+  check(ok, "to_f32[%s] differs from generic, first at input 0x%04x", dtype_name(dt), bad);
+}
+
+static void test_conversions(const std::vector<const KernelTable*>& tabs, const Config& cfg) {
+  const KernelTable& gen = table_for("scalar");
+  g_ctx = "conversions";
+  std::vector<uint16_t> all16(65536);
+  for (int i = 0; i < 65536; ++i) all16[size_t(i)] = uint16_t(i);
+
+  // generic against this file's own conversions (NaN: the documented payload rule)
+  {
+    Buf<float> a(65536), b(65536);
+    gen.to_f32[kBF16](all16.data(), a.p, 65536);
+    gen.to_f32[kF16](all16.data(), b.p, 65536);
+    bool ok_bf = true, ok_h = true;
+    for (int i = 0; i < 65536; ++i) {
+      ok_bf = ok_bf && fbits(a[i]) == fbits(own_bf16_to_f32(uint16_t(i)));
+      const float o = own_f16_to_f32(uint16_t(i));
+      if (std::isnan(o)) {
+        const uint32_t want = (uint32_t(i & 0x8000) << 16) | 0x7f800000u | (uint32_t(i & 0x3ff) << 13);
+        ok_h = ok_h && fbits(b[i]) == want;
+      } else {
+        ok_h = ok_h && fbits(b[i]) == fbits(o);
+      }
+    }
+    check(ok_bf, "generic bf16 -> f32 differs from the test's own conversion");
+    check(ok_h, "generic f16 -> f32 differs from the test's own conversion");
+  }
+
+  // float inputs: specials, every f16 value and the midpoints around it, bf16 ties, random bits
+  std::vector<float> f;
+  const uint32_t specials[] = {0x00000000, 0x80000000, 0x7f800000, 0xff800000, 0x7fc00000, 0xffc00000,
+                               0x7f800001, 0xff800001, 0x7fbfffff, 0x7fffffff, 0xffffffff, 0x7fa00000,
+                               0x00000001, 0x80000001, 0x007fffff, 0x00800000, 0x7f7fffff, 0xff7fffff,
+                               0x477fe000, 0x477fefff, 0x477ff000, 0x477ff001, 0x47800000, 0xc77ff000,
+                               0x33000000, 0x33000001, 0x32ffffff, 0x33800000, 0x33c00000, 0x387fe000,
+                               0x387ff000, 0x38800000, 0x3f808000, 0x3f818000, 0x3f80c000, 0x7f7f8000,
+                               0x7f7f7fff, 0x3f800fff, 0x3f801000, 0x3f803000};
+  for (uint32_t u : specials) f.push_back(bitsf(u));
+  for (int i = 0; i < 65536; ++i) {
+    const float v = own_f16_to_f32(uint16_t(i));
+    if (std::isnan(v)) continue;
+    f.push_back(v);
+    const float next = own_f16_to_f32(uint16_t(i + 1));
+    if ((i & 0x7fff) < 0x7bff && !std::isnan(next) && !std::isinf(next)) {
+      const float mid = float((double(v) + double(next)) / 2);  // exact: a tie for f16
+      f.push_back(mid);
+      f.push_back(std::nextafter(mid, 0.0f));
+      f.push_back(std::nextafter(mid, INFINITY));
+    }
+  }
+  Rng rng(42);
+  const int n_rand = cfg.quick ? 20000 : 200000;
+  for (int i = 0; i < n_rand; ++i) {
+    const uint32_t u = rng.u32();
+    f.push_back(bitsf(u));
+    f.push_back(bitsf((u & 0xffff0000u) | 0x8000u));  // bf16 tie
+    // exponents around the f16 subnormal / normal boundary (2^-27 .. 2^-12)
+    f.push_back(bitsf((u & 0x807fffffu) | (uint32_t(100 + (u >> 8) % 16) << 23)));
+  }
+  // generic from_f32 against own rounding for non-NaN inputs; NaN must stay NaN
+  {
+    const int64_t n = int64_t(f.size());
+    Buf<float> in(n);
+    std::memcpy(in.p, f.data(), size_t(n) * 4);
+    Buf<uint16_t> hb(n), hh(n);
+    gen.from_f32[kBF16](in.p, hb.p, n);
+    gen.from_f32[kF16](in.p, hh.p, n);
+    bool ok_bf = true, ok_h = true;
+    uint32_t bad_bf = 0, bad_h = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = f[size_t(i)];
+      if (std::isnan(v)) {
+        if (!std::isnan(own_bf16_to_f32(hb[i]))) { if (ok_bf) bad_bf = fbits(v); ok_bf = false; }
+        if (!std::isnan(own_f16_to_f32(hh[i]))) { if (ok_h) bad_h = fbits(v); ok_h = false; }
+        continue;
+      }
+      if (hb[i] != own_f32_to_bf16(v)) { if (ok_bf) bad_bf = fbits(v); ok_bf = false; }
+      if (hh[i] != own_f32_to_f16(v)) { if (ok_h) bad_h = fbits(v); ok_h = false; }
+    }
+    check(ok_bf, "generic f32 -> bf16 differs from the test's own RNE, first at 0x%08x", bad_bf);
+    check(ok_h, "generic f32 -> f16 differs from the test's own RNE, first at 0x%08x", bad_h);
+  }
+
+  std::vector<uint16_t> shuffled(all16);
+  for (size_t i = shuffled.size() - 1; i > 0; --i) {
+    const size_t j = size_t(rng.below(int64_t(i) + 1));
+    const uint16_t tmp = shuffled[i];
+    shuffled[i] = shuffled[j];
+    shuffled[j] = tmp;
+  }
+  for (const KernelTable* tab : tabs) {
+    g_ctx = std::string(tab->isa) + " conversions";
+    for (DType dt : {kF32, kBF16, kF16}) compare_from_f32(*tab, gen, dt, f, "specials+ties+random");
+    compare_to_f32(*tab, gen, kBF16, all16);
+    compare_to_f32(*tab, gen, kF16, all16);
+    compare_to_f32(*tab, gen, kBF16, shuffled);
+    compare_to_f32(*tab, gen, kF16, shuffled);
+    // f32 "conversions" are copies
+    Buf<float> in(37), out(37);
+    for (int i = 0; i < 37; ++i) in[i] = f[size_t(i)];
+    tab->to_f32[kF32](in.p, out.p, 37);
+    bool ok = std::memcmp(in.p, out.p, 37 * 4) == 0;
+    tab->from_f32[kF32](in.p, out.p, 37);
+    ok = ok && std::memcmp(in.p, out.p, 37 * 4) == 0;
+    check(ok, "f32 -> f32 is not a copy");
+  }
+}
+
+// ---- validation -----------------------------------------------------------------------------
+
+static void test_validate(const KernelTable& tab) {
+  g_ctx = std::string(tab.isa) + " validate";
+  Rng rng(7);
+  TestWeight i4, nf, i8;
+  make_weight(i4, kVInt4Asym, 4, 70, 32, 0, rng);
+  make_weight(nf, kVNF4DQ, 4, 70, 32, 0, rng);
+  make_weight(i8, kVInt8, 4, 70, -1, 0, rng);
+  for (const TestWeight* t : {&i4, &nf, &i8}) {
+    bool ok = true;
+    try {
+      validate(t->w);
+    } catch (...) {
+      ok = false;
+    }
+    check(ok, "validate rejected a good %s weight", kVariantNames[t->v]);
+  }
+  struct Mut {
+    const char* what;
+    const TestWeight* base;
+    void (*mutate)(QWeight&);
+  };
+  const Mut muts[] = {
+      {"format id out of range", &i4, [](QWeight& w) { w.fmt = Format(7); }},
+      {"negative format id", &i4, [](QWeight& w) { w.fmt = Format(-1); }},
+      {"N = 0", &i4, [](QWeight& w) { w.N = 0; }},
+      {"K = 0", &i4, [](QWeight& w) { w.K = 0; }},
+      {"negative K", &i8, [](QWeight& w) { w.K = -3; }},
+      {"null data", &i4, [](QWeight& w) { w.data = nullptr; }},
+      {"null scales", &i4, [](QWeight& w) { w.scales = nullptr; }},
+      {"int8 ld_data < K", &i8, [](QWeight& w) { w.ld_data = w.K - 1; }},
+      {"int8 with groups", &i8, [](QWeight& w) { w.group = 32; w.n_groups = 3; }},
+      {"4-bit ld_data < ceil(K/2)", &i4, [](QWeight& w) { w.ld_data = (w.K + 1) / 2 - 1; }},
+      {"group = 0", &i4, [](QWeight& w) { w.group = 0; }},
+      {"negative group", &i4, [](QWeight& w) { w.group = -32; }},
+      {"n_groups too small", &i4, [](QWeight& w) { w.n_groups -= 1; }},
+      {"n_groups too large", &i4, [](QWeight& w) { w.n_groups += 1; }},
+      {"asymmetric int4 without zeros", &i4, [](QWeight& w) { w.zeros = nullptr; }},
+      {"double quant without dq_scale", &nf, [](QWeight& w) { w.dq_scale = nullptr; }},
+      {"double quant without dq_offset", &nf, [](QWeight& w) { w.dq_offset = nullptr; }},
+      {"dq_chunks wrong", &nf, [](QWeight& w) { w.dq_chunks += 1; }},
+  };
+  for (const Mut& m : muts) {
+    QWeight w = m.base->w;
+    m.mutate(w);
+    EXPECT_THROW(validate(w), std::invalid_argument, m.what);
+    // the entry points validate too
+    Buf<float> x(w.K > 0 ? w.K : 1), y(w.N > 0 ? w.N : 1);
+    LinearArgs la{};
+    la.w = w;
+    la.x = x.p;
+    la.x_dtype = kF32;
+    la.M = 1;
+    la.ldx = w.K;
+    la.y = y.p;
+    la.y_dtype = kF32;
+    la.ldy = w.N;
+    la.n_threads = 1;
+    EXPECT_THROW(linear(la, &tab), std::invalid_argument, m.what);
+  }
+  // bad call arguments around a good weight
+  {
+    const QWeight& w = i4.w;
+    Buf<float> x(2 * w.K), y(2 * w.N), out(w.N * w.K);
+    LinearArgs la{};
+    la.w = w;
+    la.x = x.p;
+    la.x_dtype = kF32;
+    la.M = 2;
+    la.ldx = w.K - 1;
+    la.y = y.p;
+    la.y_dtype = kF32;
+    la.ldy = w.N;
+    la.n_threads = 1;
+    EXPECT_THROW(linear(la, &tab), std::invalid_argument, "linear with ldx < K");
+    la.ldx = w.K;
+    la.ldy = w.N - 1;
+    EXPECT_THROW(linear(la, &tab), std::invalid_argument, "linear with ldy < N");
+    la.ldy = w.N;
+    la.M = -1;
+    EXPECT_THROW(linear(la, &tab), std::invalid_argument, "linear with M < 0");
+    EXPECT_THROW(dequantize(w, out.p, kF32, w.K - 1, 1, &tab), std::invalid_argument, "dequantize with ldo < K");
+    EXPECT_THROW(dequantize(w, nullptr, kF32, w.K, 1, &tab), std::invalid_argument, "dequantize to null");
+  }
+}
+
+// ---- main -----------------------------------------------------------------------------------
+
+static std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const std::string& x : v) s += (s.empty() ? "" : " ") + x;
+  return s;
+}
+
+int main(int argc, char** argv) {
+  Config cfg;
+  std::vector<std::string> only;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--quick") cfg.quick = true;
+    else if (a == "--verbose") g_verbose = true;
+    else if (a == "--isa" && i + 1 < argc) only.push_back(argv[++i]);
+    else {
+      std::fprintf(stderr, "usage: %s [--quick] [--isa NAME]... [--verbose]\n", argv[0]);
+      return 2;
+    }
+  }
+  const std::vector<std::string> compiled = compiled_isas(), supported = supported_isas();
+  std::printf("compiled ISAs: %s\nsupported ISAs: %s\n", join(compiled).c_str(), join(supported).c_str());
+  const CpuFeatures& cf = cpu_features();
+  std::printf("cpu features: avx2=%d fma=%d f16c=%d avx512f=%d avx512bw=%d neon=%d dotprod=%d\n", cf.avx2, cf.fma,
+              cf.f16c, cf.avx512f, cf.avx512bw, cf.neon, cf.dotprod);
+
+  g_ctx = "dispatch";
+  check(std::memcmp(kNF4Codebook, kOwnNF4, sizeof kOwnNF4) == 0, "kNF4Codebook differs from the QLoRA table");
+  for (const std::string& name : compiled) {
+    bool sup = false;
+    for (const std::string& s : supported) sup = sup || s == name;
+    if (!sup) EXPECT_THROW(table_for(name), std::runtime_error, ("table_for(" + name + ") on a CPU without it").c_str());
+  }
+  EXPECT_THROW(table_for("no-such-isa"), std::runtime_error, "table_for(unknown)");
+
+  std::vector<const KernelTable*> tabs;
+  for (const std::string& name : supported) {
+    if (!only.empty()) {
+      bool want = false;
+      for (const std::string& o : only) want = want || o == name;
+      if (!want) continue;
+    }
+    const KernelTable& t = table_for(name);
+    g_ctx = "dispatch";
+    check(name == t.isa, "table_for(%s) returned the table named %s", name.c_str(), t.isa);
+    tabs.push_back(&t);
+  }
+  for (const std::string& o : only) {
+    bool found = false;
+    for (const KernelTable* t : tabs) found = found || o == t->isa;
+    g_ctx = "arguments";
+    check(found, "--isa %s: not supported here (supported: %s)", o.c_str(), join(supported).c_str());
+  }
+  std::vector<std::string> tested;
+  for (const KernelTable* t : tabs) tested.push_back(t->isa);
+  std::printf("testing ISAs: %s%s\n", join(tested).c_str(), cfg.quick ? " (quick)" : "");
+
+  test_conversions(tabs, cfg);
+  for (const KernelTable* t : tabs) test_validate(*t);
+  test_weights(tabs, cfg);
+  if (g_verbose)
+    for (const auto& p : g_worst)
+      std::printf("%s: worst gemm error / sum|w*x| = %.3g (tolerance 1e-5)\n", p.first.c_str(), p.second);
+
+  std::printf("%lld passed, %lld failed\n", (long long)g_passed, (long long)g_failed);
+  return g_failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,119 @@
+"""lowbit.kernels: Triton kernels for NVIDIA GPUs (optional; needs the ``triton`` package).
+
+Files, one kernel family each:
+  layout.py   the GPU weight layout, repacked once per weight and cached (``prepare``)
+  dequant.py  dequantize, bit-exact against lowbit.reference
+  gemv.py     CUDA-core GEMV / split-K GEMV (small M, any activation dtype, float32 math)
+  gemm.py     fused tensor-core GEMM (fp16/bf16 activations)
+  select.py   select(): kernel + parameters per (M, N, K, format, group, GPU) from the tuned
+              JSON in configs/ (written by bench/tune_gpu.py) or heuristics
+  _common.py  decode helpers and the split-K reduction
+
+``AVAILABLE`` is true when Triton imports and there is a CUDA device (or TRITON_INTERPRET=1,
+under which the kernels run on CPU tensors for tests). lowbit.ops calls ``linear`` and
+``dequantize``; importing this package without Triton works and leaves AVAILABLE false.
+
+Activation dtypes: float16 / bfloat16 use every path. float32 activations use the float32 GEMV
+(exact float32 products) for small M and, above it, dequantize to float32 + torch's float32
+matmul, never a tensor-core kernel: no TF32 unless the user enabled
+``torch.backends.cuda.matmul.allow_tf32`` themselves.
+
+CUDA graphs / torch.compile: no host synchronisation, no .item(); outputs and split-K
+workspaces come from torch's caching allocator (capturable). The GPU layout of a weight is made
+on its first use: run one eager call (or ``prepare(qw)``) before capturing a graph.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton  # noqa: F401
+    _TRITON_ERROR: Optional[BaseException] = None
+except ImportError as e:  # triton is an optional dependency
+    triton = None
+    _TRITON_ERROR = e
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+AVAILABLE = triton is not None and (torch.cuda.is_available() or _interpreting())
+
+if triton is not None:
+    from . import dequant as _dequant
+    from . import gemm as _gemm
+    from . import gemv as _gemv
+    from . import select as _select
+    from .layout import forget, gpu_weight, prepare  # noqa: F401
+
+__all__ = ["AVAILABLE", "linear", "dequantize", "prepare", "forget", "plan"]
+
+
+def _require():
+    if triton is None:
+        raise RuntimeError(f"lowbit.kernels needs Triton (pip install 'lowbit[gpu]'): {_TRITON_ERROR}")
+
+
+def plan(x: torch.Tensor, qw, M: Optional[int] = None):
+    """The select() choice ``linear(x, qw)`` would run (kernel, parameters, source)."""
+    _require()
+    from lowbit.kernels.select import card_name, sm_count, variant_of
+    N, K = qw.shape
+    if M is None:
+        M = x.numel() // K if x.dim() else 1
+    return _select.select(M, N, K, qw.fmt, qw.group_size, card_name(x.device), dtype=x.dtype,
+                          variant=variant_of(qw.fmt, qw.symmetric, qw.double_quant),
+                          sms=sm_count(x.device))
+
+
+def run_choice(choice, x2d: torch.Tensor, qw, bias: Optional[torch.Tensor],
+               out: torch.Tensor) -> torch.Tensor:
+    """Run one select() choice: out[M, N] = x2d @ W^T (+ bias). For tools (tune, bench, tests)."""
+    if choice.kernel == "dequant_mm":
+        w = _dequant.dequantize(qw, x2d.dtype)
+        if bias is None:
+            torch.mm(x2d, w.t(), out=out)
+        elif x2d.dtype == torch.float32:
+            torch.addmm(bias.to(torch.float32), x2d, w.t(), out=out)
+        else:  # add the bias in float32, as the reference does
+            out.copy_(torch.mm(x2d, w.t()).float().add_(bias.float()))
+        return out
+    gw = gpu_weight(qw)
+    params = dict(choice.params)
+    if choice.kernel == "gemv":
+        return _gemv.gemv(x2d, gw, bias, out, **params)
+    if choice.kernel == "gemm":
+        if x2d.dtype == torch.float32:
+            raise ValueError("the tensor-core GEMM takes float16/bfloat16 activations")
+        params.setdefault("dot_f32", _interpreting() and x2d.dtype == torch.bfloat16)
+        return _gemm.gemm(x2d, gw, bias, out, **params)
+    raise ValueError(f"unknown kernel {choice.kernel!r}")
+
+
+def linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with W = qw, float32 accumulation, output in x's dtype."""
+    _require()
+    N, K = qw.shape
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) < K):
+        x2d = x2d.contiguous()
+    M = x2d.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*lead, N)
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    run_choice(plan(x, qw, M), x2d, qw, bias, out)
+    return out.reshape(*lead, N)
+
+
+def dequantize(qw, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight [N, K] in ``dtype``, bit-exact against lowbit.reference.dequantize."""
+    _require()
+    return _dequant.dequantize(qw, dtype)

@@ -72,6 +72,15 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
+        """The packed weight (one object kept across calls, so backends can cache a repacked
+        layout on it; rebuilt whenever the buffers change: .to(), load_state_dict)."""
+        qw = self.__dict__.get("_qw")
+        if qw is None or qw.data is not self.weight_data:
+            qw = self._make_qweight()
+            self.__dict__["_qw"] = qw
+        return qw
+
+    def _make_qweight(self) -> QuantizedWeight:
         c = self._config
         return QuantizedWeight(c["fmt"], tuple(c["shape"]), self.weight_data, self.weight_scales,
                                self.weight_zeros, group_size=c["group_size"],
@@ -98,6 +107,7 @@ class QuantLinear(nn.Module):
                 continue
             moved = fn(t)
             self._buffers["weight_" + name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        self.__dict__.pop("_qw", None)
         packed = {k: self._buffers.pop(k) for k in list(self._buffers) if k.startswith("weight_")}
         try:
             return super()._apply(fn, recurse)
@@ -136,6 +146,7 @@ class QuantLinear(nn.Module):
             self.set_extra_state(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self.__dict__.pop("_qw", None)  # buffers were copied into in place: drop derived caches
         try:
             self.qweight.validate()
         except ValueError as e:

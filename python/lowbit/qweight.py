@@ -22,7 +22,7 @@ class QuantizedWeight:
     """
 
     __slots__ = ("fmt", "shape", "data", "scales", "zeros", "group_size", "symmetric",
-                 "double_quant", "dq_scale", "dq_offset")
+                 "double_quant", "dq_scale", "dq_offset", "cache")
 
     def __init__(self, fmt: str, shape: Tuple[int, int], data: torch.Tensor, scales: torch.Tensor,
                  zeros: Optional[torch.Tensor] = None, *, group_size: int = -1,
@@ -39,6 +39,10 @@ class QuantizedWeight:
         self.double_quant = bool(double_quant)
         self.dq_scale = dq_scale
         self.dq_offset = dq_offset
+        # Derived, device-specific forms of this weight (e.g. a kernel's repacked layout),
+        # built on first use by the backend that needs them and keyed by that backend. Never
+        # saved; copies made by .to()/.contiguous() start empty.
+        self.cache: Dict[str, object] = {}
         if validate:
             self.validate()
 

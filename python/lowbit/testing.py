@@ -91,9 +91,12 @@ def linear_tolerance(x: torch.Tensor, qw, expected: Optional[torch.Tensor] = Non
 
 
 def linear_mismatch(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, qw,
-                    bias: Optional[torch.Tensor] = None, rtol: Optional[float] = None) -> dict:
+                    bias: Optional[torch.Tensor] = None, rtol: Optional[float] = None,
+                    tol: Optional[torch.Tensor] = None) -> dict:
     """How far ``actual`` is from ``expected`` in units of the tolerance.
 
+    ``tol`` (optional) is a precomputed :func:`linear_tolerance` for these inputs, to reuse it
+    across several kernels; ``x``, ``qw``, ``bias`` and ``rtol`` are then not looked at.
     Returns ``{"ok", "worst_ratio", "index", "actual", "expected", "tol", "n_bad"}``; ``ok`` is
     True when every element is within tolerance (``worst_ratio <= 1``) and nothing is NaN.
     """
@@ -103,7 +106,8 @@ def linear_mismatch(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tenso
     if actual.dtype != expected.dtype:
         return {"ok": False, "worst_ratio": math.inf, "index": None, "n_bad": -1,
                 "reason": f"dtype {actual.dtype} != expected {expected.dtype}"}
-    tol = linear_tolerance(x, qw, expected=expected, bias=bias, out_dtype=expected.dtype, rtol=rtol)
+    if tol is None:
+        tol = linear_tolerance(x, qw, expected=expected, bias=bias, out_dtype=expected.dtype, rtol=rtol)
     a = actual.detach().to(torch.float64)
     e = expected.detach().to(torch.float64)
     err = (a - e).abs()

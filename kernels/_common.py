@@ -1,0 +1,207 @@
+"""Pieces shared by the Triton kernels: format ids, code decoding, the split-K reduction."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Format ids (constexpr in the kernels).
+FMT_INT8, FMT_INT4, FMT_NF4 = 0, 1, 2
+FMT_IDS = {"int8": FMT_INT8, "int4": FMT_INT4, "nf4": FMT_NF4}
+
+# Scale modes of the matmul kernels (constexpr).
+SCALE_ROW = 0  # one group per row (int8, group -1, group >= K): scale once after the sum
+SCALE_BLOCK = 1  # group % (elements per K step) == 0: a K step lies in one group
+SCALE_PLANE = 2  # anything else: one group per 16-element plane (groups are multiples of 16)
+SCALE_BLOCK_W = 3  # GEMM only: as SCALE_BLOCK, but the scale goes into the (rounded) weight
+
+# Decoding integer codes without int->float conversions (slow on NVIDIA GPUs): OR-ing a bit
+# field into the mantissa of 2**23 (bits 0x4B000000) gives the float f = 2**23 + code * 2**SH
+# exactly, and one FFMA f * 2**-SH - (2**(23-SH) + zero) leaves code - zero exactly (the
+# product is a power-of-two scaling, the sum of two exact integers below 2**24). A plane's
+# code is read *in place* at bit offset SH (one LOP3: mask and OR), not shifted down first.
+# Fields must stay below bit 23: 4-bit planes 0-4 are read at 4i, planes 5-7 at 4i - 12 from
+# words >> 12; 8-bit planes 0-1 at 8i, planes 2-3 at 8i - 16 from words >> 16.
+MAGIC_BITS = 0x4B000000
+TWO23 = tl.constexpr(8388608.0)
+
+
+@triton.constexpr_function
+def hi_shift(bits):
+    """Shift giving the word whose low bits hold the upper planes (see above)."""
+    return 12 if bits == 4 else 16
+
+
+@triton.constexpr_function
+def plane_from_hi(i, bits):
+    return i >= (5 if bits == 4 else 2)
+
+
+@triton.constexpr_function
+def plane_shift(i, bits):
+    """Bit offset SH at which plane i's code is read (in words, or in words >> hi_shift)."""
+    return bits * i - (hi_shift(bits) if plane_from_hi(i, bits) else 0)
+
+
+@triton.constexpr_function
+def plane_unscale(i, bits):
+    """2**-SH, the exact factor applied to plane i's x values."""
+    return 1.0 / (1 << plane_shift(i, bits))
+
+
+@triton.jit
+def plane_value(words, hi, z, magic, i: tl.constexpr, BITS: tl.constexpr):
+    """float32 code - z of plane i (words: int32 tile; hi = words >> hi_shift(BITS); z: the
+    zero point, a constexpr or a float32 tensor broadcastable to words), exactly.
+
+    ``magic`` is MAGIC_BITS passed as a run-time kernel argument: as a register operand the
+    mask and the OR fuse into one LOP3 (SASS takes one immediate per LOP3), where two
+    immediates cost two instructions per code."""
+    FIELD: tl.constexpr = ((1 << BITS) - 1) << plane_shift(i, BITS)
+    if plane_from_hi(i, BITS):
+        src = hi
+    else:
+        src = words
+    f = ((src & FIELD) | magic).to(tl.float32, bitcast=True)  # 2**23 + code * 2**SH
+    return f * plane_unscale(i, BITS) - (z + TWO23 * plane_unscale(i, BITS))
+
+_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tl_dtype(dt: torch.dtype):
+    return _TORCH_TO_TL[dt]
+
+
+@triton.jit
+def decode_absmax(codes, step, lo, zero_rt):
+    """Double-quantized nf4 absmax: float(c) * step + lo with two float32 roundings.
+
+    ``zero_rt`` is a run-time 0.0 the compiler can't see through: c * step + 0.0 may become
+    fma(c, step, 0.0), which rounds exactly like the product alone, and the following add of
+    ``lo`` then has no multiply left to contract with. This keeps the reference's rounding
+    without turning off FMA contraction for the whole kernel.
+    """
+    t = codes.to(tl.float32) * step + zero_rt
+    return t + lo
+
+
+@triton.jit
+def rne_bf16(x):
+    """float32 rounded to the nearest bfloat16 (ties to even), kept in float32.
+
+    Only for the Triton interpreter, whose float32 -> bfloat16 cast truncates: after this the
+    cast is exact. Compiled kernels use the hardware conversion (round to nearest even).
+    """
+    b = x.to(tl.uint32, bitcast=True)
+    b = b + (((b >> 16) & 1) + 0x7FFF)
+    return (b & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cast_out(y, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """y.to(dtype), with round-to-nearest-even bfloat16 under the interpreter (EMULATE_BF16)."""
+    if EMULATE_BF16:
+        y = rne_bf16(y)
+    return y.to(dtype)
+
+
+def emulate_bf16(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and interpreting()
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                          EMULATE_BF16: tl.constexpr):
+    """out[m, n] = sum_s ws[s, m, n] (+ bias[n]), cast to out's dtype (fixed order: deterministic)."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    m = offs // N
+    tl.store(out_ptr + m * stride_om + n, cast_out(acc, out_ptr.dtype.element_ty, EMULATE_BF16),
+             mask=mask)
+
+
+def splitk_reduce(ws: torch.Tensor, bias, out: torch.Tensor) -> None:
+    split_k, M, N = ws.shape
+    BLOCK = 1024
+    grid = (triton.cdiv(M * N, BLOCK),)
+    _splitk_reduce_kernel[grid](ws, bias if bias is not None else ws, out, M, N, out.stride(0),
+                                SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=BLOCK,
+                                EMULATE_BF16=emulate_bf16(out.dtype), num_warps=4)
+
+
+_STAGES: dict = {}
+
+
+def launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int):
+    """kernel[grid](*args, **constexprs, ...), retrying with fewer pipeline stages when the
+    config needs more shared memory than this GPU has (remembered per config)."""
+    key = None
+    if _STAGES:  # some config needed fewer stages: look this one up (rare, so keyed lazily)
+        key = _stage_key(kernel, constexprs, num_warps, num_stages)
+        num_stages = _STAGES.get(key, num_stages)
+    while True:
+        try:
+            return kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        except triton.runtime.errors.OutOfResources:
+            if num_stages <= 1:
+                raise
+            if key is None:
+                key = _stage_key(kernel, constexprs, num_warps, num_stages)
+            num_stages -= 1
+            _STAGES[key] = num_stages
+
+
+def _stage_key(kernel, constexprs, num_warps, num_stages):
+    return (id(kernel), tuple(sorted((k, str(v)) for k, v in constexprs.items())), num_warps,
+            num_stages)
+
+
+_COUNTERS: dict = {}
+MAX_COUNTERS = 1 << 16
+
+
+def split_counters(device: torch.device, n: int):
+    """Zeroed int32 arrival counters for in-kernel split-K reductions (kernels re-arm them to 0
+    after use), one buffer per device, made on first use; None when ``n`` exceeds it or the
+    first use would happen during CUDA-graph capture (callers then reduce in a second kernel).
+    Launches on several streams at once would share them: lowbit runs each layer on one."""
+    if n > MAX_COUNTERS:
+        return None
+    key = str(device)
+    t = _COUNTERS.get(key)
+    if t is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        t = _COUNTERS[key] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return t
+
+
+_LUTS = {}
+
+
+def nf4_lut(device: torch.device) -> torch.Tensor:
+    """The NF4 codebook as a float32 tensor on ``device`` (cached; made before graph capture)."""
+    key = str(device)
+    t = _LUTS.get(key)
+    if t is None:
+        from lowbit.formats import NF4_CODEBOOK
+        t = torch.empty(16, dtype=torch.float32, device=device)
+        for i, v in enumerate(NF4_CODEBOOK):  # fills, not a host copy: safe during graph capture
+            t[i].fill_(v)
+        _LUTS[key] = t
+    return t

@@ -1,0 +1,335 @@
+"""Tensor-core GEMM for larger M: decode weight tiles into fp16/bf16 registers, then tl.dot.
+
+y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), W read from the GPU layout (kernels/layout.py),
+x in float16 or bfloat16, float32 accumulation, output in x's dtype.
+
+A program owns a [BM, BN] output tile (grouped launch order: GROUP_M row-tiles of x share each
+weight column-tile while it is in L2) and a K range of layout blocks. Each K step loads a
+[BN, W] tile of words (W = 16 * CB: CB blocks) and then, per plane i (one of the P codes of
+every word), decodes a [BN, W] slice of the weight with one LOP3 and one FFMA
+(_common.plane_value) and issues one tl.dot of K extent W against the matching [BM, W] slice
+of x (plane i of block b holds the 16 consecutive elements b*KB + 16i .. +15). Plane-sized
+dots keep the decoded tile small: no [BN, BK] float32 intermediate, no spills.
+
+Scales (constexpr SCALE_MODE, chosen per weight, step and EXACT by gemm_scale_mode):
+* SCALE_ROW (int8 and int4 with one group per row): the tile holds the exact integers
+  q - z, which fp16/bf16 represent exactly (|q - z| <= 255 needs 8 significant bits, bf16
+  has 8); the row scale multiplies the float32 accumulator at the end.
+* SCALE_BLOCK (int4, group % BK == 0): as above per K step, into a second accumulator:
+  acc += dot(x, q - z) * s[group]. These two modes are as accurate as float32 math on x.
+* SCALE_BLOCK_W (nf4 with group % BK == 0; int4 with EXACT=False): the tile holds
+  (q - z) * s (codebook[q] * absmax) rounded once to x's dtype, i.e. exactly
+  ``reference.dequantize(qw, x.dtype)``: one accumulator (large tiles), and an error of that
+  rounding (unit roundoff 2**-8 bf16, 2**-11 f16 per weight), as dequantize + cuBLAS has.
+* SCALE_PLANE (groups smaller than the step): as SCALE_BLOCK_W with per-plane groups.
+
+SWAP (for small M) computes the transposed product y^T = W x^T so the weight tile is the MMA's
+M side (>= 64 rows on Hopper) and M only has to fill the N side (>= 8).
+DOT_F32 exists for the Triton interpreter only, whose bf16 tl.dot is wrong: the bf16-rounded
+tiles are multiplied in float32 (same products, same sums).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_BLOCK_W, SCALE_PLANE, SCALE_ROW,
+                      TWO23, cast_out, decode_absmax, hi_shift, interpreting, launch, nf4_lut,
+                      plane_value, rne_bf16, splitk_reduce, tl_dtype)
+from .layout import GPUWeight, group_const
+
+
+@triton.jit
+def _mma_acc(a, b, acc, DOT_F32: tl.constexpr):
+    if DOT_F32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias_ptr, out_ptr,
+                 ws_ptr, M, N, K, KW, G, stride_xm, stride_om, steps_per_split, zero_rt, magic,
+                 FMT: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 ZERO_CONST: tl.constexpr, DQ: tl.constexpr, SCALE_MODE: tl.constexpr,
+                 GROUP: tl.constexpr,  # group length along K (unused in SCALE_ROW mode)
+                 HAS_BIAS: tl.constexpr,
+                 USE_WS: tl.constexpr,  # split K: write float32 partials to ws_ptr
+                 K_EXACT: tl.constexpr,  # every step is full and inside K: no K masks
+                 BM: tl.constexpr,  # rows of x per program
+                 BN: tl.constexpr,  # weight rows (output columns) per program
+                 CB: tl.constexpr,  # layout blocks per K step (BK = CB * 16 * 32 / BITS)
+                 GROUP_M: tl.constexpr,  # x row-tiles launched together per weight tile
+                 SWAP: tl.constexpr,  # compute y^T = W x^T (small M)
+                 FULL_TILE: tl.constexpr,  # one [BN, BK] tile and one dot per step, not per plane
+                 DOT_DTYPE: tl.constexpr,  # tl.float16 / tl.bfloat16
+                 DOT_F32: tl.constexpr,  # interpreter only (see module docstring)
+                 STEPS_CONST: tl.constexpr,  # interpreter only: steps_per_split as a constexpr
+                 ):
+    P: tl.constexpr = 32 // BITS  # codes per word = planes per block
+    KB: tl.constexpr = 16 * P  # elements per layout block
+    W: tl.constexpr = CB * 16  # words per row per K step = the K extent of one plane's dot
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsz
+    pid_n = (pid % width) // gsz
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_j = tl.arange(0, W)  # word j of the step: block j // 16, word j % 16 of it
+    offs_cb = tl.arange(0, CB)
+    nblk = KW // 16
+    b_begin = pid_k * (steps_per_split * CB)
+    b_end = tl.minimum(b_begin + steps_per_split * CB, nblk)
+    k_end = tl.minimum(b_end * KB, K)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = codes_ptr + offs_n.to(tl.int64)[:, None] * KW
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if SCALE_MODE == 0:
+        if FMT == 1 and HAS_ZEROS:
+            z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
+        else:
+            z_row = ZERO_CONST
+    # A fixed trip count (a kernel argument): the last split's surplus steps are masked.
+    # Under the interpreter it comes as a constexpr (a run-time bound fails there, numpy >= 2.4).
+    for step in range(0, STEPS_CONST if STEPS_CONST > 0 else steps_per_split):
+        b0 = b_begin + step * CB
+        j_ok = (b0 + offs_j // 16) < b_end
+        if K_EXACT:
+            wmask = n_ok[:, None]
+        else:
+            wmask = n_ok[:, None] & j_ok[None, :]
+        words = tl.load(w_rows + b0 * 16 + offs_j[None, :], mask=wmask, other=0)
+        hi = words >> hi_shift(BITS)
+        if SCALE_MODE == 1 or SCALE_MODE == 3:  # the whole step lies in one group
+            gidx_s = (b0 * KB) // GROUP
+            g_ok = n_ok & (gidx_s < G)
+            if DQ:
+                cg = gidx_s // 256 * N + offs_n
+                s_g = decode_absmax(tl.load(s_ptr + gidx_s * N + offs_n, mask=g_ok, other=0),
+                                    tl.load(dqs_ptr + cg, mask=g_ok, other=0.0),
+                                    tl.load(dqo_ptr + cg, mask=g_ok, other=0.0), zero_rt)
+            else:
+                s_g = tl.load(s_ptr + gidx_s * N + offs_n, mask=g_ok, other=0.0)
+            if FMT == 1 and HAS_ZEROS:
+                z_s = tl.load(z_ptr + gidx_s * N + offs_n, mask=g_ok, other=0).to(tl.float32)[:, None]
+            else:
+                z_s = ZERO_CONST
+            if SCALE_MODE == 1:
+                if SWAP:
+                    part = tl.zeros([BN, BM], dtype=tl.float32)
+                else:
+                    part = tl.zeros([BM, BN], dtype=tl.float32)
+        if FULL_TILE:
+            # one [BN, BK] tile in K order and one dot per step (larger M): codes
+            # [BN, CB, P, 16] -> [BN, BK], decoded by the magic-number FADD (_common)
+            BKF: tl.constexpr = CB * KB
+            shifts = tl.arange(0, P) * BITS
+            codes = tl.reshape((words.reshape([BN, CB, 1, 16]) >> shifts[None, None, :, None]) & MASK,
+                               [BN, BKF])
+            if FMT == 2:
+                v = tl.load(lut_ptr + codes)
+            elif SCALE_MODE == 2:
+                v = (codes | magic).to(tl.float32, bitcast=True) - TWO23
+            elif SCALE_MODE == 0:
+                v = (codes | magic).to(tl.float32, bitcast=True) - (z_row + TWO23)
+            else:
+                v = (codes | magic).to(tl.float32, bitcast=True) - (z_s + TWO23)
+            if SCALE_MODE == 2:  # group per (block, plane): [BN, CB, P] -> per element
+                blk = b0 + offs_cb
+                gidx = (blk[:, None] * KB + tl.arange(0, P)[None, :] * 16) // GROUP  # [CB, P]
+                gptr = gidx[None, :, :] * N + offs_n[:, None, None]
+                gmask = n_ok[:, None, None] & ((blk < b_end)[:, None] & (gidx < G))[None, :, :]
+                if DQ:
+                    cidx = gidx[None, :, :] // 256 * N + offs_n[:, None, None]
+                    s3 = decode_absmax(tl.load(s_ptr + gptr, mask=gmask, other=0),
+                                       tl.load(dqs_ptr + cidx, mask=gmask, other=0.0),
+                                       tl.load(dqo_ptr + cidx, mask=gmask, other=0.0), zero_rt)
+                else:
+                    s3 = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
+                if FMT == 1 and HAS_ZEROS:
+                    z3 = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
+                    v = v - tl.reshape(tl.broadcast_to(z3[:, :, :, None], [BN, CB, P, 16]), [BN, BKF])
+                elif FMT != 2:
+                    v = v - ZERO_CONST
+                wf = v * tl.reshape(tl.broadcast_to(s3[:, :, :, None], [BN, CB, P, 16]), [BN, BKF])
+            elif SCALE_MODE == 3:
+                wf = v * s_g[:, None]
+            else:
+                wf = v
+            kk = b0 * KB + tl.arange(0, BKF)
+            if K_EXACT:
+                xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
+            else:
+                xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < k_end)[None, :],
+                             other=0.0)
+            if DOT_F32:
+                w = rne_bf16(wf)
+                xt = xt.to(tl.float32)
+            else:
+                w = wf.to(DOT_DTYPE)
+                xt = xt.to(DOT_DTYPE)
+            if SWAP:
+                a = w
+                b = tl.trans(xt)
+            else:
+                a = xt
+                b = tl.trans(w)
+            if SCALE_MODE == 1:
+                part = _mma_acc(a, b, part, DOT_F32)
+            else:
+                acc = _mma_acc(a, b, acc, DOT_F32)
+        for i in tl.static_range(0 if FULL_TILE else P):
+            # plane i: 16 consecutive elements per block, k = (b0 + j // 16) * KB + 16 i + j % 16
+            kk = (b0 + offs_j // 16) * KB + i * 16 + offs_j % 16
+            if K_EXACT:
+                xi = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
+            else:
+                xi = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (j_ok & (kk < K))[None, :],
+                             other=0.0)
+            if SCALE_MODE == 2:
+                # one group per (block, plane): load [BN, CB] and broadcast over the 16 words
+                blk = b0 + offs_cb
+                gidx = (blk * KB + i * 16) // GROUP  # [CB]
+                gptr = gidx[None, :] * N + offs_n[:, None]
+                gmask = n_ok[:, None] & ((blk < b_end) & (gidx < G))[None, :]
+                if DQ:
+                    cidx = gidx[None, :] // 256 * N + offs_n[:, None]
+                    s_i = decode_absmax(tl.load(s_ptr + gptr, mask=gmask, other=0),
+                                        tl.load(dqs_ptr + cidx, mask=gmask, other=0.0),
+                                        tl.load(dqo_ptr + cidx, mask=gmask, other=0.0), zero_rt)
+                else:
+                    s_i = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
+                s_i = tl.reshape(tl.broadcast_to(s_i[:, :, None], [BN, CB, 16]), [BN, W])
+                if FMT == 2:
+                    v = tl.load(lut_ptr + ((words >> (BITS * i)) & MASK))
+                elif FMT == 1 and HAS_ZEROS:
+                    z_i = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
+                    z_i = tl.reshape(tl.broadcast_to(z_i[:, :, None], [BN, CB, 16]), [BN, W])
+                    v = plane_value(words, hi, z_i, magic, i, BITS)
+                else:
+                    v = plane_value(words, hi, ZERO_CONST, magic, i, BITS)
+                wf = v * s_i  # the decoded weight, as reference.dequantize computes it
+            elif SCALE_MODE == 3:
+                if FMT == 2:
+                    v = tl.load(lut_ptr + ((words >> (BITS * i)) & MASK))
+                else:
+                    v = plane_value(words, hi, z_s, magic, i, BITS)
+                wf = v * s_g[:, None]  # the decoded weight, as reference.dequantize computes it
+            elif SCALE_MODE == 1:
+                wf = plane_value(words, hi, z_s, magic, i, BITS)  # the exact integer q - z
+            else:
+                wf = plane_value(words, hi, z_row, magic, i, BITS)  # the exact integer q - z
+            if DOT_F32:  # interpreter: bf16-rounded values multiplied in float32
+                w = rne_bf16(wf)
+                xi = xi.to(tl.float32)
+            else:
+                w = wf.to(DOT_DTYPE)
+                xi = xi.to(DOT_DTYPE)
+            if SWAP:
+                a = w
+                b = tl.trans(xi)
+            else:
+                a = xi
+                b = tl.trans(w)
+            if SCALE_MODE == 1:
+                part = _mma_acc(a, b, part, DOT_F32)
+            else:
+                acc = _mma_acc(a, b, acc, DOT_F32)
+        if SCALE_MODE == 1:
+            if SWAP:
+                acc += part * s_g[:, None]
+            else:
+                acc += part * s_g[None, :]
+    if SCALE_MODE == 0:
+        if DQ:
+            s_row = decode_absmax(tl.load(s_ptr + offs_n, mask=n_ok, other=0),
+                                  tl.load(dqs_ptr + offs_n, mask=n_ok, other=0.0),
+                                  tl.load(dqo_ptr + offs_n, mask=n_ok, other=0.0), zero_rt)
+        else:
+            s_row = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        if SWAP:
+            acc = acc * s_row[:, None]
+        else:
+            acc = acc * s_row[None, :]
+    if SWAP:
+        out_off = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        ws_off = (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None]
+        omask = n_ok[:, None] & m_ok[None, :]
+        bias_b = offs_n[:, None]
+    else:
+        out_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        ws_off = (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+        omask = m_ok[:, None] & n_ok[None, :]
+        bias_b = offs_n[None, :]
+    if not USE_WS:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + bias_b, mask=bias_b < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_off, cast_out(acc, out_ptr.dtype.element_ty, DOT_F32), mask=omask)
+    else:
+        tl.store(ws_ptr + ws_off, acc, mask=omask)
+
+
+def gemm_scale_mode(gw: GPUWeight, BK: int, exact: bool = True) -> int:
+    """SCALE_ROW / SCALE_BLOCK keep the exact integers in the tile; SCALE_BLOCK_W / SCALE_PLANE
+    put the decoded (rounded) weight there (module docstring). ``exact=False`` trades the
+    second accumulator of SCALE_BLOCK for one rounding per weight (large tiles)."""
+    one_group_per_step = gw.n_groups == 1 or gw.group % BK == 0
+    if gw.fmt == "nf4":  # codebook values are not exact in 16 bits: scale before rounding
+        return SCALE_BLOCK_W if one_group_per_step else SCALE_PLANE
+    if gw.n_groups == 1:
+        return SCALE_ROW
+    if gw.group % BK == 0:
+        return SCALE_BLOCK if exact else SCALE_BLOCK_W
+    return SCALE_PLANE
+
+
+def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, BN: int, CB: int,
+         SPLIT_K: int = 1, GROUP_M: int = 8, SWAP: bool = False, EXACT: bool = True,
+         FULL_TILE: bool = False,
+         num_warps: int = 4, num_stages: int = 3, dot_f32: bool = False,
+         **_ignored) -> torch.Tensor:
+    """out[M, N] = x2d[M, K] @ W^T (+ bias); x2d float16/bfloat16 with unit stride along K."""
+    M, K = x2d.shape
+    N = gw.shape[0]
+    KW = gw.words_per_row
+    nblk = KW // 16
+    CB = max(1, min(CB, triton.next_power_of_2(nblk)))
+    SPLIT_K = max(1, min(SPLIT_K, triton.cdiv(nblk, CB)))
+    steps = triton.cdiv(triton.cdiv(nblk, CB), SPLIT_K)
+    blocks_per_split = steps * CB
+    SPLIT_K = triton.cdiv(nblk, blocks_per_split)
+    BK = CB * gw.block
+    mode = gemm_scale_mode(gw, BK, EXACT)
+    lut = nf4_lut(x2d.device) if gw.fmt == "nf4" else gw.scales
+    dummy = gw.scales
+    ws = torch.empty((SPLIT_K, M, N), dtype=torch.float32, device=x2d.device) if SPLIT_K > 1 else out
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), SPLIT_K)
+    args = (x2d, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
+            gw.dq_scale if gw.dq_scale is not None else dummy,
+            gw.dq_offset if gw.dq_offset is not None else dummy, lut,
+            bias if bias is not None else dummy, out, ws, M, N, K, KW, gw.n_groups,
+            x2d.stride(0), out.stride(0), steps, 0.0, MAGIC_BITS)
+    consts = dict(
+        FMT=FMT_IDS[gw.fmt], BITS=gw.bits, HAS_ZEROS=gw.zeros is not None,
+        ZERO_CONST=128 if gw.fmt == "int8" else 8, DQ=gw.double_quant, SCALE_MODE=mode,
+        GROUP=group_const(gw), HAS_BIAS=bias is not None and SPLIT_K == 1, USE_WS=SPLIT_K > 1,
+        K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0, BM=BM, BN=BN, CB=CB,
+        GROUP_M=GROUP_M, SWAP=bool(SWAP), FULL_TILE=bool(FULL_TILE), DOT_DTYPE=tl_dtype(x2d.dtype), DOT_F32=bool(dot_f32),
+        STEPS_CONST=steps if interpreting() else 0)
+    launch(_gemm_kernel, grid, args, consts, num_warps, num_stages)
+    if SPLIT_K > 1:
+        splitk_reduce(ws, bias, out)
+    return out

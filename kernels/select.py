@@ -1,0 +1,220 @@
+"""select(): which kernel and launch parameters run a given matmul, from tuned data or heuristics.
+
+Kernels:
+  ``gemv``       CUDA-core GEMV / split-K GEMV (kernels/gemv.py), float32 math: small M
+  ``gemm``       fused tensor-core GEMM (kernels/gemm.py), fp16/bf16 activations: middle M
+  ``dequant_mm`` dequantize (kernels/dequant.py) into a temporary weight in x's dtype, then
+                 torch's matmul (cuBLAS): large M, where the one extra pass over the weight is
+                 small next to the GEMM, and float32 activations beyond GEMV sizes (cuBLAS
+                 float32 honours torch.backends.cuda.matmul.allow_tf32, off by default: no TF32
+                 unless the user asked for it).
+
+Tuned configs are data: ``kernels/configs/<gpu name>.json`` (written by bench/tune_gpu.py),
+loaded once per GPU name, never autotuned at run time. Each record names its key fields:
+format, variant, group, N, K, M bucket (M rounded up to a power of two, capped at 4096) and
+activation class ("16bit" or "fp32"); the rest is the kernel and its parameters. Lookup: exact
+key; else the record of the same format, group and activation class nearest in (log N, log K,
+log2 M bucket / 2), at most 4x away in M; else the heuristics below (also used for unknown
+cards and under the Triton interpreter).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+KERNELS = ("gemv", "gemm", "dequant_mm")
+
+
+@dataclass(frozen=True)
+class Choice:
+    kernel: str  # one of KERNELS
+    params: Dict[str, object] = field(default_factory=dict)  # launch parameters
+    source: str = "heuristic"  # "tuned", "nearest" or "heuristic"
+
+
+def m_bucket(M: int) -> int:
+    for b in M_BUCKETS:
+        if M <= b:
+            return b
+    return M_BUCKETS[-1]
+
+
+def variant_of(fmt: str, symmetric: bool, double_quant: bool) -> str:
+    if fmt == "int4":
+        return "sym" if symmetric else "asym"
+    if fmt == "nf4":
+        return "dq" if double_quant else "plain"
+    return "-"
+
+
+def act_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def config_path(card: str) -> str:
+    return os.path.join(CONFIG_DIR, re.sub(r"[^A-Za-z0-9._-]+", "_", card).strip("_") + ".json")
+
+
+def record_key(r: dict) -> Tuple:
+    return (r["format"], r["variant"], int(r["group"]), int(r["N"]), int(r["K"]),
+            int(r["M_bucket"]), r.get("act", "16bit"))
+
+
+_TABLES: Dict[str, Dict[Tuple, dict]] = {}
+
+
+def load_table(card: str, path: Optional[str] = None) -> Dict[Tuple, dict]:
+    """The tuned records for ``card`` by key (empty if there is no file for it)."""
+    if path is None and card in _TABLES:
+        return _TABLES[card]
+    path = path or config_path(card)
+    table: Dict[Tuple, dict] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = json.load(f)
+        for r in doc.get("configs", []):
+            table[record_key(r)] = r
+    _TABLES[card] = table
+    return table
+
+
+def clear_cache() -> None:
+    _TABLES.clear()
+    _MEMO.clear()
+
+
+_SM_COUNTS: Dict[str, int] = {}
+
+
+def sm_count(device: Optional[torch.device]) -> int:
+    if device is None or device.type != "cuda":
+        return 132
+    key = str(device)
+    if key not in _SM_COUNTS:
+        _SM_COUNTS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNTS[key]
+
+
+_NAMES: Dict[str, str] = {}
+
+
+def card_name(device: torch.device) -> str:
+    """The GPU's name as torch reports it ("interpreter" for CPU tensors under TRITON_INTERPRET)."""
+    if device.type != "cuda":
+        return "interpreter"
+    key = str(device)
+    if key not in _NAMES:
+        _NAMES[key] = torch.cuda.get_device_name(device)
+    return _NAMES[key]
+
+
+# ---- heuristics ---------------------------------------------------------------------------
+def _split_for(programs: int, k_steps: int, sms: int) -> int:
+    """Split K until about two waves of programs run, keeping >= 4 K steps per split; a divisor
+    of the step count, so every split is full (no K masks in the kernel)."""
+    if programs >= 2 * sms:
+        return 1
+    want = min(math.ceil(2 * sms / max(1, programs)), max(1, k_steps // 4), 16)
+    return max(d for d in range(1, want + 1) if k_steps % d == 0)
+
+
+def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
+              sms: int = 132) -> Choice:
+    """Untuned shapes and cards. Shaped after the H200 tuning (configs/NVIDIA_H200.json): the
+    GEMV up to M = 2, the per-plane SWAP GEMM up to 64, the full-tile GEMM to 128, then
+    dequantize + cuBLAS (the fused GEMM did not beat it at M >= 256 for 4-bit weights)."""
+    bits = 8 if fmt == "int8" else 4
+    kb = 16 * (32 // bits)  # elements per layout block
+    nblk = -(-K // kb)
+    if dtype == torch.float32:
+        if M <= 8:
+            BN = 64
+            return Choice("gemv", {"BN": BN, "CB": 1, "num_warps": 4, "num_stages": 1,
+                                   "SPLIT_K": _split_for(M * -(-N // BN), nblk, sms)})
+        return Choice("dequant_mm")
+    if M <= 2:
+        BN = 64
+        return Choice("gemv", {"BN": BN, "CB": 1, "num_warps": 4, "num_stages": 1,
+                               "SPLIT_K": _split_for(M * -(-N // BN), nblk, sms)})
+    if M <= 64:
+        BM = max(16, 1 << (M - 1).bit_length())
+        programs = -(-M // BM) * -(-N // 128)
+        return Choice("gemm", {"BM": BM, "BN": 128, "CB": 1, "SWAP": True, "GROUP_M": 8,
+                               "num_warps": 4, "num_stages": 3,
+                               "SPLIT_K": _split_for(programs, nblk, sms)})
+    if M <= 128:
+        programs = -(-M // 64) * -(-N // 128)
+        return Choice("gemm", {"BM": 64, "BN": 128, "CB": 1, "SWAP": False, "GROUP_M": 8,
+                               "FULL_TILE": True, "num_warps": 4, "num_stages": 3,
+                               "SPLIT_K": _split_for(programs, nblk, sms)})
+    return Choice("dequant_mm")
+
+
+# ---- lookup -------------------------------------------------------------------------------
+def _params(r: dict) -> Dict[str, object]:
+    return dict(r.get("params", {}))
+
+
+def select(M: int, N: int, K: int, fmt: str, group: int, card: str, *,
+           dtype: torch.dtype = torch.bfloat16, variant: str = "-", sms: int = 132,
+           table: Optional[Dict[Tuple, dict]] = None) -> Choice:
+    """The kernel for an [M, K] x [N, K]^T product of format ``fmt`` (group as stored, -1 =
+    per row) on GPU ``card`` with activations of ``dtype``. Memoised per argument set (the
+    run-time cost of a call is one dict lookup)."""
+    if table is not None:
+        return _select(M, N, K, fmt, group, card, dtype, variant, sms, table)
+    key = (M, N, K, fmt, group, card, dtype, variant, sms)
+    c = _MEMO.get(key)
+    if c is None:
+        if len(_MEMO) > 65536:
+            _MEMO.clear()
+        c = _MEMO[key] = _select(M, N, K, fmt, group, card, dtype, variant, sms, None)
+    return c
+
+
+_MEMO: Dict[Tuple, Choice] = {}
+
+
+def _select(M, N, K, fmt, group, card, dtype, variant, sms, table) -> Choice:
+    act = act_class(dtype)
+    mb = m_bucket(M)
+    table = load_table(card) if table is None else table
+    if table:
+        r = table.get((fmt, variant, group, N, K, mb, act))
+        if r is not None:
+            return _checked(Choice(r["kernel"], _params(r), "tuned"), dtype)
+        best, best_d = None, math.inf
+        for key, r in table.items():
+            if key[0] != fmt or key[2] != group or key[6] != act:
+                continue
+            dm = abs(math.log2(key[5] / mb))
+            if dm > 2:  # a config tuned for M 4x away is no better than the heuristics
+                continue
+            d = (abs(math.log(key[3] / N)) + abs(math.log(key[4] / K)) + 0.5 * dm
+                 + (0.01 if key[1] != variant else 0.0))
+            if d < best_d:
+                best, best_d = r, d
+        if best is not None:
+            return _checked(Choice(best["kernel"], _params(best), "nearest"), dtype)
+    return heuristic(M, N, K, fmt, group, dtype, sms)
+
+
+def _checked(c: Choice, dtype: torch.dtype) -> Choice:
+    # The fused tensor-core kernel takes 16-bit activations only.
+    if c.kernel == "gemm" and dtype == torch.float32:
+        return Choice("dequant_mm", {}, c.source)
+    return c
+
+
+def choices_for(records: List[dict]) -> Dict[Tuple, dict]:
+    """Index a list of records like a loaded table (for tools and tests)."""
+    return {record_key(r): r for r in records}

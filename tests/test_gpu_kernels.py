@@ -1,0 +1,347 @@
+"""The Triton kernels (lowbit.kernels) against the reference: every kernel x format x edge shape.
+
+Here (no GPU) they run under TRITON_INTERPRET=1 (set by conftest.py) on CPU tensors, at tiny
+shapes: the interpreter executes each program in numpy. With LOWBIT_TEST_REAL_GPU=1 on a CUDA
+machine the same tests compile the kernels and run them on the GPU at real sizes, plus CUDA
+graph and torch.compile checks.
+
+Tolerances (lowbit.testing.assert_linear_close):
+* GEMV (float32 math on any activation dtype) and the tensor-core GEMM in its exact modes
+  (int8 and int4 whose group is a multiple of the K step: the tile holds the integers q - z,
+  exact in fp16/bf16, and the scale multiplies the float32 accumulator): the default
+  float32-accumulation tolerance.
+* The GEMM where the tile holds the decoded weight (nf4; int4 with small groups) and
+  dequantize + matmul: each weight is rounded once to x's dtype (relative error <= u, the unit
+  roundoff: 2**-8 bf16, 2**-11 f16), so sum_k |x_k| |w_k| * u is added to the accumulation
+  term: rtol = accumulation_rtol(K) + u. This is the worst case of that rounding, not a fudge.
+Interpreter gaps handled by the kernels themselves: bf16 tl.dot is wrong there (the GEMM
+multiplies the bf16-rounded tiles in float32 instead, DOT_F32) and float32 -> bf16 casts
+truncate there (rounded explicitly, _common.rne_bf16).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import reference as R
+from lowbit.testing import accumulation_rtol, assert_linear_close
+
+from conftest import FORMAT_CASES, case_id
+
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+
+import lowbit.kernels as LK  # noqa: E402
+from lowbit.kernels import layout  # noqa: E402
+from lowbit.kernels import select as S  # noqa: E402
+from lowbit.kernels.gemm import gemm, gemm_scale_mode  # noqa: E402
+from lowbit.kernels.gemv import gemv  # noqa: E402
+
+REAL_GPU = bool(os.environ.get("LOWBIT_TEST_REAL_GPU"))
+if REAL_GPU:
+    if not torch.cuda.is_available():
+        pytest.skip("LOWBIT_TEST_REAL_GPU is set but CUDA is not available", allow_module_level=True)
+    DEV = torch.device("cuda")
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    DEV = torch.device("cpu")
+else:
+    pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it) or LOWBIT_TEST_REAL_GPU=1",
+                allow_module_level=True)
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HALF = (torch.float16, torch.bfloat16)
+
+# (N, K) edge shapes: N not a multiple of any block, odd K, K below one group, ragged last
+# groups (300 = 2 * 128 + 44; 300 % 32 = 12), K not a multiple of the layout block (128).
+if REAL_GPU:
+    SHAPES = ((1000, 4096), (4096, 4160), (17, 33), (300, 1000), (2048, 5504))
+    GEMV_MS = (1, 3)
+    GEMM_MS = (5, 64, 300)
+else:
+    SHAPES = ((17, 33), (5, 300))
+    GEMV_MS = (1, 2)
+    GEMM_MS = (3,)
+
+
+def quantized(N, K, fmt, opts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.5
+    return lowbit.quantize_weight(w.to(DEV), fmt, **opts)
+
+
+def make_x(M, K, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, K, generator=g).to(dtype).to(DEV)
+
+
+def gemm_rtol(qw, gw, K, dtype, BK, exact=True):
+    if gemm_scale_mode(gw, BK, exact) in (2, 3):  # the tile holds the rounded weight
+        return accumulation_rtol(K) + torch.finfo(dtype).eps / 2
+    return None
+
+
+def poisoned(M, N, dtype):
+    return torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+
+
+# ---- layout -------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+def test_gpu_layout_round_trip(case):
+    fmt, opts = case
+    for N, K in ((3, 7), (5, 130), (4, 300)):
+        qw = quantized(N, K, fmt, opts)
+        gw = layout.repack(qw)
+        assert gw.codes.dtype == torch.int32 and gw.codes.shape[1] % 16 == 0
+        codes = layout.unpack(gw)
+        if fmt == "int8":
+            want = (qw.data.to(torch.int16) + 128).to(torch.uint8)
+        else:
+            want = R.unpack_nibbles(qw.data, K)
+        assert torch.equal(codes, want)
+        assert torch.equal(gw.scales, qw.scales.t())
+
+
+def test_gpu_layout_cache_invalidation():
+    qw = quantized(8, 256, "int4", {})
+    a = layout.gpu_weight(qw)
+    assert layout.gpu_weight(qw) is a  # cached
+    view = lowbit.QuantizedWeight("int4", qw.shape, qw.data[:], qw.scales, qw.zeros,
+                                  group_size=qw.group_size, symmetric=False)
+    assert layout.gpu_weight(view) is a  # a view of the same codes hits too
+    qw.scales.mul_(2)  # an in-place update (e.g. load_state_dict) must force a repack
+    b = layout.gpu_weight(qw)
+    assert b is not a and torch.equal(b.scales, qw.scales.t())
+    layout.forget(qw)
+    assert layout.gpu_weight(qw) is not b
+
+
+# ---- dequantize ---------------------------------------------------------------------------
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+def test_dequantize_bit_exact(case):
+    fmt, opts = case
+    for i, (N, K) in enumerate(SHAPES):
+        qw = quantized(N, K, fmt, opts, seed=i)
+        for dt in (DTYPES if i == 0 or REAL_GPU else (DTYPES[i % 3],)):
+            got = LK.dequantize(qw, dt)
+            want = R.dequantize(qw.to("cpu"), dt)
+            assert got.dtype == dt and got.shape == (N, K)
+            assert torch.equal(got.cpu(), want), (fmt, opts, N, K, dt)
+
+
+# ---- GEMV ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+def test_gemv_matches_reference(case):
+    fmt, opts = case
+    for i, (N, K) in enumerate(SHAPES):
+        qw = quantized(N, K, fmt, opts, seed=i)
+        gw = layout.gpu_weight(qw)
+        # interpreter: one M per shape (M = 1, then M > 1) to stay fast; GPU: all of them
+        for j, M in enumerate(GEMV_MS if REAL_GPU else GEMV_MS[i % 2:i % 2 + 1]):
+            j += 0 if REAL_GPU else i % 2
+            dt = DTYPES[(i + j) % 3]
+            x = make_x(M, K, dt, seed=i + j)
+            bias = make_x(1, N, torch.float32, seed=7)[0] if j % 2 == 0 else None
+            # one program column, with and without split-K (SPLIT_K=2 also covers the reduction)
+            params = dict(BN=32, CB=2, SPLIT_K=2) if (i + j) % 2 else dict(BN=16, CB=1, SPLIT_K=1)
+            if REAL_GPU:
+                params = dict(BN=64, CB=1, SPLIT_K=4 if j else 1, num_warps=4)
+            out = gemv(x, gw, bias, poisoned(M, N, dt), **params)
+            assert_linear_close(out, R.linear(x, qw, bias), x, qw, bias=bias,
+                                msg=f"gemv {fmt} {opts} M={M} N={N} K={K} {dt} {params}")
+
+
+# ---- tensor-core GEMM ---------------------------------------------------------------------
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+def test_gemm_matches_reference(case):
+    fmt, opts = case
+    for i, (N, K) in enumerate(SHAPES):
+        qw = quantized(N, K, fmt, opts, seed=i)
+        gw = layout.gpu_weight(qw)
+        for j, M in enumerate(GEMM_MS):
+            dt = HALF[(i + j) % 2]
+            x = make_x(M, K, dt, seed=3 + i + j)
+            bias = make_x(1, N, torch.bfloat16, seed=9)[0] if (i + j) % 2 == 0 else None
+            if REAL_GPU:
+                params = [dict(BM=16, BN=128, CB=1, SWAP=True, SPLIT_K=2),
+                          dict(BM=64, BN=64, CB=2, SWAP=False, SPLIT_K=1, num_warps=4,
+                               FULL_TILE=i % 2 == 1),
+                          dict(BM=128, BN=128, CB=1, SWAP=False, SPLIT_K=1, num_warps=8,
+                               EXACT=False, FULL_TILE=i % 2 == 0)][j]
+            else:
+                params = dict(BM=16, BN=16, CB=1, SWAP=bool(i % 2), SPLIT_K=1 + (i + j) % 2,
+                              EXACT=bool(i % 2), FULL_TILE=(FORMAT_CASES.index(case) + i) % 2 == 0,
+                              dot_f32=dt == torch.bfloat16)
+            out = gemm(x, gw, bias, poisoned(M, N, dt), **params)
+            rtol = gemm_rtol(qw, gw, K, dt, params["CB"] * gw.block, params.get("EXACT", True))
+            assert_linear_close(out, R.linear(x, qw, bias), x, qw, bias=bias, rtol=rtol,
+                                msg=f"gemm {fmt} {opts} M={M} N={N} K={K} {dt} {params}")
+
+
+def test_odd_group_sizes():
+    """Groups that are multiples of 16 but not powers of two (48, 80): every kernel."""
+    for fmt, g in (("int4", 48), ("nf4", 80)):
+        N, K = (300, 1000) if REAL_GPU else (5, 200)
+        qw = quantized(N, K, fmt, {"group_size": g})
+        for dt in DTYPES:
+            assert torch.equal(LK.dequantize(qw, dt).cpu(), R.dequantize(qw.to("cpu"), dt))
+        gw = layout.gpu_weight(qw)
+        x = make_x(2, K, torch.float16)
+        assert_linear_close(gemv(x, gw, None, poisoned(2, N, x.dtype), BN=16, CB=1), R.linear(x, qw),
+                            x, qw)
+        for full in (False, True):
+            out = gemm(x, gw, None, poisoned(2, N, x.dtype), BM=16, BN=16 if not REAL_GPU else 64,
+                       CB=1, FULL_TILE=full)
+            assert_linear_close(out, R.linear(x, qw), x, qw, rtol=gemm_rtol(qw, gw, K, x.dtype, 128))
+
+
+# ---- public entry point (select + run) ----------------------------------------------------
+def test_linear_routes_every_kernel():
+    """lowbit.kernels.linear through select(): gemv, gemm and dequant_mm, leading dims, bias."""
+    N, K = (600, 1000) if REAL_GPU else (20, 160)
+    qw = quantized(N, K, "int4", {"group_size": 32})
+    bias = make_x(1, N, torch.float16, seed=5)[0]
+    seen = set()
+    for M, dt in ((1, torch.float16), (2, torch.float32), (24, torch.bfloat16),
+                  (24, torch.float32), (3000, torch.bfloat16)):
+        if not REAL_GPU and M > 100:
+            M = 40
+            table = {}  # force dequant_mm with a one-record table
+            rec = dict(format="int4", variant="asym", group=32, N=N, K=K, M_bucket=S.m_bucket(M),
+                       act="16bit", kernel="dequant_mm", params={})
+            table = S.choices_for([rec])
+            choice = S.select(M, N, K, "int4", 32, "interpreter", dtype=dt, variant="asym",
+                              table=table)
+        else:
+            choice = LK.plan(make_x(1, K, dt), qw, M)
+        seen.add(choice.kernel)
+        x = make_x(M, K, dt, seed=M).reshape(1, M, K)
+        x2d = x.reshape(M, K)
+        out = LK.run_choice(choice, x2d, qw, bias, poisoned(M, N, dt))
+        y = LK.linear(x, qw, bias) if choice.source != "tuned" else out.reshape(1, M, N)
+        assert y.shape == (1, M, N) and y.dtype == dt
+        want = R.linear(x2d, qw, bias)
+        rtol = None
+        if choice.kernel == "dequant_mm" and dt != torch.float32:
+            rtol = accumulation_rtol(K) + torch.finfo(dt).eps / 2
+        if choice.kernel == "gemm":
+            rtol = gemm_rtol(qw, layout.gpu_weight(qw), K, dt, choice.params["CB"] * 128,
+                             choice.params.get("EXACT", True))
+        for got in (out, y.reshape(M, N)):
+            assert_linear_close(got, want, x2d, qw, bias=bias, rtol=rtol, msg=f"{choice} M={M} {dt}")
+        if dt == torch.float32:
+            assert choice.kernel != "gemm"  # no tensor cores (no TF32) for float32 activations
+    assert seen == {"gemv", "gemm", "dequant_mm"}
+
+
+def test_linear_odd_inputs():
+    N, K = 12, 70
+    qw = quantized(N, K, "nf4", {"double_quant": True, "group_size": 16})
+    base = make_x(4, 200, torch.float16)
+    x = base[:, 5:5 + K]  # row stride 200, offset view
+    rtol = None
+    if LK.plan(x, qw).kernel != "gemv":  # nf4 tiles hold the f16-rounded weight
+        rtol = accumulation_rtol(K) + torch.finfo(torch.float16).eps / 2
+    assert_linear_close(LK.linear(x, qw), R.linear(x, qw), x, qw, rtol=rtol)
+    assert LK.linear(make_x(0, K, torch.float16), qw).shape == (0, N)
+    v = make_x(1, K, torch.float32)[0]
+    assert LK.linear(v, qw).shape == (N,)
+
+
+# ---- select() and the tuned configs -------------------------------------------------------
+def test_select_tuned_nearest_heuristic():
+    rec = dict(format="int4", variant="asym", group=128, N=4096, K=4096, M_bucket=1, act="16bit",
+               kernel="gemv", params={"BN": 64, "CB": 2, "SPLIT_K": 2, "num_warps": 4})
+    table = S.choices_for([rec])
+    c = S.select(1, 4096, 4096, "int4", 128, "x", variant="asym", table=table)
+    assert (c.kernel, c.source, c.params["BN"]) == ("gemv", "tuned", 64)
+    c = S.select(2, 11008, 4096, "int4", 128, "x", variant="sym", table=table)
+    assert (c.kernel, c.source) == ("gemv", "nearest")
+    c = S.select(64, 4096, 4096, "int4", 128, "x", variant="asym", table=table)
+    assert c.source == "heuristic"  # 64x away in M: not borrowed
+    assert S.select(1, 4096, 4096, "int4", 128, "x", dtype=torch.float32, table=table).kernel == "gemv"
+    for M in (1, 2, 7, 16, 64, 300, 5000):
+        for dt in DTYPES:
+            c = S.select(M, 1000, 3000, "nf4", 64, "no such card", dtype=dt)
+            assert c.kernel in S.KERNELS and c.source == "heuristic"
+            if dt == torch.float32:
+                assert c.kernel != "gemm"
+
+
+def test_shipped_configs_are_valid():
+    """Every configs/*.json loads, names its key fields, and selects its own records."""
+    files = [f for f in os.listdir(S.CONFIG_DIR) if f.endswith(".json")] \
+        if os.path.isdir(S.CONFIG_DIR) else []
+    for f in files:
+        import json
+        with open(os.path.join(S.CONFIG_DIR, f)) as fh:
+            doc = json.load(fh)
+        assert doc["gpu"] and isinstance(doc["configs"], list)
+        table = S.choices_for(doc["configs"])
+        for key, r in table.items():
+            assert r["kernel"] in S.KERNELS
+            assert r["format"] in lowbit.FORMATS
+            dt = torch.float32 if r["act"] == "fp32" else torch.bfloat16
+            c = S.select(r["M_bucket"], r["N"], r["K"], r["format"], r["group"], doc["gpu"],
+                         dtype=dt, variant=r["variant"], table=table)
+            assert c.source == "tuned"
+
+
+def test_import_without_triton():
+    """Triton is optional: lowbit imports, and lowbit.kernels says it is unavailable."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import lowbit, lowbit.kernels as K\n"
+            "assert K.AVAILABLE is False\n"
+            "from lowbit import ops; assert ops._gpu_kernels() is None\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+# ---- real GPU only: CUDA graphs and torch.compile -----------------------------------------
+needs_gpu = pytest.mark.skipif(not REAL_GPU, reason="needs a CUDA GPU (LOWBIT_TEST_REAL_GPU=1)")
+
+
+@needs_gpu
+@pytest.mark.parametrize("M", (1, 16, 300))
+def test_cuda_graph_capture(M):
+    lin = torch.nn.Linear(1024, 768).cuda()
+    q = lowbit.QuantLinear.from_linear(lin, "int4").cuda()
+    x = torch.randn(M, 1024, device="cuda", dtype=torch.bfloat16)
+    eager = q(x)  # warm-up: compiles the kernels, repacks the weight
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = q(static_x)
+    for _ in range(2):
+        new = torch.randn_like(x)
+        static_x.copy_(new)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, q(new))
+    assert torch.equal(eager, q(x))
+
+
+@needs_gpu
+def test_torch_compile_fullgraph():
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(),
+                                torch.nn.Linear(1024, 256)).cuda()
+    for i in (0, 2):
+        model[i] = lowbit.QuantLinear.from_linear(model[i], ("int4", "nf4")[i // 2]).cuda()
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), eager, rtol=2e-3, atol=2e-3)
+    n = layout.REPACKS[0]
+    compiled(x)
+    compiled(x)
+    assert layout.REPACKS[0] == n  # the compiled graph hits the per-weight layout cache

@@ -1,6 +1,7 @@
 #include "api.h"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -36,6 +37,15 @@ void validate(const QWeight& w) {
   if (w.N <= 0 || w.K <= 0) bad("weight shape must be positive, got N=" + std::to_string(w.N) + " K=" + std::to_string(w.K));
   if (!w.data) bad("weight data pointer is null");
   if (!w.scales) bad("scales pointer is null");
+  validate_shape(w);
+  if (w.fmt == kInt4 && !w.symmetric && !w.zeros) bad("asymmetric int4 needs a zeros tensor");
+  if (w.fmt == kNF4 && w.double_quant && (!w.dq_scale || !w.dq_offset))
+    bad("double-quantized nf4 needs dq_scale and dq_offset");
+}
+
+void validate_shape(const QWeight& w) {
+  if (w.fmt < 0 || w.fmt >= kNumFormats) bad("unknown format id " + std::to_string(int(w.fmt)));
+  if (w.N <= 0 || w.K <= 0) bad("weight shape must be positive, got N=" + std::to_string(w.N) + " K=" + std::to_string(w.K));
   if (w.fmt == kInt8) {
     if (w.ld_data < w.K) bad("int8 data row stride " + std::to_string(w.ld_data) + " < K");
     if (w.n_groups != 1 || w.group != w.K) bad("int8 has one scale per row (group must be K)");
@@ -45,24 +55,88 @@ void validate(const QWeight& w) {
   if (w.group <= 0) bad("group size must be positive, got " + std::to_string(w.group));
   if (w.n_groups != (w.K + w.group - 1) / w.group)
     bad("n_groups " + std::to_string(w.n_groups) + " != ceil(K / group)");
-  if (w.fmt == kInt4 && !w.symmetric && !w.zeros) bad("asymmetric int4 needs a zeros tensor");
   if (w.fmt == kNF4 && w.double_quant) {
-    if (!w.dq_scale || !w.dq_offset) bad("double-quantized nf4 needs dq_scale and dq_offset");
     if (w.dq_chunks != (w.n_groups + kNF4DoubleQuantChunk - 1) / kNF4DoubleQuantChunk)
       bad("dq_chunks must be ceil(n_groups / 256)");
   }
 }
 
-void linear(const LinearArgs& a, const KernelTable* table) {
-  const KernelTable& t = table ? *table : active_table();
-  validate(a.w);
+namespace {
+
+void check_call(const LinearArgs& a) {
   if (a.M < 0) bad("M must be >= 0");
   if (a.M == 0) return;
   if (!a.x || !a.y) bad("null activation or output pointer");
   if (a.ldx < a.w.K) bad("activation row stride < K");
   if (a.ldy < a.w.N) bad("output row stride < N");
-  const int nt = std::max(1, a.n_threads);
+}
+
+// The float32 buffer the kernels write y into: y itself when it is float32, else scratch.
+float* f32_output(const LinearArgs& a, int64_t& ldyf) {
+  if (a.y_dtype == kF32) {
+    ldyf = a.ldy;
+    return static_cast<float*>(a.y);
+  }
+  std::vector<float>& buf = scratch(1);
+  buf.resize(size_t(a.M * a.w.N));
+  ldyf = a.w.N;
+  return buf.data();
+}
+
+// Adds the bias and converts to the output dtype (rows of the float32 result yf).
+void finish_output(const LinearArgs& a, const KernelTable& t, float* yf, int64_t ldyf) {
+  const int64_t N = a.w.N;
+  if (!a.bias && a.y_dtype == kF32) return;
+  for (int64_t m = 0; m < a.M; ++m) {
+    float* row = yf + m * ldyf;
+    if (a.bias)
+      for (int64_t n = 0; n < N; ++n) row[n] += a.bias[n];
+    if (a.y_dtype != kF32)
+      t.from_f32[a.y_dtype](row, static_cast<char*>(a.y) + size_t(m * a.ldy) * dtype_size(a.y_dtype), N);
+  }
+}
+
+// Parallel tasks over rows of W in tiles (multiples of 16, so of every ISA's qtile).
+template <class Fn>
+void for_row_tiles(int64_t N, int nt, const Fn& fn) {
+  const int64_t tile = rows_per_task(N, nt);
+  const int64_t tasks = (N + tile - 1) / tile;
+  parallel_for(tasks, nt, [&](int64_t i) {
+    const int64_t n0 = i * tile, n1 = std::min(N, n0 + tile);
+    fn(n0, n1);
+  });
+}
+
+void fill_header(PackedHeader& h, const QWeight& w, const KernelTable& t, int64_t body) {
+  std::memset(&h, 0, sizeof h);
+  std::memcpy(h.magic, "lowbitP1", 8);
+  std::strncpy(h.isa, t.isa, sizeof h.isa - 1);
+  h.fmt = int32_t(w.fmt);
+  h.flags = (w.symmetric ? 1 : 0) | (w.double_quant ? 2 : 0);
+  h.N = w.N;
+  h.K = w.K;
+  h.group = w.group;
+  h.body_bytes = body;
+}
+
+}  // namespace
+
+int threads_for(int64_t M, int64_t N, int64_t K, int n_threads, bool fast) {
+  // Below ~kMinMacs multiply-adds per extra thread the pool's hand-off (a few microseconds
+  // at worst) costs more than the work it takes over.
+  const double macs = double(M) * double(N) * double(K);
+  const double per_thread = fast ? double(1 << 19) : double(1 << 17);
+  const int useful = int(std::min(double(n_threads), std::max(1.0, macs / per_thread)));
+  return std::max(1, useful);
+}
+
+void linear(const LinearArgs& a, const KernelTable* table) {
+  const KernelTable& t = table ? *table : active_table();
+  validate(a.w);
+  check_call(a);
+  if (a.M == 0) return;
   const int64_t M = a.M, N = a.w.N, K = a.w.K;
+  const int nt = threads_for(M, N, K, std::max(1, a.n_threads), false);
 
   // Activations as float32 rows.
   const float* xf = static_cast<const float*>(a.x);
@@ -76,32 +150,120 @@ void linear(const LinearArgs& a, const KernelTable* table) {
     xf = buf.data();
     ldxf = K;
   }
-  // Output as float32 rows: straight into y when it is float32.
-  float* yf = static_cast<float*>(a.y);
-  int64_t ldyf = a.ldy;
-  if (a.y_dtype != kF32) {
-    std::vector<float>& buf = scratch(1);
-    buf.resize(size_t(M * N));
-    yf = buf.data();
-    ldyf = N;
-  }
-
-  const int64_t tile = rows_per_task(N, nt);
-  const int64_t tasks = (N + tile - 1) / tile;
+  int64_t ldyf = 0;
+  float* yf = f32_output(a, ldyf);
   const GemmFn gemm = t.gemm[a.w.fmt];
   const QWeight& w = a.w;
-  parallel_for(tasks, nt, [&](int64_t i) {
-    const int64_t n0 = i * tile, n1 = std::min(N, n0 + tile);
-    gemm(w, xf, M, ldxf, n0, n1, yf, ldyf);
-  });
+  for_row_tiles(N, nt, [&](int64_t n0, int64_t n1) { gemm(w, xf, M, ldxf, n0, n1, yf, ldyf); });
+  finish_output(a, t, yf, ldyf);
+}
 
-  for (int64_t m = 0; m < M; ++m) {
-    float* row = yf + m * ldyf;
-    if (a.bias)
-      for (int64_t n = 0; n < N; ++n) row[n] += a.bias[n];
-    if (a.y_dtype != kF32)
-      t.from_f32[a.y_dtype](row, static_cast<char*>(a.y) + size_t(m * a.ldy) * dtype_size(a.y_dtype), N);
+int64_t packed_size(const QWeight& w, const KernelTable* table) {
+  const KernelTable& t = table ? *table : active_table();
+  validate_shape(w);
+  const int64_t body = t.packed_size[w.fmt](w);
+  return body > 0 ? kPackedHeaderBytes + body : 0;
+}
+
+void pack_weight(const QWeight& w, uint8_t* dst, int64_t dst_bytes, int n_threads,
+                 const KernelTable* table) {
+  const KernelTable& t = table ? *table : active_table();
+  validate(w);
+  if (!dst) bad("null destination for the packed weight");
+  const int64_t body = t.packed_size[w.fmt](w);
+  if (body <= 0)
+    bad(std::string("the ") + t.isa + " fast path does not support this weight (group size " +
+        std::to_string(w.group) + " is not a multiple of " + std::to_string(kQBlock) + ")");
+  if (dst_bytes != kPackedHeaderBytes + body)
+    bad("packed weight buffer has " + std::to_string(dst_bytes) + " bytes, expected " +
+        std::to_string(kPackedHeaderBytes + body));
+  PackedHeader h;
+  fill_header(h, w, t, body);
+  std::memcpy(dst, &h, sizeof h);
+  uint8_t* out = dst + kPackedHeaderBytes;
+  const int64_t T = t.qtile;
+  // tasks of whole tiles, about 64 rows each
+  const int64_t per = std::max<int64_t>(1, 64 / T) * T;
+  const int64_t tasks = (w.N + per - 1) / per;
+  const PackFn pack = t.pack[w.fmt];
+  parallel_for(tasks, std::max(1, n_threads), [&](int64_t i) {
+    pack(w, i * per, std::min(w.N, (i + 1) * per), out);
+  });
+}
+
+void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_bytes,
+                   const KernelTable* table) {
+  const KernelTable& t = table ? *table : active_table();
+  validate_shape(a.w);
+  check_call(a);
+  if (!packed) bad("null packed weight");
+  const int64_t body = t.packed_size[a.w.fmt](a.w);
+  if (body <= 0) bad(std::string("the ") + t.isa + " fast path does not support this weight");
+  PackedHeader want, got;
+  fill_header(want, a.w, t, body);
+  if (packed_bytes != kPackedHeaderBytes + body)
+    bad("packed weight has " + std::to_string(packed_bytes) + " bytes, expected " +
+        std::to_string(kPackedHeaderBytes + body) + " for this weight and ISA " + t.isa);
+  std::memcpy(&got, packed, sizeof got);
+  if (std::memcmp(&got, &want, sizeof got) != 0) {
+    if (std::memcmp(got.magic, want.magic, 8) != 0) bad("not a lowbit packed weight (bad magic)");
+    if (std::strncmp(got.isa, want.isa, sizeof got.isa) != 0)
+      bad(std::string("packed weight was made for ISA '") + std::string(got.isa, strnlen(got.isa, sizeof got.isa)) +
+          "', not '" + t.isa + "'");
+    bad("packed weight was made for another weight (format, shape or group differ)");
   }
+  if (a.M == 0) return;
+  const int64_t M = a.M, N = a.w.N, K = a.w.K;
+  const int nt = threads_for(M, N, K, std::max(1, a.n_threads), true);
+
+  // Quantized activations (kernel_api.h), in per-thread scratch reused across calls.
+  thread_local std::vector<int8_t> qbuf;
+  thread_local std::vector<float> dbuf;
+  thread_local std::vector<int32_t> sbuf;
+  const int64_t nb = (K + kQBlock - 1) / kQBlock, ldq = nb * kQBlock;
+  qbuf.resize(size_t(M * ldq));
+  dbuf.resize(size_t(M * nb));
+  sbuf.resize(size_t(M * nb));
+  int8_t* q = qbuf.data();
+  float* d = dbuf.data();
+  int32_t* sm = sbuf.data();
+  const char* xs = static_cast<const char*>(a.x);
+  const size_t es = dtype_size(a.x_dtype);
+  const auto quantize_rows = [&](int64_t m0, int64_t m1) {
+    thread_local std::vector<float> row;  // float32 copy of a bf16 / f16 row
+    if (a.x_dtype != kF32) row.resize(size_t(K));
+    for (int64_t m = m0; m < m1; ++m) {
+      const void* src = xs + size_t(m * a.ldx) * es;
+      const float* xr = static_cast<const float*>(src);
+      if (a.x_dtype != kF32) {
+        t.to_f32[a.x_dtype](src, row.data(), K);
+        xr = row.data();
+      }
+      t.quantize_row(xr, K, q + m * ldq, d + m * nb, sm + m * nb);
+    }
+  };
+  const int qt = threads_for(M, K, 16, nt, true);  // quantizing costs ~16 MAC-equivalents per element
+  if (qt <= 1) {
+    quantize_rows(0, M);
+  } else {
+    const int64_t per = (M + qt * 2 - 1) / (qt * 2);
+    parallel_for((M + per - 1) / per, qt, [&](int64_t i) { quantize_rows(i * per, std::min(M, (i + 1) * per)); });
+  }
+  QActs xa;
+  xa.q = q;
+  xa.d = d;
+  xa.sum = sm;
+  xa.M = M;
+  xa.ldq = ldq;
+  xa.nblocks = nb;
+
+  int64_t ldyf = 0;
+  float* yf = f32_output(a, ldyf);
+  const QGemmFn qgemm = t.qgemm[a.w.fmt];
+  const QWeight& w = a.w;
+  const uint8_t* body_ptr = packed + kPackedHeaderBytes;
+  for_row_tiles(N, nt, [&](int64_t n0, int64_t n1) { qgemm(w, body_ptr, xa, n0, n1, yf, ldyf); });
+  finish_output(a, t, yf, ldyf);
 }
 
 void dequantize(const QWeight& w, void* out, DType out_dtype, int64_t ldo, int n_threads,

@@ -5,8 +5,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "api.h"
 #include "dispatch.h"
@@ -57,6 +60,49 @@ const KernelTable* table_arg(const std::string& isa) {
   return isa.empty() ? nullptr : &table_for(isa);
 }
 
+// Shape and format only (no tensors): what the fast path's packed_size / linear_packed need.
+QWeight make_meta(int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant) {
+  if (fmt < 0 || fmt >= kNumFormats) throw std::invalid_argument("unknown format id " + std::to_string(fmt));
+  QWeight w{};
+  w.fmt = Format(fmt);
+  w.N = N;
+  w.K = K;
+  w.group = group;
+  w.n_groups = group > 0 ? (K + group - 1) / group : 0;
+  w.symmetric = symmetric;
+  w.double_quant = double_quant;
+  w.ld_data = fmt == kInt8 ? K : (K + 1) / 2;
+  w.dq_chunks = (w.n_groups + kNF4DoubleQuantChunk - 1) / kNF4DoubleQuantChunk;
+  validate_shape(w);
+  return w;
+}
+
+LinearArgs make_args(const QWeight& w, uint64_t x, int x_dtype, int64_t M, int64_t ldx, uint64_t bias,
+                     uint64_t y, int y_dtype, int64_t ldy, int n_threads) {
+  LinearArgs a{};
+  a.w = w;
+  a.x = ptr<void>(x);
+  a.x_dtype = to_dtype(x_dtype);
+  a.M = M;
+  a.ldx = ldx;
+  a.bias = ptr<float>(bias);
+  a.y = reinterpret_cast<void*>(static_cast<uintptr_t>(y));
+  a.y_dtype = to_dtype(y_dtype);
+  a.ldy = ldy;
+  a.n_threads = n_threads;
+  return a;
+}
+
+// Runs fn `repeat` times; returns the seconds per run (for benchmarks: the kernel's own time
+// without Python in between).
+template <class Fn>
+double timed(int64_t repeat, const Fn& fn) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < std::max<int64_t>(1, repeat); ++i) fn();
+  const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+  return dt.count() / double(std::max<int64_t>(1, repeat));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -67,28 +113,109 @@ PYBIND11_MODULE(_C, m) {
       [](int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
          uint64_t data, int64_t ld_data, uint64_t scales, uint64_t zeros, uint64_t dq_scale,
          uint64_t dq_offset, uint64_t x, int x_dtype, int64_t M, int64_t ldx, uint64_t bias,
-         uint64_t y, int y_dtype, int64_t ldy, int n_threads, const std::string& isa) {
-        LinearArgs a{};
-        a.w = make_weight(fmt, N, K, group, symmetric, double_quant, data, ld_data, scales, zeros,
-                          dq_scale, dq_offset);
-        a.x = ptr<void>(x);
-        a.x_dtype = to_dtype(x_dtype);
-        a.M = M;
-        a.ldx = ldx;
-        a.bias = ptr<float>(bias);
-        a.y = reinterpret_cast<void*>(static_cast<uintptr_t>(y));
-        a.y_dtype = to_dtype(y_dtype);
-        a.ldy = ldy;
-        a.n_threads = n_threads;
+         uint64_t y, int y_dtype, int64_t ldy, int n_threads, const std::string& isa,
+         int64_t repeat) {
+        const LinearArgs a = make_args(make_weight(fmt, N, K, group, symmetric, double_quant, data,
+                                                   ld_data, scales, zeros, dq_scale, dq_offset),
+                                       x, x_dtype, M, ldx, bias, y, y_dtype, ldy, n_threads);
         const KernelTable* t = table_arg(isa);
         py::gil_scoped_release nogil;
-        lowbit::linear(a, t);
+        return timed(repeat, [&] { lowbit::linear(a, t); });
       },
       py::arg("fmt"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("symmetric"),
       py::arg("double_quant"), py::arg("data"), py::arg("ld_data"), py::arg("scales"),
       py::arg("zeros"), py::arg("dq_scale"), py::arg("dq_offset"), py::arg("x"),
       py::arg("x_dtype"), py::arg("M"), py::arg("ldx"), py::arg("bias"), py::arg("y"),
-      py::arg("y_dtype"), py::arg("ldy"), py::arg("n_threads"), py::arg("isa") = "");
+      py::arg("y_dtype"), py::arg("ldy"), py::arg("n_threads"), py::arg("isa") = "",
+      py::arg("repeat") = 1,
+      "The exact path: y = x @ W^T + bias. Returns the seconds per run (repeat runs).");
+
+  // ---- the activation-quantized fast path ----
+  m.def(
+      "packed_size",
+      [](int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
+         const std::string& isa) {
+        return lowbit::packed_size(make_meta(fmt, N, K, group, symmetric, double_quant), table_arg(isa));
+      },
+      py::arg("fmt"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("symmetric"),
+      py::arg("double_quant"), py::arg("isa") = "",
+      "Bytes of the packed form for the fast path (header included); 0: not supported.");
+  m.def(
+      "pack",
+      [](int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
+         uint64_t data, int64_t ld_data, uint64_t scales, uint64_t zeros, uint64_t dq_scale,
+         uint64_t dq_offset, uint64_t dst, int64_t dst_bytes, int n_threads, const std::string& isa) {
+        QWeight w = make_weight(fmt, N, K, group, symmetric, double_quant, data, ld_data, scales,
+                                zeros, dq_scale, dq_offset);
+        const KernelTable* t = table_arg(isa);
+        uint8_t* d = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(dst));
+        py::gil_scoped_release nogil;
+        lowbit::pack_weight(w, d, dst_bytes, n_threads, t);
+      },
+      py::arg("fmt"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("symmetric"),
+      py::arg("double_quant"), py::arg("data"), py::arg("ld_data"), py::arg("scales"),
+      py::arg("zeros"), py::arg("dq_scale"), py::arg("dq_offset"), py::arg("dst"),
+      py::arg("dst_bytes"), py::arg("n_threads"), py::arg("isa") = "");
+  m.def(
+      "linear_packed",
+      [](uint64_t packed, int64_t packed_bytes, int fmt, int64_t N, int64_t K, int64_t group,
+         bool symmetric, bool double_quant, uint64_t x, int x_dtype, int64_t M, int64_t ldx,
+         uint64_t bias, uint64_t y, int y_dtype, int64_t ldy, int n_threads, const std::string& isa,
+         int64_t repeat) {
+        const LinearArgs a = make_args(make_meta(fmt, N, K, group, symmetric, double_quant), x,
+                                       x_dtype, M, ldx, bias, y, y_dtype, ldy, n_threads);
+        const KernelTable* t = table_arg(isa);
+        const uint8_t* p = ptr<uint8_t>(packed);
+        py::gil_scoped_release nogil;
+        return timed(repeat, [&] { lowbit::linear_packed(a, p, packed_bytes, t); });
+      },
+      py::arg("packed"), py::arg("packed_bytes"), py::arg("fmt"), py::arg("N"), py::arg("K"),
+      py::arg("group"), py::arg("symmetric"), py::arg("double_quant"), py::arg("x"),
+      py::arg("x_dtype"), py::arg("M"), py::arg("ldx"), py::arg("bias"), py::arg("y"),
+      py::arg("y_dtype"), py::arg("ldy"), py::arg("n_threads"), py::arg("isa") = "",
+      py::arg("repeat") = 1,
+      "The fast path on a packed weight. Returns the seconds per run (repeat runs).");
+  m.def(
+      "quantize_activations",
+      [](uint64_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uint64_t q, uint64_t d,
+         uint64_t sum, const std::string& isa) {
+        const KernelTable& t = isa.empty() ? active_table() : table_for(isa);
+        if (M < 0 || K <= 0 || ldx < K) throw std::invalid_argument("bad activation shape");
+        const DType dt = to_dtype(x_dtype);
+        const char* xs = ptr<char>(x);
+        int8_t* qp = reinterpret_cast<int8_t*>(static_cast<uintptr_t>(q));
+        float* dp = reinterpret_cast<float*>(static_cast<uintptr_t>(d));
+        int32_t* sp = reinterpret_cast<int32_t*>(static_cast<uintptr_t>(sum));
+        const int64_t nb = (K + kQBlock - 1) / kQBlock;
+        const size_t es = dt == kF32 ? 4 : 2;
+        py::gil_scoped_release nogil;
+        std::vector<float> row(static_cast<size_t>(K));
+        for (int64_t m = 0; m < M; ++m) {
+          t.to_f32[dt](xs + size_t(m * ldx) * es, row.data(), K);
+          t.quantize_row(row.data(), K, qp + m * nb * kQBlock, dp + m * nb, sp + m * nb);
+        }
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("q"),
+      py::arg("d"), py::arg("sum"), py::arg("isa") = "",
+      "The fast path's activation quantizer (for tests): q int8 [M, nb*32], d float32 [M, nb], "
+      "sum int32 [M, nb] with nb = ceil(K / 32).");
+  m.def(
+      "has_fast_path",
+      [](const std::string& fmt, const std::string& isa) {
+        const KernelTable& t = isa.empty() ? active_table() : table_for(isa);
+        for (int i = 0; i < kNumFormats; ++i)
+          if (fmt == kFormatTraits[i].name) return t.packed_size[i] != nullptr;
+        throw std::invalid_argument("unknown format '" + fmt + "'");
+      },
+      py::arg("fmt"), py::arg("isa") = "",
+      "Whether the ISA's table has an activation-quantized fast path for the format (whether a "
+      "given weight is supported: packed_size(...) > 0).");
+  m.attr("QBLOCK") = kQBlock;
+  m.def("nf4_codebook_i8", [] {
+    py::list l;
+    for (int8_t v : kNF4CodebookI8) l.append(int(v));
+    return l;
+  });
 
   m.def(
       "dequantize",

@@ -72,22 +72,35 @@ struct IsaEntry {
   std::string (*missing)(const CpuFeatures&);
 };
 
+std::string avx512_missing(const CpuFeatures& f) {
+  if (!f.avx512f) return "avx512f";
+  if (!f.avx512bw) return "avx512bw";
+  if (!f.avx512vl) return "avx512vl";
+  if (!f.avx512dq) return "avx512dq";
+  if (!(f.avx2 && f.fma && f.f16c)) return "avx2/fma/f16c";
+  return "";
+}
+
 const IsaEntry kIsas[] = {
     // best first
+    {"avx512vnni",
+#ifdef LOWBIT_HAVE_AVX512VNNI
+     &avx512vnni::kTable,
+#else
+     nullptr,
+#endif
+     [](const CpuFeatures& f) -> std::string {
+       const std::string m = avx512_missing(f);
+       if (!m.empty()) return m;
+       return f.avx512vnni ? "" : "avx512vnni";
+     }},
     {"avx512",
 #ifdef LOWBIT_HAVE_AVX512
      &avx512::kTable,
 #else
      nullptr,
 #endif
-     [](const CpuFeatures& f) -> std::string {
-       if (!f.avx512f) return "avx512f";
-       if (!f.avx512bw) return "avx512bw";
-       if (!f.avx512vl) return "avx512vl";
-       if (!f.avx512dq) return "avx512dq";
-       if (!(f.avx2 && f.fma && f.f16c)) return "avx2/fma/f16c";
-       return "";
-     }},
+     avx512_missing},
     {"avx2",
 #ifdef LOWBIT_HAVE_AVX2
      &avx2::kTable,
@@ -100,6 +113,13 @@ const IsaEntry kIsas[] = {
        if (!f.f16c) return "f16c";
        return "";
      }},
+    {"neon_dotprod",
+#ifdef LOWBIT_HAVE_NEON_DOTPROD
+     &neon_dotprod::kTable,
+#else
+     nullptr,
+#endif
+     [](const CpuFeatures& f) -> std::string { return !f.neon ? "neon" : f.dotprod ? "" : "dotprod"; }},
     {"neon",
 #ifdef LOWBIT_HAVE_NEON
      &neon::kTable,
@@ -124,7 +144,7 @@ const KernelTable& lookup(const std::string& isa) {
                                "', which this CPU (or OS) does not provide");
     return *e.table;
   }
-  throw std::runtime_error("unknown ISA '" + isa + "' (expected one of: avx512, avx2, neon, scalar)");
+  throw std::runtime_error("unknown ISA '" + isa + "' (expected one of: avx512vnni, avx512, avx2, neon_dotprod, neon, scalar)");
 }
 
 void choose_locked() {

@@ -1,5 +1,5 @@
 // Chooses one KernelTable per process: the best ISA this CPU supports, or the one named by
-// LOWBIT_ISA (scalar | avx2 | avx512 | neon). Probed once, on first use.
+// LOWBIT_ISA (scalar | avx2 | avx512 | avx512vnni | neon | neon_dotprod). Probed once, on first use.
 #pragma once
 #include <string>
 #include <vector>

@@ -28,4 +28,7 @@ const float kNF4Codebook[16] = {
     1.0f,
 };
 
+const int8_t kNF4CodebookI8[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
+                                    10, 20, 31, 43, 56, 71, 92, 127};
+
 }  // namespace lowbit

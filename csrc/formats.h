@@ -30,6 +30,11 @@ extern const FormatTraits kFormatTraits[kNumFormats];
 // The 16 NormalFloat-4 values (QLoRA; identical to bitsandbytes' NF4 table), ascending.
 extern const float kNF4Codebook[16];
 
+// The NF4 codebook as the fast path's int8 weight codes: round(kNF4Codebook[i] * 127)
+// (the fast path multiplies them by absmax / 127; at most 0.47 / 127 of absmax off the float
+// codebook).
+extern const int8_t kNF4CodebookI8[16];
+
 // Number of double-quantized absmax values that share one (scale, offset) pair.
 constexpr int64_t kNF4DoubleQuantChunk = 256;
 

@@ -49,18 +49,88 @@ using GemmFn = void (*)(const QWeight& w, const float* x, int64_t M, int64_t ldx
 using ToF32Fn = void (*)(const void* src, float* dst, int64_t n);
 using FromF32Fn = void (*)(const float* src, void* dst, int64_t n);
 
+// ---- the activation-quantized fast path ("fast"; the functions above are the "exact" path) ----
+//
+// Activations are quantized per row in blocks of kQBlock columns (python/lowbit/_backend.py and
+// tests/test_fast_path.py restate this):
+//   a = max |x| over the block, d = a / 127, q = round_half_even(x * (127 / a)) in [-127, 127]
+//   (a < 2^-120, zero included: d = 0 and q = 0;  a inf or NaN: d = NaN and q = 0)
+// and the weight is multiplied as integers: per row n, group g and block b inside g
+//   y[m, n] = sum_g s[n, g] * ( sum_b d[m, b] * dot_b(c[n, :], q[m, :])
+//                               - z[n, g] * sum_b d[m, b] * sum_b(q[m, :]) )
+// with the integer weight codes c (int8: q; int4: the code 0..15 with z its zero-point, 8 when
+// symmetric; nf4: kNF4CodebookI8[code] with s = absmax / 127 and z = 0). Every ISA quantizes
+// activations bit-identically (same operations, same rounding) and computes the integer dots
+// exactly; only the float accumulation order differs. generic/qgemm.cpp is the readable
+// statement. Supported weights: one group per row, or a group size that is a multiple of
+// kQBlock (packed_size returns 0 otherwise and the caller uses the exact path).
+constexpr int64_t kQBlock = 32;
+
+// Quantized activations (written by quantize_row, one row at a time).
+struct QActs {
+  const int8_t* q;     // [M, ldq] codes; ldq >= nblocks * kQBlock, codes past K are 0
+  const float* d;      // [M, nblocks] block scales
+  const int32_t* sum;  // [M, nblocks] sum of each block's codes
+  int64_t M;
+  int64_t ldq;
+  int64_t nblocks;     // ceil(K / kQBlock)
+};
+
+// One row: x float32 [K] -> q [nblocks * kQBlock] (zero-padded), d [nblocks], sum [nblocks].
+using QuantizeRowFn = void (*)(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum);
+
+// Bytes of this ISA's packed form of w (the layout below, without the 64-byte header that
+// api.cpp puts in front); 0 when the fast path does not support w (group size).
+using PackedSizeFn = int64_t (*)(const QWeight& w);
+
+// Writes the tiles holding rows [n0, n1) of w (n0 a multiple of qtile; n1 a multiple of qtile
+// or N) at their place in dst (dst = start of the packed form, not of the tiles).
+//
+// Packed layout ("tiles"), the same for every ISA up to the tile height T = KernelTable::qtile:
+//  - rows are taken T at a time (rows past N are zero); tile t is tile_bytes consecutive bytes
+//    at t * tile_bytes;
+//  - inside a tile, groups of K in order; group g holds
+//      float32 s[T]   per-row scale (int8: row scale; int4: group scale; nf4: absmax / 127)
+//      uint8   z[T]   int4 only: the zero-point (8 for the symmetric variant)
+//      then, for each block b of kQBlock columns inside the group, the codes of T rows:
+//        int8:  8 "quads" of T x 4 bytes: quad j, byte 4r + i = w[r, 32b + 4j + i]
+//        4-bit: 4 vectors of T x 4 bytes: vector j, byte 4r + i holds the code of column
+//               32b + 4j + i in its low nibble and of column 32b + 16 + 4j + i in its high
+//               nibble ("quad j" and "quad j + 4"; nf4 stores codebook indices);
+//      codes past K are 0.
+//  One T x 4 quad is exactly one SIMD register of int32 lanes, one lane per row: a broadcast
+//  4-byte activation quad times a quad of codes is a dot product per row (vpdpbusd, vpmaddubsw
+//  + vpmaddwd, sdot), so no horizontal sums are needed and the rows' sums stay in lanes.
+using PackFn = void (*)(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst);
+
+// y[m, n] for m in [0, x.M), n in [n0, n1) (n0 a multiple of qtile) from the packed form
+// (same ISA) and the quantized activations; only columns [n0, n1) of y are written. w gives
+// the shape and format only: its tensors are not read.
+using QGemmFn = void (*)(const QWeight& w, const uint8_t* packed, const QActs& x, int64_t n0,
+                         int64_t n1, float* y, int64_t ldy);
+
 struct KernelTable {
   const char* isa;
   DequantFn dequant[kNumFormats];
   GemmFn gemm[kNumFormats];
   ToF32Fn to_f32[kNumDTypes];
   FromF32Fn from_f32[kNumDTypes];
+  // fast path
+  int64_t qtile;  // rows per tile of the packed layout (T above)
+  QuantizeRowFn quantize_row;
+  PackedSizeFn packed_size[kNumFormats];
+  PackFn pack[kNumFormats];
+  QGemmFn qgemm[kNumFormats];
 };
 
-// One table per compiled ISA, each defined in csrc/kernels/<isa>/table.cpp.
+// One table per compiled ISA, each defined in csrc/kernels/<isa>/table.cpp. avx512vnni and
+// neon_dotprod share their base ISA's exact kernels and packed layout; only their qgemm uses
+// the extra instructions (vpdpbusd, sdot).
 namespace generic { extern const KernelTable kTable; }
 namespace avx2 { extern const KernelTable kTable; }
 namespace avx512 { extern const KernelTable kTable; }
+namespace avx512vnni { extern const KernelTable kTable; }
 namespace neon { extern const KernelTable kTable; }
+namespace neon_dotprod { extern const KernelTable kTable; }
 
 }  // namespace lowbit

@@ -1,20 +1,51 @@
 #include "threadpool.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace lowbit {
 namespace {
+
+// One short pause of a spin-wait loop (lets the sibling hyperthread run, saves power).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+using Clock = std::chrono::steady_clock;
+
+// How long an idle worker keeps polling for the next call before it sleeps on the condition
+// variable (LOWBIT_SPIN_US, default 100 us): back-to-back calls (a model's layers) then start
+// without a futex wake-up (tens of microseconds), while an idle process stops burning CPU
+// soon after its last call.
+std::chrono::microseconds spin_time() {
+  static const std::chrono::microseconds t = [] {
+    const char* e = std::getenv("LOWBIT_SPIN_US");
+    long us = 100;
+    if (e && *e) us = std::strtol(e, nullptr, 10);
+    return std::chrono::microseconds(us < 0 ? 0 : us);
+  }();
+  return t;
+}
 
 class Pool {
  public:
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
+      stop_.store(true);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
@@ -28,19 +59,20 @@ class Pool {
     }
     const int helpers = int(std::min<int64_t>(n_threads, n_tasks)) - 1;
     grow(helpers);
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      fn_ = &fn;
-      n_tasks_ = n_tasks;
-      next_.store(0);
-      active_ = helpers;
-      wanted_ = helpers;
-      ++generation_;
+    fn_ = &fn;
+    n_tasks_ = n_tasks;
+    next_.store(0, std::memory_order_relaxed);
+    wanted_.store(helpers, std::memory_order_relaxed);
+    active_.store(helpers, std::memory_order_relaxed);
+    // Publish the call. Sleeping workers need the mutex + notify (a worker checks the
+    // generation under mu_ before it waits); spinning ones see the new generation directly.
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lk(mu_); }
+      cv_.notify_all();
     }
-    cv_.notify_all();
     work();
-    std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [&] { return active_ == 0; });
+    wait_done();
     fn_ = nullptr;
   }
 
@@ -61,27 +93,58 @@ class Pool {
   void work() {
     const std::function<void(int64_t)>& fn = *fn_;
     for (;;) {
-      const int64_t i = next_.fetch_add(1);
+      const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
       if (i >= n_tasks_) break;
       fn(i);
+    }
+  }
+
+  // The caller, after its own share: spin until the helpers are done (they are finishing
+  // their last task), and sleep if that takes long (a helper was descheduled).
+  void wait_done() {
+    const auto t0 = Clock::now();
+    for (int i = 0; active_.load(std::memory_order_acquire) != 0; ++i) {
+      cpu_relax();
+      if ((i & 255) == 255 && Clock::now() - t0 > std::chrono::microseconds(200)) {
+        std::unique_lock<std::mutex> lk(mu_);
+        caller_sleeping_.store(true, std::memory_order_seq_cst);
+        done_cv_.wait(lk, [&] { return active_.load(std::memory_order_seq_cst) == 0; });
+        caller_sleeping_.store(false, std::memory_order_relaxed);
+        return;
+      }
     }
   }
 
   void loop(int id) {
     uint64_t seen = 0;
     for (;;) {
-      {
-        std::unique_lock<std::mutex> lk(mu_);
-        // Only the first `wanted_` workers join a call, so a call asking for fewer threads
-        // than the pool holds gets exactly that many.
-        cv_.wait(lk, [&] { return stop_ || (generation_ != seen && id < wanted_); });
-        if (stop_) return;
-        seen = generation_;
+      // wait for a new call: poll for spin_time(), then sleep on the condition variable
+      uint64_t gen = generation_.load(std::memory_order_acquire);
+      if (gen == seen) {
+        const auto t0 = Clock::now();
+        for (int i = 0; (gen = generation_.load(std::memory_order_acquire)) == seen; ++i) {
+          if (stop_.load(std::memory_order_relaxed)) return;
+          cpu_relax();
+          if ((i & 63) == 63 && Clock::now() - t0 > spin_time()) {
+            std::unique_lock<std::mutex> lk(mu_);
+            sleeping_.fetch_add(1, std::memory_order_seq_cst);
+            cv_.wait(lk, [&] {
+              return stop_.load() || generation_.load(std::memory_order_seq_cst) != seen;
+            });
+            sleeping_.fetch_sub(1, std::memory_order_relaxed);
+            if (stop_.load()) return;
+          }
+        }
       }
+      seen = gen;
+      // Only the first `wanted_` workers join a call, so a call asking for fewer threads
+      // than the pool holds gets exactly that many.
+      if (id >= wanted_.load(std::memory_order_relaxed)) continue;
       work();
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        if (--active_ == 0) done_cv_.notify_one();
+      if (active_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
+          caller_sleeping_.load(std::memory_order_seq_cst)) {
+        { std::lock_guard<std::mutex> lk(mu_); }
+        done_cv_.notify_one();
       }
     }
   }
@@ -93,10 +156,12 @@ class Pool {
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t n_tasks_ = 0;
   std::atomic<int64_t> next_{0};
-  int active_ = 0;
-  int wanted_ = 0;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
+  std::atomic<int> active_{0};
+  std::atomic<int> wanted_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<bool> caller_sleeping_{false};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stop_{false};
 };
 
 Pool& pool() {

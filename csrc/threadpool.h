@@ -1,9 +1,10 @@
 // A small fork-join pool of persistent std::threads, so the kernels never start a second
 // OpenMP runtime next to torch's. The caller passes the thread count (torch.get_num_threads()
-// or LOWBIT_NUM_THREADS, decided in Python). Workers sleep on a condition variable between
-// calls; the calling thread always takes part. If another caller is using the pool (e.g.
-// several Python threads calling kernels at once) the call runs on the calling thread alone,
-// so concurrent calls never block each other or deadlock.
+// or LOWBIT_NUM_THREADS, decided in Python). Between calls an idle worker polls for the next
+// call for LOWBIT_SPIN_US microseconds (default 100), then sleeps on a condition variable; the
+// calling thread always takes part and polls for the helpers' completion. If another caller
+// is using the pool (e.g. several Python threads calling kernels at once) the call runs on the
+// calling thread alone, so concurrent calls never block each other or deadlock.
 #pragma once
 #include <cstdint>
 #include <functional>

@@ -13,6 +13,7 @@
 //
 // Usage: lowbit_kernel_tests [--quick] [--isa NAME] [--verbose]
 // Last line: "<passed> passed, <failed> failed"; exit status non-zero on any failure.
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -501,6 +502,375 @@ static void test_dequantize_api(const KernelTable& tab, const TestWeight& t, DTy
         threads, (long long)ldo, (long long)(bad / K), (long long)(bad % K));
 }
 
+// ---- the activation-quantized fast path -------------------------------------------------------
+//
+// This file's own statement of the fast path (kernel_api.h): the activation quantizer, the
+// integer weight codes and scales, and y in double from those. Every ISA's quantize_row must
+// match it bit for bit; every ISA's qgemm must match y within 1e-5 of the magnitude of the terms
+// it sums (magf below: the only differences are float summation order and FMA), and the exact
+// reference within the bound the quantization itself allows (fast_bound below).
+
+static const int8_t kOwnNF4I8[16] = {-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127};
+
+struct OwnQActs {
+  int64_t M = 0, K = 0, nb = 0, ldq = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sum;
+  QActs view() const {
+    QActs a;
+    a.q = q.data();
+    a.d = d.data();
+    a.sum = sum.data();
+    a.M = M;
+    a.ldq = ldq;
+    a.nblocks = nb;
+    return a;
+  }
+};
+
+// a = max |x|; d = a / 127; q = RNE(x * (127 / a)) with the float product (nearbyint: the
+// default rounding mode is RNE); a < 2^-120: zero; a inf / NaN: d NaN, q 0.
+static void own_quantize(const std::vector<float>& x, int64_t M, int64_t K, OwnQActs& o) {
+  o.M = M;
+  o.K = K;
+  o.nb = (K + 31) / 32;
+  o.ldq = o.nb * 32;
+  o.q.assign(size_t(M * o.ldq), 0);
+  o.d.assign(size_t(M * o.nb), 0.0f);
+  o.sum.assign(size_t(M * o.nb), 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < o.nb; ++b) {
+      float a = 0.0f;
+      bool nonfinite = false;
+      for (int64_t k = 32 * b; k < std::min<int64_t>(K, 32 * b + 32); ++k) {
+        const float v = x[size_t(m * K + k)];
+        if (!std::isfinite(v)) nonfinite = true;
+        else a = std::max(a, std::fabs(v));
+      }
+      float& d = o.d[size_t(m * o.nb + b)];
+      if (nonfinite) { d = NAN; continue; }
+      if (a < std::ldexp(1.0f, -120)) { d = 0.0f; continue; }
+      d = a / 127.0f;
+      const float inv = 127.0f / a;
+      int32_t s = 0;
+      for (int64_t k = 32 * b; k < std::min<int64_t>(K, 32 * b + 32); ++k) {
+        const float prod = x[size_t(m * K + k)] * inv;
+        const int qv = int(std::nearbyint(prod));
+        o.q[size_t(m * o.ldq + k)] = int8_t(qv);
+        s += qv;
+      }
+      o.sum[size_t(m * o.nb + b)] = s;
+    }
+}
+
+// The fast path's weight: integer code c, zero-point z and scale s per (n, k) (s, z per group).
+static void fast_weight(const TestWeight& t, int64_t n, int64_t k, int& c, int& z, float& s) {
+  const QWeight& w = t.w;
+  const uint8_t* row = t.data.p + n * w.ld_data;
+  const int64_t g = k / w.group;
+  if (t.v == kVInt8) {
+    c = int8_t(row[k]);
+    z = 0;
+    s = t.scales[n];
+    return;
+  }
+  const int q = (k % 2 == 0) ? (row[k / 2] & 15) : (row[k / 2] >> 4);
+  if (t.v == kVInt4Asym || t.v == kVInt4Sym) {
+    c = q;
+    z = t.v == kVInt4Sym ? 8 : t.zeros[n * w.n_groups + g];
+    s = t.scales[n * w.n_groups + g];
+    return;
+  }
+  float absmax;
+  if (t.v == kVNF4DQ) {
+    const int64_t ch = n * w.dq_chunks + g / 256;
+    const float prod = float(t.codes[n * w.n_groups + g]) * t.dqs[ch];
+    absmax = prod + t.dqo[ch];
+  } else {
+    absmax = t.scales[n * w.n_groups + g];
+  }
+  c = kOwnNF4I8[q];
+  z = 0;
+  s = absmax / 127.0f;
+}
+
+static bool fast_supported(const QWeight& w) { return w.n_groups == 1 || w.group % 32 == 0; }
+
+// y_fast[m, n] in double, magf = sum of |terms| the kernels sum, and bound = how far the fast
+// path may be from the exact reference:
+//   sum_k |w_k| (d_b / 2 + 1e-6 |x_k|)          activation rounding (and the roundings of d, 1/d)
+// + sum_k |q_k d_b| |absmax_g| (e_cb + 1e-6)    nf4 only: int8 codebook, e_cb = max |cb8/127 - cb|
+static void fast_reference(const TestWeight& t, const std::vector<float>& xv, const OwnQActs& qa,
+                           std::vector<double>& yf, std::vector<double>& magf, std::vector<double>& bound) {
+  const int64_t N = t.w.N, K = t.w.K, M = qa.M;
+  double e_cb = 0;
+  for (int i = 0; i < 16; ++i) e_cb = std::max(e_cb, std::fabs(double(kOwnNF4I8[i]) / 127.0 - double(kOwnNF4[i])));
+  yf.assign(size_t(M * N), 0.0);
+  magf.assign(size_t(M * N), 0.0);
+  bound.assign(size_t(M * N), 0.0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double y = 0, mg = 0, bd = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        int c, z;
+        float s;
+        fast_weight(t, n, k, c, z, s);
+        const int64_t b = k / 32;
+        const double d = qa.d[size_t(m * qa.nb + b)], q = qa.q[size_t(m * qa.ldq + k)];
+        y += double(s) * d * double(c - z) * q;
+        mg += std::fabs(double(s) * d * q) * (std::abs(c) + std::abs(z));
+        const double wv = t.ref[size_t(n * K + k)], xk = xv[size_t(m * K + k)];
+        bd += std::fabs(wv) * (d * 0.5 + 1e-6 * std::fabs(xk));
+        if (t.v == kVNF4 || t.v == kVNF4DQ) bd += std::fabs(q * d) * std::fabs(double(s) * 127.0) * (e_cb + 1e-6);
+      }
+      yf[size_t(m * N + n)] = y;
+      magf[size_t(m * N + n)] = mg;
+      bound[size_t(m * N + n)] = bd;
+    }
+}
+
+static double g_fast_worst_tight = 0, g_fast_worst_loose = 0;
+
+// quantize_row of every table against own_quantize: random rows of many lengths plus special
+// blocks (all zero, tiny, inf, NaN, exact .5 ties, huge).
+static void test_quantize_rows(const std::vector<const KernelTable*>& tabs, const Config& cfg) {
+  Rng rng(99);
+  const std::vector<int64_t> Ks = {1, 2, 7, 16, 31, 32, 33, 63, 64, 65, 100, 129, 1000};
+  for (int rep = 0; rep < (cfg.quick ? 2 : 6); ++rep)
+    for (int64_t K : Ks) {
+      std::vector<float> x(static_cast<size_t>(K));
+      for (int64_t k = 0; k < K; ++k) x[size_t(k)] = rng.uniform(-3.0f, 3.0f) * (rep == 1 ? 1e-30f : rep == 2 ? 1e30f : 1.0f);
+      const int64_t nb = (K + 31) / 32;
+      if (rep >= 3) {  // special blocks
+        for (int64_t b = 0; b < nb; ++b) {
+          const int64_t k0 = 32 * b, k1 = std::min<int64_t>(K, k0 + 32);
+          const int kind = int((b + rep) % 6);
+          for (int64_t k = k0; k < k1; ++k) {
+            float& v = x[size_t(k)];
+            if (kind == 0) v = 0.0f;
+            else if (kind == 1) v = bitsf(rng.u32() & 0x807fffffu);          // subnormals
+            else if (kind == 2 && k == k0) v = (rng.u32() & 1) ? INFINITY : -INFINITY;
+            else if (kind == 3 && k == k1 - 1) v = NAN;
+            else if (kind == 4) v = (k == k0) ? 127.0f : float(int64_t(rng.below(255)) - 127) + 0.5f;  // ties
+            else if (kind == 5 && k == k0) v = bitsf(0x03800000u);            // exactly 2^-120
+          }
+        }
+      }
+      OwnQActs own;
+      own_quantize(x, 1, K, own);
+      Buf<float> xin(K);
+      std::memcpy(xin.p, x.data(), size_t(K) * 4);
+      for (const KernelTable* tab : tabs) {
+        g_ctx = std::string(tab->isa) + " quantize_row K=" + std::to_string(K) + " rep " + std::to_string(rep);
+        Buf<int8_t> q(nb * 32);
+        Buf<float> d(nb);
+        Buf<int32_t> s(nb);
+        std::memset(q.p, 0x55, size_t(q.n));
+        tab->quantize_row(xin.p, K, q.p, d.p, s.p);
+        const bool qok = std::memcmp(q.p, own.q.data(), size_t(nb * 32)) == 0;
+        bool dok = true, sok = true;
+        for (int64_t b = 0; b < nb; ++b) {
+          const float want = own.d[size_t(b)];
+          dok = dok && (std::isnan(want) ? std::isnan(d[b]) : fbits(d[b]) == fbits(want));
+          sok = sok && s[b] == own.sum[size_t(b)];
+        }
+        check(qok, "codes differ from the documented quantizer");
+        check(dok, "block scales differ from the documented quantizer");
+        check(sok, "block sums differ from the documented quantizer");
+      }
+    }
+}
+
+// Table-level pack + qgemm on [n0, n1) then the rest (packing in two pieces too), against this
+// file's fast reference (tight) and the exact reference (loose, fast_bound).
+static void test_fast_table(const KernelTable& tab, const TestWeight& t, int64_t M, Rng& rng) {
+  const QWeight& w = t.w;
+  const int64_t N = w.N, K = w.K;
+  const int64_t size = tab.packed_size[w.fmt](w);
+  check((size > 0) == fast_supported(w), "packed_size = %lld but the weight is %s", (long long)size,
+        fast_supported(w) ? "supported" : "not supported");
+  if (size <= 0) return;
+  Buf<uint8_t> packed(size);
+  std::memset(packed.p, 0xa5, size_t(size));
+  const int64_t T = tab.qtile;
+  const int64_t split = std::min(N, ((N / 2) / T) * T);  // a multiple of T
+  if (split > 0) tab.pack[w.fmt](w, 0, split, packed.p);
+  tab.pack[w.fmt](w, split, N, packed.p);
+  // activations as in make_act (float32), plus their quantization
+  std::vector<float> xv(size_t(M * K));
+  for (auto& v : xv) v = rng.uniform(-1.0f, 1.0f);
+  OwnQActs qa;
+  own_quantize(xv, M, K, qa);
+  std::vector<double> yf, magf, bound;
+  fast_reference(t, xv, qa, yf, magf, bound);
+  const QActs xa = qa.view();
+  const int64_t ldy = N + 3;
+  Buf<float> y((M - 1) * ldy + N);
+  const uint32_t kSent = 0x7fc0beef;
+  for (int64_t i = 0; i < y.n; ++i) y[i] = bitsf(kSent);
+  // n0 (and every first row) a multiple of T; n1 too, unless it is N
+  const int64_t n0 = std::min(N, ((N / 3) / T) * T);
+  const int64_t n1 = ((N - N / 4) / T) * T > n0 ? ((N - N / 4) / T) * T : N;
+  tab.qgemm[w.fmt](w, packed.p, xa, n0, n1, y.p, ldy);
+  bool untouched = true;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      if ((n < n0 || n >= n1) && fbits(y[m * ldy + n]) != kSent) untouched = false;
+  check(untouched, "qgemm on rows [%lld, %lld) wrote other columns", (long long)n0, (long long)n1);
+  if (n0 > 0) tab.qgemm[w.fmt](w, packed.p, xa, 0, n0, y.p, ldy);
+  if (n1 < N) tab.qgemm[w.fmt](w, packed.p, xa, n1, N, y.p, ldy);
+  bool pad_ok = true;
+  for (int64_t m = 0; m + 1 < M; ++m)
+    for (int64_t n = N; n < ldy; ++n) pad_ok = pad_ok && fbits(y[m * ldy + n]) == kSent;
+  check(pad_ok, "qgemm wrote the output row padding");
+  std::vector<double> ref, mag;
+  Act a;  // the exact reference needs the same activations: rebuild an Act from xv
+  a.dt = kF32;
+  a.M = M;
+  a.K = K;
+  a.ldx = K;
+  a.vals = xv;
+  ref_matmul(t, a, nullptr, ref, mag);
+  int64_t bad_t = -1, bad_l = -1;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const size_t i = size_t(m * N + n);
+      const double got = y[m * ldy + n];
+      const double et = std::fabs(got - yf[i]), tt = 1e-5 * magf[i] + 1e-30;
+      const double el = std::fabs(got - ref[i]), tl = bound[i] + 1e-5 * (mag[i] + magf[i]) + 1e-30;
+      g_fast_worst_tight = std::max(g_fast_worst_tight, et / tt);
+      g_fast_worst_loose = std::max(g_fast_worst_loose, el / tl);
+      if (!(et <= tt) && bad_t < 0) bad_t = int64_t(i);
+      if (!(el <= tl) && bad_l < 0) bad_l = int64_t(i);
+    }
+  check(bad_t < 0, "qgemm M=%lld: y[%lld, %lld] = %.9g, fast reference %.9g (terms %.3g)", (long long)M,
+        (long long)(bad_t / N), (long long)(bad_t % N), bad_t < 0 ? 0.0 : double(y[(bad_t / N) * ldy + bad_t % N]),
+        bad_t < 0 ? 0.0 : yf[size_t(bad_t)], bad_t < 0 ? 0.0 : magf[size_t(bad_t)]);
+  check(bad_l < 0, "qgemm M=%lld: y[%lld, %lld] = %.9g, exact reference %.9g beyond the quantization bound %.3g",
+        (long long)M, (long long)(bad_l / N), (long long)(bad_l % N),
+        bad_l < 0 ? 0.0 : double(y[(bad_l / N) * ldy + bad_l % N]), bad_l < 0 ? 0.0 : ref[size_t(bad_l)],
+        bad_l < 0 ? 0.0 : bound[size_t(bad_l)]);
+}
+
+// The public API: packed_size / pack_weight / linear_packed with every dtype, bias, threads and
+// strides, against the exact reference within the quantization bound (+ output rounding).
+static void test_linear_packed(const KernelTable& tab, const TestWeight& t, int64_t M, DType xdt, DType ydt,
+                               bool use_bias, int threads, int64_t ldx_pad, Rng& rng) {
+  const QWeight& w = t.w;
+  const int64_t N = w.N, K = w.K;
+  const int64_t size = packed_size(w, &tab);
+  if (size == 0) {
+    Buf<uint8_t> dummy(64);
+    EXPECT_THROW(pack_weight(w, dummy.p, 64, 1, &tab), std::invalid_argument, "pack_weight of an unsupported weight");
+    return;
+  }
+  Buf<uint8_t> packed(size);
+  pack_weight(w, packed.p, size, threads, &tab);
+  Act a;
+  make_act(a, xdt, M, K, K + ldx_pad, rng);
+  OwnQActs qa;
+  own_quantize(a.vals, M, K, qa);
+  Buf<float> bias(N);
+  for (int64_t n = 0; n < N; ++n) bias[n] = rng.uniform(-1.0f, 1.0f);
+  std::vector<double> ref, mag, yf, magf, bound;
+  ref_matmul(t, a, use_bias ? bias.p : nullptr, ref, mag);
+  fast_reference(t, a.vals, qa, yf, magf, bound);
+  const int64_t ldy = N + (ldx_pad ? 1 : 0);
+  Buf<uint8_t> y(((M - 1) * ldy + N) * int64_t(dtype_size(ydt)));
+  std::memset(y.p, 0xff, size_t(y.n));
+  LinearArgs la{};
+  la.w = w;
+  la.w.data = nullptr;  // linear_packed must not need the tensors
+  la.w.scales = nullptr;
+  la.x = a.raw.p;
+  la.x_dtype = xdt;
+  la.M = M;
+  la.ldx = a.ldx;
+  la.bias = use_bias ? bias.p : nullptr;
+  la.y = y.p;
+  la.y_dtype = ydt;
+  la.ldy = ldy;
+  la.n_threads = threads;
+  std::string err;
+  try {
+    linear_packed(la, packed.p, size, &tab);
+  } catch (const std::exception& e) {
+    err = e.what();
+  }
+  check(err.empty(), "linear_packed threw: %s", err.c_str());
+  int64_t bad = -1;
+  double got_bad = 0;
+  for (int64_t m = 0; m < M && bad < 0; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const size_t i = size_t(m * N + n);
+      const double got = out_value(ydt, y.p, m * ldy + n);
+      const double tl = bound[i] + 1e-5 * (mag[i] + magf[i]);
+      const double tol = ydt == kF32 ? tl : 2 * tl + std::fabs(ref[i]) * (ydt == kBF16 ? 0x1.0p-7 : 0x1.0p-9) + 0x1.0p-24;
+      if (!(std::fabs(got - ref[i]) <= tol)) { bad = int64_t(i); got_bad = got; break; }
+    }
+  check(bad < 0, "linear_packed M=%lld x=%s y=%s bias=%d threads=%d ldx=%lld: y[%lld, %lld] = %.9g, reference %.9g (bound %.3g)",
+        (long long)M, dtype_name(xdt), dtype_name(ydt), int(use_bias), threads, (long long)a.ldx,
+        (long long)(bad / N), (long long)(bad % N), got_bad, bad < 0 ? 0.0 : ref[size_t(bad)],
+        bad < 0 ? 0.0 : bound[size_t(bad)]);
+  // a blob for another weight or of the wrong size is refused, not misread
+  LinearArgs lb = la;
+  lb.w.N = N + 1;
+  EXPECT_THROW(linear_packed(lb, packed.p, size, &tab), std::invalid_argument, "linear_packed with another N");
+  EXPECT_THROW(linear_packed(la, packed.p, size - 1, &tab), std::invalid_argument, "linear_packed with a short blob");
+}
+
+// A blob packed by one ISA is refused by another (their layouts differ), by name.
+static void test_packed_cross_isa(const std::vector<const KernelTable*>& tabs) {
+  g_ctx = "packed blobs across ISAs";
+  Rng rng(5);
+  TestWeight t;
+  make_weight(t, kVInt4Asym, 20, 96, 32, 0, rng);
+  for (const KernelTable* a : tabs)
+    for (const KernelTable* b : tabs) {
+      if (a == b) continue;
+      const int64_t sa = packed_size(t.w, a), sb = packed_size(t.w, b);
+      Buf<uint8_t> pa(sa);
+      pack_weight(t.w, pa.p, sa, 1, a);
+      Buf<float> x(t.w.K), y(t.w.N);
+      for (int64_t k = 0; k < t.w.K; ++k) x[k] = 1.0f;
+      LinearArgs la{};
+      la.w = t.w;
+      la.x = x.p;
+      la.x_dtype = kF32;
+      la.M = 1;
+      la.ldx = t.w.K;
+      la.y = y.p;
+      la.y_dtype = kF32;
+      la.ldy = t.w.N;
+      la.n_threads = 1;
+      if (sa == sb) EXPECT_THROW(linear_packed(la, pa.p, sa, b), std::invalid_argument, "another ISA's blob");
+    }
+  // non-finite activations give NaN outputs (no garbage codes)
+  for (const KernelTable* tab : tabs) {
+    const int64_t s = packed_size(t.w, tab);
+    Buf<uint8_t> p(s);
+    pack_weight(t.w, p.p, s, 1, tab);
+    Buf<float> x(t.w.K), y(t.w.N);
+    for (int64_t k = 0; k < t.w.K; ++k) x[k] = k == 40 ? INFINITY : 0.5f;
+    LinearArgs la{};
+    la.w = t.w;
+    la.x = x.p;
+    la.x_dtype = kF32;
+    la.M = 1;
+    la.ldx = t.w.K;
+    la.y = y.p;
+    la.y_dtype = kF32;
+    la.ldy = t.w.N;
+    la.n_threads = 1;
+    linear_packed(la, p.p, s, tab);
+    bool all_nan = true;
+    for (int64_t n = 0; n < t.w.N; ++n) all_nan = all_nan && std::isnan(y[n]);
+    g_ctx = std::string(tab->isa) + " non-finite activations";
+    check(all_nan, "an inf activation must give NaN outputs");
+  }
+}
+
 static std::string shape_name(const Shape& s) {
   char buf[160];
   std::snprintf(buf, sizeof buf, "%s N=%lld K=%lld group=%lld%s", kVariantNames[s.v], (long long)s.N,
@@ -569,6 +939,12 @@ static void test_weights(const std::vector<const KernelTable*>& tabs, const Conf
       test_linear(*tab, t, M2, DType((c + 1) % 3), DType((c / 3 + 2) % 3), !bias, 4 - threads,
                   ldx_pad ? 0 : 5, r2);
       test_dequantize_api(*tab, t, DType(c % 3), threads, (c % 5 == 0) ? 0 : 2);
+      Rng r3(uint64_t(c) * 37 + 5);  // same activations for every ISA
+      test_fast_table(*tab, t, M1, r3);
+      test_fast_table(*tab, t, M2, r3);
+      test_linear_packed(*tab, t, M1, xdt, ydt, bias, threads, ldx_pad, r3);
+      test_linear_packed(*tab, t, M2, DType((c + 2) % 3), DType((c / 3 + 1) % 3), !bias, 4 - threads,
+                         ldx_pad ? 0 : 3, r3);
     }
   }
 }
@@ -884,7 +1260,11 @@ int main(int argc, char** argv) {
 
   test_conversions(tabs, cfg);
   for (const KernelTable* t : tabs) test_validate(*t);
+  test_quantize_rows(tabs, cfg);
+  test_packed_cross_isa(tabs);
   test_weights(tabs, cfg);
+  std::printf("fast path: worst |y - fast reference| / (1e-5 * sum|terms|) = %.3g; worst |y - exact| / "
+              "quantization bound = %.3g\n", g_fast_worst_tight, g_fast_worst_loose);
   if (g_verbose)
     for (const auto& p : g_worst)
       std::printf("%s: worst gemm error / sum|w*x| = %.3g (tolerance 1e-5)\n", p.first.c_str(), p.second);

@@ -110,9 +110,17 @@ class QuantLinear(nn.Module):
         self.__dict__.pop("_qw", None)
         packed = {k: self._buffers.pop(k) for k in list(self._buffers) if k.startswith("weight_")}
         try:
-            return super()._apply(fn, recurse)
+            result = super()._apply(fn, recurse)
         finally:
             self._buffers.update(packed)
+        if self.weight_data.is_cuda:
+            # Repack into the GPU kernels' layout now, at load time, so the first forward (or a
+            # CUDA-graph capture) finds it ready.
+            from .ops import _gpu_kernels
+            kernels = _gpu_kernels()
+            if kernels is not None:
+                kernels.prepare(self.qweight)
+        return result
 
     # ---- state dict ---------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:

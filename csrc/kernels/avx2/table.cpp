@@ -16,6 +16,16 @@ void f16_to_f32v(const void*, float*, int64_t);
 void f32_from_f32(const float*, void*, int64_t);
 void f32_to_bf16v(const float*, void*, int64_t);
 void f32_to_f16v(const float*, void*, int64_t);
+void quantize_row(const float*, int64_t, int8_t*, float*, int32_t*);
+int64_t packed_size_int8(const QWeight&);
+int64_t packed_size_int4(const QWeight&);
+int64_t packed_size_nf4(const QWeight&);
+void pack_int8(const QWeight&, int64_t, int64_t, uint8_t*);
+void pack_int4(const QWeight&, int64_t, int64_t, uint8_t*);
+void pack_nf4(const QWeight&, int64_t, int64_t, uint8_t*);
+void qgemm_int8(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+void qgemm_int4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+void qgemm_nf4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
 
 const KernelTable kTable = {
     "avx2",
@@ -23,6 +33,11 @@ const KernelTable kTable = {
     {gemm_int8, gemm_int4, gemm_nf4},
     {f32_to_f32, bf16_to_f32v, f16_to_f32v},
     {f32_from_f32, f32_to_bf16v, f32_to_f16v},
+    8,  // qtile: rows per packed tile
+    quantize_row,
+    {packed_size_int8, packed_size_int4, packed_size_nf4},
+    {pack_int8, pack_int4, pack_nf4},
+    {qgemm_int8, qgemm_int4, qgemm_nf4},
 };
 
 }  // namespace avx2

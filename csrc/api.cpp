@@ -173,7 +173,7 @@ void pack_weight(const QWeight& w, uint8_t* dst, int64_t dst_bytes, int n_thread
   const int64_t body = t.packed_size[w.fmt](w);
   if (body <= 0)
     bad(std::string("the ") + t.isa + " fast path does not support this weight (group size " +
-        std::to_string(w.group) + " is not a multiple of " + std::to_string(kQBlock) + ")");
+        std::to_string(w.group) + " is not a multiple of " + std::to_string(kQChunk) + ")");
   if (dst_bytes != kPackedHeaderBytes + body)
     bad("packed weight buffer has " + std::to_string(dst_bytes) + " bytes, expected " +
         std::to_string(kPackedHeaderBytes + body));
@@ -220,7 +220,7 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
   thread_local std::vector<int8_t> qbuf;
   thread_local std::vector<float> dbuf;
   thread_local std::vector<int32_t> sbuf;
-  const int64_t nb = (K + kQBlock - 1) / kQBlock, ldq = nb * kQBlock;
+  const int64_t ldq = (K + kQChunk - 1) / kQChunk * kQChunk, nb = ldq / kQBlock;
   qbuf.resize(size_t(M * ldq));
   dbuf.resize(size_t(M * nb));
   sbuf.resize(size_t(M * nb));

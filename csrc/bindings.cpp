@@ -186,19 +186,19 @@ PYBIND11_MODULE(_C, m) {
         int8_t* qp = reinterpret_cast<int8_t*>(static_cast<uintptr_t>(q));
         float* dp = reinterpret_cast<float*>(static_cast<uintptr_t>(d));
         int32_t* sp = reinterpret_cast<int32_t*>(static_cast<uintptr_t>(sum));
-        const int64_t nb = (K + kQBlock - 1) / kQBlock;
+        const int64_t ldq = (K + kQChunk - 1) / kQChunk * kQChunk, nb = ldq / kQBlock;
         const size_t es = dt == kF32 ? 4 : 2;
         py::gil_scoped_release nogil;
         std::vector<float> row(static_cast<size_t>(K));
         for (int64_t m = 0; m < M; ++m) {
           t.to_f32[dt](xs + size_t(m * ldx) * es, row.data(), K);
-          t.quantize_row(row.data(), K, qp + m * nb * kQBlock, dp + m * nb, sp + m * nb);
+          t.quantize_row(row.data(), K, qp + m * ldq, dp + m * nb, sp + m * nb);
         }
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("q"),
       py::arg("d"), py::arg("sum"), py::arg("isa") = "",
-      "The fast path's activation quantizer (for tests): q int8 [M, nb*32], d float32 [M, nb], "
-      "sum int32 [M, nb] with nb = ceil(K / 32).");
+      "The fast path's activation quantizer (for tests): q int8 [M, ldq], d float32 [M, nb], "
+      "sum int32 [M, nb] with ldq = ceil(K / 32) * 32 and nb = ldq / 16.");
   m.def(
       "has_fast_path",
       [](const std::string& fmt, const std::string& isa) {
@@ -211,6 +211,7 @@ PYBIND11_MODULE(_C, m) {
       "Whether the ISA's table has an activation-quantized fast path for the format (whether a "
       "given weight is supported: packed_size(...) > 0).");
   m.attr("QBLOCK") = kQBlock;
+  m.attr("QCHUNK") = kQChunk;
   m.def("nf4_codebook_i8", [] {
     py::list l;
     for (int8_t v : kNF4CodebookI8) l.append(int(v));

@@ -8,7 +8,7 @@ if not os.environ.get("LOWBIT_TEST_REAL_GPU"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ALL_ISAS = ("scalar", "avx2", "avx512", "neon")
+ALL_ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "neon", "neon_dotprod")
 
 # (format name, options) covering every format and variant.
 FORMAT_CASES = [
@@ -53,3 +53,14 @@ def isa(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def exact_cpu_path():
+    """Run the test on the exact (float32-activation) CPU path, whatever LOWBIT_CPU_PATH says;
+    for tests that compare against the reference within lowbit.testing's float32 tolerance.
+    The fast path is tested against its own bound in tests/test_fast_path.py."""
+    from lowbit import _backend
+    _backend.set_cpu_path("exact")
+    yield "exact"
+    _backend.set_cpu_path(None)

@@ -1,5 +1,8 @@
 """Every CPU kernel (each ISA this machine runs) against the reference: dequantize bit-exact,
-linear within lowbit.testing's named tolerance, over edge shapes and activation dtypes."""
+linear within lowbit.testing's named tolerance, over edge shapes and activation dtypes.
+
+These are the exact path's kernels (float32 activations): every test here runs with the CPU
+path pinned to "exact"; the activation-quantized fast path has tests/test_fast_path.py."""
 
 import threading
 
@@ -20,13 +23,18 @@ NS = (1, 3, 17, 40)
 MS = (1, 2, 4, 5, 9)
 
 
+@pytest.fixture(autouse=True)
+def _exact(exact_cpu_path):
+    return exact_cpu_path
+
+
 def run_linear(isa, x, qw, bias=None):
     """lowbit.linear's CPU path with one ISA forced for this call."""
     N, K = qw.shape
     x2d = x.reshape(-1, K)
     out = torch.empty(x2d.shape[0], N, dtype=x.dtype)
     b = None if bias is None else bias.float().contiguous()
-    _backend.linear(x2d, qw, b, out, isa=isa)
+    _backend.linear(x2d, qw, b, out, isa=isa, path="exact")
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -133,7 +141,7 @@ def test_set_isa_unknown_or_unsupported_is_refused():
     C = _backend.ext()
     with pytest.raises(RuntimeError, match="unknown ISA"):
         C.set_isa("sse9")
-    for isa in ("avx512", "avx2", "neon"):
+    for isa in ("avx512vnni", "avx512", "avx2", "neon_dotprod", "neon"):
         if isa not in C.supported_isas():
             with pytest.raises(RuntimeError, match=isa):
                 C.set_isa(isa)
@@ -149,7 +157,7 @@ def test_lowbit_isa_env_forces_and_refuses(tmp_path):
                              capture_output=True, text=True, check=True).stdout
         info = json.loads(out)
         assert info["cpu_isa"] == isa and "LOWBIT_ISA" in info["cpu_isa_reason"]
-    missing = [i for i in ("avx512", "avx2", "neon") if i not in _backend.ext().supported_isas()]
+    missing = [i for i in ("avx512vnni", "avx512", "avx2", "neon") if i not in _backend.ext().supported_isas()]
     if missing:
         code = ("import lowbit, torch\n"
                 "qw = lowbit.quantize_weight(torch.randn(4, 32), 'int8')\n"

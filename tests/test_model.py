@@ -20,7 +20,7 @@ def model_and_ids():
 
 
 @torch.inference_mode()
-def test_int8_logits_close_to_float(model_and_ids):
+def test_int8_logits_close_to_float(model_and_ids, exact_cpu_path):
     model, _, ids = model_and_ids
     ref = model(ids).logits
     q = copy.deepcopy(model)

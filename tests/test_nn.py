@@ -13,7 +13,7 @@ from conftest import FORMAT_CASES, case_id
 
 
 @pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
-def test_from_linear_forward_matches_reference(case):
+def test_from_linear_forward_matches_reference(case, exact_cpu_path):
     fmt, opts = case
     lin = nn.Linear(200, 48)
     q = QuantLinear.from_linear(lin, fmt, **opts)

@@ -529,13 +529,14 @@ struct OwnQActs {
   }
 };
 
-// a = max |x|; d = a / 127; q = RNE(x * (127 / a)) with the float product (nearbyint: the
-// default rounding mode is RNE); a < 2^-120: zero; a inf / NaN: d NaN, q 0.
+// Blocks of 16 over the row padded to whole chunks of 32: a = max |x|; d = a / 127;
+// q = RNE(x * (127 / a)) with the float product (nearbyint: the default rounding mode is RNE);
+// a < 2^-120: zero; a inf / NaN: d NaN, q 0.
 static void own_quantize(const std::vector<float>& x, int64_t M, int64_t K, OwnQActs& o) {
   o.M = M;
   o.K = K;
-  o.nb = (K + 31) / 32;
-  o.ldq = o.nb * 32;
+  o.ldq = (K + 31) / 32 * 32;  // whole chunks of 32 columns
+  o.nb = o.ldq / 16;           // blocks of 16
   o.q.assign(size_t(M * o.ldq), 0);
   o.d.assign(size_t(M * o.nb), 0.0f);
   o.sum.assign(size_t(M * o.nb), 0);
@@ -543,7 +544,7 @@ static void own_quantize(const std::vector<float>& x, int64_t M, int64_t K, OwnQ
     for (int64_t b = 0; b < o.nb; ++b) {
       float a = 0.0f;
       bool nonfinite = false;
-      for (int64_t k = 32 * b; k < std::min<int64_t>(K, 32 * b + 32); ++k) {
+      for (int64_t k = 16 * b; k < std::min<int64_t>(K, 16 * b + 16); ++k) {
         const float v = x[size_t(m * K + k)];
         if (!std::isfinite(v)) nonfinite = true;
         else a = std::max(a, std::fabs(v));
@@ -554,7 +555,7 @@ static void own_quantize(const std::vector<float>& x, int64_t M, int64_t K, OwnQ
       d = a / 127.0f;
       const float inv = 127.0f / a;
       int32_t s = 0;
-      for (int64_t k = 32 * b; k < std::min<int64_t>(K, 32 * b + 32); ++k) {
+      for (int64_t k = 16 * b; k < std::min<int64_t>(K, 16 * b + 16); ++k) {
         const float prod = x[size_t(m * K + k)] * inv;
         const int qv = int(std::nearbyint(prod));
         o.q[size_t(m * o.ldq + k)] = int8_t(qv);
@@ -595,6 +596,7 @@ static void fast_weight(const TestWeight& t, int64_t n, int64_t k, int& c, int& 
   s = absmax / 127.0f;
 }
 
+// The packed layout works in chunks of 32 columns: groups must be whole chunks (or one group).
 static bool fast_supported(const QWeight& w) { return w.n_groups == 1 || w.group % 32 == 0; }
 
 // y_fast[m, n] in double, magf = sum of |terms| the kernels sum, and bound = how far the fast
@@ -616,7 +618,7 @@ static void fast_reference(const TestWeight& t, const std::vector<float>& xv, co
         int c, z;
         float s;
         fast_weight(t, n, k, c, z, s);
-        const int64_t b = k / 32;
+        const int64_t b = k / 16;
         const double d = qa.d[size_t(m * qa.nb + b)], q = qa.q[size_t(m * qa.ldq + k)];
         y += double(s) * d * double(c - z) * q;
         mg += std::fabs(double(s) * d * q) * (std::abs(c) + std::abs(z));
@@ -641,10 +643,10 @@ static void test_quantize_rows(const std::vector<const KernelTable*>& tabs, cons
     for (int64_t K : Ks) {
       std::vector<float> x(static_cast<size_t>(K));
       for (int64_t k = 0; k < K; ++k) x[size_t(k)] = rng.uniform(-3.0f, 3.0f) * (rep == 1 ? 1e-30f : rep == 2 ? 1e30f : 1.0f);
-      const int64_t nb = (K + 31) / 32;
+      const int64_t ldq = (K + 31) / 32 * 32, nb = ldq / 16;
       if (rep >= 3) {  // special blocks
         for (int64_t b = 0; b < nb; ++b) {
-          const int64_t k0 = 32 * b, k1 = std::min<int64_t>(K, k0 + 32);
+          const int64_t k0 = 16 * b, k1 = std::min<int64_t>(K, k0 + 16);
           const int kind = int((b + rep) % 6);
           for (int64_t k = k0; k < k1; ++k) {
             float& v = x[size_t(k)];
@@ -663,12 +665,12 @@ static void test_quantize_rows(const std::vector<const KernelTable*>& tabs, cons
       std::memcpy(xin.p, x.data(), size_t(K) * 4);
       for (const KernelTable* tab : tabs) {
         g_ctx = std::string(tab->isa) + " quantize_row K=" + std::to_string(K) + " rep " + std::to_string(rep);
-        Buf<int8_t> q(nb * 32);
+        Buf<int8_t> q(ldq);
         Buf<float> d(nb);
         Buf<int32_t> s(nb);
         std::memset(q.p, 0x55, size_t(q.n));
         tab->quantize_row(xin.p, K, q.p, d.p, s.p);
-        const bool qok = std::memcmp(q.p, own.q.data(), size_t(nb * 32)) == 0;
+        const bool qok = std::memcmp(q.p, own.q.data(), size_t(ldq)) == 0;
         bool dok = true, sok = true;
         for (int64_t b = 0; b < nb; ++b) {
           const float want = own.d[size_t(b)];

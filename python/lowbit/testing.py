@@ -143,5 +143,110 @@ def assert_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: torch.T
         f"({r['worst_ratio']:.3g}x the tolerance)")
 
 
+# ---- the activation-quantized CPU fast path ----------------------------------------------------
+# The statement and the bound are those of tests/test_fast_path.py (and csrc/kernel_api.h), kept
+# here so that `lowbit selftest` can check the fast path on a user's machine too.
+FAST_QBLOCK = 32  # activations are quantized per row in blocks of this many columns
+_NF4_I8 = None
+
+
+def fast_quantize_activations(x2d: torch.Tensor):
+    """The fast path's activation quantizer, in torch: ``x [M, K]`` -> ``q int8 [M, nb*32]``,
+    ``d float32 [M, nb]``, ``sum int32 [M, nb]`` with nb = ceil(K / 32):
+    a = max |x| over the block, d = a / 127, q = round_half_even(x * (127 / a)); a block with
+    a < 2^-120 gives d = 0, q = 0; a non-finite block gives d = NaN, q = 0."""
+    x = x2d.float()
+    M, K = x.shape
+    nb = -(-K // FAST_QBLOCK)
+    xp = torch.nn.functional.pad(x, (0, nb * FAST_QBLOCK - K)).reshape(M, nb, FAST_QBLOCK)
+    amax_bits = (xp.view(torch.int32) & 0x7FFFFFFF).amax(-1)
+    a = amax_bits.view(torch.float32)
+    nonfinite = amax_bits >= 0x7F800000
+    zero = amax_bits < 0x03800000
+    d = a / torch.full_like(a, 127.0)
+    inv = torch.full_like(a, 127.0) / a  # a true division (127.0 / a would use a reciprocal)
+    q = torch.round(xp * inv[..., None])  # round half to even
+    q = torch.where((nonfinite | zero)[..., None], torch.zeros_like(q), q)
+    d = torch.where(zero, torch.zeros_like(d), d)
+    d = torch.where(nonfinite, torch.full_like(d, math.nan), d)
+    return q.to(torch.int8).reshape(M, nb * FAST_QBLOCK), d, q.sum(-1).to(torch.int32)
+
+
+def fast_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None,
+                          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Elementwise bound on |fast path - reference| for ``linear(x, qw, bias)`` (float32,
+    the shape of ``expected``), derived from the activation quantization, not fitted::
+
+        sum_k |w_k| (d_k / 2 + 1e-6 |x_k|)               activation rounding (half a code)
+      + sum_k |x_hat_k| absmax_k (e_cb + 1e-6)           nf4 only: its codebook rounded to int8
+      + 1e-5 (sum_k |w_k x_k| + sum_k |x_hat_k| |c_k + z_k| |s_k|)   float32 sums, zero-points apart
+      + the bf16/f16 output's ulp, as in :func:`linear_tolerance`
+
+    d_k the scale of x_k's block, x_hat = q * d, e_cb = max |round(127 cb) / 127 - cb|.
+    A worst case (all errors aligned); the typical error is far smaller.
+    """
+    from . import formats as F
+    from . import reference as R
+    from .qweight import QuantizedWeight
+    global _NF4_I8
+    if _NF4_I8 is None:
+        _NF4_I8 = [round(127 * v) for v in F.NF4_CODEBOOK]
+    N, K = qw.shape
+    x2 = x.reshape(-1, K).float()
+    q, d, _ = fast_quantize_activations(x2)
+    d_el = d.repeat_interleave(FAST_QBLOCK, dim=1)[:, :K].double()
+    xh = q[:, :K].double() * d_el
+    w = R.dequantize(qw).double()
+    x64 = x2.double()
+    tol = (0.5 * d_el + 1e-6 * x64.abs()) @ w.abs().T
+    g = F.effective_group(qw.group_size, K)
+    if qw.fmt == "int8":
+        wmag = w.abs()
+    elif qw.fmt == "int4":
+        c = R.unpack_nibbles(qw.data, K).double()
+        z = torch.full_like(qw.scales, 8.0) if qw.zeros is None else qw.zeros.double()
+        wmag = (c + R.per_element(z, g, K).double()) * R.per_element(qw.scales, g, K).double().abs()
+    else:  # nf4: absmax per element = the decode of code 15 (1.0)
+        absmax = R.dequantize(QuantizedWeight(
+            "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
+            double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
+        e_cb = max(abs(i / 127 - v) for i, v in zip(_NF4_I8, F.NF4_CODEBOOK))
+        tol = tol + xh.abs() @ (absmax * (e_cb + 1e-6)).T
+        c = R.unpack_nibbles(qw.data, K).long()
+        wmag = torch.tensor(_NF4_I8, dtype=torch.float64).abs()[c] * absmax / 127
+    mag = x64.abs() @ w.abs().T + xh.abs() @ wmag.T
+    if bias is not None:
+        mag = mag + bias.double().abs()
+    tol = tol + 1e-5 * mag
+    out_dtype = out_dtype or expected.dtype
+    eps = output_eps(out_dtype)
+    floor = float(torch.finfo(out_dtype).smallest_normal * torch.finfo(out_dtype).eps)
+    tol = tol + eps * (expected.reshape(-1, N).double().abs() + tol) + floor
+    return tol.reshape(*expected.shape).float()
+
+
+def fast_linear_mismatch(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, qw,
+                         bias: Optional[torch.Tensor] = None) -> dict:
+    """:func:`linear_mismatch` with the fast path's bound (:func:`fast_linear_tolerance`)."""
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return linear_mismatch(actual, expected, x, qw, bias=bias)
+    return linear_mismatch(actual, expected, x, qw, bias=bias,
+                           tol=fast_linear_tolerance(x, qw, expected, bias))
+
+
+def assert_fast_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, qw,
+                             bias: Optional[torch.Tensor] = None, msg: str = "") -> None:
+    """AssertionError unless the fast path's ``actual`` is within its bound of the reference."""
+    r = fast_linear_mismatch(actual, expected, x, qw, bias=bias)
+    if not r["ok"]:
+        prefix = f"{msg}: " if msg else ""
+        raise AssertionError(prefix + (r.get("reason") or
+                             f"fast path beyond its quantization bound at {r['n_bad']} elements; "
+                             f"worst at {r['index']}: got {r['actual']!r}, expected {r['expected']!r} "
+                             f"({r['worst_ratio']:.3g}x the bound)"))
+
+
 __all__ = ["accumulation_rtol", "output_eps", "linear_tolerance", "linear_mismatch",
-           "assert_linear_close", "UNIT_ROUNDOFF_F32"]
+           "assert_linear_close", "UNIT_ROUNDOFF_F32", "fast_quantize_activations",
+           "fast_linear_tolerance", "fast_linear_mismatch", "assert_fast_linear_close"]

@@ -1,0 +1,132 @@
+// AVX2 fast path: activation quantizer (bit-identical to generic's), packing (tiles of 8 rows)
+// and the int8-dot kernel of kernels/qgemm_x86.h over 256-bit vectors (vpmaddubsw + vpmaddwd).
+#include "kernels/qgemm_x86.h"
+
+namespace lowbit {
+namespace avx2 {
+using namespace detail;
+
+namespace {  // (one definition per translation unit)
+
+// 256-bit vector operations for qx86 (8 int32 lanes = 8 rows per tile).
+struct V {
+  using I = __m256i;
+  using F = __m256;
+  using Sign = __m256i;  // vpsignb takes the sign from the code vector itself
+  static constexpr int64_t kT = 8;
+  static constexpr bool kVnni = false;
+  static constexpr int kNT1 = 2;  // tiles per call at M = 1
+  static constexpr int kMR = 4;   // activation rows per call at M > 1
+  static constexpr bool kGacc = false;  // 16 registers: no room for group accumulators
+  static inline I loadi(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline I bcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  }
+  static inline I zeroi() { return _mm256_setzero_si256(); }
+  static inline I set1_8(int c) { return _mm256_set1_epi8(char(c)); }
+  static inline I set1_32(int32_t c) { return _mm256_set1_epi32(c); }
+  static inline I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static inline I srli4(I a) { return _mm256_srli_epi16(a, 4); }
+  static inline I shuffle8(I tbl, I idx) { return _mm256_shuffle_epi8(tbl, idx); }
+  static inline I nf4_table() {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4CodebookI8)));
+  }
+  static inline I maddubs(I u, I s) { return _mm256_maddubs_epi16(u, s); }
+  static inline I madd1(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
+  static inline I add16(I a, I b) { return _mm256_add_epi16(a, b); }
+  static inline I add32(I a, I b) { return _mm256_add_epi32(a, b); }
+  static inline I abs8(I a) { return _mm256_abs_epi8(a); }
+  static inline Sign sign_of(I c) { return c; }
+  static inline I apply_sign(I x, Sign c) { return _mm256_sign_epi8(x, c); }
+  static inline I flip_sign(I c) { return _mm256_xor_si256(c, _mm256_set1_epi8(char(0x80))); }
+  static inline I dpbusd(I acc, I, I) { return acc; }  // not used (kVnni false)
+  static inline F zerof() { return _mm256_setzero_ps(); }
+  static inline F set1f(float f) { return _mm256_set1_ps(f); }
+  static inline F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static inline F load_u8f(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static inline void store(float* p, F v, int64_t n) {
+    if (n == kT) {
+      _mm256_storeu_ps(p, v);
+      return;
+    }
+    alignas(32) float buf[kT];
+    _mm256_store_ps(buf, v);
+    for (int64_t i = 0; i < n; ++i) p[i] = buf[i];
+  }
+};
+
+}  // namespace
+
+// 8 floats -> RNE int32 (mode-independent, like qpack::round_half_even).
+static inline __m256i quant8(__m256 v, __m256 inv) {
+  return _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
+  const int64_t nb = 2 * ceil_div(K, kQChunk);  // whole chunks: a block past K is all zero
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k0 = b * kQBlock, len = k0 < K ? min64(kQBlock, K - k0) : 0;
+    alignas(32) float tmp[kQBlock];
+    const float* src = x + k0;
+    if (len < kQBlock) {  // copy the short last block (zeros change neither max nor codes)
+      for (int64_t i = 0; i < kQBlock; ++i) tmp[i] = i < len ? src[i] : 0.0f;
+      src = tmp;
+    }
+    const __m256 v0 = _mm256_loadu_ps(src), v1 = _mm256_loadu_ps(src + 8);
+    const __m256i mx = _mm256_max_epi32(_mm256_and_si256(_mm256_castps_si256(v0), absmask),
+                                        _mm256_and_si256(_mm256_castps_si256(v1), absmask));
+    __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+    m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0x4e));
+    m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0xb1));
+    const uint32_t amax = uint32_t(_mm_cvtsi128_si32(m4));
+    float inv = 0.0f;
+    if (!qpack::block_scale(amax, d[b], inv)) {
+      std::memset(q + k0, 0, size_t(kQBlock));
+      sum[b] = 0;
+      continue;
+    }
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i i0 = quant8(v0, vinv), i1 = quant8(v1, vinv);
+    __m256i s = _mm256_add_epi32(i0, i1);
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    sum[b] = _mm_cvtsi128_si32(s4);
+    // narrow to bytes: packs works within 128-bit lanes, the qword permute restores k order
+    const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8);
+    const __m128i p8 = _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0), p8);
+  }
+}
+
+int64_t packed_size_int8(const QWeight& w) { return qpack::packed_size(w, V::kT); }
+int64_t packed_size_int4(const QWeight& w) { return qpack::packed_size(w, V::kT); }
+int64_t packed_size_nf4(const QWeight& w) { return qpack::packed_size(w, V::kT); }
+void pack_int8(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { qpack::pack_tiles(w, n0, n1, dst, V::kT); }
+void pack_int4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { qpack::pack_tiles(w, n0, n1, dst, V::kT); }
+void pack_nf4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { qpack::pack_tiles(w, n0, n1, dst, V::kT); }
+
+void qgemm_int8(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
+                int64_t ldy) {
+  qx86::qgemm<V, kInt8>(w, p, x, n0, n1, y, ldy);
+}
+void qgemm_int4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
+                int64_t ldy) {
+  qx86::qgemm<V, kInt4>(w, p, x, n0, n1, y, ldy);
+}
+void qgemm_nf4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  qx86::qgemm<V, kNF4>(w, p, x, n0, n1, y, ldy);
+}
+
+}  // namespace avx2
+}  // namespace lowbit

@@ -1,0 +1,49 @@
+// The avx512vnni KernelTable: avx512's kernels (exact path, activation quantizer, packed layout)
+// with the fast path's qgemm using vpdpbusd. Chosen by dispatch only where the CPU has
+// AVX512_VNNI; the plain avx512 table keeps running on AVX-512 CPUs without it.
+#include "kernel_api.h"
+
+namespace lowbit {
+namespace avx512 {
+void dequant_int8(const QWeight&, int64_t, int64_t, float*, int64_t);
+void dequant_int4(const QWeight&, int64_t, int64_t, float*, int64_t);
+void dequant_nf4(const QWeight&, int64_t, int64_t, float*, int64_t);
+void gemm_int8(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+void gemm_int4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+void gemm_nf4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+void f32_to_f32(const void*, float*, int64_t);
+void bf16_to_f32v(const void*, float*, int64_t);
+void f16_to_f32v(const void*, float*, int64_t);
+void f32_from_f32(const float*, void*, int64_t);
+void f32_to_bf16v(const float*, void*, int64_t);
+void f32_to_f16v(const float*, void*, int64_t);
+void quantize_row(const float*, int64_t, int8_t*, float*, int32_t*);
+int64_t packed_size_int8(const QWeight&);
+int64_t packed_size_int4(const QWeight&);
+int64_t packed_size_nf4(const QWeight&);
+void pack_int8(const QWeight&, int64_t, int64_t, uint8_t*);
+void pack_int4(const QWeight&, int64_t, int64_t, uint8_t*);
+void pack_nf4(const QWeight&, int64_t, int64_t, uint8_t*);
+}  // namespace avx512
+
+namespace avx512vnni {
+
+void qgemm_int8(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+void qgemm_int4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+void qgemm_nf4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+
+const KernelTable kTable = {
+    "avx512vnni",
+    {avx512::dequant_int8, avx512::dequant_int4, avx512::dequant_nf4},
+    {avx512::gemm_int8, avx512::gemm_int4, avx512::gemm_nf4},
+    {avx512::f32_to_f32, avx512::bf16_to_f32v, avx512::f16_to_f32v},
+    {avx512::f32_from_f32, avx512::f32_to_bf16v, avx512::f32_to_f16v},
+    16,  // qtile: rows per packed tile (avx512's layout)
+    avx512::quantize_row,
+    {avx512::packed_size_int8, avx512::packed_size_int4, avx512::packed_size_nf4},
+    {avx512::pack_int8, avx512::pack_int4, avx512::pack_nf4},
+    {qgemm_int8, qgemm_int4, qgemm_nf4},
+};
+
+}  // namespace avx512vnni
+}  // namespace lowbit

@@ -1,0 +1,253 @@
+"""The `lowbit` command (info, selftest, bench, eval) and its helpers (tolerance, eval configs).
+
+Everything runs in-process through ``lowbit.cli.main(argv)``. Model tests need the eval extras
+and skip, saying so, without them. Fast: tiny shapes and token counts throughout.
+"""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import cli, evaluate, testing
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+MISSING_FOR_BUNDLED = evaluate.missing_extras(need_model=True, need_text=True)
+
+
+# ---- info ---------------------------------------------------------------------------------
+def test_info_prints_the_active_isa(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU ISA in use" in out
+    assert str(lowbit.backend_info()["cpu_isa"]) in out
+
+
+def test_info_json_is_backend_info(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cpu_isa"] == lowbit.backend_info()["cpu_isa"]
+    assert "supported_isas" in info
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "selftest" in capsys.readouterr().out
+
+
+# ---- selftest -----------------------------------------------------------------------------
+def test_selftest_passes_on_this_machine(capsys):
+    assert cli.main(["selftest", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "selftest: PASS" in out
+    for label, _, _ in cli.SELFTEST_FORMATS:
+        assert label in out
+
+
+def test_selftest_reports_a_wrong_kernel(monkeypatch, capsys):
+    # A kernel that gets one weight wrong must fail both checks, and the command must exit 1.
+    from lowbit import _backend
+    real_deq, real_lin = _backend.dequantize, _backend.linear
+
+    def bad_dequantize(qw, dtype, **kw):
+        out = real_deq(qw, dtype, **kw)
+        out[-1, -1] += 1.0
+        return out
+
+    def bad_linear(x2d, qw, bias, out, **kw):
+        real_lin(x2d, qw, bias, out, **kw)
+        out[..., -1] += 10.0  # |y| is ~10 here: far outside either path's bound
+        return out
+
+    monkeypatch.setattr(_backend, "dequantize", bad_dequantize)
+    monkeypatch.setattr(_backend, "linear", bad_linear)
+    shapes = ((2, 24, 96),)
+    res = cli.run_selftest(formats=cli.SELFTEST_FORMATS[:2], shapes=shapes)
+    assert not res["ok"]
+    whats = {f.what for f in res["failures"]}
+    paths = cli._cpu_paths()
+    assert whats == {"dequantize"} | ({"linear exact", "linear fast"} if len(paths) > 1 else {"linear"})
+    monkeypatch.setattr(cli, "SELFTEST_SHAPES", shapes)
+    monkeypatch.setattr(cli, "run_selftest",
+                        lambda isas=None, progress=False, _r=cli.run_selftest: _r(isas, shapes=shapes))
+    assert cli.main(["selftest", "--no-progress"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_selftest_unknown_isa_is_skipped_with_reason():
+    res = cli.run_selftest(isas=["no-such-isa"], formats=cli.SELFTEST_FORMATS[:1], shapes=((1, 8, 32),))
+    assert res["skipped"]["no-such-isa"] == "not compiled into this build"
+    assert not res["ok"]  # nothing was tested
+
+
+# ---- tolerance helper ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tolerance_accepts_the_kernel_and_rejects_a_small_error(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 576, generator=g)
+    x = torch.randn(3, 576, generator=g).to(dtype)
+    qw = lowbit.quantize_weight(w, "int4", group_size=128)
+    expected = lowbit.reference.linear(x, qw)
+    exact = cli._run_linear(x, qw, None, "", "exact")
+    testing.assert_linear_close(exact, expected, x, qw)
+    # A weight 1% off in one row is far outside the tolerance.
+    w2 = lowbit.reference.dequantize(qw).clone()
+    w2[5] *= 1.01
+    wrong = torch.nn.functional.linear(x.float(), w2).to(dtype)
+    with pytest.raises(AssertionError, match="beyond tolerance"):
+        testing.assert_linear_close(wrong, expected, x, qw)
+    if "fast" in cli._cpu_paths():  # the int8-activation path has its own, looser bound
+        fast = cli._run_linear(x, qw, None, "", "fast")
+        testing.assert_fast_linear_close(fast, expected, x, qw)
+        with pytest.raises(AssertionError, match="bound"):
+            testing.assert_fast_linear_close(fast + 0.1 * expected.abs().max(), expected, x, qw)
+
+
+def test_tolerance_grows_with_k_and_output_dtype():
+    assert testing.accumulation_rtol(16384) > testing.accumulation_rtol(4096) > 0
+    assert testing.output_eps(torch.float32) == 0
+    assert testing.output_eps(torch.bfloat16) == 2 ** -7
+    assert testing.output_eps(torch.float16) == 2 ** -10
+
+
+# ---- bench --------------------------------------------------------------------------------
+def test_bench_tiny_shape_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--shapes", "64x96", "--m", "1,3", "--reps", "2", "--max-seconds", "0.5",
+                   "--json", str(path), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "torch-fp32" in out and "int4-g128" in out
+    doc = json.loads(path.read_text())
+    res = doc["results"]
+    assert {r["impl"] for r in res} == {"int8", "int4-g128", "nf4-b64", "torch-fp32", "torch-bf16"}
+    assert {r["M"] for r in res} == {1, 3}
+    for r in res:
+        assert r["median_us"] > 0 and r["weight_gbps"] > 0 and r["gflops"] > 0
+        assert r["copies"] >= 2  # weights rotate over a buffer set
+        assert r["speedup_vs_fp32"] > 0
+    assert doc["environment"]["cpu_isa"] == lowbit.backend_info()["cpu_isa"]
+
+
+@pytest.mark.skipif(len(cli._cpu_paths()) < 2, reason="this build has a single CPU path")
+@pytest.mark.parametrize("path", ["fast", "exact"])
+def test_bench_cpu_path_is_applied_and_recorded(tmp_path, capsys, path):
+    from lowbit import _backend
+    before = _backend.cpu_path()
+    js = tmp_path / "b.json"
+    assert cli.main(["bench", "--shapes", "64x32", "--m", "2", "--reps", "2", "--impls", "int4-g128",
+                     "--cpu-path", path, "--json", str(js), "--no-progress"]) == 0
+    assert f"CPU path {path}" in capsys.readouterr().out
+    res = json.loads(js.read_text())["results"]
+    assert [r["extra"]["cpu_path"] for r in res if r["impl"] == "int4-g128"] == [path]
+    assert _backend.cpu_path() == before  # restored
+
+
+def test_bench_rejects_a_bad_shape(capsys):
+    assert cli.main(["bench", "--shapes", "64by96", "--no-progress"]) == 2
+    assert "KxN" in capsys.readouterr().err
+
+
+# ---- eval: configs and helpers (no model needed) ------------------------------------------
+def test_parse_format_configs():
+    c = evaluate.parse_config("int4")
+    assert (c.fmt, c.opts) == ("int4", {"group_size": 128})
+    c = evaluate.parse_config("int4-sym:g64")
+    assert (c.fmt, c.opts) == ("int4", {"group_size": 64, "symmetric": True})
+    c = evaluate.parse_config("nf4:g32:dq")
+    assert (c.fmt, c.opts) == ("nf4", {"group_size": 32, "double_quant": True})
+    assert evaluate.parse_config("fp32").fmt is None
+    assert evaluate.describe(evaluate.parse_config("int4:g-1")) == "int4 asym per-row"
+    for bad in ("int3", "int8:g64", "int4:g7", "nf4:sym", "fp32:g64", "int4:zz"):
+        with pytest.raises(ValueError):
+            evaluate.parse_config(bad)
+
+
+def test_quantize_linears_replaces_all_but_skipped():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("body", nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 48, bias=False)))
+    model.add_module("lm_head", nn.Linear(48, 10))
+    x = torch.randn(2, 64)
+    ref = model(x)
+    names = evaluate.quantize_linears(model, "int8")
+    assert names == ["body.0", "body.2"]
+    assert isinstance(model.body[0], lowbit.QuantLinear) and isinstance(model.body[2], lowbit.QuantLinear)
+    assert type(model.lm_head) is nn.Linear
+    assert torch.allclose(model(x), ref, rtol=0.05, atol=0.05)
+    s = evaluate.size_stats(model)
+    assert s["n_quantized"] == 2
+    assert s["linear_weights"] == 64 * 32 + 32 * 48
+    assert 8 < s["bits_per_weight"] < 9  # int8 codes + one float32 scale per row
+
+
+def test_eval_without_extras_says_how_to_install(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "gensim" else real(name, *a, **k))
+    assert cli.main(["eval", "--tokens", "256", "--ctx", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "gensim" in err and "pip install 'lowbit[eval]'" in err
+
+
+# ---- eval: a tiny random model (pipeline), then the bundled SmolLM2 -----------------------
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers (pip install 'lowbit[eval]')")
+def test_eval_tiny_model_folder_and_text_file(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = "the quick brown fox jumps over a lazy dog while seven cats watch quietly".split()
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(words[int(i)] for i in torch.randint(len(words), (600,), generator=g))
+    (tmp_path / "text.txt").write_text(text)
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]", "[EOS]"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    js, png = tmp_path / "eval.json", tmp_path / "ppl.png"
+    rc = cli.main(["eval", "--model", str(folder), "--text", str(tmp_path / "text.txt"),
+                   "--tokens", "256", "--ctx", "64", "--formats", "fp32,int8,int4:g32,nf4:g32:dq",
+                   "--decode-tokens", "2", "--json", str(js), "--plot", str(png), "--no-progress"]
+                  + (["--cpu-path", "exact"] if len(cli._cpu_paths()) > 1 else []))
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out
+    doc = json.loads(js.read_text())
+    res = {r["config"]: r for r in doc["results"]}
+    assert list(res) == ["fp32", "int8", "int4:g32", "nf4:g32:dq"]
+    assert doc["meta"]["tokens"] == 256
+    assert doc["meta"]["cpu_path"] == "exact"
+    assert res["fp32"]["bits_per_weight"] == 32.0 and res["fp32"]["n_quantized"] == 0
+    assert res["int8"]["n_quantized"] == 14  # 7 Linears per layer, lm_head kept
+    assert 4 < res["int4:g32"]["bits_per_weight"] < res["int8"]["bits_per_weight"] < 9
+    for r in res.values():
+        assert 1 < r["perplexity"] < 1e4
+    # A random model is near-uniform: quantizing it barely changes perplexity.
+    assert abs(res["int8"]["perplexity"] / res["fp32"]["perplexity"] - 1) < 0.05
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.stat().st_size > 0
+
+
+@pytest.mark.skipif(bool(MISSING_FOR_BUNDLED),
+                    reason=f"needs {', '.join(MISSING_FOR_BUNDLED)} (pip install 'lowbit[eval]')")
+def test_eval_bundled_smollm2(tmp_path, capsys):
+    # First run parses the GGUF (~40 s) and caches the float model under the user cache dir.
+    js = tmp_path / "eval.json"
+    rc = cli.main(["eval", "--tokens", "256", "--ctx", "128", "--formats", "fp32,int8",
+                   "--decode-tokens", "2", "--json", str(js), "--no-progress"])
+    assert rc == 0
+    res = {r["config"]: r for r in json.loads(js.read_text())["results"]}
+    assert res["int8"]["n_quantized"] == 210  # 30 layers x 7 Linears; lm_head kept
+    assert 5 < res["fp32"]["perplexity"] < 100
+    assert abs(res["int8"]["perplexity"] / res["fp32"]["perplexity"] - 1) < 0.05
+    assert res["int8"]["linear_mb"] < res["fp32"]["linear_mb"] / 3.5

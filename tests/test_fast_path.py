@@ -1,0 +1,361 @@
+"""The activation-quantized CPU fast path (lowbit._backend, csrc/kernel_api.h "fast path").
+
+What it computes: each activation row is quantized in blocks of 16 along K,
+
+    a = max |x| over the block,  d = a / 127,  q = round_half_even(x * (127 / a))  in [-127, 127]
+
+(float32 operations; a block with a < 2^-120 quantizes to 0), and y = x_hat @ W_fast^T with
+x_hat = q * d and W_fast the weight as integer codes times its scales: int8 and int4 exactly
+the reference's weights, nf4 with the codebook rounded to int8 (round(127 * value), times
+absmax / 127).
+
+Tolerance (fast_tolerance below), derived from that quantization, not fitted:
+
+    |y_fast - y_ref| <= sum_k |w_k| * (d_k / 2 + 1e-6 |x_k|)                 activation rounding
+                      + sum_k |x_hat_k| * absmax_k * (e_cb + 1e-6)           nf4's int8 codebook
+                      + 1e-5 * (sum_k |w_k x_k| + sum_k |x_hat_k| |c_k + z_k| |s_k|)  float sums
+
+where d_k is the scale of x_k's block, e_cb = max_i |round(127 cb_i) / 127 - cb_i| (= 0.467 / 127)
+and the last term is the float32 accumulation (as lowbit.testing allows the exact path, with
+the zero-point kept apart from the codes as the kernels do). Rounding x * 127/a is off by at
+most half a code (d / 2) plus the roundings of d and 127/a (the 1e-6 |x| term). This is a
+worst-case bound (all errors aligned); the typical error is far smaller (test_accuracy_figures).
+bf16 / f16 outputs add one ulp of the output, as in lowbit.testing.
+"""
+
+import math
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import _backend
+from lowbit import formats as F
+from lowbit import reference as R
+from lowbit.testing import assert_linear_close, output_eps
+
+from conftest import FORMAT_CASES, case_id
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KS = (1, 7, 31, 32, 33, 63, 64, 65, 127, 128, 129, 257, 576, 1000)
+NS = (1, 3, 17, 40)
+MS = (1, 2, 3, 5, 9)
+QBLOCK = 16  # activation block
+QCHUNK = 32  # weight-code chunk: groups must be whole chunks (or one group per row)
+NF4_I8 = [round(127 * v) for v in F.NF4_CODEBOOK]
+
+
+@pytest.fixture(autouse=True)
+def _default_path():
+    _backend.set_cpu_path(None)
+    yield
+    _backend.set_cpu_path(None)
+
+
+def supported(qw) -> bool:
+    """The fast path takes one group per row or groups that are a multiple of 32."""
+    K = qw.shape[1]
+    g = F.effective_group(qw.group_size, K)
+    return qw.n_groups == 1 or g % QCHUNK == 0
+
+
+# ---- the spec, in torch ----------------------------------------------------------------------
+def quantize_activations(x2d: torch.Tensor):
+    """q int8 [M, ldq], d float32 [M, nb], sum int32 [M, nb] (the kernel_api.h statement):
+    the row zero-padded to ldq = ceil(K / 32) * 32 columns, nb = ldq / 16 blocks."""
+    x = x2d.float()
+    M, K = x.shape
+    ldq = -(-K // QCHUNK) * QCHUNK
+    nb = ldq // QBLOCK
+    xp = torch.nn.functional.pad(x, (0, ldq - K)).reshape(M, nb, QBLOCK)
+    amax_bits = (xp.view(torch.int32) & 0x7FFFFFFF).amax(-1)
+    a = amax_bits.view(torch.float32)
+    nonfinite = amax_bits >= 0x7F800000
+    zero = amax_bits < 0x03800000
+    d = a / torch.full_like(a, 127.0)
+    inv = torch.full_like(a, 127.0) / a  # a true division (127.0 / a would use a reciprocal)
+    q = torch.round(xp * inv[..., None])  # round half to even
+    q = torch.where((nonfinite | zero)[..., None], torch.zeros_like(q), q)
+    d = torch.where(zero, torch.zeros_like(d), d)
+    d = torch.where(nonfinite, torch.full_like(d, math.nan), d)
+    return q.to(torch.int8).reshape(M, nb * QBLOCK), d, q.sum(-1).to(torch.int32)
+
+
+def fast_tolerance(x, qw, expected, bias=None, out_dtype=None):
+    """Elementwise bound on |fast - reference| (module docstring)."""
+    N, K = qw.shape
+    x2 = x.reshape(-1, K).float()
+    q, d, _ = quantize_activations(x2)
+    d_el = d.repeat_interleave(QBLOCK, dim=1)[:, :K].double()
+    xh = q[:, :K].double() * d_el
+    w = R.dequantize(qw).double()
+    x64 = x2.double()
+    tol = (0.5 * d_el + 1e-6 * x64.abs()) @ w.abs().T
+    g = F.effective_group(qw.group_size, K)
+    if qw.fmt == "int8":
+        wmag = w.abs()
+    elif qw.fmt == "int4":
+        c = R.unpack_nibbles(qw.data, K).double()
+        z = torch.full_like(qw.scales, 8.0) if qw.zeros is None else qw.zeros.double()
+        wmag = (c + R.per_element(z, g, K).double()) * R.per_element(qw.scales, g, K).double().abs()
+    else:
+        absmax = R.dequantize(lowbit.QuantizedWeight(  # absmax per element: decode code 15 (1.0)
+            "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
+            double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
+        e_cb = max(abs(i / 127 - v) for i, v in zip(NF4_I8, F.NF4_CODEBOOK))
+        tol = tol + xh.abs() @ (absmax * (e_cb + 1e-6)).T
+        c = R.unpack_nibbles(qw.data, K).long()
+        wmag = torch.tensor(NF4_I8, dtype=torch.float64).abs()[c] * absmax / 127
+    mag = x64.abs() @ w.abs().T + xh.abs() @ wmag.T
+    if bias is not None:
+        mag = mag + bias.double().abs()
+    tol = tol + 1e-5 * mag
+    out_dtype = out_dtype or expected.dtype
+    eps = output_eps(out_dtype)
+    floor = float(torch.finfo(out_dtype).smallest_normal * torch.finfo(out_dtype).eps)
+    tol = tol + eps * (expected.reshape(-1, N).double().abs() + tol) + floor
+    return tol.reshape(*expected.shape).float()
+
+
+def assert_fast_close(got, expected, x, qw, bias=None, msg=""):
+    tol = fast_tolerance(x, qw, expected, bias)
+    err = (got.double() - expected.double()).abs()
+    ratio = (err / tol.double()).nan_to_num(math.inf)
+    worst = float(ratio.max()) if ratio.numel() else 0.0
+    assert worst <= 1.0, f"{msg}: fast path beyond its quantization bound ({worst:.3g}x)"
+
+
+def run(isa, x, qw, bias=None, path="fast"):
+    N, K = qw.shape
+    x2d = x.reshape(-1, K)
+    out = torch.empty(x2d.shape[0], N, dtype=x.dtype)
+    b = None if bias is None else bias.float().contiguous()
+    _backend.linear(x2d, qw, b, out, isa=isa, path=path)
+    return out.reshape(*x.shape[:-1], N)
+
+
+# ---- the activation quantizer ------------------------------------------------------------------
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+def test_activation_quantizer_matches_spec_bit_for_bit(isa, dt):
+    C = _backend.ext()
+    for K in (1, 5, 31, 32, 33, 100, 1000):
+        x = (torch.randn(7, K) * torch.logspace(-3, 3, 7)[:, None]).to(dt)
+        x[1, :] = 0
+        x[2, :] = x[2, :] * 1e-38  # subnormal / tiny blocks
+        x[3, 0] = 127.0  # exact .5 ties after scaling
+        x[3, 1:] = torch.arange(K - 1).to(x.dtype) % 255 - 127 + 0.5
+        if K > 40:
+            x[4, 40] = math.inf
+            x[5, 33] = math.nan
+            x[6, 16:32] = 0
+        ldq = -(-K // QCHUNK) * QCHUNK
+        nb = ldq // QBLOCK
+        q = torch.empty(7, ldq, dtype=torch.int8)
+        d = torch.empty(7, nb)
+        s = torch.empty(7, nb, dtype=torch.int32)
+        C.quantize_activations(x.data_ptr(), _backend._DTYPE_IDS[dt], 7, K, K, q.data_ptr(),
+                               d.data_ptr(), s.data_ptr(), isa)
+        wq, wd, ws = quantize_activations(x)
+        assert torch.equal(q, wq), (isa, K)
+        assert torch.equal(s, ws), (isa, K)
+        assert torch.equal(d.isnan(), wd.isnan()) and torch.equal(d.nan_to_num(), wd.nan_to_num()), (isa, K)
+
+
+# ---- linear through the fast path --------------------------------------------------------------
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+def test_fast_linear_within_quantization_bound(isa, case):
+    fmt, opts = case
+    for K in KS:
+        N = NS[K % len(NS)]
+        qw = lowbit.quantize_weight(torch.randn(N, K), fmt, **opts)
+        for M in MS:
+            dt = DTYPES[(K + M) % 3]
+            x = torch.randn(M, K).to(dt)
+            bias = torch.randn(N) if M % 2 else None
+            got = run(isa, x, qw, bias)
+            if not supported(qw):  # falls back to the exact path, bit for bit
+                assert torch.equal(got, run(isa, x, qw, bias, path="exact")), (fmt, opts, K)
+                continue
+            assert_fast_close(got, R.linear(x, qw, bias), x, qw, bias, msg=f"{isa} {fmt} {opts} K={K} M={M}")
+
+
+@pytest.mark.parametrize("fmt,opts", [("int8", {}), ("int4", {}), ("int4", {"symmetric": True, "group_size": 32}),
+                                      ("nf4", {}), ("nf4", {"double_quant": True})])
+def test_every_isa_matches_scalar_fast_path_tightly(isa, fmt, opts):
+    """Same quantized activations, exact integer dots: only float summation order differs."""
+    qw = lowbit.quantize_weight(torch.randn(100, 1000), fmt, **opts)
+    for M in (1, 4, 9, 33):
+        x = torch.randn(M, 1000)
+        got, gen = run(isa, x, qw), run("scalar", x, qw)
+        tol = fast_tolerance(x, qw, gen)  # includes the 1e-5 * magnitude accumulation term
+        q, d, _ = quantize_activations(x)
+        xh = (q[:, :1000].double() * d.repeat_interleave(QBLOCK, 1)[:, :1000].double())
+        tight = 1e-5 * (xh.abs() @ R.dequantize(qw).double().abs().T) * 4  # zero-points, codebook
+        err = (got.double() - gen.double()).abs()
+        assert bool((err <= tight + 1e-30).all()), (isa, fmt, float((err / tight).max()))
+        assert bool((err <= tol.double()).all())
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+def test_larger_shapes_all_dtypes(isa, dt):
+    if isa == "scalar":
+        pytest.skip("the scalar path is covered on small shapes")
+    for fmt, opts in [("int8", {}), ("int4", {}), ("nf4", {"double_quant": True})]:
+        qw = lowbit.quantize_weight(torch.randn(300, 1536), fmt, **opts)
+        for M in (1, 3, 8, 33):
+            x = torch.randn(M, 1536).to(dt)
+            assert_fast_close(run(isa, x, qw), R.linear(x, qw), x, qw, msg=f"{isa} {fmt} M={M}")
+
+
+def test_public_linear_leading_dims_strides_and_dtypes():
+    qw = lowbit.quantize_weight(torch.randn(24, 96), "int4", group_size=32)
+    bias = torch.randn(24)
+    base = torch.randn(2, 3, 200)
+    cases = {
+        "3d": torch.randn(2, 3, 96),
+        "non-contiguous rows": base[..., 10:106],
+        "transposed": torch.randn(96, 6).t(),
+        "single row": torch.randn(96),
+        "empty": torch.randn(0, 96),
+    }
+    for name, x in cases.items():
+        for dt in DTYPES:
+            xd = x.to(dt)
+            y = lowbit.linear(xd, qw, bias)
+            assert y.dtype == dt and y.shape == (*x.shape[:-1], 24), name
+            if xd.numel():
+                assert_fast_close(y, R.linear(xd, qw, bias), xd, qw, bias, msg=name)
+
+
+def test_bias_dtype_and_quantlinear_forward():
+    lin = torch.nn.Linear(200, 48)
+    for fmt, opts in [("int8", {}), ("int4", {"group_size": 64}), ("nf4", {})]:
+        q = lowbit.QuantLinear.from_linear(lin, fmt, **opts)
+        x = torch.randn(3, 5, 200)
+        qw = lowbit.quantize_weight(lin.weight, fmt, **opts)
+        assert_fast_close(q(x), R.linear(x, qw, lin.bias), x, qw, lin.bias, msg=fmt)
+    qw = lowbit.quantize_weight(torch.randn(16, 64), "int8")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    b16 = torch.randn(16, dtype=torch.float16)
+    assert_fast_close(lowbit.linear(x, qw, b16), R.linear(x, qw, b16), x, qw, b16)
+
+
+def test_non_finite_activations_give_nan():
+    qw = lowbit.quantize_weight(torch.randn(16, 64), "int4", group_size=32)
+    x = torch.randn(2, 64)
+    x[0, 5] = math.inf
+    y = lowbit.linear(x, qw)
+    assert bool(y[0].isnan().all()) and bool(y[1].isfinite().all())
+
+
+def test_threads_give_identical_results(monkeypatch):
+    qw = lowbit.quantize_weight(torch.randn(1000, 512), "nf4")
+    x = torch.randn(7, 512)
+    monkeypatch.setenv("LOWBIT_NUM_THREADS", "1")
+    one = lowbit.linear(x, qw)
+    for n in ("2", "3", "8"):
+        monkeypatch.setenv("LOWBIT_NUM_THREADS", n)
+        assert torch.equal(lowbit.linear(x, qw), one)
+
+
+# ---- path selection, the exact path, the packed-weight cache -----------------------------------
+def test_both_paths_selectable_and_exact_path_unchanged(monkeypatch):
+    C = _backend.ext()
+    qw = lowbit.quantize_weight(torch.randn(40, 256), "int4")
+    x = torch.randn(5, 256)
+    direct = torch.empty(5, 40)
+    # the exact kernel called directly, as lowbit.linear did before the fast path existed
+    C.linear(*_backend._weight_args(qw), x.data_ptr(), 0, 5, 256, 0, direct.data_ptr(), 0, 40,
+             _backend.num_threads(), "")
+    monkeypatch.delenv("LOWBIT_CPU_PATH", raising=False)
+    assert _backend.cpu_path() == "fast"
+    fast = lowbit.linear(x, qw)
+    assert not torch.equal(fast, direct)  # the activations were quantized
+    monkeypatch.setenv("LOWBIT_CPU_PATH", "exact")
+    assert _backend.cpu_path() == "exact"
+    assert torch.equal(lowbit.linear(x, qw), direct)
+    _backend.set_cpu_path("fast")  # wins over the variable
+    assert torch.equal(lowbit.linear(x, qw), fast)
+    _backend.set_cpu_path("exact")
+    monkeypatch.setenv("LOWBIT_CPU_PATH", "fast")
+    assert torch.equal(lowbit.linear(x, qw), direct)
+    _backend.set_cpu_path(None)
+    assert torch.equal(lowbit.linear(x, qw), fast)
+    with pytest.raises(ValueError, match="CPU path"):
+        _backend.set_cpu_path("fastest")
+    monkeypatch.setenv("LOWBIT_CPU_PATH", "bogus")
+    with pytest.raises(ValueError, match="LOWBIT_CPU_PATH"):
+        lowbit.linear(x, qw)
+
+
+def test_packed_weight_cached_per_isa_and_rebuilt_on_change():
+    C = _backend.ext()
+    qw = lowbit.quantize_weight(torch.randn(40, 256), "int4")
+    x = torch.randn(3, 256)
+    y0 = lowbit.linear(x, qw)
+    active = C.active_isa()
+    blob = qw.cache["cpu_packed:" + active].blob
+    assert blob is not None and blob.dtype == torch.uint8
+    lowbit.linear(x, qw)
+    assert qw.cache["cpu_packed:" + active].blob is blob  # built once
+    for isa in C.supported_isas():  # forcing another ISA packs for it too
+        run(isa, x, qw)
+        assert qw.cache["cpu_packed:" + isa].blob is not None
+    assert qw.cache["cpu_packed:" + active].blob is blob
+    # a fresh QuantizedWeight around the same tensors (the torch.library op path) reuses it
+    qw2 = lowbit.QuantizedWeight(qw.fmt, qw.shape, qw.data, qw.scales, qw.zeros, group_size=qw.group_size,
+                                 symmetric=qw.symmetric)
+    assert torch.equal(lowbit.linear(x, qw2), y0)
+    assert qw2.cache["cpu_packed:" + active].blob is blob
+    # an in-place update of the weight (load_state_dict copies into the buffers) repacks
+    other = lowbit.quantize_weight(torch.randn(40, 256), "int4")
+    for f in ("data", "scales", "zeros"):
+        getattr(qw, f).copy_(getattr(other, f))
+    assert torch.equal(lowbit.linear(x, qw), lowbit.linear(x, other))
+    assert qw.cache["cpu_packed:" + active].blob is not blob
+    # unsupported group size: no blob, the exact path
+    qw16 = lowbit.quantize_weight(torch.randn(8, 64), "nf4", group_size=16)
+    assert _backend.packed_weight(qw16) is None
+    assert torch.equal(lowbit.linear(x[:, :64], qw16), run("", x[:, :64], qw16, path="exact"))
+
+
+def test_autograd_and_compile_use_the_fast_path():
+    lin = torch.nn.Linear(64, 32)
+    q = lowbit.QuantLinear.from_linear(lin, "int4", group_size=32)
+    x = torch.randn(4, 64, requires_grad=True)
+    y = q(x)  # through the custom op: a new QuantizedWeight around the same buffers
+    assert torch.equal(y.detach(), q(x.detach()))
+    y.sum().backward()
+    assert x.grad is not None
+    compiled = torch.compile(q, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x.detach()), q(x.detach()), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_mode_weights():
+    with torch.inference_mode():
+        qw = lowbit.quantize_weight(torch.randn(32, 128), "nf4")
+        x = torch.randn(2, 128)
+        y = lowbit.linear(x, qw)
+        assert torch.equal(lowbit.linear(x, qw), y)
+    assert_fast_close(y, R.linear(x, qw), x, qw)
+
+
+# ---- accuracy on realistic data ----------------------------------------------------------------
+@pytest.mark.parametrize("fmt,opts", [("int8", {}), ("int4", {"group_size": 128}), ("nf4", {})])
+def test_accuracy_figures(fmt, opts, capsys):
+    """Relative error of the fast path against the reference on Gaussian weights and
+    activations with a few outlier channels (as in transformer activations): printed with -s,
+    asserted loosely (an error of order 1/127 of |y| would mean a broken scale)."""
+    torch.manual_seed(1)
+    qw = lowbit.quantize_weight(torch.randn(512, 2048) * 0.02, fmt, **opts)
+    x = torch.randn(16, 2048)
+    x[:, ::97] *= 20  # outlier channels
+    ref = R.linear(x, qw)
+    got = lowbit.linear(x, qw)
+    rel_l2 = float((got - ref).norm() / ref.norm())
+    rel = ((got - ref).abs() / ref.abs().clamp_min(1e-3 * float(ref.abs().mean())))
+    with capsys.disabled():
+        print(f"\n  fast path {fmt} {opts}: relative L2 {rel_l2:.2e}, "
+              f"max rel {float(rel.max()):.2e}, mean rel {float(rel.mean()):.2e}")
+    assert rel_l2 < 0.03
+    assert_fast_close(got, ref, x, qw)

@@ -212,9 +212,9 @@ PYBIND11_MODULE(_C, m) {
       "given weight is supported: packed_size(...) > 0).");
   m.attr("QBLOCK") = kQBlock;
   m.attr("QCHUNK") = kQChunk;
-  m.def("nf4_codebook_i8", [] {
+  m.def("nf4_codebook_i16", [] {
     py::list l;
-    for (int8_t v : kNF4CodebookI8) l.append(int(v));
+    for (int16_t v : kNF4CodebookI16) l.append(int(v));
     return l;
   });
 

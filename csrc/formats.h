@@ -30,10 +30,17 @@ extern const FormatTraits kFormatTraits[kNumFormats];
 // The 16 NormalFloat-4 values (QLoRA; identical to bitsandbytes' NF4 table), ascending.
 extern const float kNF4Codebook[16];
 
-// The NF4 codebook as the fast path's int8 weight codes: round(kNF4Codebook[i] * 127)
-// (the fast path multiplies them by absmax / 127; at most 0.47 / 127 of absmax off the float
-// codebook).
-extern const int8_t kNF4CodebookI8[16];
+// The NF4 codebook as the fast path's integer weight codes: round(kNF4Codebook[i] * 8128),
+// multiplied by absmax / 8128 (8128 = 127 * 64; at most 0.5 / 8128 of absmax off the float
+// codebook). Int8 dot products take each as two int8 terms, c = 64 * hi + lo with
+// hi = kNF4CodebookHi[i] = round(c / 64) in [-127, 127] and lo = kNF4CodebookLo[i] in [-32, 32].
+// (One int8 term, round(cb * 127), is off by up to 0.47 / 127 of absmax with the same sign for
+// every weight of a code: SmolLM2's perplexity moved 0.78%, so the fast path does not use it.)
+constexpr int kNF4CodeScale = 8128;
+constexpr int kNF4HiShift = 6;  // c = (hi << 6) + lo
+extern const int16_t kNF4CodebookI16[16];
+extern const int8_t kNF4CodebookHi[16];
+extern const int8_t kNF4CodebookLo[16];
 
 // Number of double-quantized absmax values that share one (scale, offset) pair.
 constexpr int64_t kNF4DoubleQuantChunk = 256;

@@ -59,7 +59,7 @@ using FromF32Fn = void (*)(const float* src, void* dst, int64_t n);
 //   y[m, n] = sum_g s[n, g] * ( sum_b d[m, b] * dot_b(c[n, :], q[m, :])
 //                               - z[n, g] * sum_b d[m, b] * sum_b(q[m, :]) )
 // with the integer weight codes c (int8: q; int4: the code 0..15 with z its zero-point, 8 when
-// symmetric; nf4: kNF4CodebookI8[code] with s = absmax / 127 and z = 0). Every ISA quantizes
+// symmetric; nf4: kNF4CodebookI16[code], two int8 terms, with s = absmax / 8128 and z = 0). Every ISA quantizes
 // activations bit-identically (same operations, same rounding) and computes the integer dots
 // exactly; only the float accumulation order differs. generic/qgemm.cpp is the readable
 // statement. (Blocks of 16 rather than 32: on SmolLM2 int4 g128 the perplexity moved 0.11%
@@ -71,8 +71,8 @@ constexpr int64_t kQBlock = 16;
 constexpr int64_t kQChunk = 32;
 
 // Quantized activations (written by quantize_row, one row at a time). A row is zero-padded to
-// whole chunks: ldq >= ceil(K / 32) * 32 codes and nblocks = 2 * ceil(K / 32) blocks (a block
-// wholly past K has d = 0 and sum = 0).
+// whole chunks: ldq >= ceil(K / 32) * 32 codes and nblocks = ceil(K / 32) * 32 / kQBlock
+// blocks (a block wholly past K has d = 0 and sum = 0).
 struct QActs {
   const int8_t* q;     // [M, ldq] codes, 0 past K
   const float* d;      // [M, nblocks] block scales
@@ -82,7 +82,7 @@ struct QActs {
   int64_t nblocks;
 };
 
-// One row: x float32 [K] -> q [ceil(K/32) * 32], d and sum [2 * ceil(K/32)].
+// One row: x float32 [K] -> q [ceil(K/32) * 32], d and sum [ceil(K/32) * 32 / kQBlock].
 using QuantizeRowFn = void (*)(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum);
 
 // Bytes of this ISA's packed form of w (the layout below, without the 64-byte header that
@@ -96,7 +96,7 @@ using PackedSizeFn = int64_t (*)(const QWeight& w);
 //  - rows are taken T at a time (rows past N are zero); tile t is tile_bytes consecutive bytes
 //    at t * tile_bytes;
 //  - inside a tile, groups of K in order; group g holds
-//      float32 s[T]   per-row scale (int8: row scale; int4: group scale; nf4: absmax / 127)
+//      float32 s[T]   per-row scale (int8: row scale; int4: group scale; nf4: absmax / 8128)
 //      uint8   z[T]   int4 only: the zero-point (8 for the symmetric variant)
 //      then, for each chunk c of kQChunk = 32 columns inside the group, the codes of T rows:
 //        int8:  8 "quads" of T x 4 bytes: quad j, byte 4r + i = w[r, 32c + 4j + i]

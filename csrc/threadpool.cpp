@@ -27,9 +27,10 @@ inline void cpu_relax() {
 using Clock = std::chrono::steady_clock;
 
 // How long an idle worker keeps polling for the next call before it sleeps on the condition
-// variable (LOWBIT_SPIN_US, default 100 us): back-to-back calls (a model's layers) then start
-// without a futex wake-up (tens of microseconds), while an idle process stops burning CPU
-// soon after its last call.
+// variable (LOWBIT_SPIN_US, default 100 us; 0 sleeps at once): back-to-back calls (a model's
+// layers) then start without a futex wake-up (tens of microseconds), while an idle process
+// stops burning CPU soon after its last call. Polling yields the core after the first few
+// hundred pauses, so it does not hold up other runnable threads.
 std::chrono::microseconds spin_time() {
   static const std::chrono::microseconds t = [] {
     const char* e = std::getenv("LOWBIT_SPIN_US");
@@ -104,7 +105,8 @@ class Pool {
   void wait_done() {
     const auto t0 = Clock::now();
     for (int i = 0; active_.load(std::memory_order_acquire) != 0; ++i) {
-      cpu_relax();
+      if (i < 1024) cpu_relax();
+      else std::this_thread::yield();
       if ((i & 255) == 255 && Clock::now() - t0 > std::chrono::microseconds(200)) {
         std::unique_lock<std::mutex> lk(mu_);
         caller_sleeping_.store(true, std::memory_order_seq_cst);
@@ -124,7 +126,10 @@ class Pool {
         const auto t0 = Clock::now();
         for (int i = 0; (gen = generation_.load(std::memory_order_acquire)) == seen; ++i) {
           if (stop_.load(std::memory_order_relaxed)) return;
-          cpu_relax();
+          // pause first; then yield, so that other runnable threads (torch's own pool between
+          // our calls, on a machine with as many threads as cores) get the core
+          if (i < 256) cpu_relax();
+          else std::this_thread::yield();
           if ((i & 63) == 63 && Clock::now() - t0 > spin_time()) {
             std::unique_lock<std::mutex> lk(mu_);
             sleeping_.fetch_add(1, std::memory_order_seq_cst);

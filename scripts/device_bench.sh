@@ -11,9 +11,7 @@ OUT=${1:-/tmp/lowbit-device}
 MODE=${2:-full}
 mkdir -p "$OUT"
 BUILD=$ROOT/build/device
-lscpu | grep -E "Model name|Flags" | sed 's/Flags:/Flags (avx512):/; s/ \([a-z0-9_]*\)/ \1/g' \
-  | tr ' ' '\n' | grep -E "Model|name|avx512|amx|^Intel|^AMD|Xeon|EPYC" | tr '\n' ' ' >"$OUT/cpu.txt"
-echo >>"$OUT/cpu.txt"
+{ lscpu | grep -E "Model name|^CPU\(s\)|L3"; grep -o -w 'avx512[a-z_0-9]*\|amx[a-z_0-9]*\|avx_vnni' /proc/cpuinfo | sort -u | tr '\n' ' '; echo; } >"$OUT/cpu.txt"
 cat "$OUT/cpu.txt"
 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOWBIT_BUILD_PYTHON=OFF \
   -DLOWBIT_BUILD_TESTS=ON >"$OUT/build.log" 2>&1 && cmake --build "$BUILD" -j 16 >>"$OUT/build.log" 2>&1 \
@@ -25,16 +23,19 @@ grep -E "^FAIL" "$OUT/tests.out" | head -20
 
 B=$BUILD/lowbit_bench
 PIN="taskset -c 2,3"
+[[ $(nproc) -lt 4 ]] && PIN="taskset -c 0,1"
+V=${ISA_VNNI:-avx512vnni}
+P=${ISA_PLAIN:-avx512}
 if [[ $MODE == quick ]]; then
-  $PIN $B --isa avx512vnni --shapes 4096x4096 --m 1,32 --threads 2 --paths fast --reps 10 --max-seconds 0.5 | tee "$OUT/bench_vnni.txt"
+  $PIN $B --isa $V --shapes 4096x4096 --m 1,32 --threads 2 --paths fast --reps 10 --max-seconds 0.5 | tee "$OUT/bench_vnni.txt"
   exit 0
 fi
 {
-  $PIN $B --isa avx512vnni --shapes 4096x4096,4096x11008 --m 1,8,32,128 --threads 1,2 --paths fast \
+  $PIN $B --isa $V --shapes 4096x4096,4096x11008 --m 1,8,32,128 --threads 1,2 --paths fast \
     --reps 12 --max-seconds 0.6
-  $PIN $B --isa avx512vnni --shapes 4096x4096 --m 1 --threads 2 --paths fast --xdtype bf16 --reps 12 --max-seconds 0.6
-  $PIN $B --isa avx512vnni --shapes 4096x4096 --m 1,32 --threads 2 --paths exact --reps 8 --max-seconds 0.6
-  $PIN $B --isa avx512 --shapes 4096x4096 --m 1,32,128 --threads 2 --paths fast --reps 8 --max-seconds 0.6
+  $PIN $B --isa $V --shapes 4096x4096 --m 1 --threads 2 --paths fast --xdtype bf16 --reps 12 --max-seconds 0.6
+  $PIN $B --isa $V --shapes 4096x4096 --m 1,32 --threads 2 --paths exact --reps 8 --max-seconds 0.6
+  $PIN $B --isa $P --shapes 4096x4096 --m 1,32,128 --threads 2 --paths fast --reps 8 --max-seconds 0.6
   $PIN $B --isa avx2 --shapes 4096x4096 --m 1,32,128 --threads 2 --paths fast --reps 8 --max-seconds 0.6
 } 2>&1 | tee "$OUT/bench_lowbit.txt"
 if python3 -c "import torch" 2>/dev/null; then

@@ -1,21 +1,21 @@
 """The activation-quantized CPU fast path (lowbit._backend, csrc/kernel_api.h "fast path").
 
-What it computes: each activation row is quantized in blocks of 16 along K,
+What it computes: each activation row is quantized in blocks of QBLOCK = 16 along K,
 
     a = max |x| over the block,  d = a / 127,  q = round_half_even(x * (127 / a))  in [-127, 127]
 
 (float32 operations; a block with a < 2^-120 quantizes to 0), and y = x_hat @ W_fast^T with
 x_hat = q * d and W_fast the weight as integer codes times its scales: int8 and int4 exactly
-the reference's weights, nf4 with the codebook rounded to int8 (round(127 * value), times
-absmax / 127).
+the reference's weights, nf4 with the codebook rounded to 14 bits (round(8128 * value), times
+absmax / 8128; the kernels take it as two int8 terms).
 
 Tolerance (fast_tolerance below), derived from that quantization, not fitted:
 
     |y_fast - y_ref| <= sum_k |w_k| * (d_k / 2 + 1e-6 |x_k|)                 activation rounding
-                      + sum_k |x_hat_k| * absmax_k * (e_cb + 1e-6)           nf4's int8 codebook
+                      + sum_k |x_hat_k| * absmax_k * (e_cb + 1e-6)           nf4's integer codebook
                       + 1e-5 * (sum_k |w_k x_k| + sum_k |x_hat_k| |c_k + z_k| |s_k|)  float sums
 
-where d_k is the scale of x_k's block, e_cb = max_i |round(127 cb_i) / 127 - cb_i| (= 0.467 / 127)
+where d_k is the scale of x_k's block, e_cb = max_i |round(8128 cb_i) / 8128 - cb_i| (< 0.5 / 8128)
 and the last term is the float32 accumulation (as lowbit.testing allows the exact path, with
 the zero-point kept apart from the codes as the kernels do). Rounding x * 127/a is off by at
 most half a code (d / 2) plus the roundings of d and 127/a (the 1e-6 |x| term). This is a
@@ -40,13 +40,16 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KS = (1, 7, 31, 32, 33, 63, 64, 65, 127, 128, 129, 257, 576, 1000)
 NS = (1, 3, 17, 40)
 MS = (1, 2, 3, 5, 9)
-QBLOCK = 16  # activation block
-QCHUNK = 32  # weight-code chunk: groups must be whole chunks (or one group per row)
-NF4_I8 = [round(127 * v) for v in F.NF4_CODEBOOK]
+QBLOCK = _backend.ext().QBLOCK  # activation block (16)
+QCHUNK = _backend.ext().QCHUNK  # weight-code chunk (32): groups must be whole chunks, or one per row
+NF4_I16 = [round(8128 * v) for v in F.NF4_CODEBOOK]  # nf4's fast-path codes (127 * 64 = 8128)
 
 
 @pytest.fixture(autouse=True)
-def _default_path():
+def _default_path(monkeypatch):
+    # The fast path is opt-in (the default is exact): these tests exercise it through the
+    # variable, as a user would.
+    monkeypatch.setenv("LOWBIT_CPU_PATH", "fast")
     _backend.set_cpu_path(None)
     yield
     _backend.set_cpu_path(None)
@@ -62,7 +65,7 @@ def supported(qw) -> bool:
 # ---- the spec, in torch ----------------------------------------------------------------------
 def quantize_activations(x2d: torch.Tensor):
     """q int8 [M, ldq], d float32 [M, nb], sum int32 [M, nb] (the kernel_api.h statement):
-    the row zero-padded to ldq = ceil(K / 32) * 32 columns, nb = ldq / 16 blocks."""
+    the row zero-padded to ldq = ceil(K / 32) * 32 columns, nb = ldq / QBLOCK blocks."""
     x = x2d.float()
     M, K = x.shape
     ldq = -(-K // QCHUNK) * QCHUNK
@@ -102,10 +105,10 @@ def fast_tolerance(x, qw, expected, bias=None, out_dtype=None):
         absmax = R.dequantize(lowbit.QuantizedWeight(  # absmax per element: decode code 15 (1.0)
             "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
             double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
-        e_cb = max(abs(i / 127 - v) for i, v in zip(NF4_I8, F.NF4_CODEBOOK))
+        e_cb = max(abs(i / 8128 - v) for i, v in zip(NF4_I16, F.NF4_CODEBOOK))
         tol = tol + xh.abs() @ (absmax * (e_cb + 1e-6)).T
         c = R.unpack_nibbles(qw.data, K).long()
-        wmag = torch.tensor(NF4_I8, dtype=torch.float64).abs()[c] * absmax / 127
+        wmag = torch.tensor(NF4_I16, dtype=torch.float64).abs()[c] * absmax / 8128
     mag = x64.abs() @ w.abs().T + xh.abs() @ wmag.T
     if bias is not None:
         mag = mag + bias.double().abs()
@@ -268,7 +271,9 @@ def test_both_paths_selectable_and_exact_path_unchanged(monkeypatch):
     C.linear(*_backend._weight_args(qw), x.data_ptr(), 0, 5, 256, 0, direct.data_ptr(), 0, 40,
              _backend.num_threads(), "")
     monkeypatch.delenv("LOWBIT_CPU_PATH", raising=False)
-    assert _backend.cpu_path() == "fast"
+    assert _backend.cpu_path() == "exact"  # the default
+    assert torch.equal(lowbit.linear(x, qw), direct)
+    monkeypatch.setenv("LOWBIT_CPU_PATH", "fast")
     fast = lowbit.linear(x, qw)
     assert not torch.equal(fast, direct)  # the activations were quantized
     monkeypatch.setenv("LOWBIT_CPU_PATH", "exact")
@@ -294,25 +299,25 @@ def test_packed_weight_cached_per_isa_and_rebuilt_on_change():
     x = torch.randn(3, 256)
     y0 = lowbit.linear(x, qw)
     active = C.active_isa()
-    blob = qw.cache["cpu_packed:" + active].blob
+    blob = qw.cache["cpu_packed:" + active].blob.tensor
     assert blob is not None and blob.dtype == torch.uint8
     lowbit.linear(x, qw)
-    assert qw.cache["cpu_packed:" + active].blob is blob  # built once
+    assert qw.cache["cpu_packed:" + active].blob.tensor is blob  # built once
     for isa in C.supported_isas():  # forcing another ISA packs for it too
         run(isa, x, qw)
-        assert qw.cache["cpu_packed:" + isa].blob is not None
-    assert qw.cache["cpu_packed:" + active].blob is blob
+        assert qw.cache["cpu_packed:" + isa].blob.tensor is not None
+    assert qw.cache["cpu_packed:" + active].blob.tensor is blob
     # a fresh QuantizedWeight around the same tensors (the torch.library op path) reuses it
     qw2 = lowbit.QuantizedWeight(qw.fmt, qw.shape, qw.data, qw.scales, qw.zeros, group_size=qw.group_size,
                                  symmetric=qw.symmetric)
     assert torch.equal(lowbit.linear(x, qw2), y0)
-    assert qw2.cache["cpu_packed:" + active].blob is blob
+    assert qw2.cache["cpu_packed:" + active].blob.tensor is blob
     # an in-place update of the weight (load_state_dict copies into the buffers) repacks
     other = lowbit.quantize_weight(torch.randn(40, 256), "int4")
     for f in ("data", "scales", "zeros"):
         getattr(qw, f).copy_(getattr(other, f))
     assert torch.equal(lowbit.linear(x, qw), lowbit.linear(x, other))
-    assert qw.cache["cpu_packed:" + active].blob is not blob
+    assert qw.cache["cpu_packed:" + active].blob.tensor is not blob
     # unsupported group size: no blob, the exact path
     qw16 = lowbit.quantize_weight(torch.randn(8, 64), "nf4", group_size=16)
     assert _backend.packed_weight(qw16) is None
@@ -359,3 +364,7 @@ def test_accuracy_figures(fmt, opts, capsys):
               f"max rel {float(rel.max()):.2e}, mean rel {float(rel.mean()):.2e}")
     assert rel_l2 < 0.03
     assert_fast_close(got, ref, x, qw)
+
+
+def test_nf4_codebook_tables():
+    assert _backend.ext().nf4_codebook_i16() == NF4_I16

@@ -49,10 +49,10 @@ static inline int64_t packed_size(const QWeight& w, int64_t T) {
   return ceil_div(w.N, T) * tile_bytes(w, T);
 }
 
-// The fast path's per-row scale of group g (nf4: absmax / 127, the codebook being int8).
+// The fast path's per-row scale of group g (nf4: absmax / 8128, see kNF4CodebookI16).
 static inline float fast_scale(const QWeight& w, int64_t n, int64_t g) {
   const float s = group_scale(w, n, g);
-  return w.fmt == kNF4 ? s / 127.0f : s;
+  return w.fmt == kNF4 ? s / float(kNF4CodeScale) : s;
 }
 
 // Integer weight code of w[n, k] as stored (int8: the value; 4-bit: the nibble).

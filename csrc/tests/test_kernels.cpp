@@ -510,7 +510,8 @@ static void test_dequantize_api(const KernelTable& tab, const TestWeight& t, DTy
 // it sums (magf below: the only differences are float summation order and FMA), and the exact
 // reference within the bound the quantization itself allows (fast_bound below).
 
-static const int8_t kOwnNF4I8[16] = {-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127};
+// round(codebook * 8128), 8128 = 127 * 64 (kernel_api.h: nf4's fast-path codes)
+static int own_nf4_code(int i) { return int(std::lround(double(kOwnNF4[i]) * 8128.0)); }
 
 struct OwnQActs {
   int64_t M = 0, K = 0, nb = 0, ldq = 0;
@@ -529,14 +530,14 @@ struct OwnQActs {
   }
 };
 
-// Blocks of 16 over the row padded to whole chunks of 32: a = max |x|; d = a / 127;
+// Blocks of kQBlock over the row padded to whole chunks of 32: a = max |x|; d = a / 127;
 // q = RNE(x * (127 / a)) with the float product (nearbyint: the default rounding mode is RNE);
 // a < 2^-120: zero; a inf / NaN: d NaN, q 0.
 static void own_quantize(const std::vector<float>& x, int64_t M, int64_t K, OwnQActs& o) {
   o.M = M;
   o.K = K;
   o.ldq = (K + 31) / 32 * 32;  // whole chunks of 32 columns
-  o.nb = o.ldq / 16;           // blocks of 16
+  o.nb = o.ldq / kQBlock;      // blocks of kQBlock
   o.q.assign(size_t(M * o.ldq), 0);
   o.d.assign(size_t(M * o.nb), 0.0f);
   o.sum.assign(size_t(M * o.nb), 0);
@@ -544,7 +545,7 @@ static void own_quantize(const std::vector<float>& x, int64_t M, int64_t K, OwnQ
     for (int64_t b = 0; b < o.nb; ++b) {
       float a = 0.0f;
       bool nonfinite = false;
-      for (int64_t k = 16 * b; k < std::min<int64_t>(K, 16 * b + 16); ++k) {
+      for (int64_t k = kQBlock * b; k < std::min<int64_t>(K, kQBlock * (b + 1)); ++k) {
         const float v = x[size_t(m * K + k)];
         if (!std::isfinite(v)) nonfinite = true;
         else a = std::max(a, std::fabs(v));
@@ -555,7 +556,7 @@ static void own_quantize(const std::vector<float>& x, int64_t M, int64_t K, OwnQ
       d = a / 127.0f;
       const float inv = 127.0f / a;
       int32_t s = 0;
-      for (int64_t k = 16 * b; k < std::min<int64_t>(K, 16 * b + 16); ++k) {
+      for (int64_t k = kQBlock * b; k < std::min<int64_t>(K, kQBlock * (b + 1)); ++k) {
         const float prod = x[size_t(m * K + k)] * inv;
         const int qv = int(std::nearbyint(prod));
         o.q[size_t(m * o.ldq + k)] = int8_t(qv);
@@ -591,9 +592,9 @@ static void fast_weight(const TestWeight& t, int64_t n, int64_t k, int& c, int& 
   } else {
     absmax = t.scales[n * w.n_groups + g];
   }
-  c = kOwnNF4I8[q];
+  c = own_nf4_code(q);
   z = 0;
-  s = absmax / 127.0f;
+  s = absmax / 8128.0f;
 }
 
 // The packed layout works in chunks of 32 columns: groups must be whole chunks (or one group).
@@ -602,12 +603,12 @@ static bool fast_supported(const QWeight& w) { return w.n_groups == 1 || w.group
 // y_fast[m, n] in double, magf = sum of |terms| the kernels sum, and bound = how far the fast
 // path may be from the exact reference:
 //   sum_k |w_k| (d_b / 2 + 1e-6 |x_k|)          activation rounding (and the roundings of d, 1/d)
-// + sum_k |q_k d_b| |absmax_g| (e_cb + 1e-6)    nf4 only: int8 codebook, e_cb = max |cb8/127 - cb|
+// + sum_k |q_k d_b| |absmax_g| (e_cb + 1e-6)    nf4 only: e_cb = max |round(8128 cb) / 8128 - cb|
 static void fast_reference(const TestWeight& t, const std::vector<float>& xv, const OwnQActs& qa,
                            std::vector<double>& yf, std::vector<double>& magf, std::vector<double>& bound) {
   const int64_t N = t.w.N, K = t.w.K, M = qa.M;
   double e_cb = 0;
-  for (int i = 0; i < 16; ++i) e_cb = std::max(e_cb, std::fabs(double(kOwnNF4I8[i]) / 127.0 - double(kOwnNF4[i])));
+  for (int i = 0; i < 16; ++i) e_cb = std::max(e_cb, std::fabs(double(own_nf4_code(i)) / 8128.0 - double(kOwnNF4[i])));
   yf.assign(size_t(M * N), 0.0);
   magf.assign(size_t(M * N), 0.0);
   bound.assign(size_t(M * N), 0.0);
@@ -618,13 +619,13 @@ static void fast_reference(const TestWeight& t, const std::vector<float>& xv, co
         int c, z;
         float s;
         fast_weight(t, n, k, c, z, s);
-        const int64_t b = k / 16;
+        const int64_t b = k / kQBlock;
         const double d = qa.d[size_t(m * qa.nb + b)], q = qa.q[size_t(m * qa.ldq + k)];
         y += double(s) * d * double(c - z) * q;
         mg += std::fabs(double(s) * d * q) * (std::abs(c) + std::abs(z));
         const double wv = t.ref[size_t(n * K + k)], xk = xv[size_t(m * K + k)];
         bd += std::fabs(wv) * (d * 0.5 + 1e-6 * std::fabs(xk));
-        if (t.v == kVNF4 || t.v == kVNF4DQ) bd += std::fabs(q * d) * std::fabs(double(s) * 127.0) * (e_cb + 1e-6);
+        if (t.v == kVNF4 || t.v == kVNF4DQ) bd += std::fabs(q * d) * std::fabs(double(s) * 8128.0) * (e_cb + 1e-6);
       }
       yf[size_t(m * N + n)] = y;
       magf[size_t(m * N + n)] = mg;
@@ -643,10 +644,10 @@ static void test_quantize_rows(const std::vector<const KernelTable*>& tabs, cons
     for (int64_t K : Ks) {
       std::vector<float> x(static_cast<size_t>(K));
       for (int64_t k = 0; k < K; ++k) x[size_t(k)] = rng.uniform(-3.0f, 3.0f) * (rep == 1 ? 1e-30f : rep == 2 ? 1e30f : 1.0f);
-      const int64_t ldq = (K + 31) / 32 * 32, nb = ldq / 16;
+      const int64_t ldq = (K + 31) / 32 * 32, nb = ldq / kQBlock;
       if (rep >= 3) {  // special blocks
         for (int64_t b = 0; b < nb; ++b) {
-          const int64_t k0 = 16 * b, k1 = std::min<int64_t>(K, k0 + 16);
+          const int64_t k0 = kQBlock * b, k1 = std::min<int64_t>(K, k0 + kQBlock);
           const int kind = int((b + rep) % 6);
           for (int64_t k = k0; k < k1; ++k) {
             float& v = x[size_t(k)];
@@ -1231,6 +1232,11 @@ int main(int argc, char** argv) {
 
   g_ctx = "dispatch";
   check(std::memcmp(kNF4Codebook, kOwnNF4, sizeof kOwnNF4) == 0, "kNF4Codebook differs from the QLoRA table");
+  for (int i = 0; i < 16; ++i) {
+    check(kNF4CodebookI16[i] == own_nf4_code(i), "kNF4CodebookI16[%d] != round(8128 * codebook)", i);
+    check(64 * kNF4CodebookHi[i] + kNF4CodebookLo[i] == kNF4CodebookI16[i] && std::abs(kNF4CodebookLo[i]) <= 32,
+          "kNF4CodebookHi/Lo[%d] do not split kNF4CodebookI16", i);
+  }
   for (const std::string& name : compiled) {
     bool sup = false;
     for (const std::string& s : supported) sup = sup || s == name;

@@ -22,7 +22,6 @@ import copy
 import importlib.util
 import math
 import os
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -417,14 +416,27 @@ def size_stats(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict:
 def cache_bytes(model: nn.Module) -> int:
     """Bytes of backend-derived copies held by the QuantLinear weights (e.g. the CPU fast path's
     repacked weight, built on first use and kept in ``QuantizedWeight.cache``)."""
+    from . import _backend
     from .nn import QuantLinear
+    packed_weight = getattr(_backend, "packed_weight", None)
+    if packed_weight is None:
+        return 0
+    seen = set()
     total = 0
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            for entry in getattr(mod.qweight, "cache", {}).values():
-                blob = getattr(entry, "blob", entry)
-                if isinstance(blob, torch.Tensor):
-                    total += _tensor_bytes(blob)
+        if not isinstance(mod, QuantLinear):
+            continue
+        qw = mod.qweight
+        for key in list(getattr(qw, "cache", {})):
+            if not key.startswith("cpu_packed:"):
+                continue
+            try:  # already built: packed_weight returns the cached tensor
+                t = packed_weight(qw, key.split(":", 1)[1])
+            except Exception:
+                continue
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += _tensor_bytes(t)
     return total
 
 
@@ -502,8 +514,13 @@ def _rss_bytes() -> int:
 
 
 def _peak_rss_bytes() -> int:
+    """The process's peak resident set size (getrusage), else 0 where unavailable (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if os.uname().sysname == "Darwin" else r * 1024
+    return r if os.uname().sysname == "Darwin" else r * 1024  # macOS reports bytes, Linux KiB
 
 
 # ---- the evaluation -----------------------------------------------------------------------
@@ -673,10 +690,30 @@ def plot(results: Sequence[dict], path: str, title: str = "") -> None:
     xs = [r["bits_per_weight"] for r in results]
     ys = [r["perplexity"] for r in results]
     ax.scatter(xs, ys)
-    order = sorted(range(len(results)), key=lambda i: (xs[i], ys[i]))
-    for j, i in enumerate(order):  # alternate label sides so neighbours don't overlap
-        ax.annotate(results[i]["config"], (xs[i], ys[i]), textcoords="offset points",
-                    xytext=(5, 4) if j % 2 == 0 else (5, -11), fontsize=8)
+    # Labels in a column to the right of each cluster of nearby sizes (sorted by perplexity,
+    # spaced apart), joined to their points by thin lines, so the 4-bit cluster stays legible.
+    span = (max(ys) - min(ys)) or 1.0
+    gap = 0.06 * span
+    order = sorted(range(len(results)), key=lambda i: xs[i])
+    clusters: List[List[int]] = []
+    for i in order:
+        if clusters and math.log2(xs[i]) - math.log2(xs[clusters[-1][-1]]) < 0.5:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    for cl in clusters:
+        cl.sort(key=lambda i: ys[i])
+        x_text = max(xs[i] for i in cl) * 2 ** 0.25
+        y_text = []
+        for i in cl:  # push each label up until it clears the one below
+            y = ys[i] if not y_text else max(ys[i], y_text[-1] + gap)
+            y_text.append(y)
+        shift = (sum(ys[i] for i in cl) - sum(y_text)) / len(cl)  # re-centre the column
+        for i, y in zip(cl, y_text):
+            ax.annotate(results[i]["config"], (xs[i], ys[i]), xytext=(x_text, y + shift),
+                        textcoords="data", fontsize=8, va="center",
+                        arrowprops={"arrowstyle": "-", "color": "gray", "linewidth": 0.6})
+    ax.set_xlim(min(xs) / 2 ** 0.3, max(xs) * 2 ** 1.2)
     base = next((r for r in results if r["fmt"] is None), None)
     if base is not None:
         ax.axhline(base["perplexity"], color="gray", linestyle="--", linewidth=0.8)

@@ -30,9 +30,12 @@ struct V {
   static inline I and_(I a, I b) { return _mm256_and_si256(a, b); }
   static inline I srli4(I a) { return _mm256_srli_epi16(a, 4); }
   static inline I shuffle8(I tbl, I idx) { return _mm256_shuffle_epi8(tbl, idx); }
-  static inline I nf4_table() {
-    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4CodebookI8)));
+  // the 16 bytes tbl[i] + off in both 128-bit lanes (a vpshufb table)
+  static inline I table16(const int8_t* tbl, int off) {
+    return _mm256_broadcastsi128_si256(_mm_add_epi8(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(tbl)), _mm_set1_epi8(char(off))));
   }
+  static inline I slli32(I a, int n) { return _mm256_slli_epi32(a, n); }
   static inline I maddubs(I u, I s) { return _mm256_maddubs_epi16(u, s); }
   static inline I madd1(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
   static inline I add16(I a, I b) { return _mm256_add_epi16(a, b); }
@@ -71,7 +74,8 @@ static inline __m256i quant8(__m256 v, __m256 inv) {
 }
 
 void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
-  const int64_t nb = 2 * ceil_div(K, kQChunk);  // whole chunks: a block past K is all zero
+  constexpr int kV = int(kQBlock / 8);  // vectors of 8 floats per block
+  const int64_t nb = ceil_div(K, kQChunk) * (kQChunk / kQBlock);  // a block past K is all zero
   const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t k0 = b * kQBlock, len = k0 < K ? min64(kQBlock, K - k0) : 0;
@@ -81,9 +85,12 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) 
       for (int64_t i = 0; i < kQBlock; ++i) tmp[i] = i < len ? src[i] : 0.0f;
       src = tmp;
     }
-    const __m256 v0 = _mm256_loadu_ps(src), v1 = _mm256_loadu_ps(src + 8);
-    const __m256i mx = _mm256_max_epi32(_mm256_and_si256(_mm256_castps_si256(v0), absmask),
-                                        _mm256_and_si256(_mm256_castps_si256(v1), absmask));
+    __m256 v[kV];
+    __m256i mx = _mm256_setzero_si256();
+    for (int i = 0; i < kV; ++i) {
+      v[i] = _mm256_loadu_ps(src + 8 * i);
+      mx = _mm256_max_epi32(mx, _mm256_and_si256(_mm256_castps_si256(v[i]), absmask));
+    }
     __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
     m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0x4e));
     m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0xb1));
@@ -95,16 +102,21 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) 
       continue;
     }
     const __m256 vinv = _mm256_set1_ps(inv);
-    const __m256i i0 = quant8(v0, vinv), i1 = quant8(v1, vinv);
-    __m256i s = _mm256_add_epi32(i0, i1);
+    __m256i iv[kV];
+    __m256i s = _mm256_setzero_si256();
+    for (int i = 0; i < kV; ++i) {
+      iv[i] = quant8(v[i], vinv);
+      s = _mm256_add_epi32(s, iv[i]);
+    }
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
     sum[b] = _mm_cvtsi128_si32(s4);
     // narrow to bytes: packs works within 128-bit lanes, the qword permute restores k order
-    const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8);
+    const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(iv[0], iv[kV - 1]), 0xd8);
     const __m128i p8 = _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0), p8);
+    if constexpr (kV == 2) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0), p8);
+    else _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k0), p8);
   }
 }
 

@@ -31,9 +31,12 @@ struct V512 {
   static inline I and_(I a, I b) { return _mm512_and_si512(a, b); }
   static inline I srli4(I a) { return _mm512_srli_epi16(a, 4); }
   static inline I shuffle8(I tbl, I idx) { return _mm512_shuffle_epi8(tbl, idx); }
-  static inline I nf4_table() {
-    return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kNF4CodebookI8)));
+  // the 16 bytes tbl[i] + off in all four 128-bit lanes (a vpshufb table)
+  static inline I table16(const int8_t* tbl, int off) {
+    return _mm512_broadcast_i32x4(_mm_add_epi8(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(tbl)), _mm_set1_epi8(char(off))));
   }
+  static inline I slli32(I a, int n) { return _mm512_slli_epi32(a, unsigned(n)); }
   static inline I maddubs(I u, I s) { return _mm512_maddubs_epi16(u, s); }
   static inline I madd1(I a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
   static inline I add16(I a, I b) { return _mm512_add_epi16(a, b); }
@@ -67,11 +70,13 @@ struct V512 {
 // the codes are within [-127, 127]). A block is one zmm; the short last one is loaded masked.
 static inline void quantize_row_avx512(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
   using namespace detail;
-  const int64_t nb = 2 * ceil_div(K, kQChunk);  // whole chunks: a block past K is all zero
+  const int64_t nb = ceil_div(K, kQChunk) * (kQChunk / kQBlock);  // a block past K is all zero
   const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+  const __mmask16 lanes = avx512::first_lanes16(kQBlock);  // a block is (the low lanes of) one zmm
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t k0 = b * kQBlock;
-    const __m512 v = _mm512_maskz_loadu_ps(avx512::first_lanes16(K - k0), x + k0);
+    const __mmask16 in = lanes & avx512::first_lanes16(K - k0);
+    const __m512 v = _mm512_maskz_loadu_ps(in, x + k0);
     const uint32_t amax = uint32_t(_mm512_reduce_max_epi32(_mm512_and_si512(_mm512_castps_si512(v), absmask)));
     float inv = 0.0f;
     if (!qpack::block_scale(amax, d[b], inv)) {
@@ -81,8 +86,8 @@ static inline void quantize_row_avx512(const float* x, int64_t K, int8_t* q, flo
     }
     constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m512i i0 = _mm512_cvttps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(inv)), kRne));
-    sum[b] = _mm512_reduce_add_epi32(i0);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0), _mm512_cvtsepi32_epi8(i0));
+    sum[b] = _mm512_reduce_add_epi32(i0);  // lanes past the block are 0
+    _mm_mask_storeu_epi8(q + k0, __mmask16(lanes), _mm512_cvtsepi32_epi8(i0));
   }
 }
 

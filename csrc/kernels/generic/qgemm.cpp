@@ -10,7 +10,7 @@ using namespace detail;
 static constexpr int64_t kTile = 1;
 
 void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
-  const int64_t nb = 2 * ceil_div(K, kQChunk);  // whole chunks: a block past K is all zero
+  const int64_t nb = ceil_div(K, kQChunk) * (kQChunk / kQBlock);  // whole chunks: a block past K is 0
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t k0 = b * kQBlock, len = k0 < K ? min64(kQBlock, K - k0) : 0;
     // max |x| on the bit patterns: exact and order-free; inf / NaN compare above every finite
@@ -45,7 +45,7 @@ static inline int chunk_code(const QWeight& w, const uint8_t* chunk, int64_t j) 
   if (w.fmt == kInt8) return int8_t(chunk[j]);
   const uint8_t byte = chunk[j % 16];
   const int c = j < 16 ? (byte & 15) : (byte >> 4);
-  return w.fmt == kNF4 ? kNF4CodebookI8[c] : c;
+  return w.fmt == kNF4 ? kNF4CodebookI16[c] : c;
 }
 
 static void qgemm_any(const QWeight& w, const uint8_t* packed, const QActs& x, int64_t n0,
@@ -67,10 +67,11 @@ static void qgemm_any(const QWeight& w, const uint8_t* packed, const QActs& x, i
         p += qpack::group_head_bytes(w, kTile);
         float dots = 0.0f, sums = 0.0f;  // sum_b d * dot, sum_b d * sum(q)
         for (int64_t e = c + qpack::group_chunks(w, g); c < e; ++c, p += cb) {
-          for (int64_t b = 2 * c; b < 2 * c + 2; ++b) {  // the chunk's two activation blocks
+          const int64_t bpc = kQChunk / kQBlock;  // the chunk's activation blocks
+          for (int64_t b = bpc * c; b < bpc * (c + 1); ++b) {
             int32_t dot = 0;
             for (int64_t j = 0; j < kQBlock; ++j)
-              dot += chunk_code(w, p, (b - 2 * c) * kQBlock + j) * q[b * kQBlock + j];
+              dot += chunk_code(w, p, (b - bpc * c) * kQBlock + j) * q[b * kQBlock + j];
             dots += d[b] * float(dot);
             sums += d[b] * float(qs[b]);
           }

@@ -9,7 +9,8 @@
 // lane and adds each row's 4 products into its int32 lane. Without sdot, the activation quad is replicated (dup by lane), vmull_s8 gives the 16
 // products as s16 (rows 0-1 in one register, rows 2-3 in the other; |c * q| <= 128 * 127) and
 // vpadalq_s16 adds pairs into int32, two partial sums per row, folded by vpaddq_s32 per block.
-// All codes are used as signed bytes (int4's 0..15 too), so no offset is needed.
+// All codes are used as signed bytes (int4's 0..15 too), so no offset is needed; nf4's 14-bit
+// codes are two lookups (hi, lo) and two dots, combined as (hi << 6) + lo per block.
 #pragma once
 #if !defined(__aarch64__)
 #error "kernels/neon is AArch64-only"
@@ -29,6 +30,8 @@ namespace {  // (one definition per translation unit)
 
 using namespace detail;
 constexpr int64_t kQT = 4;  // rows per tile
+constexpr int kQPB = int(kQBlock / 4);   // quads per activation block
+constexpr int kBPC = int(kQChunk / kQBlock);  // activation blocks per chunk
 
 // The block accumulator of one (activation row, tile) pair.
 template <bool kSdot>
@@ -71,7 +74,7 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
   float32x4_t acc[MR][NT];
   for (int m = 0; m < MR; ++m)
     for (int t = 0; t < NT; ++t) acc[m][t] = vdupq_n_f32(0.0f);
-  const int8x16_t cb = vld1q_s8(kNF4CodebookI8);
+  const int8x16_t cb_hi = vld1q_s8(kNF4CodebookHi), cb_lo = vld1q_s8(kNF4CodebookLo);
   const uint8x16_t m4 = vdupq_n_u8(0x0f);
 
   int64_t c = 0;
@@ -90,33 +93,48 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
     for (int m = 0; m < MR; ++m) corr[m] = 0.0f;
     for (const int64_t e = c + qpack::group_chunks(w, g); c < e; ++c) {
       LOWBIT_QUNROLL
-      for (int h = 0; h < 2; ++h) {  // activation blocks 2c (quads 0..3) and 2c + 1 (quads 4..7)
-        const int64_t b = 2 * c + h;
+      for (int h = 0; h < kBPC; ++h) {  // the chunk's activation blocks
+        const int64_t b = kBPC * c + h;
         int8x16_t xv[MR];
-        BlockAcc<D::kSdot> ba[MR][NT];
+        BlockAcc<D::kSdot> ba[MR][NT], bl[MR][NT];  // bl: nf4's low terms
         for (int m = 0; m < MR; ++m) {
-          xv[m] = vld1q_s8(xq[m] + b * kQBlock);
-          for (int t = 0; t < NT; ++t) D::zero(ba[m][t]);
+          const int8_t* xbp = xq[m] + b * kQBlock;
+          if constexpr (kQBlock == 16) xv[m] = vld1q_s8(xbp);
+          else xv[m] = vcombine_s8(vld1_s8(xbp), vdup_n_s8(0));
+          for (int t = 0; t < NT; ++t) {
+            D::zero(ba[m][t]);
+            if constexpr (F == kNF4) D::zero(bl[m][t]);
+          }
         }
         LOWBIT_QUNROLL
-        for (int j = 0; j < 4; ++j) {
-          int8x16_t cq[NT];
+        for (int j = 0; j < kQPB; ++j) {
+          const int qd = h * kQPB + j;  // quad of the chunk (4-bit: vector qd % 4, nibble qd / 4)
+          int8x16_t cq[NT], cl[NT];
           for (int t = 0; t < NT; ++t) {
             if constexpr (F == kInt8) {
-              cq[t] = vld1q_s8(reinterpret_cast<const int8_t*>(p[t]) + 16 * (4 * h + j));
+              cq[t] = vld1q_s8(reinterpret_cast<const int8_t*>(p[t]) + 16 * qd);
             } else {
-              const uint8x16_t v = vld1q_u8(p[t] + 16 * j);
-              const uint8x16_t nib = h == 0 ? vandq_u8(v, m4) : vshrq_n_u8(v, 4);
-              cq[t] = F == kNF4 ? vqtbl1q_s8(cb, nib) : vreinterpretq_s8_u8(nib);
+              const uint8x16_t v = vld1q_u8(p[t] + 16 * (qd % 4));
+              const uint8x16_t nib = qd < 4 ? vandq_u8(v, m4) : vshrq_n_u8(v, 4);
+              if constexpr (F == kNF4) {  // c = 64 * hi + lo
+                cq[t] = vqtbl1q_s8(cb_hi, nib);
+                cl[t] = vqtbl1q_s8(cb_lo, nib);
+              } else {
+                cq[t] = vreinterpretq_s8_u8(nib);
+              }
             }
           }
           quad_dot<D, MR, NT>(cq, xv, ba, j);
+          if constexpr (F == kNF4) quad_dot<D, MR, NT>(cl, xv, bl, j);
         }
         for (int m = 0; m < MR; ++m) {
           const float dm = xd[m][b];
           if constexpr (F == kInt4) corr[m] += dm * float(xs[m][b]);
-          for (int t = 0; t < NT; ++t)
-            acc[m][t] = vfmaq_f32(acc[m][t], vcvtq_f32_s32(D::finish(ba[m][t])), vmulq_n_f32(s[t], dm));
+          for (int t = 0; t < NT; ++t) {
+            int32x4_t dot = D::finish(ba[m][t]);
+            if constexpr (F == kNF4) dot = vaddq_s32(vshlq_n_s32(dot, kNF4HiShift), D::finish(bl[m][t]));
+            acc[m][t] = vfmaq_f32(acc[m][t], vcvtq_f32_s32(dot), vmulq_n_f32(s[t], dm));
+          }
         }
       }
       for (int t = 0; t < NT; ++t) p[t] += cb_bytes;
@@ -169,7 +187,8 @@ static void qgemm_neon(const QWeight& w, const uint8_t* packed, const QActs& x, 
 // The activation quantizer, bit-identical to generic's: vcvtnq (round to nearest, ties to
 // even, whatever the FPCR rounding mode) and exact narrowing (codes within [-127, 127]).
 static inline void quantize_row_neon(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
-  const int64_t nb = 2 * ceil_div(K, kQChunk);  // whole chunks: a block past K is all zero
+  constexpr int kV = int(kQBlock / 4);  // vectors of 4 floats per block
+  const int64_t nb = ceil_div(K, kQChunk) * kBPC;  // whole chunks: a block past K is all zero
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t k0 = b * kQBlock, len = k0 < K ? min64(kQBlock, K - k0) : 0;
     float tmp[kQBlock];
@@ -178,9 +197,9 @@ static inline void quantize_row_neon(const float* x, int64_t K, int8_t* q, float
       for (int64_t i = 0; i < kQBlock; ++i) tmp[i] = i < len ? src[i] : 0.0f;
       src = tmp;
     }
-    float32x4_t v[4];
+    float32x4_t v[kV];
     uint32x4_t mx = vdupq_n_u32(0);
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < kV; ++i) {
       v[i] = vld1q_f32(src + 4 * i);
       mx = vmaxq_u32(mx, vandq_u32(vreinterpretq_u32_f32(v[i]), vdupq_n_u32(0x7fffffffu)));
     }
@@ -191,16 +210,17 @@ static inline void quantize_row_neon(const float* x, int64_t K, int8_t* q, float
       sum[b] = 0;
       continue;
     }
-    int32x4_t qi[4];
+    int32x4_t qi[kV];
     int32x4_t s = vdupq_n_s32(0);
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < kV; ++i) {
       qi[i] = vcvtnq_s32_f32(vmulq_n_f32(v[i], inv));
       s = vaddq_s32(s, qi[i]);
     }
     sum[b] = vaddvq_s32(s);
-    const int16x8_t a = vcombine_s16(vmovn_s32(qi[0]), vmovn_s32(qi[1]));
-    const int16x8_t c = vcombine_s16(vmovn_s32(qi[2]), vmovn_s32(qi[3]));
-    vst1q_s8(q + k0, vcombine_s8(vmovn_s16(a), vmovn_s16(c)));
+    for (int i = 0; i < kV; i += 2) {  // 8 codes per pair of vectors
+      const int16x8_t a = vcombine_s16(vmovn_s32(qi[i]), vmovn_s32(qi[i + 1]));
+      vst1_s8(q + k0 + 4 * i, vmovn_s16(a));
+    }
   }
 }
 

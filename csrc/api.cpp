@@ -220,10 +220,17 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
   thread_local std::vector<int8_t> qbuf;
   thread_local std::vector<float> dbuf;
   thread_local std::vector<int32_t> sbuf;
-  const int64_t ldq = (K + kQChunk - 1) / kQChunk * kQChunk, nb = ldq / kQBlock;
+  thread_local std::vector<float> gbuf;
+  const int64_t block = kQBlockOf[a.w.fmt];
+  const int64_t ldq = (K + kQChunk - 1) / kQChunk * kQChunk, nb = ldq / block;
   qbuf.resize(size_t(M * ldq));
   dbuf.resize(size_t(M * nb));
   sbuf.resize(size_t(M * nb));
+  const int64_t G = a.w.n_groups;
+  // activation blocks per weight group (one group: all of them)
+  const int64_t bpg = G == 1 ? nb : a.w.group / block;
+  gbuf.resize(size_t(M * G));
+  float* gs = gbuf.data();
   int8_t* q = qbuf.data();
   float* d = dbuf.data();
   int32_t* sm = sbuf.data();
@@ -239,7 +246,8 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
         t.to_f32[a.x_dtype](src, row.data(), K);
         xr = row.data();
       }
-      t.quantize_row(xr, K, q + m * ldq, d + m * nb, sm + m * nb);
+      t.quantize_row(xr, K, block, q + m * ldq, d + m * nb, sm + m * nb);
+      group_sums(d + m * nb, sm + m * nb, nb, bpg, G, gs + m * G);
     }
   };
   const int qt = threads_for(M, K, 16, nt, true);  // quantizing costs ~16 MAC-equivalents per element
@@ -256,6 +264,8 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
   xa.M = M;
   xa.ldq = ldq;
   xa.nblocks = nb;
+  xa.block = block;
+  xa.gsum = gs;
 
   int64_t ldyf = 0;
   float* yf = f32_output(a, ldyf);

@@ -177,28 +177,29 @@ PYBIND11_MODULE(_C, m) {
       "The fast path on a packed weight. Returns the seconds per run (repeat runs).");
   m.def(
       "quantize_activations",
-      [](uint64_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, uint64_t q, uint64_t d,
-         uint64_t sum, const std::string& isa) {
+      [](uint64_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t block, uint64_t q,
+         uint64_t d, uint64_t sum, const std::string& isa) {
         const KernelTable& t = isa.empty() ? active_table() : table_for(isa);
         if (M < 0 || K <= 0 || ldx < K) throw std::invalid_argument("bad activation shape");
+        if (block != 8 && block != 16) throw std::invalid_argument("block must be 8 or 16");
         const DType dt = to_dtype(x_dtype);
         const char* xs = ptr<char>(x);
         int8_t* qp = reinterpret_cast<int8_t*>(static_cast<uintptr_t>(q));
         float* dp = reinterpret_cast<float*>(static_cast<uintptr_t>(d));
         int32_t* sp = reinterpret_cast<int32_t*>(static_cast<uintptr_t>(sum));
-        const int64_t ldq = (K + kQChunk - 1) / kQChunk * kQChunk, nb = ldq / kQBlock;
+        const int64_t ldq = (K + kQChunk - 1) / kQChunk * kQChunk, nb = ldq / block;
         const size_t es = dt == kF32 ? 4 : 2;
         py::gil_scoped_release nogil;
         std::vector<float> row(static_cast<size_t>(K));
         for (int64_t m = 0; m < M; ++m) {
           t.to_f32[dt](xs + size_t(m * ldx) * es, row.data(), K);
-          t.quantize_row(row.data(), K, qp + m * ldq, dp + m * nb, sp + m * nb);
+          t.quantize_row(row.data(), K, block, qp + m * ldq, dp + m * nb, sp + m * nb);
         }
       },
-      py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("q"),
-      py::arg("d"), py::arg("sum"), py::arg("isa") = "",
+      py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("K"), py::arg("ldx"), py::arg("block"),
+      py::arg("q"), py::arg("d"), py::arg("sum"), py::arg("isa") = "",
       "The fast path's activation quantizer (for tests): q int8 [M, ldq], d float32 [M, nb], "
-      "sum int32 [M, nb] with ldq = ceil(K / 32) * 32 and nb = ldq / 16.");
+      "sum int32 [M, nb] with ldq = ceil(K / 32) * 32 and nb = ldq / block (8 or 16).");
   m.def(
       "has_fast_path",
       [](const std::string& fmt, const std::string& isa) {
@@ -210,7 +211,11 @@ PYBIND11_MODULE(_C, m) {
       py::arg("fmt"), py::arg("isa") = "",
       "Whether the ISA's table has an activation-quantized fast path for the format (whether a "
       "given weight is supported: packed_size(...) > 0).");
-  m.attr("QBLOCK") = kQBlock;
+  {
+    py::dict qb;  // activation block of the fast path per format name
+    for (int i = 0; i < kNumFormats; ++i) qb[kFormatTraits[i].name] = kQBlockOf[i];
+    m.attr("QBLOCK") = qb;
+  }
   m.attr("QCHUNK") = kQChunk;
   m.def("nf4_codebook_i16", [] {
     py::list l;

@@ -32,12 +32,14 @@ extern const float kNF4Codebook[16];
 
 // The NF4 codebook as the fast path's integer weight codes: round(kNF4Codebook[i] * 8128),
 // multiplied by absmax / 8128 (8128 = 127 * 64; at most 0.5 / 8128 of absmax off the float
-// codebook). Int8 dot products take each as two int8 terms, c = 64 * hi + lo with
-// hi = kNF4CodebookHi[i] = round(c / 64) in [-127, 127] and lo = kNF4CodebookLo[i] in [-32, 32].
+// codebook). Int8 dot products take each as two int8 terms, c = 128 * hi + lo with
+// hi = kNF4CodebookHi[i] = round(c / 128) in [-63, 64] and lo = kNF4CodebookLo[i] in [-64, 59]:
+// both are within [-64, 64], so hi + 64 and lo + 64 are unsigned bytes of at most 128 whose
+// vpmaddubsw pairs (<= 2 * 128 * 127) cannot saturate.
 // (One int8 term, round(cb * 127), is off by up to 0.47 / 127 of absmax with the same sign for
 // every weight of a code: SmolLM2's perplexity moved 0.78%, so the fast path does not use it.)
 constexpr int kNF4CodeScale = 8128;
-constexpr int kNF4HiShift = 6;  // c = (hi << 6) + lo
+constexpr int kNF4HiShift = 7;  // c = (hi << 7) + lo
 extern const int16_t kNF4CodebookI16[16];
 extern const int8_t kNF4CodebookHi[16];
 extern const int8_t kNF4CodebookLo[16];

@@ -51,28 +51,30 @@ using FromF32Fn = void (*)(const float* src, void* dst, int64_t n);
 
 // ---- the activation-quantized fast path ("fast"; the functions above are the "exact" path) ----
 //
-// Activations are quantized per row in blocks of kQBlock = 16 columns (python/lowbit/_backend.py
-// and tests/test_fast_path.py restate this):
+// Activations are quantized per row in blocks of B = kQBlockOf[format] columns (16 for int8, 8
+// for int4 and nf4; python/lowbit/_backend.py and tests/test_fast_path.py restate this):
 //   a = max |x| over the block, d = a / 127, q = round_half_even(x * (127 / a)) in [-127, 127]
 //   (a < 2^-120, zero included: d = 0 and q = 0;  a inf or NaN: d = NaN and q = 0)
 // and the weight is multiplied as integers: per row n, group g and block b inside g
 //   y[m, n] = sum_g s[n, g] * ( sum_b d[m, b] * dot_b(c[n, :], q[m, :])
 //                               - z[n, g] * sum_b d[m, b] * sum_b(q[m, :]) )
 // with the integer weight codes c (int8: q; int4: the code 0..15 with z its zero-point, 8 when
-// symmetric; nf4: kNF4CodebookI16[code], two int8 terms, with s = absmax / 8128 and z = 0). Every ISA quantizes
-// activations bit-identically (same operations, same rounding) and computes the integer dots
-// exactly; only the float accumulation order differs. generic/qgemm.cpp is the readable
-// statement. (Blocks of 16 rather than 32: on SmolLM2 int4 g128 the perplexity moved 0.11%
-// instead of 0.35% from the exact path; the extra cost is one int->float step per 16 columns.)
-// Weight codes are laid out in chunks of kQChunk = 32 columns (two activation blocks), so the
-// supported weights have one group per row or a group size that is a multiple of 32
-// (packed_size returns 0 otherwise and the caller uses the exact path).
-constexpr int64_t kQBlock = 16;
+// symmetric; nf4: kNF4CodebookI16[code], two int8 terms, with s = absmax / 8128 and z = 0).
+// Every ISA quantizes activations bit-identically (same operations, same rounding) and
+// computes the integer dots exactly; only the float accumulation order differs.
+// generic/qgemm.cpp is the readable statement.
+// Block sizes, from SmolLM2-135M's perplexity on 16k tokens of Wikipedia against the exact
+// path: int8 moved 0.11% with blocks of 32 and 0.06% with 16; int4 (group 64) 0.19% with 16,
+// so the 4-bit formats use 8 (the extra cost is one int->float step per 8 columns).
+// Weight codes are laid out in chunks of kQChunk = 32 columns, so the supported weights have
+// one group per row or a group size that is a multiple of 32 (packed_size returns 0 otherwise
+// and the caller uses the exact path).
 constexpr int64_t kQChunk = 32;
+constexpr int64_t kQBlockOf[kNumFormats] = {16, 8, 8};  // int8, int4, nf4
 
 // Quantized activations (written by quantize_row, one row at a time). A row is zero-padded to
-// whole chunks: ldq >= ceil(K / 32) * 32 codes and nblocks = ceil(K / 32) * 32 / kQBlock
-// blocks (a block wholly past K has d = 0 and sum = 0).
+// whole chunks: ldq >= ceil(K / 32) * 32 codes and nblocks = ceil(K / 32) * 32 / block blocks
+// (a block wholly past K has d = 0 and sum = 0).
 struct QActs {
   const int8_t* q;     // [M, ldq] codes, 0 past K
   const float* d;      // [M, nblocks] block scales
@@ -80,10 +82,29 @@ struct QActs {
   int64_t M;
   int64_t ldq;
   int64_t nblocks;
+  int64_t block;       // columns per block: kQBlockOf[format] of the weight it is used with
+  // [M, n_groups] of the weight it is used with: sum over the group's blocks of d * sum, in
+  // block order (what generic's qgemm sums as it goes; the SIMD kernels take it from here so
+  // that their zero-point and code-offset corrections cost nothing per block).
+  const float* gsum;
 };
 
-// One row: x float32 [K] -> q [ceil(K/32) * 32], d and sum [ceil(K/32) * 32 / kQBlock].
-using QuantizeRowFn = void (*)(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum);
+// gsum[g] = sum over the blocks b of group g of d[b] * float(sum[b]), in order (QActs::gsum),
+// for one row, with `bpg` blocks per group (the last group may have fewer of the nb blocks).
+static inline void group_sums(const float* d, const int32_t* sum, int64_t nb, int64_t bpg,
+                              int64_t n_groups, float* gsum) {
+  for (int64_t g = 0; g < n_groups; ++g) {
+    float s = 0.0f;
+    const int64_t b1 = g + 1 < n_groups ? (g + 1) * bpg : nb;
+    for (int64_t b = g * bpg; b < b1; ++b) s += d[b] * float(sum[b]);
+    gsum[g] = s;
+  }
+}
+
+// One row: x float32 [K] -> q [ceil(K/32) * 32], d and sum [ceil(K/32) * 32 / block], in
+// blocks of `block` columns (8 or 16).
+using QuantizeRowFn = void (*)(const float* x, int64_t K, int64_t block, int8_t* q, float* d,
+                               int32_t* sum);
 
 // Bytes of this ISA's packed form of w (the layout below, without the 64-byte header that
 // api.cpp puts in front); 0 when the fast path does not support w (group size).
@@ -103,16 +124,17 @@ using PackedSizeFn = int64_t (*)(const QWeight& w);
 //        4-bit: 4 vectors of T x 4 bytes: vector j, byte 4r + i holds the code of column
 //               32c + 4j + i in its low nibble and of column 32c + 16 + 4j + i in its high
 //               nibble ("quad j" and "quad j + 4"; nf4 stores codebook indices);
-//      codes past K are 0. Quads 0..3 of a chunk are activation block 2c, quads 4..7 block
-//      2c + 1 (for 4-bit: the low nibbles, then the high nibbles).
+//      codes past K are 0. Quads 4i .. 4i + 3 of chunk c are the columns of activation block
+//      32c / 16 + i (blocks of 16; blocks of 8: two quads each), for 4-bit the low nibbles
+//      first, then the high nibbles.
 //  One T x 4 quad is exactly one SIMD register of int32 lanes, one lane per row: a broadcast
 //  4-byte activation quad times a quad of codes is a dot product per row (vpdpbusd, vpmaddubsw
 //  + vpmaddwd, sdot), so no horizontal sums are needed and the rows' sums stay in lanes.
 using PackFn = void (*)(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst);
 
 // y[m, n] for m in [0, x.M), n in [n0, n1) (n0 a multiple of qtile) from the packed form
-// (same ISA) and the quantized activations; only columns [n0, n1) of y are written. w gives
-// the shape and format only: its tensors are not read.
+// (same ISA) and the quantized activations (x.block == kQBlockOf[w.fmt]); only columns
+// [n0, n1) of y are written. w gives the shape and format only: its tensors are not read.
 using QGemmFn = void (*)(const QWeight& w, const uint8_t* packed, const QActs& x, int64_t n0,
                          int64_t n1, float* y, int64_t ldy);
 

@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rotate-mib", type=int, default=320)
     p.add_argument("--torch-only", action="store_true")
+    p.add_argument("--max-seconds", type=float, default=3.0, help="time budget per case")
+    p.add_argument("--no-bandwidth", action="store_true")
     p.add_argument("--json")
     a = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
@@ -74,9 +76,10 @@ def main(argv=None) -> int:
         print(f"{impl:14s} N={N:5d} K={K:5d} M={M:4d} T={nt}  {t * 1e3:9.3f} ms  {gbs} GB/s  "
               f"{r['GFLOP/s']:7.1f} GFLOP/s", flush=True)
 
-    for nt in threads:
-        print(f"read bandwidth (torch sum over 1 GiB, {nt} threads): {read_bandwidth(nt):.1f} GB/s", flush=True)
-        rows.append({"impl": "read_bandwidth", "threads": nt, "GB/s": read_bandwidth(nt)})
+    for nt in ([] if a.no_bandwidth else threads):
+        bw = read_bandwidth(nt)
+        print(f"read bandwidth (torch sum over 1 GiB, {nt} threads): {bw:.1f} GB/s", flush=True)
+        rows.append({"impl": "read_bandwidth", "threads": nt, "GB/s": bw})
 
     rot = a.rotate_mib << 20
     for N, K in shapes:
@@ -108,9 +111,9 @@ def main(argv=None) -> int:
                 torch.set_num_threads(nt)
                 with torch.inference_mode():
                     report("torch_fp32", N, K, M, nt,
-                           median_time(lambda i: torch.nn.functional.linear(x, ws[i]), copies, a.reps), N * K * 4)
+                           median_time(lambda i: torch.nn.functional.linear(x, ws[i]), copies, a.reps, a.max_seconds), N * K * 4)
                     report("torch_dyn_int8", N, K, M, nt,
-                           median_time(lambda i: dq[i](x), n_dq, a.reps), N * K)
+                           median_time(lambda i: dq[i](x), n_dq, a.reps, a.max_seconds), N * K)
                     for fmt, qws in lowbit_w.items():
                         import lowbit
                         from lowbit import _backend
@@ -119,13 +122,13 @@ def main(argv=None) -> int:
                             for i in range(len(qws)):  # pack outside the timing
                                 lowbit.linear(x[:1], qws[i])
                             report(f"lowbit_{fmt}_{path}", N, K, M, nt,
-                                   median_time(lambda i: lowbit.linear(x, qws[i]), len(qws), a.reps),
+                                   median_time(lambda i: lowbit.linear(x, qws[i]), len(qws), a.reps, a.max_seconds),
                                    qws[0].nbytes)
                         _backend.set_cpu_path(None)
                         if M == 1:
                             xb = x.to(torch.bfloat16)
                             report(f"lowbit_{fmt}_fast_bf16", N, K, M, nt,
-                                   median_time(lambda i: lowbit.linear(xb, qws[i]), len(qws), a.reps),
+                                   median_time(lambda i: lowbit.linear(xb, qws[i]), len(qws), a.reps, a.max_seconds),
                                    qws[0].nbytes)
         del ws, dq, lowbit_w
     if a.json:

@@ -30,15 +30,20 @@ if [[ $MODE == quick ]]; then
   $PIN $B --isa $V --shapes 4096x4096 --m 1,32 --threads 2 --paths fast --reps 10 --max-seconds 0.5 | tee "$OUT/bench_vnni.txt"
   exit 0
 fi
+R="--reps 10 --max-seconds 0.4"
 {
-  $PIN $B --isa $V --shapes 4096x4096,4096x11008 --m 1,8,32,128 --threads 1,2 --paths fast \
-    --reps 12 --max-seconds 0.6
-  $PIN $B --isa $V --shapes 4096x4096 --m 1 --threads 2 --paths fast --xdtype bf16 --reps 12 --max-seconds 0.6
-  $PIN $B --isa $V --shapes 4096x4096 --m 1,32 --threads 2 --paths exact --reps 8 --max-seconds 0.6
-  $PIN $B --isa $P --shapes 4096x4096 --m 1,32,128 --threads 2 --paths fast --reps 8 --max-seconds 0.6
-  $PIN $B --isa avx2 --shapes 4096x4096 --m 1,32,128 --threads 2 --paths fast --reps 8 --max-seconds 0.6
+  $PIN $B --isa $V --shapes 4096x4096 --m 1,8,32,128 --threads 1,2 --paths fast $R
+  $PIN $B --isa $V --shapes 4096x11008 --m 1,8,32,128 --threads 2 --paths fast $R
+  $PIN $B --isa $V --shapes 4096x4096 --m 1 --threads 2 --paths fast --xdtype bf16 $R
+  $PIN $B --isa $V --shapes 4096x4096 --m 1,32 --threads 2 --paths exact $R
+  $PIN $B --isa $P --shapes 4096x4096 --m 1,32,128 --threads 2 --paths fast $R
+  $PIN $B --isa avx2 --shapes 4096x4096 --m 1,32,128 --threads 2 --paths fast $R
 } 2>&1 | tee "$OUT/bench_lowbit.txt"
 if python3 -c "import torch" 2>/dev/null; then
-  $PIN python3 "$ROOT/scripts/bench_fast_path.py" --torch-only --shapes 4096x4096,4096x11008 --m 1,8,32,128 \
-    --threads 1,2 --reps 8 2>&1 | grep -v Warning | tee "$OUT/bench_torch.txt"
+  {
+    $PIN python3 "$ROOT/scripts/bench_fast_path.py" --torch-only --shapes 4096x4096 --m 1,8,32,128 \
+      --threads 1,2 --reps 8 --max-seconds 0.8
+    $PIN python3 "$ROOT/scripts/bench_fast_path.py" --torch-only --shapes 4096x11008 --m 1,8,32,128 \
+      --threads 2 --reps 8 --max-seconds 0.8 --no-bandwidth
+  } 2>&1 | grep -v -i warn | grep -v "qweight = " | tee "$OUT/bench_torch.txt"
 fi

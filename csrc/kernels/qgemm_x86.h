@@ -14,14 +14,14 @@
 //     the activation (|c| * sign(q, c), at most 2 * 128 * 127 per pair) and each quad is
 //     widened;
 //   vpdpbusd (V::kVnni true): u8 x s8 summed straight into s32. int4 codes are unsigned
-//     already; int8 codes are made unsigned (c + 128) and the block's accumulator starts at
-//     -128 * sum(q) instead of 0, so the dot stays exact in integers.
-// nf4 codes are 14-bit (kNF4CodebookI16): two int8 terms c = 64 hi + lo looked up with
-// vpshufb, two dots per quad, combined per block as (A << 6) + B.
+//     already; int8 codes are made unsigned (c + 128).
+// nf4 codes are 14-bit (kNF4CodebookI16): two int8 terms c = 128 hi + lo looked up with
+// vpshufb, two dots per quad.
 // Each block's int32 dots are converted once and scaled: by d[m, b] * s[n, g] into the output
 // accumulator, or (V::kGacc, where registers allow) by d[m, b] into a group accumulator that is
-// scaled by s once per group. int4's zero-point term z * s * sum_b d * sum(q) is subtracted
-// once per group.
+// scaled by s once per group. Offsets (int4's zero-point z, the + 128 that makes int8 codes
+// unsigned, ...) come out once per group: off * s * gsum[m, g] with gsum = sum_b d * sum(q)
+// computed once per call (QActs::gsum), so a block costs no scalar work.
 //
 // Register blocking: MR activation rows x NT tiles per call of tile_block (M = 1: 1 x kNT1;
 // M > 1: kMR x 1), chosen so that the block accumulators, the float accumulators and the
@@ -36,8 +36,19 @@ namespace qx86 {
 using namespace detail;
 
 // Quads of codes per activation block, and activation blocks per chunk of 32 columns.
-constexpr int kQuadsPerBlock = int(kQBlock / 4);
-constexpr int kBlocksPerChunk = int(kQChunk / kQBlock);
+template <int F>
+constexpr int kQuadsPerBlock = int(kQBlockOf[F] / 4);
+template <int F>
+constexpr int kBlocksPerChunk = int(kQChunk / kQBlockOf[F]);
+
+// The constant added to every (non-int4) code before the dot, taken back out per group with the
+// activations' sums: int8 + 128 (VNNI), nf4 + 128 * 129 (VNNI) or 64 * 129 (vpmaddubsw).
+template <class V, int F>
+constexpr int code_offset() {
+  if constexpr (F == kInt8) return V::kVnni ? 128 : 0;
+  else if constexpr (F == kNF4) return V::kVnni ? 128 * 129 : 64 * 129;
+  else return 0;
+}
 
 // The int32 dots of activation block h of the chunk at p[t] (not advanced): quads
 // h * kQuadsPerBlock + j (for 4-bit: quad q is vector q % 4, low nibbles for q < 4, high
@@ -45,11 +56,10 @@ constexpr int kBlocksPerChunk = int(kQChunk / kQBlock);
 template <class V, int F, int MR, int NT>
 static inline __attribute__((always_inline)) void half_dot(const uint8_t* const (&p)[NT], int h,
                                                            const int8_t* const (&xb)[MR],
-                                                           const int32_t (&bsum)[MR],
                                                            typename V::I (&iacc)[MR][NT]) {
   using I = typename V::I;
   constexpr int64_t T = V::kT;
-  constexpr int J = kQuadsPerBlock;
+  constexpr int J = kQuadsPerBlock<F>;
   // quad j (0..J-1) of block h for tile t: int8 codes, or 4-bit code indices (nibbles)
   const auto codes = [&](int t, int j) __attribute__((always_inline)) {
     const int q = h * J + j;
@@ -61,33 +71,26 @@ static inline __attribute__((always_inline)) void half_dot(const uint8_t* const 
     }
   };
   if constexpr (F == kNF4) {
-    // c = 64 * hi + lo (kNF4CodebookI16): two dots A (hi) and B (lo), combined per block.
-    // VNNI: hi + 128 and lo + 128 as u8, both accumulators start at -128 * sum(q).
-    // Otherwise: |hi| against sign(q, hi); lo + 32 (0..64, unsigned) directly, B starting at
-    // -32 * sum(q).
-    constexpr int kLoOff = V::kVnni ? 128 : 32;
-    const I thi = V::table16(kNF4CodebookHi, V::kVnni ? 128 : 0);
-    const I tlo = V::table16(kNF4CodebookLo, kLoOff);
+    // c = 128 * hi + lo (kNF4CodebookI16), hi and lo in [-64, 64], looked up with vpshufb.
+    // VNNI: hi + 128 and lo + 128 as u8 into two accumulators, combined per block as
+    //   (A << 7) + B = dot(c + 128 * 129).
+    // Otherwise: hi + 64 and lo + 64 (unsigned, <= 128: the vpmaddubsw pairs fit s16), widened
+    //   by vpmaddwd with weights 128 and 1 into one accumulator: dot(c + 64 * 129).
+    constexpr int kOff = V::kVnni ? 128 : 64;
+    const I thi = V::table16(kNF4CodebookHi, kOff);
+    const I tlo = V::table16(kNF4CodebookLo, kOff);
     I A[MR][NT], B[MR][NT];
-    for (int m = 0; m < MR; ++m) {
-      const I a0 = V::kVnni ? V::set1_32(-128 * bsum[m]) : V::zeroi();
-      const I b0 = V::set1_32(-kLoOff * bsum[m]);
+    for (int m = 0; m < MR; ++m)
       for (int t = 0; t < NT; ++t) {
-        A[m][t] = a0;
-        B[m][t] = b0;
+        A[m][t] = V::zeroi();
+        if constexpr (V::kVnni) B[m][t] = V::zeroi();
       }
-    }
     for (int j = 0; j < J; ++j) {
       I hi[NT], lo[NT];
-      typename V::Sign sg[NT];
       for (int t = 0; t < NT; ++t) {
         const I nib = codes(t, j);
         hi[t] = V::shuffle8(thi, nib);
         lo[t] = V::shuffle8(tlo, nib);
-        if constexpr (!V::kVnni) {
-          sg[t] = V::sign_of(hi[t]);
-          hi[t] = V::abs8(hi[t]);
-        }
       }
       for (int m = 0; m < MR; ++m) {
         const I xq = V::bcast4(xb[m] + 4 * j);
@@ -96,14 +99,17 @@ static inline __attribute__((always_inline)) void half_dot(const uint8_t* const 
             A[m][t] = V::dpbusd(A[m][t], hi[t], xq);
             B[m][t] = V::dpbusd(B[m][t], lo[t], xq);
           } else {
-            A[m][t] = V::add32(A[m][t], V::madd1(V::maddubs(hi[t], V::apply_sign(xq, sg[t]))));
-            B[m][t] = V::add32(B[m][t], V::madd1(V::maddubs(lo[t], xq)));
+            A[m][t] = V::add32(A[m][t], V::madd128(V::maddubs(hi[t], xq)));
+            A[m][t] = V::add32(A[m][t], V::madd1(V::maddubs(lo[t], xq)));
           }
         }
       }
     }
     for (int m = 0; m < MR; ++m)
-      for (int t = 0; t < NT; ++t) iacc[m][t] = V::add32(V::slli32(A[m][t], kNF4HiShift), B[m][t]);
+      for (int t = 0; t < NT; ++t) {
+        if constexpr (V::kVnni) iacc[m][t] = V::add32(V::slli32(A[m][t], kNF4HiShift), B[m][t]);
+        else iacc[m][t] = A[m][t];
+      }
   } else if constexpr (F == kInt4 && !V::kVnni) {
     // unsigned codes: the block's quads summed in s16, widened once
     I s16[MR][NT];
@@ -120,11 +126,9 @@ static inline __attribute__((always_inline)) void half_dot(const uint8_t* const 
     for (int m = 0; m < MR; ++m)
       for (int t = 0; t < NT; ++t) iacc[m][t] = V::madd1(s16[m][t]);
   } else if constexpr (V::kVnni) {
-    // int4: unsigned codes as they are; int8: c + 128 against -128 * sum(q)
-    for (int m = 0; m < MR; ++m) {
-      const I init = F == kInt4 ? V::zeroi() : V::set1_32(-128 * bsum[m]);
-      for (int t = 0; t < NT; ++t) iacc[m][t] = init;
-    }
+    // int4: unsigned codes as they are; int8: c + 128 (dot(c + 128))
+    for (int m = 0; m < MR; ++m)
+      for (int t = 0; t < NT; ++t) iacc[m][t] = V::zeroi();
     for (int j = 0; j < J; ++j) {
       I u[NT];
       for (int t = 0; t < NT; ++t) u[t] = F == kInt4 ? codes(t, j) : V::flip_sign(codes(t, j));
@@ -166,17 +170,20 @@ __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t
   const int64_t G = w.n_groups, head = qpack::group_head_bytes(w, T), cb = qpack::chunk_bytes(w, T);
   const int8_t* xq[MR];
   const float* xd[MR];
-  const int32_t* xs[MR];
+  const float* xg[MR];
   for (int m = 0; m < MR; ++m) {
     xq[m] = x.q + (m0 + m) * x.ldq;
     xd[m] = x.d + (m0 + m) * x.nblocks;
-    xs[m] = x.sum + (m0 + m) * x.nblocks;
+    xg[m] = x.gsum + (m0 + m) * G;
   }
   const uint8_t* p[NT];
   for (int t = 0; t < NT; ++t) p[t] = tile0 + t * tb;
   Fv acc[MR][NT];
   for (int m = 0; m < MR; ++m)
     for (int t = 0; t < NT; ++t) acc[m][t] = V::zerof();
+  // The codes' offset against the float32 sums: dots are taken of (c + off) (int4: c = q - z
+  // becomes q with off = -z), so zoff * s * gsum is subtracted once per group.
+  constexpr int kOff = code_offset<V, F>();
 
   int64_t c = 0;
   for (int64_t g = 0; g < G; ++g) {
@@ -184,29 +191,22 @@ __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t
     for (int t = 0; t < NT; ++t) {
       s[t] = V::loadf(reinterpret_cast<const float*>(p[t]));
       if constexpr (F == kInt4) zs[t] = V::mul(V::load_u8f(p[t] + 4 * T), s[t]);
+      else if constexpr (kOff != 0) zs[t] = V::mul(V::set1f(float(kOff)), s[t]);
       p[t] += head;
     }
     Fv gacc[MR][NT];  // V::kGacc: sum over the group's blocks of d * dot
     if constexpr (V::kGacc)
       for (int m = 0; m < MR; ++m)
         for (int t = 0; t < NT; ++t) gacc[m][t] = V::zerof();
-    float corr[MR];  // int4: sum over the group's blocks of d * sum(q)
-    for (int m = 0; m < MR; ++m) corr[m] = 0.0f;
     for (const int64_t e = c + qpack::group_chunks(w, g); c < e; ++c) {
-      for (int h = 0; h < kBlocksPerChunk; ++h) {
-        const int64_t b = kBlocksPerChunk * c + h;
+      for (int h = 0; h < kBlocksPerChunk<F>; ++h) {
+        const int64_t b = kBlocksPerChunk<F> * c + h;
         const int8_t* xb[MR];
-        int32_t bsum[MR];
-        for (int m = 0; m < MR; ++m) {
-          xb[m] = xq[m] + b * kQBlock;
-          bsum[m] = xs[m][b];
-        }
+        for (int m = 0; m < MR; ++m) xb[m] = xq[m] + b * kQBlockOf[F];
         I iacc[MR][NT];
-        half_dot<V, F, MR, NT>(p, h, xb, bsum, iacc);
+        half_dot<V, F, MR, NT>(p, h, xb, iacc);
         for (int m = 0; m < MR; ++m) {
-          const float dm = xd[m][b];
-          if constexpr (F == kInt4) corr[m] += dm * float(bsum[m]);
-          const Fv vd = V::set1f(dm);
+          const Fv vd = V::set1f(xd[m][b]);
           for (int t = 0; t < NT; ++t) {
             if constexpr (V::kGacc) gacc[m][t] = V::fma(V::cvt(iacc[m][t]), vd, gacc[m][t]);
             else acc[m][t] = V::fma(V::cvt(iacc[m][t]), V::mul(vd, s[t]), acc[m][t]);
@@ -216,10 +216,10 @@ __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t
       for (int t = 0; t < NT; ++t) p[t] += cb;
     }
     for (int m = 0; m < MR; ++m) {
-      const Fv cm = V::set1f(corr[m]);
+      const Fv cm = V::set1f(xg[m][g]);
       for (int t = 0; t < NT; ++t) {
         if constexpr (V::kGacc) acc[m][t] = V::fma(s[t], gacc[m][t], acc[m][t]);
-        if constexpr (F == kInt4) acc[m][t] = V::fnma(zs[t], cm, acc[m][t]);
+        if constexpr (F == kInt4 || kOff != 0) acc[m][t] = V::fnma(zs[t], cm, acc[m][t]);
       }
     }
   }
@@ -230,20 +230,31 @@ __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t
     }
 }
 
-// All activation rows against NT tiles at row n: blocks of MR rows, then the remainder.
-template <class V, int F, int MR, int NT>
-static void tiles_all_rows(const QWeight& w, const uint8_t* tile0, int64_t tb, const QActs& x,
-                           float* y, int64_t ldy, int64_t n, int64_t nrows) {
+// Tiles walked together at M > 1: each block of MR activation rows (a few KiB, kept in L1) is
+// used against kTilesPerPass tiles (their codes stay in L2) before moving on, so the
+// activations are re-read once per pass rather than once per tile.
+constexpr int64_t kTilesPerPass = 4;
+
+// All activation rows against the tiles of rows [n, n_end), MR rows at a time: the row blocks
+// of the pass go through rows(m0, R) for R = MR, MR / 2 and 1.
+template <class V, int F, int MR>
+static void tiles_all_rows(const QWeight& w, const uint8_t* packed, int64_t tb, const QActs& x,
+                           float* y, int64_t ldy, int64_t n, int64_t n_end) {
+  constexpr int64_t T = V::kT;
   int64_t m0 = 0;
-  for (; m0 + MR <= x.M; m0 += MR) tile_block<V, F, MR, NT>(w, tile0, tb, x, m0, y, ldy, n, nrows);
-  const int64_t r = x.M - m0;
+  for (; m0 + MR <= x.M; m0 += MR)
+    for (int64_t t = n; t < n_end; t += T)
+      tile_block<V, F, MR, 1>(w, packed + (t / T) * tb, tb, x, m0, y, ldy, t, min64(T, n_end - t));
   if constexpr (MR > 1) {
-    if (r >= MR / 2) {
-      tile_block<V, F, MR / 2, NT>(w, tile0, tb, x, m0, y, ldy, n, nrows);
+    if (x.M - m0 >= MR / 2) {
+      for (int64_t t = n; t < n_end; t += T)
+        tile_block<V, F, MR / 2, 1>(w, packed + (t / T) * tb, tb, x, m0, y, ldy, t, min64(T, n_end - t));
       m0 += MR / 2;
     }
   }
-  for (; m0 < x.M; ++m0) tile_block<V, F, 1, NT>(w, tile0, tb, x, m0, y, ldy, n, nrows);
+  for (; m0 < x.M; ++m0)
+    for (int64_t t = n; t < n_end; t += T)
+      tile_block<V, F, 1, 1>(w, packed + (t / T) * tb, tb, x, m0, y, ldy, t, min64(T, n_end - t));
 }
 
 template <class V, int F>
@@ -259,10 +270,10 @@ static void qgemm(const QWeight& w, const uint8_t* packed, const QActs& x, int64
     for (; n < n1; n += T) tile_block<V, F, 1, 1>(w, packed + (n / T) * tb, tb, x, 0, y, ldy, n, n1 - n);
     return;
   }
-  // nf4 keeps two block accumulators per (row, tile): half the rows per call
-  constexpr int MR = F == kNF4 ? V::kMR / 2 : V::kMR;
-  for (; n < n1; n += T)
-    tiles_all_rows<V, F, MR, 1>(w, packed + (n / T) * tb, tb, x, y, ldy, n, min64(T, n1 - n));
+  // VNNI's nf4 keeps two block accumulators per (row, tile): half the rows per call
+  constexpr int MR = F == kNF4 && V::kVnni ? V::kMR / 2 : V::kMR;
+  for (; n < n1; n += kTilesPerPass * T)
+    tiles_all_rows<V, F, MR>(w, packed, tb, x, y, ldy, n, min64(n1, n + kTilesPerPass * T));
 }
 
 }  // namespace qx86

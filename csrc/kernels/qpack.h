@@ -16,7 +16,7 @@ static inline bool supported(const QWeight& w) {
   return w.n_groups == 1 || w.group % kQChunk == 0;
 }
 
-// Chunks of kQChunk columns per row (each is two activation blocks of kQBlock).
+// Chunks of kQChunk columns per row (each is 2 or 4 activation blocks, kQBlockOf).
 static inline int64_t nchunks(const QWeight& w) { return ceil_div(w.K, kQChunk); }
 
 // Chunks per group (all but the last group; the last may have fewer).

@@ -514,10 +514,23 @@ static void test_dequantize_api(const KernelTable& tab, const TestWeight& t, DTy
 static int own_nf4_code(int i) { return int(std::lround(double(kOwnNF4[i]) * 8128.0)); }
 
 struct OwnQActs {
-  int64_t M = 0, K = 0, nb = 0, ldq = 0;
+  int64_t M = 0, K = 0, nb = 0, ldq = 0, block = 0;
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int32_t> sum;
+  std::vector<float> gsum;  // per the weight's groups (set_groups)
+  // gsum[m, g] = sum over group g's blocks of d * sum, in block order (kernel_api.h)
+  void set_groups(const QWeight& w) {
+    const int64_t G = w.n_groups, bpg = G == 1 ? nb : w.group / block;
+    gsum.assign(size_t(M * G), 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int64_t b = g * bpg; b < (g + 1 < G ? (g + 1) * bpg : nb); ++b)
+          s += d[size_t(m * nb + b)] * float(sum[size_t(m * nb + b)]);
+        gsum[size_t(m * G + g)] = s;
+      }
+  }
   QActs view() const {
     QActs a;
     a.q = q.data();
@@ -526,14 +539,21 @@ struct OwnQActs {
     a.M = M;
     a.ldq = ldq;
     a.nblocks = nb;
+    a.block = block;
+    a.gsum = gsum.data();
     return a;
   }
 };
 
-// Blocks of kQBlock over the row padded to whole chunks of 32: a = max |x|; d = a / 127;
+// The fast path's activation blocks: 16 columns for int8 weights, 8 for 4-bit (kernel_api.h).
+static int64_t own_block(Format f) { return f == kInt8 ? 16 : 8; }
+
+// Blocks of `block` over the row padded to whole chunks of 32: a = max |x|; d = a / 127;
 // q = RNE(x * (127 / a)) with the float product (nearbyint: the default rounding mode is RNE);
 // a < 2^-120: zero; a inf / NaN: d NaN, q 0.
-static void own_quantize(const std::vector<float>& x, int64_t M, int64_t K, OwnQActs& o) {
+static void own_quantize(const std::vector<float>& x, int64_t M, int64_t K, int64_t block, OwnQActs& o) {
+  const int64_t kQBlock = block;
+  o.block = block;
   o.M = M;
   o.K = K;
   o.ldq = (K + 31) / 32 * 32;  // whole chunks of 32 columns
@@ -600,6 +620,10 @@ static void fast_weight(const TestWeight& t, int64_t n, int64_t k, int& c, int& 
 // The packed layout works in chunks of 32 columns: groups must be whole chunks (or one group).
 static bool fast_supported(const QWeight& w) { return w.n_groups == 1 || w.group % 32 == 0; }
 
+// The largest constant an ISA adds to the codes (making them unsigned for u8 x s8 dot products)
+// and takes back out with the activations' block sums in float32: int8 + 128, nf4 + 128 * 129.
+static const int kMaxCodeOffset[kNumFormats] = {128, 0, 128 * 129};
+
 // y_fast[m, n] in double, magf = sum of |terms| the kernels sum, and bound = how far the fast
 // path may be from the exact reference:
 //   sum_k |w_k| (d_b / 2 + 1e-6 |x_k|)          activation rounding (and the roundings of d, 1/d)
@@ -619,10 +643,10 @@ static void fast_reference(const TestWeight& t, const std::vector<float>& xv, co
         int c, z;
         float s;
         fast_weight(t, n, k, c, z, s);
-        const int64_t b = k / kQBlock;
+        const int64_t b = k / qa.block;
         const double d = qa.d[size_t(m * qa.nb + b)], q = qa.q[size_t(m * qa.ldq + k)];
         y += double(s) * d * double(c - z) * q;
-        mg += std::fabs(double(s) * d * q) * (std::abs(c) + std::abs(z));
+        mg += std::fabs(double(s) * d * q) * (std::abs(c) + std::abs(z) + kMaxCodeOffset[t.w.fmt]);
         const double wv = t.ref[size_t(n * K + k)], xk = xv[size_t(m * K + k)];
         bd += std::fabs(wv) * (d * 0.5 + 1e-6 * std::fabs(xk));
         if (t.v == kVNF4 || t.v == kVNF4DQ) bd += std::fabs(q * d) * std::fabs(double(s) * 8128.0) * (e_cb + 1e-6);
@@ -640,6 +664,7 @@ static double g_fast_worst_tight = 0, g_fast_worst_loose = 0;
 static void test_quantize_rows(const std::vector<const KernelTable*>& tabs, const Config& cfg) {
   Rng rng(99);
   const std::vector<int64_t> Ks = {1, 2, 7, 16, 31, 32, 33, 63, 64, 65, 100, 129, 1000};
+  for (int64_t kQBlock : {int64_t(8), int64_t(16)})
   for (int rep = 0; rep < (cfg.quick ? 2 : 6); ++rep)
     for (int64_t K : Ks) {
       std::vector<float> x(static_cast<size_t>(K));
@@ -661,16 +686,17 @@ static void test_quantize_rows(const std::vector<const KernelTable*>& tabs, cons
         }
       }
       OwnQActs own;
-      own_quantize(x, 1, K, own);
+      own_quantize(x, 1, K, kQBlock, own);
       Buf<float> xin(K);
       std::memcpy(xin.p, x.data(), size_t(K) * 4);
       for (const KernelTable* tab : tabs) {
-        g_ctx = std::string(tab->isa) + " quantize_row K=" + std::to_string(K) + " rep " + std::to_string(rep);
+        g_ctx = std::string(tab->isa) + " quantize_row K=" + std::to_string(K) + " block " +
+                std::to_string(kQBlock) + " rep " + std::to_string(rep);
         Buf<int8_t> q(ldq);
         Buf<float> d(nb);
         Buf<int32_t> s(nb);
         std::memset(q.p, 0x55, size_t(q.n));
-        tab->quantize_row(xin.p, K, q.p, d.p, s.p);
+        tab->quantize_row(xin.p, K, kQBlock, q.p, d.p, s.p);
         const bool qok = std::memcmp(q.p, own.q.data(), size_t(ldq)) == 0;
         bool dok = true, sok = true;
         for (int64_t b = 0; b < nb; ++b) {
@@ -704,7 +730,8 @@ static void test_fast_table(const KernelTable& tab, const TestWeight& t, int64_t
   std::vector<float> xv(size_t(M * K));
   for (auto& v : xv) v = rng.uniform(-1.0f, 1.0f);
   OwnQActs qa;
-  own_quantize(xv, M, K, qa);
+  own_quantize(xv, M, K, own_block(w.fmt), qa);
+  qa.set_groups(w);
   std::vector<double> yf, magf, bound;
   fast_reference(t, xv, qa, yf, magf, bound);
   const QActs xa = qa.view();
@@ -773,7 +800,7 @@ static void test_linear_packed(const KernelTable& tab, const TestWeight& t, int6
   Act a;
   make_act(a, xdt, M, K, K + ldx_pad, rng);
   OwnQActs qa;
-  own_quantize(a.vals, M, K, qa);
+  own_quantize(a.vals, M, K, own_block(w.fmt), qa);
   Buf<float> bias(N);
   for (int64_t n = 0; n < N; ++n) bias[n] = rng.uniform(-1.0f, 1.0f);
   std::vector<double> ref, mag, yf, magf, bound;
@@ -1011,7 +1038,7 @@ static void compare_to_f32(const KernelTable& tab, const KernelTable& gen, DType
 }
 
 static void test_conversions(const std::vector<const KernelTable*>& tabs, const Config& cfg) {
-  const KernelTable& gen = table_for("scalar");
+  const KernelTable& gen = generic::kTable;  // (not table_for("scalar"): GCC 13 warns of a dangling temporary)
   g_ctx = "conversions";
   std::vector<uint16_t> all16(65536);
   for (int i = 0; i < 65536; ++i) all16[size_t(i)] = uint16_t(i);
@@ -1232,10 +1259,12 @@ int main(int argc, char** argv) {
 
   g_ctx = "dispatch";
   check(std::memcmp(kNF4Codebook, kOwnNF4, sizeof kOwnNF4) == 0, "kNF4Codebook differs from the QLoRA table");
+  for (int f = 0; f < kNumFormats; ++f) check(kQBlockOf[f] == own_block(Format(f)), "kQBlockOf[%d]", f);
   for (int i = 0; i < 16; ++i) {
     check(kNF4CodebookI16[i] == own_nf4_code(i), "kNF4CodebookI16[%d] != round(8128 * codebook)", i);
-    check(64 * kNF4CodebookHi[i] + kNF4CodebookLo[i] == kNF4CodebookI16[i] && std::abs(kNF4CodebookLo[i]) <= 32,
-          "kNF4CodebookHi/Lo[%d] do not split kNF4CodebookI16", i);
+    check((kNF4CodebookHi[i] << kNF4HiShift) + kNF4CodebookLo[i] == kNF4CodebookI16[i] &&
+              std::abs(kNF4CodebookLo[i]) <= 64 && std::abs(kNF4CodebookHi[i]) <= 64,
+          "kNF4CodebookHi/Lo[%d] do not split kNF4CodebookI16 into bytes within [-64, 64]", i);
   }
   for (const std::string& name : compiled) {
     bool sup = false;

@@ -38,6 +38,7 @@ struct V {
   static inline I slli32(I a, int n) { return _mm256_slli_epi32(a, n); }
   static inline I maddubs(I u, I s) { return _mm256_maddubs_epi16(u, s); }
   static inline I madd1(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
+  static inline I madd128(I a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(128)); }
   static inline I add16(I a, I b) { return _mm256_add_epi16(a, b); }
   static inline I add32(I a, I b) { return _mm256_add_epi32(a, b); }
   static inline I abs8(I a) { return _mm256_abs_epi8(a); }
@@ -73,7 +74,9 @@ static inline __m256i quant8(__m256 v, __m256 inv) {
   return _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(v, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
+template <int64_t B>
+static void quantize_row_b(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
+  constexpr int64_t kQBlock = B;
   constexpr int kV = int(kQBlock / 8);  // vectors of 8 floats per block
   const int64_t nb = ceil_div(K, kQChunk) * (kQChunk / kQBlock);  // a block past K is all zero
   const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
@@ -118,6 +121,11 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) 
     if constexpr (kV == 2) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0), p8);
     else _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k0), p8);
   }
+}
+
+void quantize_row(const float* x, int64_t K, int64_t block, int8_t* q, float* d, int32_t* sum) {
+  if (block == 8) quantize_row_b<8>(x, K, q, d, sum);
+  else quantize_row_b<16>(x, K, q, d, sum);
 }
 
 int64_t packed_size_int8(const QWeight& w) { return qpack::packed_size(w, V::kT); }

@@ -8,8 +8,8 @@ namespace avx512 {
 using namespace detail;
 using V = V512<false>;
 
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
-  quantize_row_avx512(x, K, q, d, sum);
+void quantize_row(const float* x, int64_t K, int64_t block, int8_t* q, float* d, int32_t* sum) {
+  quantize_row_avx512(x, K, block, q, d, sum);
 }
 
 int64_t packed_size_int8(const QWeight& w) { return qpack::packed_size(w, V::kT); }

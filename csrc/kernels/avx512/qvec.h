@@ -39,6 +39,7 @@ struct V512 {
   static inline I slli32(I a, int n) { return _mm512_slli_epi32(a, unsigned(n)); }
   static inline I maddubs(I u, I s) { return _mm512_maddubs_epi16(u, s); }
   static inline I madd1(I a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
+  static inline I madd128(I a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(128)); }
   static inline I add16(I a, I b) { return _mm512_add_epi16(a, b); }
   static inline I add32(I a, I b) { return _mm512_add_epi32(a, b); }
   static inline I abs8(I a) { return _mm512_abs_epi8(a); }
@@ -68,7 +69,8 @@ struct V512 {
 // The activation quantizer, bit-identical to generic's (kernel_api.h): max |x| on the bit
 // patterns, scalar d and 1/d, vrndscaleps RNE (mode-independent), saturating narrow (exact:
 // the codes are within [-127, 127]). A block is one zmm; the short last one is loaded masked.
-static inline void quantize_row_avx512(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
+static inline void quantize_row_avx512(const float* x, int64_t K, int64_t kQBlock, int8_t* q, float* d,
+                                       int32_t* sum) {
   using namespace detail;
   const int64_t nb = ceil_div(K, kQChunk) * (kQChunk / kQBlock);  // a block past K is all zero
   const __m512i absmask = _mm512_set1_epi32(0x7fffffff);

@@ -9,10 +9,10 @@ using namespace detail;
 
 static constexpr int64_t kTile = 1;
 
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
-  const int64_t nb = ceil_div(K, kQChunk) * (kQChunk / kQBlock);  // whole chunks: a block past K is 0
+void quantize_row(const float* x, int64_t K, int64_t block, int8_t* q, float* d, int32_t* sum) {
+  const int64_t nb = ceil_div(K, kQChunk) * (kQChunk / block);  // whole chunks: a block past K is 0
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t k0 = b * kQBlock, len = k0 < K ? min64(kQBlock, K - k0) : 0;
+    const int64_t k0 = b * block, len = k0 < K ? min64(block, K - k0) : 0;
     // max |x| on the bit patterns: exact and order-free; inf / NaN compare above every finite
     uint32_t amax = 0;
     for (int64_t i = 0; i < len; ++i) {
@@ -20,7 +20,7 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) 
       amax = a > amax ? a : amax;
     }
     int8_t* qb = q + k0;
-    std::memset(qb, 0, size_t(kQBlock));
+    std::memset(qb, 0, size_t(block));
     sum[b] = 0;
     float inv = 0.0f;
     if (!qpack::block_scale(amax, d[b], inv)) continue;  // all codes 0, d = 0 or NaN
@@ -67,11 +67,11 @@ static void qgemm_any(const QWeight& w, const uint8_t* packed, const QActs& x, i
         p += qpack::group_head_bytes(w, kTile);
         float dots = 0.0f, sums = 0.0f;  // sum_b d * dot, sum_b d * sum(q)
         for (int64_t e = c + qpack::group_chunks(w, g); c < e; ++c, p += cb) {
-          const int64_t bpc = kQChunk / kQBlock;  // the chunk's activation blocks
+          const int64_t B = x.block, bpc = kQChunk / B;  // the chunk's activation blocks
           for (int64_t b = bpc * c; b < bpc * (c + 1); ++b) {
             int32_t dot = 0;
-            for (int64_t j = 0; j < kQBlock; ++j)
-              dot += chunk_code(w, p, (b - bpc * c) * kQBlock + j) * q[b * kQBlock + j];
+            for (int64_t j = 0; j < B; ++j)
+              dot += chunk_code(w, p, (b - bpc * c) * B + j) * q[b * B + j];
             dots += d[b] * float(dot);
             sums += d[b] * float(qs[b]);
           }

@@ -15,7 +15,7 @@ void f16_to_f32v(const void*, float*, int64_t);
 void f32_from_f32(const float*, void*, int64_t);
 void f32_to_bf16v(const float*, void*, int64_t);
 void f32_to_f16v(const float*, void*, int64_t);
-void quantize_row(const float*, int64_t, int8_t*, float*, int32_t*);
+void quantize_row(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
 int64_t packed_size_int8(const QWeight&);
 int64_t packed_size_int4(const QWeight&);
 int64_t packed_size_nf4(const QWeight&);

@@ -31,8 +31,9 @@ struct MullDot {
 };
 }  // namespace
 
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
-  quantize_row_neon(x, K, q, d, sum);
+void quantize_row(const float* x, int64_t K, int64_t block, int8_t* q, float* d, int32_t* sum) {
+  if (block == 8) quantize_row_neon<8>(x, K, q, d, sum);
+  else quantize_row_neon<16>(x, K, q, d, sum);
 }
 
 int64_t packed_size_int8(const QWeight& w) { return qpack::packed_size(w, kQT); }

@@ -10,7 +10,7 @@
 // products as s16 (rows 0-1 in one register, rows 2-3 in the other; |c * q| <= 128 * 127) and
 // vpadalq_s16 adds pairs into int32, two partial sums per row, folded by vpaddq_s32 per block.
 // All codes are used as signed bytes (int4's 0..15 too), so no offset is needed; nf4's 14-bit
-// codes are two lookups (hi, lo) and two dots, combined as (hi << 6) + lo per block.
+// codes are two lookups (hi, lo) and two dots, combined as (hi << 7) + lo per block.
 #pragma once
 #if !defined(__aarch64__)
 #error "kernels/neon is AArch64-only"
@@ -30,8 +30,10 @@ namespace {  // (one definition per translation unit)
 
 using namespace detail;
 constexpr int64_t kQT = 4;  // rows per tile
-constexpr int kQPB = int(kQBlock / 4);   // quads per activation block
-constexpr int kBPC = int(kQChunk / kQBlock);  // activation blocks per chunk
+template <int F>
+constexpr int kQPB = int(kQBlockOf[F] / 4);   // quads per activation block
+template <int F>
+constexpr int kBPC = int(kQChunk / kQBlockOf[F]);  // activation blocks per chunk
 
 // The block accumulator of one (activation row, tile) pair.
 template <bool kSdot>
@@ -63,11 +65,9 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
   const int64_t G = w.n_groups, head = qpack::group_head_bytes(w, T), cb_bytes = qpack::chunk_bytes(w, T);
   const int8_t* xq[MR];
   const float* xd[MR];
-  const int32_t* xs[MR];
   for (int m = 0; m < MR; ++m) {
     xq[m] = x.q + (m0 + m) * x.ldq;
     xd[m] = x.d + (m0 + m) * x.nblocks;
-    xs[m] = x.sum + (m0 + m) * x.nblocks;
   }
   const uint8_t* p[NT];
   for (int t = 0; t < NT; ++t) p[t] = tile0 + t * tb;
@@ -89,17 +89,15 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
       }
       p[t] += head;
     }
-    float corr[MR];
-    for (int m = 0; m < MR; ++m) corr[m] = 0.0f;
     for (const int64_t e = c + qpack::group_chunks(w, g); c < e; ++c) {
       LOWBIT_QUNROLL
-      for (int h = 0; h < kBPC; ++h) {  // the chunk's activation blocks
-        const int64_t b = kBPC * c + h;
+      for (int h = 0; h < kBPC<F>; ++h) {  // the chunk's activation blocks
+        const int64_t b = kBPC<F> * c + h;
         int8x16_t xv[MR];
         BlockAcc<D::kSdot> ba[MR][NT], bl[MR][NT];  // bl: nf4's low terms
         for (int m = 0; m < MR; ++m) {
-          const int8_t* xbp = xq[m] + b * kQBlock;
-          if constexpr (kQBlock == 16) xv[m] = vld1q_s8(xbp);
+          const int8_t* xbp = xq[m] + b * kQBlockOf[F];
+          if constexpr (kQBlockOf[F] == 16) xv[m] = vld1q_s8(xbp);
           else xv[m] = vcombine_s8(vld1_s8(xbp), vdup_n_s8(0));
           for (int t = 0; t < NT; ++t) {
             D::zero(ba[m][t]);
@@ -107,8 +105,8 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
           }
         }
         LOWBIT_QUNROLL
-        for (int j = 0; j < kQPB; ++j) {
-          const int qd = h * kQPB + j;  // quad of the chunk (4-bit: vector qd % 4, nibble qd / 4)
+        for (int j = 0; j < kQPB<F>; ++j) {
+          const int qd = h * kQPB<F> + j;  // quad of the chunk (4-bit: vector qd % 4, nibble qd / 4)
           int8x16_t cq[NT], cl[NT];
           for (int t = 0; t < NT; ++t) {
             if constexpr (F == kInt8) {
@@ -116,7 +114,7 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
             } else {
               const uint8x16_t v = vld1q_u8(p[t] + 16 * (qd % 4));
               const uint8x16_t nib = qd < 4 ? vandq_u8(v, m4) : vshrq_n_u8(v, 4);
-              if constexpr (F == kNF4) {  // c = 64 * hi + lo
+              if constexpr (F == kNF4) {  // c = 128 * hi + lo
                 cq[t] = vqtbl1q_s8(cb_hi, nib);
                 cl[t] = vqtbl1q_s8(cb_lo, nib);
               } else {
@@ -129,7 +127,6 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
         }
         for (int m = 0; m < MR; ++m) {
           const float dm = xd[m][b];
-          if constexpr (F == kInt4) corr[m] += dm * float(xs[m][b]);
           for (int t = 0; t < NT; ++t) {
             int32x4_t dot = D::finish(ba[m][t]);
             if constexpr (F == kNF4) dot = vaddq_s32(vshlq_n_s32(dot, kNF4HiShift), D::finish(bl[m][t]));
@@ -141,7 +138,7 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
     }
     if constexpr (F == kInt4) {
       for (int m = 0; m < MR; ++m)
-        for (int t = 0; t < NT; ++t) acc[m][t] = vfmsq_f32(acc[m][t], zs[t], vdupq_n_f32(corr[m]));
+        for (int t = 0; t < NT; ++t) acc[m][t] = vfmsq_f32(acc[m][t], zs[t], vdupq_n_f32(x.gsum[(m0 + m) * G + g]));
     }
   }
   for (int m = 0; m < MR; ++m)
@@ -186,9 +183,11 @@ static void qgemm_neon(const QWeight& w, const uint8_t* packed, const QActs& x, 
 
 // The activation quantizer, bit-identical to generic's: vcvtnq (round to nearest, ties to
 // even, whatever the FPCR rounding mode) and exact narrowing (codes within [-127, 127]).
+template <int64_t B>
 static inline void quantize_row_neon(const float* x, int64_t K, int8_t* q, float* d, int32_t* sum) {
+  constexpr int64_t kQBlock = B;
   constexpr int kV = int(kQBlock / 4);  // vectors of 4 floats per block
-  const int64_t nb = ceil_div(K, kQChunk) * kBPC;  // whole chunks: a block past K is all zero
+  const int64_t nb = ceil_div(K, kQChunk) * (kQChunk / kQBlock);  // a block past K is all zero
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t k0 = b * kQBlock, len = k0 < K ? min64(kQBlock, K - k0) : 0;
     float tmp[kQBlock];

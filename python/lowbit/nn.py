@@ -12,11 +12,25 @@ from .ops import linear, quantize_weight
 from .qweight import TENSOR_FIELDS, QuantizedWeight
 
 
+def _probe(cfg: Dict[str, Any]) -> QuantizedWeight:
+    """An empty QuantizedWeight with the settings of ``cfg`` (QuantizedWeight.config()), whose
+    expected_layout() gives the buffers a layer with those settings holds."""
+    K = int(cfg["shape"][1])
+    return QuantizedWeight(cfg["fmt"], tuple(cfg["shape"]), torch.empty(0), torch.empty(0),
+                           group_size=cfg["group_size"], symmetric=cfg["symmetric"],
+                           double_quant=cfg["double_quant"],
+                           perm=torch.empty(K, dtype=torch.int64) if cfg.get("has_perm") else None,
+                           input_scale=(torch.empty(K, dtype=torch.float32)
+                                        if cfg.get("has_input_scale") else None),
+                           validate=False)
+
+
 class QuantLinear(nn.Module):
     """``y = x @ W^T + b`` with W held only as a :class:`QuantizedWeight` (no float copy).
 
     The packed tensors are buffers (``weight_data``, ``weight_scales`` and, where the format
-    has them, ``weight_zeros``, ``weight_dq_scale``, ``weight_dq_offset``); the format
+    has them, ``weight_zeros``, ``weight_dq_scale``, ``weight_dq_offset``, and the optional
+    input transforms ``weight_perm`` / ``weight_input_scale``); the format
     settings travel in the state dict's extra state, so ``state_dict()`` /
     ``load_state_dict()`` round-trip bit-exactly and a mismatched checkpoint is refused.
     """
@@ -32,9 +46,9 @@ class QuantLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         # Empty tensors of the right layout, to be filled by from_linear / load_state_dict.
-        probe = QuantizedWeight(spec.name, (self.out_features, self.in_features),
-                                torch.empty(0), torch.empty(0), group_size=group_size,
-                                symmetric=symmetric, double_quant=double_quant, validate=False)
+        probe = _probe({"fmt": spec.name, "shape": (self.out_features, self.in_features),
+                        "group_size": group_size, "symmetric": symmetric,
+                        "double_quant": double_quant})
         for name in TENSOR_FIELDS:
             want = probe.expected_layout()[name]
             t = None if want is None else torch.zeros(want[0], dtype=want[1], device=device)
@@ -86,6 +100,7 @@ class QuantLinear(nn.Module):
                                self.weight_zeros, group_size=c["group_size"],
                                symmetric=c["symmetric"], double_quant=c["double_quant"],
                                dq_scale=self.weight_dq_scale, dq_offset=self.weight_dq_offset,
+                               perm=self.weight_perm, input_scale=self.weight_input_scale,
                                validate=False)
 
     @property
@@ -129,16 +144,18 @@ class QuantLinear(nn.Module):
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("lowbit_version") != 1:
             raise ValueError(f"not a lowbit QuantLinear state (extra state: {state!r})")
-        cfg = {k: state[k] for k in ("fmt", "shape", "group_size", "symmetric", "double_quant")}
+        try:
+            cfg = {k: state[k] for k in ("fmt", "shape", "group_size", "symmetric", "double_quant")}
+        except KeyError as e:
+            raise ValueError(f"lowbit QuantLinear state is missing {e}") from None
+        cfg.update({k: bool(state.get(k, False)) for k in ("has_perm", "has_input_scale")})
         if list(cfg["shape"]) != [self.out_features, self.in_features]:
             raise ValueError(f"checkpoint weight shape {cfg['shape']} does not match this layer "
                              f"[{self.out_features}, {self.in_features}]")
         if cfg != self._config:
             # Different format settings: adopt them, re-shaping the buffers so the tensors
             # that follow in load_state_dict fit (and are checked against the new layout).
-            probe = QuantizedWeight(cfg["fmt"], tuple(cfg["shape"]), torch.empty(0), torch.empty(0),
-                                    group_size=cfg["group_size"], symmetric=cfg["symmetric"],
-                                    double_quant=cfg["double_quant"], validate=False)
+            probe = _probe(cfg)
             device = self.weight_data.device
             for name in TENSOR_FIELDS:
                 want = probe.expected_layout()[name]

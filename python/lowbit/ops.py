@@ -43,7 +43,7 @@ def _linear_impl(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tens
     if kernels is not None:
         return kernels.linear(x, qw, bias)
     # Other devices: dequantize in the activation dtype, then the device's own matmul.
-    w = reference.dequantize(qw, x.dtype)
+    w = reference.decode(qw, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
@@ -53,7 +53,7 @@ def _dequantize_impl(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     kernels = _gpu_kernels() if qw.device.type == "cuda" else None
     if kernels is not None:
         return kernels.dequantize(qw, dtype)
-    return reference.dequantize(qw, dtype)
+    return reference.decode(qw, dtype)
 
 
 def _qw_from(data, scales, zeros, dq_scale, dq_offset, fmt, in_features, group_size, symmetric):
@@ -145,6 +145,19 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if qw.has_input_transform:
+        # (x / input_scale)[..., perm] as ordinary torch ops (autograd and torch.compile see
+        # them); the kernels then multiply the stored weight. The division is float32; on the
+        # CPU the kernels take the float32 result, elsewhere it goes back to x's dtype.
+        out_dtype = x.dtype
+        xt = qw.transform_input(x)
+        if x.device.type != "cpu":
+            xt = xt.to(out_dtype)
+        return _linear_dispatch(xt, qw, bias).to(out_dtype)
+    return _linear_dispatch(x, qw, bias)
+
+
+def _linear_dispatch(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad or torch.compiler.is_compiling():
         return linear_op(x, *_op_args(qw), bias, *_op_attrs(qw))
@@ -158,6 +171,13 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     _check_qw(qw)
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if qw.has_input_transform:
+        return qw.to_input_order(_decode(qw, torch.float32)).to(dtype)
+    return _decode(qw, dtype)
+
+
+def _decode(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The stored weight (input transforms ignored), by the device's kernels."""
     if torch.compiler.is_compiling():
         return dequantize_op(*_op_args(qw), *_op_attrs(qw), dtype)
     return _dequantize_impl(qw, dtype)

@@ -8,8 +8,12 @@ import torch
 
 from . import formats as F
 
-# Tensor fields in a fixed order; optional ones may be None.
-TENSOR_FIELDS = ("data", "scales", "zeros", "dq_scale", "dq_offset")
+# Tensor fields in a fixed order; optional ones may be None. CODE_FIELDS describe the packed
+# weight as stored (what the kernels read); TRANSFORM_FIELDS describe what the layer does to
+# its input before the stored weight multiplies it (see QuantizedWeight).
+CODE_FIELDS = ("data", "scales", "zeros", "dq_scale", "dq_offset")
+TRANSFORM_FIELDS = ("perm", "input_scale")
+TENSOR_FIELDS = CODE_FIELDS + TRANSFORM_FIELDS
 
 
 class QuantizedWeight:
@@ -19,15 +23,30 @@ class QuantizedWeight:
     ``zeros`` (asymmetric int4 only, else None), ``group_size`` (-1 = one group per row),
     ``symmetric``, ``double_quant`` and, for double-quantized nf4, ``dq_scale`` / ``dq_offset``.
     The layouts are documented on each format's registry row.
+
+    Two optional input transforms (None unless an algorithm or a source checkpoint needs
+    them), applied to the layer's input before the stored weight ``Ws`` multiplies it:
+
+    * ``input_scale`` float32 ``[K]``, positive and finite, in input-feature order: the input
+      is divided by it (AWQ's per-channel scales when they cannot be folded into the
+      preceding op; the stored weight then holds ``W * input_scale``).
+    * ``perm`` int64 ``[K]``, a permutation: stored column ``j`` holds input feature
+      ``perm[j]`` (GPTQ activation order; a GPTQ ``g_idx`` group map becomes contiguous
+      groups after sorting by it).
+
+    So ``linear(x) = (x / input_scale)[..., perm] @ Ws.T`` and :meth:`dequantize` returns the
+    layer's weight in input-feature order, ``W[:, perm[j]] = Ws[:, j] / input_scale[perm[j]]``,
+    so that ``F.linear(x, qw.dequantize())`` and ``lowbit.linear(x, qw)`` always agree.
     """
 
     __slots__ = ("fmt", "shape", "data", "scales", "zeros", "group_size", "symmetric",
-                 "double_quant", "dq_scale", "dq_offset", "cache")
+                 "double_quant", "dq_scale", "dq_offset", "perm", "input_scale", "cache")
 
     def __init__(self, fmt: str, shape: Tuple[int, int], data: torch.Tensor, scales: torch.Tensor,
                  zeros: Optional[torch.Tensor] = None, *, group_size: int = -1,
                  symmetric: bool = True, double_quant: bool = False,
                  dq_scale: Optional[torch.Tensor] = None, dq_offset: Optional[torch.Tensor] = None,
+                 perm: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None,
                  validate: bool = True):
         self.fmt = F.get_format(fmt).name
         self.shape = (int(shape[0]), int(shape[1]))
@@ -39,6 +58,8 @@ class QuantizedWeight:
         self.double_quant = bool(double_quant)
         self.dq_scale = dq_scale
         self.dq_offset = dq_offset
+        self.perm = perm
+        self.input_scale = input_scale
         # Derived, device-specific forms of this weight (e.g. a kernel's repacked layout),
         # built on first use by the backend that needs them and keyed by that backend. Never
         # saved; copies made by .to()/.contiguous() start empty.
@@ -80,7 +101,14 @@ class QuantizedWeight:
             lay["scales"] = ((N, G), torch.uint8)
             lay["dq_scale"] = ((N, C), torch.float32)
             lay["dq_offset"] = ((N, C), torch.float32)
+        # Optional input transforms: checked when present (see the class docstring).
+        lay["perm"] = ((K,), torch.int64) if self.perm is not None else None
+        lay["input_scale"] = ((K,), torch.float32) if self.input_scale is not None else None
         return lay
+
+    @property
+    def has_input_transform(self) -> bool:
+        return self.perm is not None or self.input_scale is not None
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose shape, dtype or device is wrong."""
@@ -107,6 +135,15 @@ class QuantizedWeight:
                                  f"got {t.dtype} {list(t.shape)}")
             if t.device != self.data.device:
                 raise ValueError(f"field '{name}' is on {t.device} but data is on {self.data.device}")
+        if self.perm is not None:
+            K = self.shape[1]
+            if not torch.equal(torch.sort(self.perm).values,
+                               torch.arange(K, device=self.perm.device)):
+                raise ValueError(f"perm must be a permutation of 0..{K - 1}")
+        if self.input_scale is not None:
+            s = self.input_scale
+            if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+                raise ValueError("input_scale must be finite and positive")
 
     # ---- tensors ------------------------------------------------------------------------
     def tensors(self) -> Dict[str, torch.Tensor]:
@@ -116,14 +153,16 @@ class QuantizedWeight:
     def config(self) -> Dict[str, object]:
         """Everything but the tensors, JSON-serialisable."""
         return {"fmt": self.fmt, "shape": list(self.shape), "group_size": self.group_size,
-                "symmetric": self.symmetric, "double_quant": self.double_quant}
+                "symmetric": self.symmetric, "double_quant": self.double_quant,
+                "has_perm": self.perm is not None, "has_input_scale": self.input_scale is not None}
 
     def _replace_tensors(self, fn) -> "QuantizedWeight":
         kw = {k: (fn(getattr(self, k)) if getattr(self, k) is not None else None) for k in TENSOR_FIELDS}
         return QuantizedWeight(self.fmt, self.shape, kw["data"], kw["scales"], kw["zeros"],
                                group_size=self.group_size, symmetric=self.symmetric,
                                double_quant=self.double_quant, dq_scale=kw["dq_scale"],
-                               dq_offset=kw["dq_offset"], validate=False)
+                               dq_offset=kw["dq_offset"], perm=kw["perm"],
+                               input_scale=kw["input_scale"], validate=False)
 
     def to(self, device) -> "QuantizedWeight":
         """A copy on ``device`` (codes and scales keep their dtypes)."""
@@ -140,6 +179,25 @@ class QuantizedWeight:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x / input_scale)[..., perm]``: what the stored weight multiplies (x itself when
+        there is no transform). Division in float32; the result is float32 if input_scale is
+        set, else x's dtype."""
+        if self.input_scale is not None:
+            x = x.to(torch.float32) / self.input_scale
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        return x
+
+    def to_input_order(self, w: torch.Tensor) -> torch.Tensor:
+        """The stored-order float32 weight ``Ws`` -> the layer's weight in input-feature order
+        (undoes perm, then divides by input_scale); w itself when there is no transform."""
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        if self.input_scale is not None:
+            w = w / self.input_scale
+        return w
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from .ops import dequantize

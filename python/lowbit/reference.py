@@ -156,7 +156,16 @@ def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[
 
 # ---- decode -------------------------------------------------------------------------------
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The float weight [N, K] a QuantizedWeight stands for (float32 math, then cast)."""
+    """The float weight [N, K] a QuantizedWeight stands for, in input-feature order (float32
+    math, then cast): the stored codes decoded (:func:`decode`), then the input transforms
+    undone (QuantizedWeight.to_input_order)."""
+    if not qw.has_input_transform:
+        return decode(qw, dtype)
+    return qw.to_input_order(decode(qw, torch.float32)).to(dtype)
+
+
+def decode(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The stored weight [N, K] (columns in stored order, input transforms ignored)."""
     N, K = qw.shape
     group = F.effective_group(qw.group_size, K)
     if qw.fmt == "int8":
@@ -177,6 +186,6 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
 
 def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F.linear(x, dequantize(qw), bias) computed in float32, returned in x's dtype."""
-    w = dequantize(qw, torch.float32)
+    w = dequantize(qw, torch.float32)  # input transforms included
     b = None if bias is None else bias.to(torch.float32)
     return torch.nn.functional.linear(x.to(torch.float32), w, b).to(x.dtype)

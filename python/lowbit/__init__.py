@@ -15,6 +15,23 @@ from .nn import QuantLinear  # noqa: F401
 from .ops import dequantize, linear, quantize_weight  # noqa: F401
 from .qweight import QuantizedWeight  # noqa: F401
 
+# Names served from submodules on first use (keeps `import lowbit` light: no transformers,
+# safetensors or torch.distributed until needed).
+_LAZY = {
+    "QuantConfig": "lowbit.quantize",
+    "quantize_model": "lowbit.quantize",
+    "save": "lowbit.io",
+    "load": "lowbit.io",
+    "load_checkpoint": "lowbit.io",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
 
 def backend_info() -> dict:
     """Which kernels run here and why: the CPU ISA chosen (and the reason), the ISAs compiled

@@ -264,7 +264,12 @@ PYBIND11_MODULE(_C, m) {
       py::dict d;
       d["id"] = i; d["name"] = t.name; d["bits"] = t.bits; d["default_group"] = t.default_group;
       d["packed_nibbles"] = t.packed_nibbles; d["has_zero_point"] = t.has_zero_point;
-      d["has_codebook"] = t.has_codebook;
+      d["has_float_offset"] = t.has_float_offset;
+      d["has_codebook"] = t.codebook != nullptr;
+      py::list cb;
+      if (t.codebook)
+        for (int j = 0; j < 16; ++j) cb.append(t.codebook[j]);
+      d["codebook"] = cb;
       out.append(d);
     }
     return out;

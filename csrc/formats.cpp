@@ -3,10 +3,11 @@
 namespace lowbit {
 
 const FormatTraits kFormatTraits[kNumFormats] = {
-    // name    bits default_group packed_nibbles has_zero_point has_codebook
-    {"int8", 8, -1, false, false, false},
-    {"int4", 4, 128, true, true, false},
-    {"nf4", 4, 64, true, false, true},
+    // name  bits default_group packed_nibbles has_zero_point has_float_offset codebook
+    {"int8", 8, -1, false, true, false, nullptr},
+    {"int4", 4, 128, true, true, true, nullptr},
+    {"nf4", 4, 64, true, false, false, kNF4Codebook},
+    {"fp4", 4, 64, true, false, false, kFP4Codebook},
 };
 
 const float kNF4Codebook[16] = {
@@ -26,6 +27,14 @@ const float kNF4Codebook[16] = {
     0.5626170039176941f,
     0.7229568362236023f,
     1.0f,
+};
+
+// 0, 0.0625, 8, 12, 4, 6, 2, 3 divided by 12 in float32, then the same negated.
+const float kFP4Codebook[16] = {
+    0.0f,  0.0052083334885537624f,  0.6666666865348816f,  1.0f,
+    0.3333333432674408f,  0.5f,  0.1666666716337204f,  0.25f,
+    -0.0f, -0.0052083334885537624f, -0.6666666865348816f, -1.0f,
+    -0.3333333432674408f, -0.5f, -0.1666666716337204f, -0.25f,
 };
 
 const int16_t kNF4CodebookI16[16] = {-8128, -5659, -4268, -3210, -2312, -1502, -740, 0,

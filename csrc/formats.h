@@ -8,12 +8,15 @@
 namespace lowbit {
 
 enum Format : int {
-  kInt8 = 0,  // int8 codes [N, K]; float32 scale per row; w = q * s
+  kInt8 = 0,  // int8 codes [N, K]; float32 scale per group (default: one group per row);
+              // w = (q - z) * s   (symmetric: z = 0; asymmetric: int16 zero-point per group)
   kInt4 = 1,  // uint4 codes, 2 per byte [N, ceil(K/2)]; float32 scale + uint8 zero per group;
               // w = (q - z) * s   (symmetric: z is the constant 8, no zeros tensor)
+              // float-offset variant: float32 offset m per group, w = q * s + m (2 roundings)
   kNF4 = 2,   // NormalFloat-4 codebook index, 2 per byte [N, ceil(K/2)]; float32 absmax per
               // block; w = kNF4Codebook[q] * absmax (double quant: absmax = c * dq_s + dq_o)
-  kNumFormats = 3,
+  kFP4 = 3,   // bitsandbytes FP4: as kNF4 with kFP4Codebook
+  kNumFormats = 4,
 };
 
 struct FormatTraits {
@@ -21,14 +24,18 @@ struct FormatTraits {
   int bits;                // bits per stored code
   int default_group;       // default group/block size along K (-1: one group per row)
   bool packed_nibbles;     // two codes per byte, element 2j in the low nibble, 2j+1 in the high
-  bool has_zero_point;     // asymmetric variant stores one uint8 zero-point per group
-  bool has_codebook;       // codes index kNF4Codebook
+  bool has_zero_point;     // has an asymmetric variant with an integer zero-point per group
+  bool has_float_offset;   // has the float-offset variant (QWeight::float_offset)
+  const float* codebook;   // codebook formats: the 16 values codes index; else nullptr
 };
 
 extern const FormatTraits kFormatTraits[kNumFormats];
 
 // The 16 NormalFloat-4 values (QLoRA; identical to bitsandbytes' NF4 table), ascending.
 extern const float kNF4Codebook[16];
+
+// bitsandbytes' FP4 values in code order (python/lowbit/formats.py FP4_CODEBOOK; code 8 is -0).
+extern const float kFP4Codebook[16];
 
 // The NF4 codebook as the fast path's integer weight codes: round(kNF4Codebook[i] * 8128),
 // multiplied by absmax / 8128 (8128 = 127 * 64; at most 0.5 / 8128 of absmax off the float

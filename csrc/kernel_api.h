@@ -70,7 +70,7 @@ using FromF32Fn = void (*)(const float* src, void* dst, int64_t n);
 // one group per row or a group size that is a multiple of 32 (packed_size returns 0 otherwise
 // and the caller uses the exact path).
 constexpr int64_t kQChunk = 32;
-constexpr int64_t kQBlockOf[kNumFormats] = {16, 8, 8};  // int8, int4, nf4
+constexpr int64_t kQBlockOf[kNumFormats] = {16, 8, 8, 8};  // int8, int4, nf4, fp4
 
 // Quantized activations (written by quantize_row, one row at a time). A row is zero-padded to
 // whole chunks: ldq >= ceil(K / 32) * 32 codes and nblocks = ceil(K / 32) * 32 / block blocks

@@ -95,9 +95,21 @@ def run_choice(choice, x2d: torch.Tensor, qw, bias: Optional[torch.Tensor],
     raise ValueError(f"unknown kernel {choice.kernel!r}")
 
 
+def _takes(qw) -> bool:
+    """Whether these kernels know qw's variant (the interop variants - fp4, int4
+    zero_point="float", int8 with groups or zero-points - go through lowbit.reference)."""
+    if qw.fmt == "fp4" or qw.zero_point == "float":
+        return False
+    return not (qw.fmt == "int8" and (not qw.symmetric or qw.n_groups > 1))
+
+
 def linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W = qw, float32 accumulation, output in x's dtype."""
     _require()
+    if not _takes(qw):
+        from lowbit import reference
+        w = reference.decode(qw, x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     N, K = qw.shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K)
@@ -116,4 +128,7 @@ def linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None) -> torch.Te
 def dequantize(qw, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [N, K] in ``dtype``, bit-exact against lowbit.reference.dequantize."""
     _require()
+    if not _takes(qw):
+        from lowbit import reference
+        return reference.decode(qw, dtype)
     return _dequant.dequantize(qw, dtype)

@@ -28,6 +28,18 @@ FORMAT_CASES = [
     ("nf4", {"double_quant": True, "group_size": 16}),
 ]
 
+# The interop variants (GGUF Q8_0 / Q4_1 / Q4_K, GPTQ 8-bit, bitsandbytes FP4): int8 with groups
+# and zero-points, int4 with a float offset per group, fp4. Tests that take every format use
+# FORMAT_CASES + NEW_FORMAT_CASES.
+NEW_FORMAT_CASES = [
+    ("int8", {"group_size": 32}),  # GGUF Q8_0
+    ("int8", {"symmetric": False, "group_size": 64}),  # GPTQ 8-bit
+    ("int4", {"zero_point": "float", "group_size": 32}),  # GGUF Q4_1 / Q4_K
+    ("int4", {"zero_point": "float", "group_size": -1}),
+    ("fp4", {}),  # block 64
+    ("fp4", {"double_quant": True, "group_size": 16}),
+]
+
 
 def case_id(case):
     fmt, opts = case

@@ -38,7 +38,16 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     _IMPORT_ERROR = e
 
 _DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_FMT_IDS = {"int8": 0, "int4": 1, "nf4": 2}
+_FMT_IDS = {"int8": 0, "int4": 1, "nf4": 2, "fp4": 3}
+
+
+def _cpp_takes(qw: QuantizedWeight) -> bool:
+    """Whether this build's C++ kernels know qw's variant. The variants added with the interop
+    formats (fp4, int4 zero_point="float", int8 with groups or zero-points) are computed by
+    lowbit.reference until their kernels land."""
+    if qw.fmt == "fp4" or qw.zero_point == "float":
+        return False
+    return not (qw.fmt == "int8" and (not qw.symmetric or qw.n_groups > 1))
 
 
 def ext():
@@ -218,6 +227,10 @@ def linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
 
     ``isa`` forces one ISA for this call ("" = the active one); ``path`` forces "fast" or
     "exact" for this call (default: :func:`cpu_path`)."""
+    if not _cpp_takes(qw):
+        from . import reference
+        out.copy_(reference.linear(x2d, qw, bias))
+        return out
     if x2d.stride(1) != 1 and x2d.shape[1] > 1:
         x2d = x2d.contiguous()
     M, K = x2d.shape
@@ -240,6 +253,9 @@ def linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype, isa: str = "") -> torch.Tensor:
+    if not _cpp_takes(qw):
+        from . import reference
+        return reference.decode(qw, dtype)
     out = torch.empty(qw.shape, dtype=dtype)
     ext().dequantize(*_weight_args(qw), out.data_ptr(), _DTYPE_IDS[dtype], out.stride(0),
                      num_threads(), isa)

@@ -10,6 +10,7 @@ from torch import nn
 from . import formats as F
 from .ops import linear, quantize_weight
 from .qweight import TENSOR_FIELDS, QuantizedWeight
+from .reference import resolve_options
 
 
 def _probe(cfg: Dict[str, Any]) -> QuantizedWeight:
@@ -19,6 +20,7 @@ def _probe(cfg: Dict[str, Any]) -> QuantizedWeight:
     return QuantizedWeight(cfg["fmt"], tuple(cfg["shape"]), torch.empty(0), torch.empty(0),
                            group_size=cfg["group_size"], symmetric=cfg["symmetric"],
                            double_quant=cfg["double_quant"],
+                           zero_point=cfg.get("zero_point", "int"),
                            perm=torch.empty(K, dtype=torch.int64) if cfg.get("has_perm") else None,
                            input_scale=(torch.empty(K, dtype=torch.float32)
                                         if cfg.get("has_input_scale") else None),
@@ -37,18 +39,18 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "int4",
                  *, group_size: Optional[int] = None, symmetric: Optional[bool] = None,
-                 double_quant: bool = False, device=None, dtype: Optional[torch.dtype] = None):
+                 double_quant: bool = False, zero_point: Optional[str] = None, device=None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         spec = F.get_format(fmt)
         group_size = F.check_group_size(spec, group_size)
-        if symmetric is None:
-            symmetric = spec.name != "int4"
+        symmetric, zero_point = resolve_options(spec, symmetric, zero_point)
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         # Empty tensors of the right layout, to be filled by from_linear / load_state_dict.
         probe = _probe({"fmt": spec.name, "shape": (self.out_features, self.in_features),
                         "group_size": group_size, "symmetric": symmetric,
-                        "double_quant": double_quant})
+                        "double_quant": double_quant, "zero_point": zero_point})
         for name in TENSOR_FIELDS:
             want = probe.expected_layout()[name]
             t = None if want is None else torch.zeros(want[0], dtype=want[1], device=device)
@@ -101,7 +103,7 @@ class QuantLinear(nn.Module):
                                symmetric=c["symmetric"], double_quant=c["double_quant"],
                                dq_scale=self.weight_dq_scale, dq_offset=self.weight_dq_offset,
                                perm=self.weight_perm, input_scale=self.weight_input_scale,
-                               validate=False)
+                               zero_point=c.get("zero_point", "int"), validate=False)
 
     @property
     def fmt(self) -> str:
@@ -149,6 +151,7 @@ class QuantLinear(nn.Module):
         except KeyError as e:
             raise ValueError(f"lowbit QuantLinear state is missing {e}") from None
         cfg.update({k: bool(state.get(k, False)) for k in ("has_perm", "has_input_scale")})
+        cfg["zero_point"] = state.get("zero_point", "int")
         if list(cfg["shape"]) != [self.out_features, self.in_features]:
             raise ValueError(f"checkpoint weight shape {cfg['shape']} does not match this layer "
                              f"[{self.out_features}, {self.in_features}]")

@@ -57,10 +57,12 @@ def _dequantize_impl(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _qw_from(data, scales, zeros, dq_scale, dq_offset, fmt, in_features, group_size, symmetric):
+    # zero_point="float" is the one variant whose zeros are float32 (QuantizedWeight).
+    zp = "float" if zeros is not None and zeros.dtype == torch.float32 else "int"
     return QuantizedWeight(fmt, (data.shape[0], in_features), data, scales, zeros,
                            group_size=group_size, symmetric=symmetric,
                            double_quant=dq_scale is not None, dq_scale=dq_scale,
-                           dq_offset=dq_offset, validate=False)
+                           dq_offset=dq_offset, zero_point=zp, validate=False)
 
 
 # ---- custom ops ---------------------------------------------------------------------------
@@ -189,13 +191,17 @@ _QUANT_CHUNK_BYTES = 256 << 20
 
 
 def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[int] = None,
-                    symmetric: Optional[bool] = None, double_quant: bool = False) -> QuantizedWeight:
+                    symmetric: Optional[bool] = None, double_quant: bool = False,
+                    zero_point: Optional[str] = None) -> QuantizedWeight:
     """Quantize a float weight ``[out_features, in_features]`` into ``fmt`` on w's device.
 
-    Options: ``group_size`` (int4 default 128, nf4 block default 64; -1 = one group per row;
-    int8 is always per row), ``symmetric`` (int4; default False), ``double_quant`` (nf4).
-    Raises ValueError on NaN/Inf in w. Same result as :func:`lowbit.reference.quantize_weight`,
-    computed in row chunks to bound memory.
+    Options: ``group_size`` (int4 default 128, nf4 / fp4 block default 64, int8 default -1;
+    -1 = one group per row), ``symmetric`` (int4 default False, int8 default True; nf4 / fp4
+    are always symmetric), ``zero_point`` (asymmetric weights: "int", the default, an integer
+    zero-point per group; "float", int4 only, a float32 offset per group: w = q * s + m, the
+    GGUF Q4_1 / Q4_K form), ``double_quant`` (nf4 / fp4). Formats and formulas:
+    :mod:`lowbit.formats`. Raises ValueError on NaN/Inf in w. Same result as
+    :func:`lowbit.reference.quantize_weight`, computed in row chunks to bound memory.
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
@@ -206,21 +212,19 @@ def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}")
     spec = F.get_format(fmt)
-    if double_quant and spec.name != "nf4":
-        raise ValueError(f"double_quant applies to nf4 only, not {spec.name}")
-    if symmetric is not None and spec.name != "int4" and not symmetric:
-        raise ValueError(f"{spec.name} is always symmetric")
+    if double_quant and not spec.has_codebook:
+        raise ValueError(f"double_quant applies to the codebook formats (nf4, fp4), not {spec.name}")
     if symmetric is not None and not isinstance(symmetric, bool):
         raise TypeError("symmetric must be a bool or None")
+    reference.resolve_options(spec, symmetric, zero_point)  # raises on a bad combination
     F.check_group_size(spec, group_size)
     N, K = w.shape
+    opts = dict(group_size=group_size, symmetric=symmetric, double_quant=double_quant,
+                zero_point=zero_point)
     rows = max(1, _QUANT_CHUNK_BYTES // (K * 4 * 20))
     if rows >= N:
-        return reference.quantize_weight(w, spec.name, group_size=group_size, symmetric=symmetric,
-                                         double_quant=double_quant)
-    parts = [reference.quantize_weight(w[i:i + rows], spec.name, group_size=group_size,
-                                       symmetric=symmetric, double_quant=double_quant)
-             for i in range(0, N, rows)]
+        return reference.quantize_weight(w, spec.name, **opts)
+    parts = [reference.quantize_weight(w[i:i + rows], spec.name, **opts) for i in range(0, N, rows)]
     first = parts[0]
 
     def cat(name):
@@ -229,4 +233,4 @@ def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[
     return QuantizedWeight(spec.name, (N, K), cat("data"), cat("scales"), cat("zeros"),
                            group_size=first.group_size, symmetric=first.symmetric,
                            double_quant=first.double_quant, dq_scale=cat("dq_scale"),
-                           dq_offset=cat("dq_offset"))
+                           dq_offset=cat("dq_offset"), zero_point=first.zero_point)

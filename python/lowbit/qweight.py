@@ -20,9 +20,14 @@ class QuantizedWeight:
     """A weight ``[N, K]`` stored in one of the formats of :mod:`lowbit.formats`.
 
     Fields: ``fmt`` (format name), ``shape`` (N, K), ``data`` (packed codes), ``scales``,
-    ``zeros`` (asymmetric int4 only, else None), ``group_size`` (-1 = one group per row),
-    ``symmetric``, ``double_quant`` and, for double-quantized nf4, ``dq_scale`` / ``dq_offset``.
-    The layouts are documented on each format's registry row.
+    ``zeros`` (asymmetric weights only, else None), ``group_size`` (-1 = one group per row),
+    ``symmetric``, ``zero_point``, ``double_quant`` and, for double-quantized nf4 / fp4,
+    ``dq_scale`` / ``dq_offset``. The layouts are documented on each format's registry row.
+
+    ``zero_point`` says what ``zeros`` holds when ``symmetric`` is False (lowbit.formats):
+    ``"int"`` (the default), an integer zero-point per group, ``w = float(q - z) * s`` (int4:
+    uint8; int8: int16); ``"float"`` (int4 only), a float32 offset per group,
+    ``w = float(q) * s + m`` (GGUF Q4_1 / Q4_K). Symmetric weights keep the default "int".
 
     Two optional input transforms (None unless an algorithm or a source checkpoint needs
     them), applied to the layer's input before the stored weight ``Ws`` multiplies it:
@@ -40,14 +45,15 @@ class QuantizedWeight:
     """
 
     __slots__ = ("fmt", "shape", "data", "scales", "zeros", "group_size", "symmetric",
-                 "double_quant", "dq_scale", "dq_offset", "perm", "input_scale", "cache")
+                 "zero_point", "double_quant", "dq_scale", "dq_offset", "perm", "input_scale",
+                 "cache")
 
     def __init__(self, fmt: str, shape: Tuple[int, int], data: torch.Tensor, scales: torch.Tensor,
                  zeros: Optional[torch.Tensor] = None, *, group_size: int = -1,
                  symmetric: bool = True, double_quant: bool = False,
                  dq_scale: Optional[torch.Tensor] = None, dq_offset: Optional[torch.Tensor] = None,
                  perm: Optional[torch.Tensor] = None, input_scale: Optional[torch.Tensor] = None,
-                 validate: bool = True):
+                 zero_point: str = "int", validate: bool = True):
         self.fmt = F.get_format(fmt).name
         self.shape = (int(shape[0]), int(shape[1]))
         self.data = data
@@ -55,6 +61,7 @@ class QuantizedWeight:
         self.zeros = zeros
         self.group_size = int(group_size)
         self.symmetric = bool(symmetric)
+        self.zero_point = zero_point
         self.double_quant = bool(double_quant)
         self.dq_scale = dq_scale
         self.dq_offset = dq_offset
@@ -94,9 +101,12 @@ class QuantizedWeight:
         data_dtype = torch.int8 if spec.name == "int8" else torch.uint8
         lay = {"data": ((N, F.packed_cols(spec, K)), data_dtype),
                "scales": ((N, G), torch.float32), "zeros": None, "dq_scale": None, "dq_offset": None}
-        if spec.name == "int4" and not self.symmetric:
-            lay["zeros"] = ((N, G), torch.uint8)
-        if spec.name == "nf4" and self.double_quant:
+        if spec.has_zero_point and not self.symmetric:
+            if self.zero_point == "float":
+                lay["zeros"] = ((N, G), torch.float32)
+            else:
+                lay["zeros"] = ((N, G), torch.int16 if spec.name == "int8" else torch.uint8)
+        if spec.has_codebook and self.double_quant:
             C = -(-G // F.NF4_DOUBLE_QUANT_CHUNK)
             lay["scales"] = ((N, G), torch.uint8)
             lay["dq_scale"] = ((N, C), torch.float32)
@@ -117,10 +127,18 @@ class QuantizedWeight:
         if N <= 0 or K <= 0:
             raise ValueError(f"QuantizedWeight shape must be positive, got {self.shape}")
         F.check_group_size(spec, self.group_size)
-        if self.double_quant and spec.name != "nf4":
-            raise ValueError("double_quant applies to nf4 only")
-        if spec.name != "int4" and not self.symmetric:
+        if self.double_quant and not spec.has_codebook:
+            raise ValueError(f"double_quant applies to the codebook formats (nf4, fp4), not {spec.name}")
+        if not spec.has_zero_point and not self.symmetric:
             raise ValueError(f"{spec.name} has no asymmetric variant")
+        if self.zero_point not in F.ZERO_POINTS:
+            raise ValueError(f"zero_point must be one of {F.ZERO_POINTS}, got {self.zero_point!r}")
+        if self.zero_point == "float":
+            if not spec.has_float_offset:
+                raise ValueError(f"zero_point='float' (a float offset per group) applies to int4 only, "
+                                 f"not {spec.name}")
+            if self.symmetric:
+                raise ValueError("zero_point='float' is an asymmetric variant: symmetric must be False")
         for name, want in self.expected_layout().items():
             t = getattr(self, name)
             if want is None:
@@ -153,7 +171,8 @@ class QuantizedWeight:
     def config(self) -> Dict[str, object]:
         """Everything but the tensors, JSON-serialisable."""
         return {"fmt": self.fmt, "shape": list(self.shape), "group_size": self.group_size,
-                "symmetric": self.symmetric, "double_quant": self.double_quant,
+                "symmetric": self.symmetric, "zero_point": self.zero_point,
+                "double_quant": self.double_quant,
                 "has_perm": self.perm is not None, "has_input_scale": self.input_scale is not None}
 
     def _replace_tensors(self, fn) -> "QuantizedWeight":
@@ -162,7 +181,8 @@ class QuantizedWeight:
                                group_size=self.group_size, symmetric=self.symmetric,
                                double_quant=self.double_quant, dq_scale=kw["dq_scale"],
                                dq_offset=kw["dq_offset"], perm=kw["perm"],
-                               input_scale=kw["input_scale"], validate=False)
+                               input_scale=kw["input_scale"], zero_point=self.zero_point,
+                               validate=False)
 
     def to(self, device) -> "QuantizedWeight":
         """A copy on ``device`` (codes and scales keep their dtypes)."""
@@ -205,9 +225,11 @@ class QuantizedWeight:
 
     def __repr__(self) -> str:
         opts = f"group_size={self.group_size}"
-        if self.fmt == "int4":
+        if self.spec.has_zero_point:
             opts += f", symmetric={self.symmetric}"
-        if self.fmt == "nf4":
+            if not self.symmetric:
+                opts += f", zero_point={self.zero_point!r}"
+        if self.spec.has_codebook:
             opts += f", double_quant={self.double_quant}"
         return (f"QuantizedWeight(fmt={self.fmt!r}, shape={self.shape}, {opts}, "
                 f"device={self.device}, bits_per_weight={self.bits_per_weight:.3f})")

@@ -15,6 +15,8 @@ from . import formats as F
 from .qweight import QuantizedWeight
 
 NF4_TABLE = torch.tensor(F.NF4_CODEBOOK, dtype=torch.float32)
+# The codebook of each codebook format, float32 in code order (fp4's code 8 is -0.0).
+CODEBOOK_TABLES = {name: torch.tensor(cb, dtype=torch.float32) for name, cb in F.CODEBOOKS.items()}
 
 
 # ---- packing ------------------------------------------------------------------------------
@@ -63,11 +65,24 @@ def _safe(s: torch.Tensor) -> torch.Tensor:
 
 
 # ---- quantizers ---------------------------------------------------------------------------
-def quantize_int8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    absmax = w.abs().amax(dim=1, keepdim=True)
-    scale = absmax / 127
-    q = torch.clamp(torch.round(w / _safe(scale)), -127, 127).to(torch.int8)
-    return q, scale
+def quantize_int8(w: torch.Tensor, group: Optional[int] = None, symmetric: bool = True):
+    """-> (q int8 [N, K], scale [N, G], zero int16 [N, G] or None); group None = the row."""
+    N, K = w.shape
+    g = to_groups(w, K if group is None else group)
+    if symmetric:
+        scale = g.abs().amax(dim=2) / 127
+        q = torch.clamp(torch.round(g / _safe(scale)[..., None]), -127, 127)
+        zero = None
+    else:
+        lo = torch.clamp(g.amin(dim=2), max=0)
+        hi = torch.clamp(g.amax(dim=2), min=0)
+        scale = (hi - lo) / 255
+        zu = torch.clamp(torch.round(-lo / _safe(scale)), 0, 255)
+        qu = torch.clamp(torch.round(g / _safe(scale)[..., None]) + zu[..., None], 0, 255)
+        q = qu - 128  # unsigned codes 0..255 stored as signed bytes
+        zero = (zu - 128).to(torch.int16)
+    q = q.reshape(N, -1)[:, :K].to(torch.int8)
+    return q, scale, zero
 
 
 def quantize_int4(w: torch.Tensor, group: int, symmetric: bool):
@@ -86,6 +101,22 @@ def quantize_int4(w: torch.Tensor, group: int, symmetric: bool):
         zero = zero.to(torch.uint8)
     codes = q.reshape(N, -1)[:, :K].to(torch.uint8)
     return pack_nibbles(codes), scale, zero
+
+
+def quantize_int4_offset(w: torch.Tensor, group: int):
+    """int4 with a float offset per group (zero_point="float"): min/max over the group (the
+    ragged last group's padding excluded), s = (hi - lo) / 15, m = lo,
+    q = clamp(round((w - m) / s), 0, 15) -> (packed, scale, offset)."""
+    N, K = w.shape
+    G = -(-K // group)
+    padded = torch.nn.functional.pad(w, (0, G * group - K), value=float("nan")).reshape(N, G, group)
+    lo = torch.nan_to_num(padded, nan=float("inf")).amin(dim=2)
+    hi = torch.nan_to_num(padded, nan=float("-inf")).amax(dim=2)
+    scale = (hi - lo) / 15
+    g = to_groups(w, group)
+    q = torch.clamp(torch.round((g - lo[..., None]) / _safe(scale)[..., None]), 0, 15)
+    codes = q.reshape(N, -1)[:, :K].to(torch.uint8)
+    return pack_nibbles(codes), scale, lo
 
 
 def double_quantize_absmax(absmax: torch.Tensor):
@@ -111,13 +142,19 @@ def decode_double_quant(codes: torch.Tensor, step: torch.Tensor, lo: torch.Tenso
     return t + per_element(lo, chunk, G)
 
 
-def nearest_nf4(scaled: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest NF4 codebook value (the first one on a tie)."""
-    table = NF4_TABLE.to(scaled.device)
+def nearest_code(scaled: torch.Tensor, fmt: str = "nf4") -> torch.Tensor:
+    """Index of the nearest value of ``fmt``'s codebook (the first one on a tie)."""
+    table = CODEBOOK_TABLES[fmt].to(scaled.device)
     return (scaled[..., None] - table).abs().argmin(dim=-1).to(torch.uint8)
 
 
-def quantize_nf4(w: torch.Tensor, block: int, double_quant: bool):
+def nearest_nf4(scaled: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest NF4 codebook value (the first one on a tie)."""
+    return nearest_code(scaled, "nf4")
+
+
+def quantize_codebook(w: torch.Tensor, block: int, double_quant: bool, fmt: str = "nf4"):
+    """nf4 / fp4: block absmax (optionally double-quantized) and the nearest codebook index."""
     N, K = w.shape
     g = to_groups(w, block)
     absmax = g.abs().amax(dim=2)
@@ -125,32 +162,62 @@ def quantize_nf4(w: torch.Tensor, block: int, double_quant: bool):
     if double_quant:
         codes_a, dq_scale, dq_offset = double_quantize_absmax(absmax)
         absmax = decode_double_quant(codes_a, dq_scale, dq_offset)  # quantize against what is stored
-    q = nearest_nf4(g / _safe(absmax)[..., None])
+    q = nearest_code(g / _safe(absmax)[..., None], fmt)
     packed = pack_nibbles(q.reshape(N, -1)[:, :K])
     scales = codes_a if double_quant else absmax
     return packed, scales, dq_scale, dq_offset
 
 
+def quantize_nf4(w: torch.Tensor, block: int, double_quant: bool):
+    return quantize_codebook(w, block, double_quant, "nf4")
+
+
+def resolve_options(spec: F.FormatSpec, symmetric: Optional[bool],
+                    zero_point: Optional[str]) -> Tuple[bool, str]:
+    """(symmetric, zero_point) from quantize_weight's options: int4 defaults to asymmetric with
+    an integer zero-point, everything else to symmetric; zero_point="float" implies asymmetric."""
+    if zero_point is not None and zero_point not in F.ZERO_POINTS:
+        raise ValueError(f"zero_point must be one of {F.ZERO_POINTS} or None, got {zero_point!r}")
+    if zero_point == "float" and not spec.has_float_offset:
+        raise ValueError(f"zero_point='float' (a float offset per group) applies to int4 only, not {spec.name}")
+    if zero_point == "float" and symmetric:
+        raise ValueError("zero_point='float' is an asymmetric variant: symmetric must be False or None")
+    if symmetric is None:
+        symmetric = spec.name != "int4" and zero_point is None
+    if not symmetric and not spec.has_zero_point:
+        raise ValueError(f"{spec.name} is always symmetric")
+    if symmetric and zero_point is not None:
+        raise ValueError("zero_point applies to asymmetric weights (symmetric=False)")
+    return symmetric, zero_point or "int"
+
+
 def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[int] = None,
-                    symmetric: Optional[bool] = None, double_quant: bool = False) -> QuantizedWeight:
+                    symmetric: Optional[bool] = None, double_quant: bool = False,
+                    zero_point: Optional[str] = None) -> QuantizedWeight:
     """Quantize a float weight [N, K] (computed in float32 on w's device)."""
     spec = F.get_format(fmt)
     group_size = F.check_group_size(spec, group_size)
-    if symmetric is None:
-        symmetric = spec.name != "int4"
+    symmetric, zero_point = resolve_options(spec, symmetric, zero_point)
+    if double_quant and not spec.has_codebook:
+        raise ValueError(f"double_quant applies to the codebook formats (nf4, fp4), not {spec.name}")
     w = w.detach().to(torch.float32)
     _check_finite(w)
     N, K = w.shape
     group = F.effective_group(group_size, K)
     if spec.name == "int8":
-        q, scale = quantize_int8(w)
-        return QuantizedWeight("int8", (N, K), q, scale, group_size=-1)
+        q, scale, zero = quantize_int8(w, group, symmetric)
+        return QuantizedWeight("int8", (N, K), q, scale, zero, group_size=group_size,
+                               symmetric=symmetric)
     if spec.name == "int4":
+        if zero_point == "float":
+            packed, scale, offset = quantize_int4_offset(w, group)
+            return QuantizedWeight("int4", (N, K), packed, scale, offset, group_size=group_size,
+                                   symmetric=False, zero_point="float")
         packed, scale, zero = quantize_int4(w, group, symmetric)
         return QuantizedWeight("int4", (N, K), packed, scale, zero, group_size=group_size,
                                symmetric=symmetric)
-    packed, scales, dq_scale, dq_offset = quantize_nf4(w, group, double_quant)
-    return QuantizedWeight("nf4", (N, K), packed, scales, group_size=group_size,
+    packed, scales, dq_scale, dq_offset = quantize_codebook(w, group, double_quant, spec.name)
+    return QuantizedWeight(spec.name, (N, K), packed, scales, group_size=group_size,
                            double_quant=double_quant, dq_scale=dq_scale, dq_offset=dq_offset)
 
 
@@ -169,17 +236,23 @@ def decode(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
     N, K = qw.shape
     group = F.effective_group(qw.group_size, K)
     if qw.fmt == "int8":
-        w = qw.data.to(torch.float32) * qw.scales
+        q = qw.data.to(torch.int32)
+        if not qw.symmetric:
+            q = q - per_element(qw.zeros.to(torch.int32), group, K)
+        w = q.to(torch.float32) * per_element(qw.scales, group, K)
         return w.to(dtype)
     codes = unpack_nibbles(qw.data, K)
     if qw.fmt == "int4":
+        if qw.zero_point == "float":  # w = q * s + m: two roundings, multiply then add
+            t = codes.to(torch.float32) * per_element(qw.scales, group, K)
+            return (t + per_element(qw.zeros, group, K)).to(dtype)
         zero = torch.full_like(qw.scales, F.INT4_SYMMETRIC_ZERO, dtype=torch.int32) if qw.symmetric \
             else qw.zeros.to(torch.int32)
         q = codes.to(torch.int32) - per_element(zero, group, K)
         w = q.to(torch.float32) * per_element(qw.scales, group, K)
         return w.to(dtype)
     absmax = decode_double_quant(qw.scales, qw.dq_scale, qw.dq_offset) if qw.double_quant else qw.scales
-    values = NF4_TABLE.to(codes.device)[codes.long()]
+    values = CODEBOOK_TABLES[qw.fmt].to(codes.device)[codes.long()]
     w = values * per_element(absmax, group, K)
     return w.to(dtype)
 

@@ -200,7 +200,9 @@ def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[
     are always symmetric), ``zero_point`` (asymmetric weights: "int", the default, an integer
     zero-point per group; "float", int4 only, a float32 offset per group: w = q * s + m, the
     GGUF Q4_1 / Q4_K form), ``double_quant`` (nf4 / fp4). Formats and formulas:
-    :mod:`lowbit.formats`. Raises ValueError on NaN/Inf in w. Same result as
+    :mod:`lowbit.formats`. Raises ValueError on NaN/Inf in w (after its conversion to
+    float32) and, for the asymmetric variants, when a group's range max - min overflows float32
+    (|w| near 3.4e38) instead of storing an infinite scale. Same result as
     :func:`lowbit.reference.quantize_weight`, computed in row chunks to bound memory.
     """
     if not isinstance(w, torch.Tensor):

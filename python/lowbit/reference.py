@@ -59,6 +59,15 @@ def _check_finite(w: torch.Tensor) -> None:
         raise ValueError("weight contains NaN or Inf; lowbit refuses to quantize non-finite values")
 
 
+def _check_range(scale: torch.Tensor, what: str) -> torch.Tensor:
+    """An asymmetric scale (max - min) / levels overflows float32 when a group spans more than
+    3.4e38: refuse it rather than store an infinite scale that decodes to NaN."""
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"{what}: a group's range max(w) - min(w) overflows float32 (|w| near "
+                         "3.4e38); rescale the weight or use a symmetric variant")
+    return scale
+
+
 def _safe(s: torch.Tensor) -> torch.Tensor:
     """Divisor for a scale that may be 0 (an all-zero group): any nonzero value decodes to 0."""
     return torch.where(s == 0, torch.ones_like(s), s)
@@ -76,7 +85,7 @@ def quantize_int8(w: torch.Tensor, group: Optional[int] = None, symmetric: bool 
     else:
         lo = torch.clamp(g.amin(dim=2), max=0)
         hi = torch.clamp(g.amax(dim=2), min=0)
-        scale = (hi - lo) / 255
+        scale = _check_range((hi - lo) / 255, "asymmetric int8")
         zu = torch.clamp(torch.round(-lo / _safe(scale)), 0, 255)
         qu = torch.clamp(torch.round(g / _safe(scale)[..., None]) + zu[..., None], 0, 255)
         q = qu - 128  # unsigned codes 0..255 stored as signed bytes
@@ -95,7 +104,7 @@ def quantize_int4(w: torch.Tensor, group: int, symmetric: bool):
     else:
         lo = torch.clamp(g.amin(dim=2), max=0)
         hi = torch.clamp(g.amax(dim=2), min=0)
-        scale = (hi - lo) / 15
+        scale = _check_range((hi - lo) / 15, "asymmetric int4")
         zero = torch.clamp(torch.round(-lo / _safe(scale)), 0, 15)
         q = torch.clamp(torch.round(g / _safe(scale)[..., None]) + zero[..., None], 0, 15)
         zero = zero.to(torch.uint8)
@@ -112,7 +121,7 @@ def quantize_int4_offset(w: torch.Tensor, group: int):
     padded = torch.nn.functional.pad(w, (0, G * group - K), value=float("nan")).reshape(N, G, group)
     lo = torch.nan_to_num(padded, nan=float("inf")).amin(dim=2)
     hi = torch.nan_to_num(padded, nan=float("-inf")).amax(dim=2)
-    scale = (hi - lo) / 15
+    scale = _check_range((hi - lo) / 15, "int4 with float zero-points")
     g = to_groups(w, group)
     q = torch.clamp(torch.round((g - lo[..., None]) / _safe(scale)[..., None]), 0, 15)
     codes = q.reshape(N, -1)[:, :K].to(torch.uint8)

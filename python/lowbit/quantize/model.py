@@ -1,0 +1,196 @@
+"""quantize_model: replace a model's nn.Linear layers by QuantLinear, per a QuantConfig."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..nn import QuantLinear
+from ..qweight import QuantizedWeight
+from .blocks import replace_module
+from .calibration import calibration_tokens, normalize_calibration
+from .config import NEEDS_CALIBRATION, QuantConfig, resolve_format
+from .report import LayerReport, QuantReport
+
+
+class _Sink:
+    """Collects finished layers and installs them: the float module is dropped (and its
+    weight freed, unless shared) as soon as its QuantLinear is in place."""
+
+    def __init__(self, model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]]],
+                 report: QuantReport, rules: Dict[str, str]):
+        self.model = model
+        self.targets = targets
+        self.report = report
+        self.rules = rules
+        self.pending: Dict[str, QuantizedWeight] = {}
+
+    def add(self, name: str, qw: QuantizedWeight, seconds: float, info: Dict[str, Any]) -> None:
+        _, fmt = self.targets[name]
+        info = dict(info or {})
+        info.setdefault("weights", qw.shape[0] * qw.shape[1])
+        self.report.layers.append(LayerReport(name, self.report.method, fmt, qw.bits_per_weight,
+                                              seconds, self.rules.get(name, ""), info))
+        self.pending[name] = qw
+
+    def install(self, names: List[str]) -> None:
+        for name in names:
+            qw = self.pending.pop(name)
+            mod, _ = self.targets.pop(name)
+            replace_module(self.model, name, QuantLinear.from_quantized(qw, mod.bias))
+
+
+def _module_bits(mod: nn.Module, n_weights: int) -> float:
+    qw = getattr(mod, "qweight", None)
+    if isinstance(qw, QuantizedWeight):
+        return qw.bits_per_weight
+    bpw = getattr(mod, "bits_per_weight", None)
+    if isinstance(bpw, (int, float)):
+        return float(bpw)
+    if callable(bpw):
+        return float(bpw())
+    nbytes = sum(t.numel() * t.element_size() for n, t in
+                 list(mod.named_parameters()) + list(mod.named_buffers()) if not n.endswith("bias"))
+    return 8.0 * nbytes / max(n_weights, 1)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calibration=None,
+                   progress: bool = True) -> nn.Module:
+    """Quantize ``model``'s nn.Linear layers in place per ``config`` and return the model.
+
+    ``calibration``: model inputs for the methods that look at activations (gptq, awq,
+    llm.int8, and mixed precision): an iterable of token-id tensors [batch, seq] or of dicts
+    of keyword arguments for ``model(**kw)`` (see
+    :func:`lowbit.quantize.calibration.normalize_calibration`; ``calibration_from_text``
+    builds some from the bundled text). RTN ignores it.
+
+    The layers' formats come from ``config`` (its default and its rules; lm_head stays in
+    float unless a rule names it). Afterwards ``model.lowbit_report`` (a QuantReport) lists
+    every Linear with its format, bits per weight, time and the algorithm's details;
+    ``print(model.lowbit_report)`` shows the table.
+    """
+    t_start = time.perf_counter()
+    if config is None:
+        config = QuantConfig()
+    elif isinstance(config, dict):
+        config = QuantConfig.from_dict(config)
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a lowbit.QuantConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(progress, bool):
+        raise TypeError("progress must be a bool")
+
+    calib = None
+    if config.needs_calibration:
+        if calibration is None:
+            why = NEEDS_CALIBRATION.get(config.method) if config.method in NEEDS_CALIBRATION else \
+                "mixed precision (max_bits_per_weight) measures each layer's sensitivity on it"
+            raise ValueError(f"method {config.method!r}"
+                             + (" with max_bits_per_weight" if config.max_bits_per_weight is not None else "")
+                             + f" needs calibration data ({why}): pass calibration=, e.g. "
+                             "lowbit.quantize.calibration_from_text(tokenizer) or a list of "
+                             "token-id tensors [batch, seq]")
+        calib = normalize_calibration(calibration)
+
+    report = QuantReport(method=config.method, config=config.to_dict())
+    report.calibration_tokens = calibration_tokens(calib) if calib else 0
+    rules: Dict[str, str] = {}
+    targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]]] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        fmt, rule = config.match(name)
+        rules[name] = rule
+        if fmt is None:
+            report.layers.append(LayerReport(name, "skip", None, 8.0 * mod.weight.element_size(),
+                                             0.0, rule, {"weights": mod.weight.numel()}))
+        else:
+            targets[name] = (mod, fmt)
+    if not targets:
+        report.notes.append("no Linear layer to quantize (every one skipped by the rules, or none)")
+        report.seconds = time.perf_counter() - t_start
+        model.lowbit_report = report
+        return model
+
+    was_training = model.training
+    model.eval()
+    try:
+        if config.max_bits_per_weight is not None:
+            from .mixed import plan_mixed_precision
+            plan = plan_mixed_precision(model, {n: m for n, (m, _) in targets.items()}, calib, config)
+            for name, choice in plan.choices.items():
+                if name not in targets:
+                    raise RuntimeError(f"the mixed-precision plan names {name!r}, which is not a target")
+                targets[name] = (targets[name][0],
+                                 resolve_format(dict(choice), f"mixed-precision plan for {name!r}"))
+                rules[name] = "mixed-precision plan"
+            report.plan = plan.table()
+
+        sink = _Sink(model, targets, report, rules)
+        if config.method == "rtn":
+            _run_rtn(targets, progress, sink)
+        elif config.method == "gptq":
+            from .gptq import run_gptq
+            run_gptq(model, targets, calib, config, progress, sink)
+        elif config.method == "awq":
+            from .awq import run_awq
+            run_awq(model, targets, calib, config, progress, sink)
+        elif config.method == "llm.int8":
+            _run_llm_int8(model, targets, calib, config, report, rules)
+        else:  # QuantConfig validates the method
+            raise AssertionError(config.method)
+        if sink.pending:
+            raise RuntimeError(f"layers quantized but never installed: {sorted(sink.pending)}")
+    finally:
+        model.train(was_training)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    report.layers.sort(key=lambda r: order.get(r.name, len(order)))
+    report.seconds = time.perf_counter() - t_start
+    model.lowbit_report = report
+    return model
+
+
+def _run_rtn(targets, progress: bool, sink: _Sink) -> None:
+    from ..ops import quantize_weight
+    from .config import format_kwargs
+    names = list(targets)
+    it = names
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(names, desc="rtn", unit="layer", leave=False)
+    for name in it:
+        mod, fmt = targets[name]
+        t0 = time.perf_counter()
+        f, kw = format_kwargs(fmt)
+        qw = quantize_weight(mod.weight.detach(), f, **kw)
+        sink.add(name, qw, time.perf_counter() - t0, {})
+        sink.install([name])
+
+
+def _run_llm_int8(model, targets, calib, config, report: QuantReport, rules) -> None:
+    from .outliers import quantize_with_outliers
+    t0 = time.perf_counter()
+    modules = {n: m for n, (m, _) in targets.items()}
+    replacements = quantize_with_outliers(model, modules, calib, config)
+    seconds = (time.perf_counter() - t0) / max(len(replacements), 1)
+    for name, new in replacements.items():
+        if name not in targets:
+            raise RuntimeError(f"quantize_with_outliers returned {name!r}, which is not a target")
+        mod, fmt = targets.pop(name)
+        n_w = mod.weight.numel()
+        replace_module(model, name, new)
+        info = {"weights": n_w}
+        n_out = getattr(new, "n_outliers", None)
+        if isinstance(n_out, int):
+            info["outliers"] = n_out
+        report.layers.append(LayerReport(name, "llm.int8", fmt, _module_bits(new, n_w), seconds,
+                                         rules.get(name, ""), info))
+    for name in list(targets):  # the outlier pass chose to leave these alone
+        mod, _ = targets.pop(name)
+        report.layers.append(LayerReport(name, "skip", None, 8.0 * mod.weight.element_size(), 0.0,
+                                         "llm.int8 left it in float", {"weights": mod.weight.numel()}))

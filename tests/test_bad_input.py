@@ -1,0 +1,338 @@
+"""Bad input gives a clear Python exception naming the problem; indexing is 64-bit throughout.
+
+Extends tests/test_errors.py (activation dtypes, K mismatch, bias, QuantizedWeight fields, raw
+binding arguments) with: every format and the QuantLinear entry point, weights on the wrong
+device or non-contiguous, unsupported group sizes, complex / integer inputs everywhere a
+tensor is taken, NaN / Inf and float32-overflowing weights at quantize time, and tensors that
+need 64-bit indexing:
+
+* a weight with N * K > 2^31 elements through lowbit.linear (exact and fast paths), its codes
+  left untouched by torch.empty (zero pages) except the rows that are checked, so the test
+  costs little memory;
+* every ISA's kernels called through the binding with row strides above 2^32 bytes (weight
+  codes, activations, outputs), in lazily committed buffers of several GiB of address space
+  of which only the touched rows become resident.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import QuantizedWeight, _backend
+from lowbit import reference as R
+from lowbit.testing import assert_linear_close
+
+VARIANTS = [("int8", {}), ("int4", {"group_size": 32}), ("int4", {"symmetric": True, "group_size": 48}),
+            ("nf4", {"group_size": 64}), ("nf4", {"double_quant": True, "group_size": 16})]
+VARIANT_IDS = ["int8", "int4-asym", "int4-sym", "nf4", "nf4-dq"]
+
+
+def vid(v):
+    return VARIANT_IDS[VARIANTS.index(v)]
+
+
+# ---- wrong dtype / device / layout ---------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS, ids=vid)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.int64, torch.bool, torch.complex64,
+                                   torch.complex128, torch.float64])
+def test_every_format_and_quantlinear_refuse_non_float_x(variant, dtype):
+    fmt, opts = variant
+    lin = torch.nn.Linear(64, 8)
+    layer = lowbit.QuantLinear.from_linear(lin, fmt, **opts)
+    x = torch.zeros(3, 64, dtype=dtype)
+    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16"):
+        layer(x)
+    with pytest.raises(TypeError, match=str(dtype).replace("torch.", "")):
+        lowbit.linear(x, layer.qweight)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float64, torch.int32, torch.uint8])
+def test_dequantize_refuses_unsupported_dtype(dtype):
+    qw = lowbit.quantize_weight(torch.randn(8, 64), "nf4")
+    with pytest.raises(TypeError, match="dtype must be float32, bfloat16 or float16"):
+        lowbit.dequantize(qw, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.uint8, torch.bool])
+def test_quantize_refuses_non_float_weights(dtype):
+    with pytest.raises(TypeError, match="floating-point"):
+        lowbit.quantize_weight(torch.zeros(8, 64, dtype=dtype), "int4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_quantize_accepts_other_float_weights_as_float32(dtype):
+    w = torch.randn(8, 64).to(dtype)  # every value exactly representable in float32
+    a = lowbit.quantize_weight(w, "int4", group_size=32)
+    b = lowbit.quantize_weight(w.float(), "int4", group_size=32)
+    assert torch.equal(a.data, b.data) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+
+
+def test_weight_on_another_device_than_x():
+    qw = lowbit.quantize_weight(torch.randn(8, 64), "int8")
+    meta = qw.to("meta")
+    with pytest.raises(ValueError, match="x is on cpu but the weight is on meta"):
+        lowbit.linear(torch.randn(2, 64), meta)
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        lowbit.linear(torch.randn(2, 64), qw, torch.zeros(8, device="meta"))
+
+
+def test_weight_fields_on_mixed_devices_refused():
+    qw = lowbit.quantize_weight(torch.randn(8, 64), "int4", group_size=32)
+    with pytest.raises(ValueError, match="'scales' is on meta but data is on cpu"):
+        QuantizedWeight("int4", (8, 64), qw.data, qw.scales.to("meta"), qw.zeros, group_size=32,
+                        symmetric=False)
+
+
+@pytest.mark.parametrize("field", ["data", "scales", "zeros"])
+def test_non_contiguous_weight_tensors_refused_by_the_cpu_backend(field):
+    """A QuantizedWeight whose tensor has the right shape but not a row-major layout (e.g. a
+    transposed view): the kernels read raw rows, so the backend refuses it by name."""
+    qw = lowbit.quantize_weight(torch.randn(8, 64), "int4", group_size=32)
+    t = getattr(qw, field)
+    strided = t.t().contiguous().t()  # same shape and values, column-major
+    assert torch.equal(strided, t) and not strided.is_contiguous()
+    kw = dict(data=qw.data, scales=qw.scales, zeros=qw.zeros)
+    kw[field] = strided
+    bad = QuantizedWeight("int4", (8, 64), kw["data"], kw["scales"], kw["zeros"], group_size=32,
+                          symmetric=False)
+    with pytest.raises(ValueError, match=f"weight tensor '{field}' must be contiguous"):
+        lowbit.linear(torch.randn(2, 64), bad)
+    with pytest.raises(ValueError, match=f"weight tensor '{field}' must be contiguous"):
+        lowbit.dequantize(bad)
+
+
+def test_bias_must_be_a_tensor():
+    qw = lowbit.quantize_weight(torch.randn(8, 64), "int8")
+    with pytest.raises(TypeError, match="bias"):
+        lowbit.linear(torch.randn(2, 64), qw, [0.0] * 8)
+    with pytest.raises(TypeError, match="bias"):
+        lowbit.linear(torch.randn(2, 64), qw, torch.zeros(8, dtype=torch.complex64))
+
+
+# ---- K mismatch ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS, ids=vid)
+@pytest.mark.parametrize("shape", [(63,), (65,), (2, 63), (2, 3, 65), (64, 2), (0, 63)])
+def test_k_mismatch_names_in_features(variant, shape):
+    fmt, opts = variant
+    qw = lowbit.quantize_weight(torch.randn(8, 64), fmt, **opts)
+    layer = lowbit.QuantLinear.from_quantized(qw)
+    x = torch.randn(*shape)
+    for fn in (lambda: lowbit.linear(x, qw), lambda: layer(x)):
+        with pytest.raises(ValueError, match=r"in_features=64.*got shape \(" + ", ".join(map(str, shape))):
+            fn()
+
+
+def test_binding_refuses_activation_stride_below_k():
+    qw = lowbit.quantize_weight(torch.randn(8, 64), "int8")
+    x = torch.randn(2, 64)
+    y = torch.empty(2, 8)
+    C = _backend.ext()
+    with pytest.raises(ValueError, match="activation row stride < K"):
+        C.linear(*_backend._weight_args(qw), x.data_ptr(), 0, 2, 63, 0, y.data_ptr(), 0, 8, 1)
+    with pytest.raises(ValueError, match="output row stride < N"):
+        C.linear(*_backend._weight_args(qw), x.data_ptr(), 0, 2, 64, 0, y.data_ptr(), 0, 7, 1)
+    with pytest.raises(ValueError, match="output row stride < K"):
+        C.dequantize(*_backend._weight_args(qw), y.data_ptr(), 0, 63, 1)
+
+
+# ---- unsupported group sizes ---------------------------------------------------------------------
+BAD_GROUPS = [0, -2, 1, 8, 15, 17, 24, 100, 8192 + 16, 1 << 20]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+@pytest.mark.parametrize("group", BAD_GROUPS)
+def test_unsupported_group_size_everywhere(fmt, group):
+    msg = f"unsupported group_size {group} for {fmt}"
+    with pytest.raises(ValueError, match=msg):
+        lowbit.quantize_weight(torch.randn(4, 64), fmt, group_size=group)
+    with pytest.raises(ValueError, match=msg):
+        lowbit.QuantLinear(64, 4, fmt=fmt, group_size=group)
+    good = lowbit.quantize_weight(torch.randn(4, 64), fmt, group_size=32)
+    with pytest.raises(ValueError, match=msg):
+        QuantizedWeight(fmt, (4, 64), good.data, good.scales, good.zeros, group_size=group,
+                        symmetric=good.symmetric)
+
+
+@pytest.mark.parametrize("group", [True, 32.0, "32", [32]])
+def test_group_size_of_the_wrong_type(group):
+    with pytest.raises(TypeError, match="group_size must be an int or None"):
+        lowbit.quantize_weight(torch.randn(4, 64), "int4", group_size=group)
+
+
+# ---- non-finite and float32-overflowing weights at quantize time -----------------------------------
+@pytest.mark.parametrize("variant", VARIANTS + [("int8", {"symmetric": False, "group_size": 32}),
+                                                ("int4", {"zero_point": "float", "group_size": 32})],
+                         ids=VARIANT_IDS + ["int8-asym", "int4-float-zero"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_weights_refused(variant, bad):
+    """Documented in quantize_weight: NaN/Inf anywhere in w is a ValueError, whichever row chunk
+    it falls in (ops.quantize_weight quantizes large weights in chunks of rows)."""
+    fmt, opts = variant
+    w = torch.randn(6, 64)
+    w[5, 63] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lowbit.quantize_weight(w, fmt, **opts)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lowbit.quantize_weight(w.to(torch.float16), fmt, **opts)
+
+
+def test_non_finite_weight_in_a_late_row_chunk(monkeypatch):
+    from lowbit import ops
+    monkeypatch.setattr(ops, "_QUANT_CHUNK_BYTES", 64 * 80 * 2)  # 2 rows of K=64 per chunk
+    w = torch.randn(9, 64)
+    w[8, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lowbit.quantize_weight(w, "nf4")
+    w[8, 0] = 1.0  # the chunked result equals the one-shot reference
+    a, b = lowbit.quantize_weight(w, "nf4"), R.quantize_weight(w, "nf4")
+    assert torch.equal(a.data, b.data) and torch.equal(a.scales, b.scales)
+
+
+def test_float64_weights_beyond_float32_are_refused():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lowbit.quantize_weight(torch.tensor([[1e39, 1.0]], dtype=torch.float64).repeat(1, 16), "int8")
+
+
+@pytest.mark.parametrize("variant", [("int4", {"group_size": -1}), ("int4", {"zero_point": "float", "group_size": -1}),
+                                     ("int8", {"symmetric": False})], ids=["int4-asym", "int4-float-zero", "int8-asym"])
+def test_asymmetric_range_overflowing_float32_refused(variant):
+    """max - min of a group above float32's 3.4e38 would make an infinite scale (every weight
+    of the group decoding to NaN): refused by name. Symmetric variants and nf4 take it."""
+    fmt, opts = variant
+    w = torch.tensor([[3e38, -3e38] + [1.0] * 30])
+    with pytest.raises(ValueError, match="overflows float32"):
+        lowbit.quantize_weight(w, fmt, **opts)
+    for fmt, opts in [("int4", {"symmetric": True, "group_size": -1}), ("nf4", {"group_size": -1}),
+                      ("int8", {})]:
+        qw = lowbit.quantize_weight(w, fmt, **opts)
+        got = lowbit.dequantize(qw)
+        assert bool(torch.isfinite(got).all()) and torch.equal(got, R.dequantize(qw))
+        assert float(got[0, 0]) == pytest.approx(3e38, rel=0.2)
+
+
+# ---- 64-bit indexing -----------------------------------------------------------------------------
+# Row strides: BIG_BYTES for the weight codes (uint8), BIG for float tensors (in elements, so
+# 2^33 bytes and more for float32): either way an offset computed in 32 bits wraps.
+BIG_BYTES = (1 << 32) + 64
+BIG = (1 << 31) + 64
+
+
+def lazy(n: int, dtype) -> torch.Tensor:
+    """An uninitialised tensor of n elements: address space only; the kernel's reads and writes
+    commit the pages they touch (the allocator maps large blocks on demand)."""
+    return torch.empty(n, dtype=dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=vid)
+def test_kernels_take_row_strides_beyond_2_to_the_32(variant):
+    """Every ISA's dequantize, exact linear and fast linear, with the weight's rows 2^32 + 64
+    bytes apart, the activation rows and the output rows 2^31 + 64 elements apart: results
+    equal the same call on compact tensors (bit for bit) and the reference."""
+    fmt, opts = variant
+    N, K, M = 2, 100, 2
+    qw = lowbit.quantize_weight(torch.randn(N, K), fmt, **opts)
+    C = _backend.ext()
+    args = list(_backend._weight_args(qw))
+    ld = qw.data.stride(0)
+    codes = lazy(BIG_BYTES * (N - 1) + ld, torch.uint8)
+    for n in range(N):
+        codes[n * BIG_BYTES:n * BIG_BYTES + ld] = qw.data[n].view(torch.uint8)
+    args[6], args[7] = codes.data_ptr(), BIG_BYTES  # data pointer, row stride in bytes
+    x = torch.randn(M, K)
+    xb = lazy(BIG * (M - 1) + K, torch.float32)
+    xs = torch.as_strided(xb, (M, K), (BIG, 1))
+    xs.copy_(x)
+    for isa in C.supported_isas():
+        # dequantize: output rows BIG elements apart (float32 and bfloat16)
+        for dt, did in ((torch.float32, 0), (torch.bfloat16, 1)):
+            ob = lazy(BIG * (N - 1) + K, dt)
+            C.dequantize(*args, ob.data_ptr(), did, BIG, 2, isa)
+            got = torch.as_strided(ob, (N, K), (BIG, 1))
+            assert torch.equal(got, R.dequantize(qw, dt)), (isa, dt)
+            del ob
+        # the exact path: strided x, strided y
+        yb = lazy(BIG * (M - 1) + N, torch.float32)
+        C.linear(*args, xb.data_ptr(), 0, M, BIG, 0, yb.data_ptr(), 0, BIG, 2, isa)
+        y = torch.as_strided(yb, (M, N), (BIG, 1)).clone()
+        compact = torch.empty(M, N)
+        _backend.linear(x, qw, None, compact, isa=isa, path="exact")
+        assert torch.equal(y, compact), isa
+        assert_linear_close(y, R.linear(x, qw), x, qw, msg=isa)
+        # the fast path (packed weight), strided x and y
+        blob = _backend.packed_weight(qw, isa)
+        if blob is not None:
+            meta = _backend._meta(qw)
+            C.linear_packed(blob.data_ptr(), blob.numel(), *meta, xb.data_ptr(), 0, M, BIG, 0,
+                            yb.data_ptr(), 0, BIG, 2, isa)
+            fast = torch.empty(M, N)
+            _backend.linear(x, qw, None, fast, isa=isa, path="fast")
+            assert torch.equal(torch.as_strided(yb, (M, N), (BIG, 1)), fast), isa
+        del yb
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_weight_with_more_than_2_to_the_31_elements(fmt):
+    """lowbit.linear on an [N, K] weight with N * K > 2^31 (exact path, and the fast path for
+    int4): rows at both ends, past element 2^31, match the reference on the same rows."""
+    K = (1 << 16) + 33  # odd, ragged last group
+    N = (1 << 31) // K + 20
+    assert N * K > 1 << 31
+    cols = K if fmt == "int8" else (K + 1) // 2
+    g = torch.Generator().manual_seed(0)
+    data = torch.empty(N, cols, dtype=torch.int8 if fmt == "int8" else torch.uint8)  # zero pages
+    check = [0, 1, N // 2, N - 2, N - 1]
+    for n in check:
+        data[n] = torch.randint(-127 if fmt == "int8" else 0, 128 if fmt == "int8" else 256, (cols,),
+                                generator=g, dtype=data.dtype)
+    if fmt == "int8":
+        qw = QuantizedWeight("int8", (N, K), data, torch.rand(N, 1, generator=g) + 0.5)
+    else:
+        G = -(-K // 128)
+        qw = QuantizedWeight("int4", (N, K), data, torch.rand(N, G, generator=g) + 0.5,
+                             torch.randint(0, 16, (N, G), generator=g, dtype=torch.uint8),
+                             group_size=128, symmetric=False)
+    x = torch.randn(2, K, generator=g)
+    rows = torch.tensor(check)
+    sub = QuantizedWeight(qw.fmt, (len(check), K), data[rows], qw.scales[rows],
+                          None if qw.zeros is None else qw.zeros[rows], group_size=qw.group_size,
+                          symmetric=qw.symmetric)
+    want = R.linear(x, sub)
+    paths = ("exact", "fast") if fmt == "int4" else ("exact",)
+    for path in paths:
+        _backend.set_cpu_path(path)
+        try:
+            y = lowbit.linear(x, qw)
+        finally:
+            _backend.set_cpu_path(None)
+        assert y.shape == (2, N)
+        if path == "exact":
+            assert_linear_close(y[:, rows], want, x, sub, msg=f"{fmt} {path}")
+        else:
+            from test_fast_path import assert_fast_close
+            assert_fast_close(y[:, rows], want, x, sub, msg=f"{fmt} {path}")
+        del y
+    qw.cache.clear()
+
+
+def test_public_linear_with_activation_rows_beyond_2_to_the_31_elements():
+    """x a view whose rows are 2^31 + 64 elements apart (bfloat16): lowbit.linear passes the
+    stride through (no copy) and every ISA's kernel reads the right rows."""
+    K = 96
+    qw = lowbit.quantize_weight(torch.randn(8, K), "int4", group_size=32)
+    xb = lazy(BIG * 2 + K, torch.bfloat16)
+    x = torch.as_strided(xb, (3, K), (BIG, 1))
+    x.copy_(torch.randn(3, K))
+    assert x.reshape(-1, K).data_ptr() == x.data_ptr()  # the view reaches the kernel as is
+    prev = _backend.ext().active_isa()
+    try:
+        for isa in _backend.ext().supported_isas():
+            lowbit.set_isa(isa)
+            y = lowbit.linear(x, qw)
+            assert torch.equal(y, lowbit.linear(x.contiguous(), qw)), isa
+            assert_linear_close(y, R.linear(x, qw), x, qw, msg=isa)
+    finally:
+        lowbit.set_isa(prev)

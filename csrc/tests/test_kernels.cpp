@@ -1262,7 +1262,7 @@ int main(int argc, char** argv) {
   for (int f = 0; f < kNumFormats; ++f) check(kQBlockOf[f] == own_block(Format(f)), "kQBlockOf[%d]", f);
   for (int i = 0; i < 16; ++i) {
     check(kNF4CodebookI16[i] == own_nf4_code(i), "kNF4CodebookI16[%d] != round(8128 * codebook)", i);
-    check((kNF4CodebookHi[i] << kNF4HiShift) + kNF4CodebookLo[i] == kNF4CodebookI16[i] &&
+    check(kNF4CodebookHi[i] * (1 << kNF4HiShift) + kNF4CodebookLo[i] == kNF4CodebookI16[i] &&
               std::abs(kNF4CodebookLo[i]) <= 64 && std::abs(kNF4CodebookHi[i]) <= 64,
           "kNF4CodebookHi/Lo[%d] do not split kNF4CodebookI16 into bytes within [-64, 64]", i);
   }

@@ -35,6 +35,19 @@ class QuantLinear(nn.Module):
     input transforms ``weight_perm`` / ``weight_input_scale``); the format
     settings travel in the state dict's extra state, so ``state_dict()`` /
     ``load_state_dict()`` round-trip bit-exactly and a mismatched checkpoint is refused.
+
+    Outlier columns (LLM.int8-style, :mod:`lowbit.quantize.outliers`): optionally a few input
+    columns of W are kept in float, outside the packed weight. Then ``outlier_cols`` (int64
+    ``[n]``, ascending, distinct) and ``outlier_weight`` (``[N, n]``, float, the original
+    values of those columns) are buffers too, the packed weight's own columns there are
+    ignored, and ::
+
+        y = linear(x with columns outlier_cols set to 0, qweight, bias)
+            + x[..., outlier_cols] @ outlier_weight^T
+
+    (the second term in float32; the sum is rounded once to x's dtype). ``n_outliers`` and
+    the extra state's ``"outliers"`` / ``"outlier_dtype"`` say how many; without outliers
+    both buffers are None and the layer is exactly the plain one.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "int4",
@@ -56,6 +69,8 @@ class QuantLinear(nn.Module):
             t = None if want is None else torch.zeros(want[0], dtype=want[1], device=device)
             self.register_buffer("weight_" + name, t)
         self._config = probe.config()
+        self.register_buffer("outlier_cols", None)
+        self.register_buffer("outlier_weight", None)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device,
                                                  dtype=dtype or torch.float32), requires_grad=False)
@@ -63,16 +78,33 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str = "int4", **format_options) -> "QuantLinear":
-        """Quantize an nn.Linear (its weight is read, never kept)."""
+    def from_linear(cls, linear: nn.Linear, fmt: str = "int4", *,
+                    outlier_cols: Optional[torch.Tensor] = None, **format_options) -> "QuantLinear":
+        """Quantize an nn.Linear (its weight is read, never kept).
+
+        ``outlier_cols``: input columns to keep in float (their original values, in the
+        weight's dtype); the rest is quantized with those columns set to 0, so the scales
+        ignore them. An empty tensor or None gives the plain layer."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        qw = quantize_weight(linear.weight.detach(), fmt, **format_options)
-        return cls.from_quantized(qw, linear.bias)
+        w = linear.weight.detach()
+        cols = (None if outlier_cols is None
+                else _check_outlier_cols(outlier_cols, w.shape[1], w.device, sort=False))
+        if cols is None or cols.numel() == 0:
+            qw = quantize_weight(w, fmt, **format_options)
+            return cls.from_quantized(qw, linear.bias)
+        rest = w.index_fill(1, cols, 0)
+        qw = quantize_weight(rest, fmt, **format_options)
+        return cls.from_quantized(qw, linear.bias, outlier_cols=cols,
+                                  outlier_weight=w.index_select(1, cols))
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
-        """Wrap an existing QuantizedWeight (shares its tensors)."""
+    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None, *,
+                       outlier_cols: Optional[torch.Tensor] = None,
+                       outlier_weight: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """Wrap an existing QuantizedWeight (shares its tensors); optionally with outlier
+        columns ``outlier_cols`` (integer ``[n]``, distinct, any order) whose float weights are
+        ``outlier_weight`` ``[N, n]`` (stored sorted by column)."""
         N, K = qw.shape
         m = cls.__new__(cls)
         nn.Module.__init__(m)
@@ -80,6 +112,24 @@ class QuantLinear(nn.Module):
         for name in TENSOR_FIELDS:
             m.register_buffer("weight_" + name, getattr(qw, name))
         m._config = qw.config()
+        m.register_buffer("outlier_cols", None)
+        m.register_buffer("outlier_weight", None)
+        if (outlier_cols is None) != (outlier_weight is None):
+            raise ValueError("outlier_cols and outlier_weight go together: give both or neither")
+        if outlier_cols is not None:
+            cols = _check_outlier_cols(outlier_cols, K, qw.device, sort=False)
+            ow = outlier_weight
+            if not isinstance(ow, torch.Tensor) or not ow.is_floating_point() or ow.is_complex():
+                raise TypeError("outlier_weight must be a float tensor [out_features, n_outliers]")
+            if tuple(ow.shape) != (N, cols.numel()):
+                raise ValueError(f"outlier_weight must have shape [{N}, {cols.numel()}] "
+                                 f"(out_features, n_outliers), got {list(ow.shape)}")
+            if ow.device != qw.device:
+                raise ValueError(f"outlier_weight is on {ow.device} but the weight is on {qw.device}")
+            if cols.numel():
+                order = torch.argsort(cols)
+                m.outlier_cols = cols[order].contiguous()
+                m.outlier_weight = ow.detach().index_select(1, order).contiguous()
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
@@ -109,11 +159,44 @@ class QuantLinear(nn.Module):
     def fmt(self) -> str:
         return self._config["fmt"]
 
+    @property
+    def n_outliers(self) -> int:
+        """Input columns kept in float (0 for a plain layer)."""
+        cols = self._buffers.get("outlier_cols")
+        return 0 if cols is None else int(cols.numel())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight: the packed weight plus the float outlier columns and their
+        indices, if any."""
+        nbytes = self.qweight.nbytes
+        for name in ("outlier_cols", "outlier_weight"):
+            t = self._buffers.get(name)
+            if t is not None:
+                nbytes += t.numel() * t.element_size()
+        return 8.0 * nbytes / (self.out_features * self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.qweight, self.bias)
+        cols = self._buffers.get("outlier_cols")
+        if cols is None:
+            return linear(x, self.qweight, self.bias)
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
+            return linear(x, self.qweight, self.bias)  # raises the usual clear error
+        # The outlier columns' activations are zeroed for the packed part (so they also never
+        # set an activation-quantization scale on the fast path) and multiply the float columns.
+        y = linear(x.index_fill(-1, cols, 0), self.qweight, self.bias)
+        xo = x.index_select(-1, cols).to(torch.float32)
+        return (y.to(torch.float32) + xo @ self.outlier_weight.to(torch.float32).T).to(y.dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.qweight.dequantize(dtype)
+        """The effective weight [N, K]: the packed weight with the outlier columns (if any)
+        replaced by their float values."""
+        cols = self._buffers.get("outlier_cols")
+        if cols is None:
+            return self.qweight.dequantize(dtype)
+        w = self.qweight.dequantize(torch.float32)
+        w = w.index_copy(1, cols, self.outlier_weight.to(torch.float32))
+        return w.to(dtype)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() would cast the float32 scales and corrupt the format:
@@ -141,7 +224,12 @@ class QuantLinear(nn.Module):
 
     # ---- state dict ---------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"lowbit_version": 1, **self._config}
+        state = {"lowbit_version": 1, **self._config}
+        ow = self._buffers.get("outlier_weight")
+        if ow is not None:
+            state["outliers"] = int(ow.shape[1])
+            state["outlier_dtype"] = str(ow.dtype).replace("torch.", "")
+        return state
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("lowbit_version") != 1:
@@ -165,6 +253,28 @@ class QuantLinear(nn.Module):
                 setattr(self, "weight_" + name,
                         None if want is None else torch.zeros(want[0], dtype=want[1], device=device))
             self._config = cfg
+        self._set_outlier_layout(state)
+
+    def _set_outlier_layout(self, state: Dict[str, Any]) -> None:
+        """Shape the outlier buffers as the state says (none when it has no "outliers")."""
+        n = state.get("outliers", 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n > self.in_features:
+            raise ValueError(f"lowbit QuantLinear state: 'outliers' must be an int in "
+                             f"[0, {self.in_features}], got {n!r}")
+        device = self.weight_data.device
+        if n == 0:
+            self.outlier_cols = None
+            self.outlier_weight = None
+            return
+        name = state.get("outlier_dtype")
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"lowbit QuantLinear state: 'outlier_dtype' must name a float dtype, "
+                             f"got {name!r}")
+        cols, ow = self._buffers.get("outlier_cols"), self._buffers.get("outlier_weight")
+        if cols is None or cols.numel() != n or ow is None or ow.dtype != dtype:
+            self.outlier_cols = torch.zeros(n, dtype=torch.int64, device=device)
+            self.outlier_weight = torch.zeros(self.out_features, n, dtype=dtype, device=device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -177,7 +287,10 @@ class QuantLinear(nn.Module):
         self.__dict__.pop("_qw", None)  # buffers were copied into in place: drop derived caches
         try:
             self.qweight.validate()
-        except ValueError as e:
+            cols = self._buffers.get("outlier_cols")
+            if cols is not None and cols.device.type != "meta":
+                _check_outlier_cols(cols, self.in_features, cols.device, sort=True)
+        except (ValueError, TypeError) as e:
             error_msgs.append(f"{prefix}: {e}")
 
     def extra_repr(self) -> str:
@@ -187,5 +300,29 @@ class QuantLinear(nn.Module):
             opts += f", symmetric={c['symmetric']}"
         if c["fmt"] == "nf4":
             opts += f", double_quant={c['double_quant']}"
+        if self.n_outliers:
+            opts += f", outliers={self.n_outliers}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, fmt={c['fmt']!r}, {opts}")
+
+
+def _check_outlier_cols(cols, K: int, device, sort: bool = True) -> torch.Tensor:
+    """``cols`` as int64 on ``device`` after checking it is a 1-D integer tensor of distinct
+    columns in [0, K) (ascending, when ``sort``); TypeError / ValueError naming the problem."""
+    if not isinstance(cols, torch.Tensor):
+        raise TypeError(f"outlier_cols must be a 1-D integer tensor, got {type(cols).__name__}")
+    if cols.dtype.is_floating_point or cols.dtype.is_complex or cols.dtype == torch.bool:
+        raise TypeError(f"outlier_cols must be an integer tensor, got {cols.dtype}")
+    if cols.dim() != 1:
+        raise ValueError(f"outlier_cols must be 1-D, got shape {list(cols.shape)}")
+    cols = cols.to(device=device, dtype=torch.int64)
+    if cols.numel():
+        if int(cols.min()) < 0 or int(cols.max()) >= K:
+            raise ValueError(f"outlier_cols must lie in [0, {K}) (in_features), got values from "
+                             f"{int(cols.min())} to {int(cols.max())}")
+        s = torch.sort(cols).values
+        if bool((s[1:] == s[:-1]).any()):
+            raise ValueError("outlier_cols must not repeat a column")
+        if sort and not torch.equal(s, cols):
+            raise ValueError("outlier_cols must be in ascending order")
+    return cols

@@ -118,6 +118,43 @@ def test_file_round_trip(tmp_path):
         assert np.array_equal(np.asarray(t.data).reshape(raw.shape), raw)
 
 
+def test_reader_agrees_with_gguf_reader(tmp_path):
+    """lowbit's GGUF reader (struct + numpy views) against gguf.GGUFReader on a file with every
+    kind of metadata value and tensor type used here; then metadata copied by export_gguf."""
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    writer.add_uint32("llama.block_count", 3)
+    writer.add_float32("llama.rope.freq_base", 10000.5)
+    writer.add_bool("x.flag", True)
+    writer.add_string("general.name", "tiny")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bé", "", "<s>"])
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.25, 3.0, 0.0])
+    writer.add_array("llama.attention.head_count", [4, 4, 2])
+    writer.add_tensor("q.weight", random_blocks("Q4_1", 3, 64), raw_dtype=T.Q4_1)
+    writer.add_tensor("f.weight", np.ones((2, 3), dtype=np.float16))
+    writer.add_tensor("g.weight", np.arange(6, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from lowbit.io.gguf import GGUFFile
+    for path in (tmp_path / "m.gguf",):
+        mine, theirs = GGUFFile(str(path)), gguf.GGUFReader(str(path))
+        for key, field in theirs.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            assert mine.value(key) == field.contents(), key
+            vt, _, sub = mine.fields[key]
+            assert [vt] + ([sub] if sub is not None else []) == [int(t) for t in field.types], key
+        assert [t.name for t in mine.tensors] == [t.name for t in theirs.tensors]
+        for a, b in zip(mine.tensors, theirs.tensors):
+            assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape)
+            assert np.array_equal(np.asarray(a.data), np.asarray(b.data)) and a.data.shape == b.data.shape
+    export_gguf({"g.weight": torch.arange(6.0)}, tmp_path / "copy.gguf", metadata=tmp_path / "m.gguf")
+    copied = gguf.GGUFReader(str(tmp_path / "copy.gguf"))
+    for key in ("llama.block_count", "tokenizer.ggml.tokens", "llama.attention.head_count", "x.flag"):
+        assert copied.fields[key].contents() == theirs.fields[key].contents(), key
+
+
 def test_unsupported_and_unexportable(tmp_path):
     w = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     write_gguf(tmp_path / "q5.gguf", {"x.weight": (gguf.quantize(w, T.Q5_0), T.Q5_0)})

@@ -34,6 +34,7 @@ lowbit weights that match them exactly.
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections.abc import Mapping
 from typing import Dict, Optional, Tuple, Union
@@ -207,6 +208,144 @@ def encode_tensor(qw: QuantizedWeight) -> Tuple[str, np.ndarray]:
                      "symmetric group 32, int4 zero_point='float' group 32)")
 
 
+# ---- reading the file ----------------------------------------------------------------------------
+# GGUF metadata value types (gguf.GGUFValueType) -> struct format of a scalar.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
+          10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+class _Strings:
+    """A GGUF string array, decoded when first read (the vocabulary: ~10^5 strings that a model
+    load never needs)."""
+
+    def __init__(self, buf, offset: int, count: int):
+        self._buf, self._offset, self._count = buf, offset, count
+        self._items = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def tolist(self) -> list:
+        if self._items is None:
+            out, off = [], self._offset
+            for _ in range(self._count):
+                (n,) = struct.unpack_from("<Q", self._buf, off)
+                out.append(bytes(self._buf[off + 8:off + 8 + n]).decode("utf-8"))
+                off += 8 + n
+            self._items = out
+        return self._items
+
+
+class GGUFTensorInfo:
+    """One tensor of a :class:`GGUFFile`: ``name``, ``tensor_type`` (gguf.GGMLQuantizationType),
+    ``shape`` (GGUF order: the row length K first), ``data`` (numpy view of the file: uint8
+    ``[N, row bytes]`` for block types, the float array with dims reversed otherwise)."""
+
+    __slots__ = ("name", "tensor_type", "shape", "data")
+
+    def __init__(self, name, tensor_type, shape, data):
+        self.name, self.tensor_type, self.shape, self.data = name, tensor_type, shape, data
+
+
+class GGUFFile:
+    """A GGUF file's key-value metadata and tensor table (format versions 2 and 3, little
+    endian), read with struct and numpy views of a memory map.
+
+    Same content as ``gguf.GGUFReader``, which builds a numpy view per vocabulary string
+    (~80% of the time of loading the bundled model); here string arrays are skipped by length
+    and decoded only when read. ``fields``: key -> (value type id, value, array element type id
+    or None); scalars as Python values, numeric arrays as lists, string arrays as
+    :class:`_Strings`.
+    """
+
+    def __init__(self, path: str):
+        gguf = _gguf()
+        self.path = path
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r")
+        buf = self._mm
+        if len(buf) < 24 or bytes(buf[:4]) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (bad magic)")
+        (version,) = struct.unpack_from("<I", buf, 4)
+        if version not in (2, 3):
+            raise UnsupportedCheckpoint(f"{path}: GGUF version {version} (little-endian v2 / v3 "
+                                        "are supported)")
+        n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+        off = 24
+        self.fields: Dict[str, tuple] = {}
+        for _ in range(n_kv):
+            key, off = self._string(off)
+            (vtype,), off = struct.unpack_from("<I", buf, off), off + 4
+            value, sub, off = self._read_value(vtype, off)
+            self.fields[key] = (vtype, value, sub)
+        infos = []
+        for _ in range(n_tensors):
+            name, off = self._string(off)
+            (n_dims,) = struct.unpack_from("<I", buf, off)
+            dims = list(struct.unpack_from(f"<{n_dims}Q", buf, off + 4))
+            off += 4 + 8 * n_dims
+            ttype, toff = struct.unpack_from("<IQ", buf, off)
+            off += 12
+            infos.append((name, dims, ttype, toff))
+        align = int(self.fields.get("general.alignment", (4, 32, None))[1])
+        start = -(-off // align) * align
+        self.tensors = []
+        for name, dims, ttype, toff in infos:
+            qt = gguf.GGMLQuantizationType(ttype)
+            per, nbytes = gguf.GGML_QUANT_SIZES[qt]
+            n = int(np.prod(dims))
+            size = n // per * nbytes
+            raw = buf[start + toff:start + toff + size]
+            rows = list(reversed(dims))
+            if qt.name in ("F32", "F16"):
+                data = raw.view(np.float32 if qt.name == "F32" else np.float16).reshape(rows)
+            elif qt.name == "BF16":
+                data = raw.view(np.uint16).reshape(rows)
+            else:
+                data = raw.reshape(rows[:-1] + [rows[-1] // per * nbytes])
+            self.tensors.append(GGUFTensorInfo(name, qt, np.array(dims, dtype=np.uint64), data))
+
+    def _string(self, off: int) -> Tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", self._mm, off)
+        return bytes(self._mm[off + 8:off + 8 + n]).decode("utf-8"), off + 8 + n
+
+    def _read_value(self, vtype: int, off: int):
+        buf = self._mm
+        if vtype in _SCALARS:
+            fmt = _SCALARS[vtype]
+            return struct.unpack_from(fmt, buf, off)[0], None, off + struct.calcsize(fmt)
+        if vtype == _STRING:
+            v, off = self._string(off)
+            return v, None, off
+        if vtype != _ARRAY:
+            raise ValueError(f"{self.path}: unknown GGUF metadata value type {vtype}")
+        sub, count = struct.unpack_from("<IQ", buf, off)
+        off += 12
+        if sub in _NUMPY:
+            dt = np.dtype(_NUMPY[sub])
+            arr = np.frombuffer(buf, dtype=dt, count=count, offset=off)
+            values = arr.astype(bool).tolist() if sub == 7 else arr.tolist()
+            return values, sub, off + count * dt.itemsize
+        if sub == _STRING:
+            start = off
+            for _ in range(count):
+                (n,) = struct.unpack_from("<Q", buf, off)
+                off += 8 + n
+            return _Strings(buf, start, count), sub, off
+        values = []  # arrays of arrays: rare, read one by one
+        for _ in range(count):
+            v, _, off = self._read_value(sub, off)
+            values.append(v)
+        return values, sub, off
+
+    def value(self, key: str):
+        """A metadata value as a Python value (string arrays as lists)."""
+        v = self.fields[key][1]
+        return v.tolist() if isinstance(v, _Strings) else v
+
+
 # ---- config ---------------------------------------------------------------------------------------
 # GGUF architecture names that transformers calls differently.
 _ARCH_TO_MODEL_TYPE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
@@ -214,9 +353,9 @@ _ARCH_TO_MODEL_TYPE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-os
                        "gemma4": "gemma4_text", "command-r": "cohere"}
 
 
-def _value(field):
-    v = field.contents()
-    if isinstance(v, list) and len(v) == 1:
+def _value(reader: "GGUFFile", key: str):
+    v = reader.value(key)
+    if isinstance(v, list) and len(v) == 1:  # as transformers reads one-element arrays
         return v[0]
     return v
 
@@ -231,7 +370,7 @@ def _config_dict(reader) -> Tuple[str, dict]:
     if "general.architecture" not in fields:
         raise UnsupportedCheckpoint("GGUF file has no general.architecture; cannot build a model "
                                     "(load it with as_model=False for its tensors)")
-    arch = _value(fields["general.architecture"])
+    arch = _value(reader, "general.architecture")
     model_type = _ARCH_TO_MODEL_TYPE.get(arch, arch)
     if arch not in GGUF_CONFIG_MAPPING and model_type not in GGUF_CONFIG_MAPPING:
         raise UnsupportedCheckpoint(f"GGUF architecture {arch!r} has no transformers config "
@@ -242,14 +381,14 @@ def _config_dict(reader) -> Tuple[str, dict]:
         for suffix, hf_key in GGUF_CONFIG_MAPPING.get(section, {}).items():
             key = f"{prefix}.{suffix}"
             if key in fields and hf_key not in (None, -1):
-                cfg[hf_key] = _value(fields[key])
+                cfg[hf_key] = _value(reader, key)
     cfg["model_type"] = model_type
     names = {t.name for t in reader.tensors}
     cfg["tie_word_embeddings"] = "output.weight" not in names
     for k, v in GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}).items():
         cfg.setdefault(k, v)
     if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in fields:
-        cfg["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
+        cfg["vocab_size"] = len(fields["tokenizer.ggml.tokens"][1])
     return arch, cfg
 
 
@@ -333,11 +472,10 @@ def load_gguf(path, *, as_model: Optional[bool] = None, dtype: torch.dtype = tor
 
     Raises UnsupportedCheckpoint naming any tensor type or architecture lowbit cannot map.
     """
-    gguf = _gguf()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such GGUF file: {path!r}")
-    reader = gguf.GGUFReader(path)
+    reader = GGUFFile(path)
     if as_model is False:
         return {t.name: read_tensor(t) for t in reader.tensors}
     return _build(reader, dtype, path)
@@ -416,7 +554,7 @@ def export_gguf(tensors: Mapping, path, *, arch: str = "llama", metadata=None) -
     written as F32 (F16 / BF16 kept as such). Names and row order are written as given (a dict
     from ``load_gguf(..., as_model=False)`` round-trips).
 
-    ``metadata``: a GGUF file path or a ``gguf.GGUFReader`` whose key-value metadata is copied
+    ``metadata``: a GGUF file path or a :class:`GGUFFile` whose key-value metadata is copied
     (architecture, hyper-parameters, tokenizer; its general.file_type is dropped), or a dict
     key -> value (ints are written as uint32, floats float32, str, bool, lists of those).
     """
@@ -482,14 +620,15 @@ def _metadata_items(gguf, metadata) -> Dict[str, tuple]:
         return {}
     if isinstance(metadata, Mapping):
         return {k: (v, None, None) for k, v in metadata.items()}
-    reader = gguf.GGUFReader(os.fspath(metadata)) if isinstance(metadata, (str, os.PathLike)) \
+    reader = GGUFFile(os.fspath(metadata)) if isinstance(metadata, (str, os.PathLike)) \
         else metadata
+    if not isinstance(reader, GGUFFile):
+        raise TypeError("metadata must be a GGUF file path, a lowbit.io.gguf.GGUFFile or a dict, "
+                        f"got {type(metadata).__name__}")
     out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.file_type":
+    for key, (vtype, value, sub) in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.file_type", "general.alignment"):
             continue
-        types = list(field.types)
-        sub = types[-1] if types[0] == gguf.GGUFValueType.ARRAY else None
-        value = field.contents()
-        out[key] = (value, types[0], sub)
+        out[key] = (reader.value(key), gguf.GGUFValueType(vtype),
+                    None if sub is None else gguf.GGUFValueType(sub))
     return out

@@ -41,7 +41,16 @@ LOWBIT_IMPLS: Dict[str, Tuple[str, dict]] = {
     "nf4-b64": ("nf4", {"group_size": 64}),
 }
 TORCH_IMPLS = ("torch-fp32", "torch-bf16")
+# Other weight-quantized CPU matmuls, run side by side when this torch / machine has them:
+#  torch-int8pack   torch.ops.aten._weight_int8pack_mm (int8 per-row weight, float activations)
+#  torch-int4pack   _weight_int4pack_mm_for_cpu after _convert_weight_to_int4pack_for_cpu
+#                   (int4 group 128, bf16 activations and scales: its fast path)
+#  torch-dyn-int8   torch.ao.quantization.quantize_dynamic (fbgemm/x86: int8 weights and
+#                   dynamically quantized int8 activations)
+#  bnb-nf4, bnb-int8  bitsandbytes' Linear4bit (nf4, block 64) / Linear8bitLt on the CPU
+PEER_IMPLS = ("torch-int8pack", "torch-int4pack", "torch-dyn-int8", "bnb-nf4", "bnb-int8")
 DEFAULT_IMPLS = tuple(LOWBIT_IMPLS) + TORCH_IMPLS
+ALL_IMPLS = tuple(LOWBIT_IMPLS) + TORCH_IMPLS + PEER_IMPLS
 
 DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = ((4096, 4096), (4096, 11008))  # (K, N)
 DEFAULT_MS: Tuple[int, ...] = (1, 8, 32)
@@ -154,7 +163,12 @@ def time_calls(fns: Sequence[Callable[[], object]], reps: int, *, warmup: int = 
     ``max_seconds`` have been spent and at least ``min_reps`` calls were timed.
     """
     n = len(fns)
-    for fn in fns:  # every copy once: a backend may build a per-weight cache (repacked layout)
+    t0 = time.perf_counter()
+    fns[0]()
+    first = time.perf_counter() - t0
+    if first > max_seconds:  # hopelessly slow here (e.g. bf16 matmul without native bf16):
+        return [first]       # one call is the figure; the rest would only burn time
+    for fn in fns[1:]:  # every copy once: a backend may build a per-weight cache (repacked layout)
         fn()
     t_warm = time.perf_counter()
     for i in range(warmup):  # more calls: JIT / primitive creation in some backends
@@ -226,11 +240,89 @@ def _copies_for(nbytes: int, rotate_bytes: int, max_copies: int = 64) -> int:
     return int(min(max_copies, max(2, math.ceil(rotate_bytes / max(nbytes, 1)))))
 
 
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y = y.float()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer implementation this torch / machine does not have (the row is skipped)."""
+
+
+def _peer_layer(impl: str, w: torch.Tensor, x: torch.Tensor):
+    """One peer's callable for weight ``w`` [N, K]: (fn(x) -> y, bytes of weight it reads,
+    the activation it takes). Raises PeerUnavailable when this install lacks it."""
+    N, K = w.shape
+    aten = torch.ops.aten
+    if impl == "torch-int8pack":
+        if not hasattr(aten, "_weight_int8pack_mm"):
+            raise PeerUnavailable("torch has no _weight_int8pack_mm")
+        s = (w.abs().amax(1) / 127).clamp_min(1e-12)
+        q = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        s = s.to(x.dtype)
+        return (lambda xx: aten._weight_int8pack_mm(xx, q, s)), q.numel() + s.numel() * s.element_size(), x
+    if impl == "torch-int4pack":
+        if not hasattr(aten, "_convert_weight_to_int4pack_for_cpu"):
+            raise PeerUnavailable("torch has no _weight_int4pack_mm_for_cpu")
+        g = 128
+        if K % g:
+            raise PeerUnavailable(f"torch's int4 op needs K % {g} == 0")
+        wg = w.reshape(N, K // g, g)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        sc = ((hi - lo) / 15).clamp_min(1e-12)
+        q = torch.round((wg - lo) / sc).clamp(0, 15).reshape(N, K).to(torch.int32)
+        zero = lo + 8 * sc  # torch's convention: w = (q - 8) * scale + zero
+        packed = aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.stack([sc.reshape(N, K // g), zero.reshape(N, K // g)], -1).transpose(0, 1)
+        sz = sz.contiguous().to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)  # its fast path (fp32 activations take a much slower one)
+        nbytes = packed.numel() * packed.element_size() + sz.numel() * sz.element_size()
+        return (lambda xx: aten._weight_int4pack_mm_for_cpu(xx, packed, g, sz)), nbytes, xb
+    if impl == "torch-dyn-int8":
+        import warnings
+        lin = torch.nn.Linear(K, N, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                       dtype=torch.qint8)
+        return m, N * K + 8, x.to(torch.float32)
+    if impl in ("bnb-nf4", "bnb-int8"):
+        try:
+            import bitsandbytes as bnb
+        except Exception as e:  # not installed, or no usable backend
+            raise PeerUnavailable(f"bitsandbytes not importable ({type(e).__name__})") from None
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if impl == "bnb-nf4":
+                lay = bnb.nn.Linear4bit(K, N, bias=False, quant_type="nf4", compute_dtype=x.dtype)
+                lay.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
+                                               blocksize=64)
+                lay = lay.to("cpu")
+                qs = lay.weight.quant_state
+                nbytes = lay.weight.numel() + qs.absmax.numel() * qs.absmax.element_size()
+            else:
+                lay = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=0.0)
+                lay.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+                lay = lay.to("cpu")
+                nbytes = N * K + N * 4
+        return lay, nbytes, x
+    raise ValueError(f"unknown implementation {impl!r}; expected one of {list(ALL_IMPLS)}")
+
+
 def bench_case(K: int, N: int, M: int, impls: Iterable[str] = DEFAULT_IMPLS, *, reps: int = 20,
                warmup: int = 5, min_reps: int = 3, max_seconds: float = 2.0,
                rotate_bytes: Optional[int] = None, threads: Optional[int] = None,
-               seed: int = 0) -> List[BenchResult]:
-    """Benchmark every implementation on one (K, N, M) case, in this process."""
+               seed: int = 0, dtype: torch.dtype = torch.float32,
+               bandwidth_gbps: Optional[float] = None) -> List[BenchResult]:
+    """Benchmark every implementation on one (K, N, M) case, in this process.
+
+    ``dtype`` is the activation dtype of lowbit and of the peers that take float activations
+    (torch's int4 op always gets bf16, its fast path). Every row also records ``rel_err``:
+    ||y - x W^T|| / ||x W^T|| against the original float32 weight (quantization error
+    included: a check that each implementation computes what it should)."""
     import lowbit
 
     if rotate_bytes is None:
@@ -239,10 +331,13 @@ def bench_case(K: int, N: int, M: int, impls: Iterable[str] = DEFAULT_IMPLS, *, 
         threads = lowbit._backend.num_threads()
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) * 0.02
-    x = torch.randn(M, K, generator=g)
+    x32 = torch.randn(M, K, generator=g)
+    x = x32.to(dtype)
+    ref = F.linear(x.float(), w)
     out: List[BenchResult] = []
     flops = 2.0 * M * N * K
     for impl in impls:
+        xin = x
         if impl in LOWBIT_IMPLS:
             fmt, opts = LOWBIT_IMPLS[impl]
             qw = lowbit.quantize_weight(w, fmt, **opts)
@@ -250,28 +345,89 @@ def bench_case(K: int, N: int, M: int, impls: Iterable[str] = DEFAULT_IMPLS, *, 
             copies = [qw] + [_clone_qw(qw) for _ in range(_copies_for(nbytes, rotate_bytes) - 1)]
             fns = [(lambda q=q: lowbit.linear(x, q)) for q in copies]
         elif impl in TORCH_IMPLS:
-            dtype = torch.float32 if impl == "torch-fp32" else torch.bfloat16
-            wd = w.to(dtype)
-            xd = x.to(dtype)
+            wdt = torch.float32 if impl == "torch-fp32" else torch.bfloat16
+            wd = w.to(wdt)
+            xin = x.to(wdt)
             nbytes = wd.numel() * wd.element_size()
             copies = [wd] + [wd.clone() for _ in range(_copies_for(nbytes, rotate_bytes) - 1)]
-            fns = [(lambda c=c: F.linear(xd, c)) for c in copies]
+            fns = [(lambda c=c: F.linear(xin, c)) for c in copies]
         else:
-            raise ValueError(f"unknown implementation {impl!r}; expected one of "
-                             f"{list(LOWBIT_IMPLS) + list(TORCH_IMPLS)}")
+            try:
+                first, nbytes, xin = _peer_layer(impl, w, x)
+                copies = [first] + [_peer_layer(impl, w, x)[0]
+                                    for _ in range(_copies_for(nbytes, rotate_bytes) - 1)]
+            except PeerUnavailable as e:
+                out.append(BenchResult(impl=impl, K=K, N=N, M=M, median_us=float("nan"),
+                                       min_us=float("nan"), reps=0, copies=0, weight_bytes=0,
+                                       weight_gbps=float("nan"), gflops=float("nan"),
+                                       threads=threads, extra={"skipped": str(e)}))
+                continue
+            fns = [(lambda c=c: c(xin)) for c in copies]
         with torch.inference_mode():
+            y = fns[0]()
             times = time_calls(fns, reps, warmup=warmup, min_reps=min_reps, max_seconds=max_seconds)
         med = statistics.median(times)
-        out.append(BenchResult(impl=impl, K=K, N=N, M=M, median_us=med * 1e6, min_us=min(times) * 1e6,
-                               reps=len(times), copies=len(copies), weight_bytes=int(nbytes),
-                               weight_gbps=nbytes / med / 1e9, gflops=flops / med / 1e9,
-                               threads=threads))
+        r = BenchResult(impl=impl, K=K, N=N, M=M, median_us=med * 1e6, min_us=min(times) * 1e6,
+                        reps=len(times), copies=len(copies), weight_bytes=int(nbytes),
+                        weight_gbps=nbytes / med / 1e9, gflops=flops / med / 1e9, threads=threads)
+        r.extra["rel_err"] = _rel_err(y, ref)
+        r.extra["x_dtype"] = str(xin.dtype).replace("torch.", "")
+        if bandwidth_gbps:
+            r.extra["bw_fraction"] = r.weight_gbps / bandwidth_gbps
+        out.append(r)
         del copies, fns
     base = next((r for r in out if r.impl == "torch-fp32"), None)
     if base is not None:
         for r in out:
-            r.speedup_vs_fp32 = base.median_us / r.median_us
+            r.speedup_vs_fp32 = base.median_us / r.median_us if r.reps else None
     return out
+
+
+# ---- machine limits -----------------------------------------------------------------------
+def measure_bandwidth(nbytes: int = 1 << 30, reps: int = 7) -> float:
+    """Streaming read bandwidth in GB/s: the median time of summing a float32 buffer much
+    larger than the caches (torch's reduction, on torch's threads)."""
+    n = nbytes // 4
+    buf = torch.ones(n, dtype=torch.float32)
+    buf.sum()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        ts.append(time.perf_counter() - t0)
+    del buf
+    return nbytes / statistics.median(ts) / 1e9
+
+
+def measure_matmul(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """torch's square matmul rate in GFLOP/s for ``dtype`` (n x n x n, median of ``reps``;
+    n is halved while one call takes over half a second, for CPUs without native bf16)."""
+    while True:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        t0 = time.perf_counter()
+        a @ b
+        if time.perf_counter() - t0 < 0.5 or n <= 256:
+            break
+        n //= 2
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / statistics.median(ts) / 1e9
+
+
+def machine_limits(threads: Optional[int] = None) -> Dict[str, float]:
+    """Read bandwidth (GB/s) and fp32 / bf16 matmul rates (GFLOP/s) with ``threads``."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return {"read_gbps": measure_bandwidth(), "fp32_gflops": measure_matmul(torch.float32),
+                "bf16_gflops": measure_matmul(torch.bfloat16)}
+    finally:
+        torch.set_num_threads(old)
 
 
 def run_bench(shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES, ms: Sequence[int] = DEFAULT_MS,
@@ -320,11 +476,56 @@ def run_bench(shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES, ms: Sequence[i
 
 
 def results_table(results: Sequence[BenchResult]) -> str:
-    headers = ["K x N", "M", "impl", "µs", "weight GB/s", "GFLOP/s", "vs fp32"]
-    rows = [[f"{r.K}x{r.N}", r.M, r.impl, r.median_us, r.weight_gbps, r.gflops,
-             (f"{r.speedup_vs_fp32:.2f}x" if r.speedup_vs_fp32 else "")]
-            for r in results]
+    """One row per (shape, M, impl): µs, weight GB/s, GFLOP/s, speed-up over torch fp32, the
+    weight GB/s as a fraction of the measured read bandwidth (when measured), relative error
+    against the float32 weight; skipped peers say why."""
+    has_bw = any("bw_fraction" in r.extra for r in results)
+    headers = ["K x N", "M", "impl", "x", "µs", "weight GB/s", "GFLOP/s", "vs fp32"]
+    headers += ["of BW"] if has_bw else []
+    headers += ["rel err"]
+    rows = []
+    for r in results:
+        if not r.reps:
+            rows.append([f"{r.K}x{r.N}", r.M, r.impl, "", None, None, None,
+                         "skipped: " + r.extra.get("skipped", "")] + ([""] if has_bw else []) + [""])
+            continue
+        row = [f"{r.K}x{r.N}", r.M, r.impl, r.extra.get("x_dtype", ""), r.median_us, r.weight_gbps,
+               r.gflops, (f"{r.speedup_vs_fp32:.2f}x" if r.speedup_vs_fp32 else "")]
+        if has_bw:
+            f = r.extra.get("bw_fraction")
+            row.append(f"{f:.0%}" if f is not None else "")
+        e = r.extra.get("rel_err")
+        row.append(f"{e:.1e}" if e is not None else "")
+        rows.append(row)
     return format_table(rows, headers)
+
+
+def plot_speedups(results: Sequence[BenchResult], path: str, title: str = "") -> None:
+    """A PNG: speed-up over torch fp32 F.linear vs M, one line per implementation, one panel
+    per weight shape (matplotlib, from the eval extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = sorted({(r.K, r.N) for r in results})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, (K, N) in zip(axes[0], shapes):
+        rs = [r for r in results if (r.K, r.N) == (K, N) and r.reps and r.speedup_vs_fp32]
+        for impl in dict.fromkeys(r.impl for r in rs):
+            pts = sorted((r.M, r.speedup_vs_fp32) for r in rs if r.impl == impl)
+            style = "-o" if impl in LOWBIT_IMPLS else "--."
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (rows of x)")
+        ax.set_ylabel("speed-up over torch fp32")
+        ax.set_title(f"K={K}, N={N}")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def environment() -> dict:
@@ -345,3 +546,79 @@ def write_json(path: str, results: Sequence[BenchResult], **meta) -> None:
     os.makedirs(d, exist_ok=True)
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
+
+
+# ---- model decode -------------------------------------------------------------------------
+# Format names of the decode benchmark -> how the model's linear layers are stored.
+DECODE_FORMATS = {
+    "fp32": None, "bf16": None,
+    "int8": ("int8", {}), "int4": ("int4", {"group_size": 128}), "nf4": ("nf4", {"group_size": 64}),
+}
+
+
+def _peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _decode_one(fmt: str, new_tokens: int, threads: Optional[int], model_path: Optional[str]) -> dict:
+    """Load the model, store its linear layers (lm_head kept) as ``fmt``, and time greedy
+    decoding with the KV cache; runs in a fresh process so its peak memory is its own."""
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["LOWBIT_NUM_THREADS"] = str(threads)
+    from torch import nn
+
+    import lowbit
+    from lowbit import evaluate as E
+    model, tok, desc = E.load_model(model_path, verbose=False)
+    t0 = time.perf_counter()
+    if fmt == "bf16":
+        model = model.to(torch.bfloat16)
+    elif DECODE_FORMATS.get(fmt) is not None:
+        f, opts = DECODE_FORMATS[fmt]
+        for name, mod in list(model.named_modules()):
+            for cname, child in list(mod.named_children()):
+                full = f"{name}.{cname}" if name else cname
+                if isinstance(child, nn.Linear) and not full.endswith("lm_head"):
+                    setattr(mod, cname, lowbit.QuantLinear.from_linear(child, f, **opts))
+    prep_s = time.perf_counter() - t0
+    import gc
+    gc.collect()
+    weights = sum(t.numel() * t.element_size() for t in
+                  list(model.parameters()) + list(model.buffers()))
+    prompt = tok("The history of the city", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        E.decode_speed(model, prompt, 4)  # warm-up (first-call caches, repacking)
+        tps = E.decode_speed(model, prompt, new_tokens)
+    return {"format": fmt, "tokens_per_s": tps, "model_bytes": weights, "peak_rss_bytes": _peak_rss(),
+            "prepare_s": prep_s, "threads": torch.get_num_threads(), "model": desc}
+
+
+def decode_bench(formats: Sequence[str] = ("fp32", "bf16", "int8", "int4", "nf4"), *,
+                 new_tokens: int = 64, threads: Optional[int] = None,
+                 model_path: Optional[str] = None) -> List[dict]:
+    """Decode tokens/s and peak memory of the bundled model (or ``model_path``) per format,
+    each in its own process. Formats: fp32, bf16 (the float model cast), int8, int4 (g128),
+    nf4 (b64) with QuantLinear (lm_head and embeddings kept in float)."""
+    import multiprocessing as mp
+    for f in formats:
+        if f not in DECODE_FORMATS:
+            raise ValueError(f"unknown decode format {f!r}; expected some of {list(DECODE_FORMATS)}")
+    ctx = mp.get_context("spawn")
+    rows = []
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        for f in formats:
+            rows.append(pool.apply(_decode_one, (f, new_tokens, threads, model_path)))
+    base = next((r for r in rows if r["format"] == "fp32"), None)
+    for r in rows:
+        r["speedup_vs_fp32"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+    return rows
+
+
+def decode_table(rows: Sequence[dict]) -> str:
+    headers = ["format", "tokens/s", "vs fp32", "model MB", "peak RSS MB", "threads"]
+    return format_table([[r["format"], r["tokens_per_s"],
+                          f"{r['speedup_vs_fp32']:.2f}x" if r.get("speedup_vs_fp32") else "",
+                          r["model_bytes"] / 1e6, r["peak_rss_bytes"] / 1e6, r["threads"]]
+                         for r in rows], headers)

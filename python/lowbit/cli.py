@@ -1,9 +1,11 @@
-"""The ``lowbit`` command: ``info``, ``selftest``, ``bench``, ``eval`` and ``demo``.
+"""The ``lowbit`` command: ``info``, ``selftest``, ``bench``, ``eval``, ``size`` and ``demo``.
 
     lowbit info [--json]                 which kernels run here and why
     lowbit selftest [--isa ISA]          every ISA x format x shape x dtype against the reference
     lowbit bench [--shapes 4096x4096] [--m 1,8,32] [--threads N] [--reps R] [--json PATH]
-    lowbit eval [--tokens 16384] [--ctx 512] [--formats fp32,int8,int4,nf4] [--json PATH] [--plot PNG]
+    lowbit eval [--tokens 16384] [--ctx 512] [--formats fp32,int8,int4:g64:gptq,mixed:4.5]
+                [--model PATH] [--text PATH] [--json PATH] [--plot PNG] [--save-dir DIR]
+    lowbit size --params 70e9            memory per format, scales and zeros included
     lowbit demo                          selftest + short bench + SmolLM2 quantized + generation
 
 ``main(argv)`` returns the exit status (0 ok, 1 a check failed, 2 usage or missing extras).
@@ -304,50 +306,130 @@ def _path_words(path: str) -> str:
 
 
 def cmd_bench(args) -> int:
+    if args.model:
+        return _bench_model(args)
+    if args.device == "cuda":
+        return _bench_cuda(args)
     from lowbit import benchmark as B
-    shapes = B.parse_shapes(args.shapes) if args.shapes else list(B.DEFAULT_SHAPES)
-    ms = B.parse_ints(args.m, "M") if args.m else list(B.DEFAULT_MS)
-    impls = [s.strip() for s in args.impls.split(",")] if args.impls else list(B.DEFAULT_IMPLS)
+    if args.full:
+        shapes, ms = list(B.FULL_SHAPES), list(B.FULL_MS)
+    else:
+        shapes, ms = list(B.DEFAULT_SHAPES), list(B.DEFAULT_MS)
+    shapes = B.parse_shapes(args.shapes) if args.shapes else shapes
+    ms = B.parse_ints(args.m, "M") if args.m else ms
+    if args.impls:
+        impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    else:
+        impls = list(B.ALL_IMPLS if (args.peers or args.full) else B.DEFAULT_IMPLS)
     for i in impls:
-        if i not in B.LOWBIT_IMPLS and i not in B.TORCH_IMPLS:
-            raise ValueError(f"unknown --impls entry {i!r}; expected some of "
-                             f"{','.join(list(B.LOWBIT_IMPLS) + list(B.TORCH_IMPLS))}")
+        if i not in B.ALL_IMPLS:
+            raise ValueError(f"unknown --impls entry {i!r}; expected some of {','.join(B.ALL_IMPLS)}")
+    import torch
+
     import lowbit
     threads = args.threads
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     info = lowbit.backend_info()
     path = args.cpu_path or B.current_cpu_path()
-    print(f"lowbit bench: CPU ISA {info.get('cpu_isa')}, {_path_words(path)}, "
-          f"{threads or info.get('num_threads')} threads, median of up to {args.reps} calls, "
+    nthreads = threads or info.get("num_threads")
+    print(f"lowbit bench: CPU ISA {info.get('cpu_isa')}, {_path_words(path)}, {nthreads} threads, "
+          f"{args.dtype} activations, median of up to {args.reps} calls, "
           f"weights rotated over > {2 * B.last_level_cache_bytes() >> 20} MB")
+    limits = None
+    if not args.no_limits:
+        limits = B.machine_limits(threads)
+        print(f"machine: read bandwidth {limits['read_gbps']:.1f} GB/s, torch matmul fp32 "
+              f"{limits['fp32_gflops']:.0f} GFLOP/s, bf16 {limits['bf16_gflops']:.0f} GFLOP/s "
+              f"({nthreads} threads)")
     results = B.run_bench(shapes, ms, impls, reps=args.reps, threads=threads,
                           max_seconds=args.max_seconds, progress=not args.no_progress,
-                          cpu_path=args.cpu_path)
+                          cpu_path=args.cpu_path, dtype=dtype,
+                          bandwidth_gbps=limits["read_gbps"] if limits else None)
     print(B.results_table(results))
     if args.json:
-        B.write_json(args.json, results, shapes=[list(s) for s in shapes], ms=list(ms))
+        B.write_json(args.json, results, shapes=[list(s) for s in shapes], ms=list(ms),
+                     machine_limits=limits, x_dtype=args.dtype)
+        print(f"wrote {args.json}")
+    if args.plot:
+        B.plot_speedups(results, args.plot, title=f"lowbit CPU ({info.get('cpu_isa')}, "
+                        f"{nthreads} threads, {args.dtype} activations)")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _bench_cuda(args) -> int:
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available to this torch")
+    from lowbit import gpu_bench as GB
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] \
+        if args.shapes else list(GB.SHAPES)
+    ms = [int(v) for v in args.m.split(",")] if args.m else list(GB.MS)
+    impls = args.impls.split(",") if args.impls else list(GB.LOWBIT_IMPLS) + list(GB.PEERS)
+    res = GB.run_gpu_bench(shapes, ms, impls)
+    print(GB.format_gpu_table(res))
+    out = args.json or "bench_gpu.json"
+    GB.write_outputs(res, out, args.plot or os.path.splitext(out)[0] + ".png")
+    print(f"wrote {out}")
+    return 0
+
+
+def _bench_model(args) -> int:
+    from lowbit import benchmark as B
+    fmts = [f.strip() for f in args.model_formats.split(",") if f.strip()]
+    rows = B.decode_bench(fmts, new_tokens=args.decode_tokens, threads=args.threads,
+                          model_path=None if args.model == "default" else args.model)
+    print(B.decode_table(rows))
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump({"environment": B.environment(), "decode": rows}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
 
 
 # ---- eval ---------------------------------------------------------------------------------
+EVAL_FORMATS_HELP = (
+    "comma-separated specs: NAME[:MOD...]. NAME: fp32, int8, int4 (asym g128), int4-sym, nf4 "
+    "(b64), nf4-dq, any lowbit format (e.g. fp4), or mixed:BITS (automatic mixed precision "
+    "within BITS bits/weight). MOD: gN (group size, g-1 = per row), sym, asym, fzero (float "
+    "zero-point), dq, a method (rtn, gptq, awq, llm.int8), or key=value (any QuantConfig option, "
+    "e.g. damp_percent=0.05). Examples: int8:llm.int8, int4:g64:gptq, int4:g128:awq, nf4:awq, "
+    "mixed:4.5. Default: %(default)s")
+
+
 def cmd_eval(args) -> int:
     from lowbit import evaluate as E
-    configs = E.parse_configs(args.formats)
+    specs = E.parse_specs(args.formats)  # bad specs fail before anything is loaded
     if args.model is None or args.text is None:
         E.require_extras(need_model=args.model is None, need_text=args.text is None)
     t0 = time.perf_counter()
-    out = E.evaluate(configs, tokens=args.tokens, ctx=args.ctx, model_path=args.model,
+    out = E.evaluate(specs, tokens=args.tokens, ctx=args.ctx, model_path=args.model,
                      text_path=args.text, decode_tokens=args.decode_tokens,
                      fake_quant=args.fake_quant, cache=not args.no_cache,
-                     cpu_path=args.cpu_path, progress=not args.no_progress)
+                     cpu_path=args.cpu_path, progress=not args.no_progress,
+                     calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                     save_dir=args.save_dir)
+    wall = time.perf_counter() - t0
+    out["meta"]["wall_s"] = wall
     meta = out["meta"]
     print(f"\nmodel {os.path.basename(meta['model'])}, {meta['tokens']} tokens of "
           f"{os.path.basename(meta['text'])}, ctx {meta['ctx']}, lm_head kept in float, "
           f"CPU ISA {meta['cpu_isa']}, {meta['num_threads']} threads, "
           + ("FAKE quantization (dequantized float weights, torch matmul)" if args.fake_quant
              else _path_words(meta["cpu_path"])))
+    cal = meta.get("calibration")
+    if cal:
+        print(f"calibration (gptq/awq/llm.int8/mixed): {cal['samples']} x {cal['seq_len']} tokens "
+              f"from token {cal['first_token']} on, disjoint from the scored tokens "
+              f"0..{meta['tokens']}")
     print(E.results_table(out["results"]))
-    print(f"({time.perf_counter() - t0:.0f} s)")
+    print(f"({E.TABLE_NOTE})")
+    for r in out["results"]:
+        plan = r.get("extra", {}).get("plan")
+        if plan:
+            print(f"\n{r['config']}: mixed-precision plan\n{plan}")
+    print(f"({wall:.0f} s)")
     if args.json:
         d = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(d, exist_ok=True)
@@ -361,6 +443,44 @@ def cmd_eval(args) -> int:
             print(f"wrote {args.plot}")
         except E.MissingExtras as e:
             print(f"no plot: {e}", file=sys.stderr)
+    return 0
+
+
+# ---- size ---------------------------------------------------------------------------------
+def _parse_shape_mix(text: str):
+    shapes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            k, n = (int(v) for v in part.split("x"))
+        except ValueError:
+            raise ValueError(f"--shapes: {part!r} is not KxN (in_features x out_features), "
+                             "e.g. 8192x8192,8192x28672,28672x8192") from None
+        if k < 1 or n < 1:
+            raise ValueError(f"--shapes: {part!r} must be positive")
+        shapes.append((k, n))
+    if not shapes:
+        raise ValueError("--shapes: no shapes given")
+    return shapes
+
+
+def cmd_size(args) -> int:
+    from lowbit import evaluate as E
+    params = E.parse_count(args.params)
+    float_params = E.parse_count(args.float_params) if args.float_params not in (None, "0") else 0
+    if args.shapes:
+        shapes = _parse_shape_mix(args.shapes)
+    else:
+        shapes = E.llama_block_shapes(args.hidden, args.intermediate, args.kv_dim)
+    table = E.size_table(params, shapes, float_params=float_params, float_dtype=args.float_dtype)
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    print(E.size_report(table))
+    print(f"({table['assumption']}; scales, zero-points and double-quant constants included; "
+          "GB = 1e9 bytes, GiB = 2^30; weights only: no activations or KV cache)")
     return 0
 
 
@@ -378,6 +498,9 @@ class _Sections:
         self.t = now
         if title:
             print(f"\n== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+
+
+DEMO_SPECS = ("fp32", "int8", "int4", "nf4")
 
 
 def cmd_demo(args) -> int:
@@ -427,28 +550,49 @@ def cmd_demo(args) -> int:
     loader, tok, model_desc = E.make_loader(None)
     ids, _ = E.load_tokens(tok, tokens)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    configs = [E.parse_config(c) for c in ("fp32", "int8", "int4", "nf4")]
+    specs = [E.parse_spec(c) for c in DEMO_SPECS]
     rows = []
     texts = {}
-    for cfg in configs:
-        r, m = E.evaluate_config(cfg, loader, ids, ctx, decode_tokens=args.decode_tokens,
+    import tempfile
+    tmpdir = tempfile.TemporaryDirectory(prefix="lowbit-demo-")
+    saved = os.path.join(tmpdir.name, "smollm2-int4.safetensors")
+    config = None
+    for spec in specs:
+        r, m = E.evaluate_config(spec, loader, ids, ctx, decode_tokens=args.decode_tokens,
                                  pad_id=pad_id, progress=progress,
-                                 keep_model=cfg.label in ("fp32", "int4"))
-        if m is not None:  # step 4's text, generated now so only one model is held at a time
-            texts[cfg.label] = E.generate_text(m, tok, args.prompt, new_tokens=args.new_tokens)
+                                 keep_model=spec.label in ("fp32", "int4"))
+        if m is not None:  # step 4's inputs, made now so only one model is held at a time
+            if spec.label == "int4":
+                config = m.config
+                lowbit.save(m, saved)
+            texts[spec.label] = E.generate_text(m, tok, args.prompt, new_tokens=args.new_tokens)
             del m
         rows.append(r.__dict__)
-        print(f"  {cfg.label:5s} perplexity {r.perplexity:7.2f}  ({r.bits_per_weight:.2f} bits/weight)", flush=True)
+        print(f"  {spec.label:5s} perplexity {r.perplexity:7.2f}  ({r.bits_per_weight:.2f} bits/weight)",
+              flush=True)
     print(E.results_table(rows))
     n_lin = max(r["n_quantized"] for r in rows)
-    print(f"(bits/w, linear MB: the {n_lin} quantized Linear layers as stored, scales included; "
-          "+ cache MB: the CPU fast path's repacked copies of them, built on first use; lm_head "
-          "stays in float; tok/s: this machine, shared with whatever else runs on it)")
+    print(f"(the {n_lin} Linear layers of the 30 blocks are quantized; lm_head (tied to the "
+          f"embeddings) stays in float. {E.TABLE_NOTE}; tok/s: this machine, shared with whatever "
+          "else runs on it)")
 
-    _section(f"4. text from the int4 model ({args.new_tokens} tokens, greedy; fp32 for comparison)")
+    _section(f"4. the int4 model saved, reloaded into an empty model, and its text "
+             f"({args.new_tokens} tokens, greedy; fp32 for comparison)")
+    transformers = E._import_transformers()
+    t0 = time.perf_counter()
+    reloaded = lowbit.load(saved, lambda: transformers.AutoModelForCausalLM.from_config(config)).eval()
+    load_s = time.perf_counter() - t0
+    print(f"lowbit.save -> {os.path.getsize(saved) / 1e6:.1f} MB file; lowbit.load into a "
+          f"skeleton built on the meta device (no float weights allocated): {load_s:.1f} s")
+    text = E.generate_text(reloaded, tok, args.prompt, new_tokens=args.new_tokens)
+    same = "identical to" if text == texts["int4"] else "DIFFERENT from"
+    del reloaded
+    tmpdir.cleanup()
     print(f"prompt: {args.prompt}")
-    for label in ("int4", "fp32"):
-        print(f"{label + ':':7s} {' '.join(texts[label].split())}")
+    print(f"{'int4:':7s} {' '.join(text.split())}")
+    print(f"{'fp32:':7s} {' '.join(texts['fp32'].split())}")
+    print(f"(the reloaded model's text is {same} the int4 model's before saving)")
+    ok = ok and text == texts["int4"]
     _section()
     print(f"\ndemo took {time.perf_counter() - t_start:.0f} s")
     return 0 if ok else 1
@@ -471,45 +615,83 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_selftest)
 
-    s = sub.add_parser("bench", help="short CPU benchmark: lowbit linear vs torch F.linear")
+    s = sub.add_parser("bench", help="benchmark: lowbit linear vs torch and peers (CPU or CUDA), "
+                       "or model decode speed (--model)")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: the C++ kernels (default); cuda: the Triton kernels (lowbit.gpu_bench)")
+    s.add_argument("--full", action="store_true",
+                   help="the full grid: 4096x4096,4096x11008,11008x4096 x M 1,8,32,128, all peers")
     s.add_argument("--shapes", help="comma-separated KxN weight shapes (K = in_features), "
-                   "default 4096x4096,4096x11008")
+                   "default 4096x4096,4096x11008 (cuda: NxK, see bench/gpu.py)")
     s.add_argument("--m", help="comma-separated batch sizes M (rows of x), default 1,8,32")
-    s.add_argument("--impls", help="comma-separated: int8,int4-g128,nf4-b64,torch-fp32,torch-bf16 (default all)")
-    s.add_argument("--threads", type=int, help="threads for torch and lowbit (default: torch's)")
+    s.add_argument("--impls", help="comma-separated subset of: " + ",".join(
+        ["int8", "int4-g128", "nf4-b64", "torch-fp32", "torch-bf16", "torch-int8pack",
+         "torch-int4pack", "torch-dyn-int8", "bnb-nf4", "bnb-int8"]))
+    s.add_argument("--peers", action="store_true",
+                   help="also run torch's int8/int4 CPU ops, dynamic int8 and bitsandbytes")
+    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="activation dtype (default fp32)")
+    s.add_argument("--threads", type=int, help="threads for torch and lowbit (default: all cores)")
     s.add_argument("--reps", type=int, default=20, help="timed calls per case (median reported)")
     s.add_argument("--max-seconds", type=float, default=2.0,
                    help="time budget per case; stops early after at least 3 calls")
     s.add_argument("--cpu-path", choices=("fast", "exact"),
                    help="lowbit's CPU path: fast (int8 activations) or exact (float32); "
-                   "default: LOWBIT_CPU_PATH, else fast")
+                   "default: LOWBIT_CPU_PATH, else exact")
+    s.add_argument("--no-limits", action="store_true",
+                   help="skip measuring the read bandwidth and matmul rate")
+    s.add_argument("--model", nargs="?", const="default",
+                   help="decode benchmark of a model (default: the bundled SmolLM2-135M): tokens/s "
+                   "and peak memory per format")
+    s.add_argument("--model-formats", default="fp32,bf16,int8,int4,nf4",
+                   help="formats for --model (default fp32,bf16,int8,int4,nf4)")
+    s.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per format (--model)")
     s.add_argument("--json", metavar="PATH", help="write results as JSON")
+    s.add_argument("--plot", metavar="PNG", help="draw speed-up vs M per format to this PNG")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("eval", help="perplexity / size / speed of a model quantized with lowbit")
+    s = sub.add_parser("eval", help="perplexity / size / speed / memory of a model quantized with lowbit")
     s.add_argument("--tokens", type=int, default=16384, help="tokens of text to score (default 16384)")
     s.add_argument("--ctx", type=int, default=512, help="window length (default 512)")
-    s.add_argument("--formats", default="fp32,int8,int4,int4-sym,nf4,nf4-dq",
-                   help="comma-separated configs: fp32, int8, int4 (asym g128), int4-sym (g128), nf4 "
-                   "(b64), nf4-dq; modifiers :gN (group size, -1 = per row), :sym, :asym, :dq, "
-                   "e.g. int4:g64,int4-sym:g64,nf4:g32")
+    s.add_argument("--formats", default="fp32,int8,int4,int4-sym,nf4,nf4-dq", help=EVAL_FORMATS_HELP)
     s.add_argument("--model", metavar="PATH", help="a .gguf file or a Hugging Face model folder "
                    "(default: the bundled SmolLM2-135M-Instruct GGUF)")
     s.add_argument("--text", metavar="PATH", help="plain text file to score (default: gensim's "
                    "Wikipedia sample)")
     s.add_argument("--decode-tokens", type=int, default=32, help="tokens generated to time decoding "
                    "(0: skip)")
+    s.add_argument("--calib-samples", type=int, help="calibration sequences for gptq/awq/llm.int8/"
+                   "mixed (default 64)")
+    s.add_argument("--calib-seq-len", type=int, help="tokens per calibration sequence (default 512)")
     s.add_argument("--fake-quant", action="store_true", help="cross-check: keep nn.Linear with "
-                   "dequantized weights (torch matmul) instead of lowbit kernels")
+                   "dequantized weights (torch matmul) instead of lowbit kernels (rtn only)")
     s.add_argument("--cpu-path", choices=("fast", "exact"),
                    help="lowbit's CPU path: fast (int8 activations) or exact (float32 activations, "
-                   "the reference's numbers); default: LOWBIT_CPU_PATH, else fast")
+                   "the reference's numbers); default: LOWBIT_CPU_PATH, else exact")
     s.add_argument("--no-cache", action="store_true", help="do not cache the converted GGUF model")
+    s.add_argument("--save-dir", metavar="DIR", help="also save each quantized model there "
+                   "(lowbit.save, <spec>.safetensors)")
     s.add_argument("--json", metavar="PATH", help="write results as JSON")
     s.add_argument("--plot", metavar="PNG", help="plot perplexity vs bits per weight (matplotlib)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("size", help="memory of a model of N parameters in every format, exactly")
+    s.add_argument("--params", required=True, help="parameter count: 70e9, 70B, 8b, 135M")
+    s.add_argument("--hidden", type=int, default=8192, help="hidden size of the Llama-style layer "
+                   "mix the bits/weight are averaged over (default 8192: Llama-70B)")
+    s.add_argument("--intermediate", type=int, default=28672, help="MLP size (default 28672)")
+    s.add_argument("--kv-dim", type=int, default=1024, help="key/value projection width "
+                   "(KV heads x head dim; default 1024)")
+    s.add_argument("--shapes", help="instead of the Llama mix: comma-separated KxN Linear shapes "
+                   "(in x out), e.g. 4096x4096,4096x11008,11008x4096")
+    s.add_argument("--float-params", default="0", help="parameters kept in float in every "
+                   "quantized row (e.g. embeddings + lm_head: 2.1e9 for Llama-3-70B); default 0")
+    s.add_argument("--float-dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                   help="dtype of --float-params (default bf16)")
+    s.add_argument("--json", action="store_true", help="print the table as JSON")
+    s.set_defaults(func=cmd_size)
 
     s = sub.add_parser("demo", help="selftest, a short benchmark, and SmolLM2 quantized to int8/int4/nf4")
     s.add_argument("--tokens", type=int, default=None,

@@ -1,4 +1,4 @@
-"""The `lowbit` command (info, selftest, bench, eval) and its helpers (tolerance, eval configs).
+"""The `lowbit` command (info, selftest, bench, eval, size) and its helpers (tolerance, eval configs).
 
 Everything runs in-process through ``lowbit.cli.main(argv)``. Model tests need the eval extras
 and skip, saying so, without them. Fast: tiny shapes and token counts throughout.
@@ -153,17 +153,57 @@ def test_bench_rejects_a_bad_shape(capsys):
 
 # ---- eval: configs and helpers (no model needed) ------------------------------------------
 def test_parse_format_configs():
+    # the old names still parse; the grammar itself is tested in test_eval.py
     c = evaluate.parse_config("int4")
-    assert (c.fmt, c.opts) == ("int4", {"group_size": 128})
+    assert (c.fmt, c.opts["group_size"], c.opts["symmetric"], c.method) == ("int4", 128, False, "rtn")
     c = evaluate.parse_config("int4-sym:g64")
-    assert (c.fmt, c.opts) == ("int4", {"group_size": 64, "symmetric": True})
+    assert (c.fmt, c.opts["group_size"], c.opts["symmetric"]) == ("int4", 64, True)
     c = evaluate.parse_config("nf4:g32:dq")
-    assert (c.fmt, c.opts) == ("nf4", {"group_size": 32, "double_quant": True})
+    assert (c.fmt, c.opts["group_size"], c.opts["double_quant"]) == ("nf4", 32, True)
     assert evaluate.parse_config("fp32").fmt is None
     assert evaluate.describe(evaluate.parse_config("int4:g-1")) == "int4 asym per-row"
-    for bad in ("int3", "int8:g64", "int4:g7", "nf4:sym", "fp32:g64", "int4:zz"):
+    for bad in ("int3", "int4:g7", "fp32:g64", "int4:zz", "int4:llm.int8"):
         with pytest.raises(ValueError):
             evaluate.parse_config(bad)
+
+
+def test_eval_rejects_a_bad_spec_before_loading_anything(capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "make_loader", lambda *a, **k: pytest.fail("loaded a model"))
+    assert cli.main(["eval", "--formats", "fp32,int4:g64:gtpq"]) == 2
+    assert "unknown modifier 'gtpq'" in capsys.readouterr().err
+
+
+# ---- size ---------------------------------------------------------------------------------
+def test_size_prints_every_registry_format(capsys):
+    assert cli.main(["size", "--params", "70e9"]) == 0
+    out = capsys.readouterr().out
+    for label in ("fp32", "bf16", "int8 sym per-row", "int4 asym g32", "int4 sym g64",
+                  "int4 asym g128", "nf4 b64", "nf4 b64 dq"):
+        assert label in out
+    for fmt in lowbit.FORMATS:
+        assert fmt in out
+    assert "140.00" in out and "280.00" in out  # bf16 / fp32: 2 and 4 bytes per parameter
+    assert "scales, zero-points" in out
+
+
+def test_size_json_and_custom_shapes(capsys):
+    assert cli.main(["size", "--params", "7B", "--shapes", "4096x4096,4096x11008,11008x4096",
+                     "--float-params", "0.26e9", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["params"] == 7_000_000_000 and doc["float_params"] == 260_000_000
+    assert doc["shapes"] == [[4096, 4096], [4096, 11008], [11008, 4096]]
+    rows = {r["format"]: r for r in doc["rows"]}
+    q = rows["int4 asym g128"]
+    w = 4096 * 4096 + 2 * 4096 * 11008
+    nbytes = sum(evaluate.layout_bytes(q["options"], n, k) for k, n in doc["shapes"])
+    assert q["bytes"] == pytest.approx(6.74e9 * (8 * nbytes / w) / 8 + 0.26e9 * 2)
+
+
+@pytest.mark.parametrize("args,match", [(["--params", "lots"], "parameter count"),
+                                        (["--params", "7e9", "--shapes", "4096by4096"], "KxN")])
+def test_size_bad_arguments(capsys, args, match):
+    assert cli.main(["size"] + args) == 2
+    assert match in capsys.readouterr().err
 
 
 def test_quantize_linears_replaces_all_but_skipped():
@@ -221,17 +261,23 @@ def test_eval_tiny_model_folder_and_text_file(tmp_path, capsys):
                   + (["--cpu-path", "exact"] if len(cli._cpu_paths()) > 1 else []))
     assert rc == 0
     out = capsys.readouterr().out
-    assert "perplexity" in out
+    assert "perplexity" in out and "peak MB" in out and "nf4 b32 dq" in out
     doc = json.loads(js.read_text())
     res = {r["config"]: r for r in doc["results"]}
     assert list(res) == ["fp32", "int8", "int4:g32", "nf4:g32:dq"]
-    assert doc["meta"]["tokens"] == 256
+    assert doc["meta"]["tokens"] == 256 and doc["meta"]["wall_s"] > 0
     assert doc["meta"]["cpu_path"] == "exact"
+    assert doc["meta"]["calibration"] is None  # no calibrated method asked for
     assert res["fp32"]["bits_per_weight"] == 32.0 and res["fp32"]["n_quantized"] == 0
     assert res["int8"]["n_quantized"] == 14  # 7 Linears per layer, lm_head kept
     assert 4 < res["int4:g32"]["bits_per_weight"] < res["int8"]["bits_per_weight"] < 9
+    # every quantized layer stores less than its float weight, float parts stay as they are
+    assert res["int8"]["model_mb"] < res["fp32"]["model_mb"]
+    assert res["fp32"]["model_mb"] - res["int8"]["model_mb"] == pytest.approx(
+        res["fp32"]["linear_mb"] - res["int8"]["linear_mb"], rel=1e-9)
     for r in res.values():
         assert 1 < r["perplexity"] < 1e4
+        assert r["quant_time_s"] >= 0 and r["prefill_tok_s"] > 0
     # A random model is near-uniform: quantizing it barely changes perplexity.
     assert abs(res["int8"]["perplexity"] / res["fp32"]["perplexity"] - 1) < 0.05
     if importlib.util.find_spec("matplotlib") is not None:

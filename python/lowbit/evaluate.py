@@ -69,21 +69,31 @@ def _import_transformers():
     return transformers
 
 
-# ---- format configurations ----------------------------------------------------------------
-@dataclass(frozen=True)
-class QuantConfig:
-    """One evaluated setting: a label and the ``quantize_weight`` arguments (fmt None = float)."""
+# ---- what to evaluate: specs -> lowbit.QuantConfig -----------------------------------------
+# Spec grammar (``lowbit eval --formats``; one spec per comma-separated item):
+#
+#     spec     := name (":" modifier)*
+#     name     := "fp32"                      the float baseline (nothing quantized)
+#               | a preset (PRESETS)          int8, int4 (asym g128), int4-sym, nf4 (b64), nf4-dq
+#               | a format of lowbit.formats  e.g. fp4, with that format's defaults
+#               | "mixed"                     automatic mixed precision; its first modifier is
+#                                             the bits-per-weight budget: mixed:4.5
+#     modifier := "g" N                       group / block size (g-1: one per row)
+#               | "sym" | "asym"              symmetric / asymmetric (formats with zero-points)
+#               | "fzero"                     float offset per group (zero_point="float", int4)
+#               | "dq"                        double quantization (nf4 / fp4)
+#               | "rtn" | "gptq" | "awq" | "llm.int8"     the quantization method (default rtn)
+#               | KEY "=" VALUE               any QuantConfig option, e.g. damp_percent=0.05,
+#                                             act_order=false, outlier_threshold=4,
+#                                             max_bits_per_weight=4.5 (VALUE: int, float,
+#                                             true/false, or a word)
+#
+# Examples: int8, int8:llm.int8, int4:g128, int4:g64:gptq, int4-sym:g64, int4:g128:awq, nf4,
+# nf4-dq, nf4:awq, mixed:4.5, mixed:4.5:gptq. The lm_head stays in float (QuantConfig's default
+# rule). gptq / awq / llm.int8 / mixed calibrate on a slice of the text disjoint from the scored
+# tokens (see calibration_batches).
 
-    label: str
-    fmt: Optional[str]
-    options: Tuple[Tuple[str, object], ...] = ()
-
-    @property
-    def opts(self) -> dict:
-        return dict(self.options)
-
-
-# Named presets for --formats; the defaults of lowbit itself (int4 asymmetric g128, nf4 b64).
+# name -> (format, format options); "fp32" is the float baseline.
 PRESETS: Dict[str, Tuple[Optional[str], dict]] = {
     "fp32": (None, {}),
     "int8": ("int8", {}),
@@ -92,66 +102,144 @@ PRESETS: Dict[str, Tuple[Optional[str], dict]] = {
     "nf4": ("nf4", {"group_size": 64}),
     "nf4-dq": ("nf4", {"group_size": 64, "double_quant": True}),
 }
+MIXED = "mixed"
+SPEC_METHODS = ("rtn", "gptq", "awq", "llm.int8")
 
 
-def parse_config(text: str) -> QuantConfig:
-    """'int4' / 'int4:g64' / 'int4-sym:g32' / 'nf4:g128:dq' / 'int4:g-1:sym' -> QuantConfig.
+@dataclass
+class EvalSpec:
+    """One evaluated setting: its label (the spec text) and the lowbit.QuantConfig that
+    quantizes the model (None: the float baseline)."""
 
-    Modifiers after ':' are ``gN`` (group/block size, -1 = one per row), ``sym``, ``asym``, ``dq``.
-    """
-    parts = [p.strip() for p in text.strip().split(":")]
+    label: str
+    config: Optional[object] = None  # lowbit.QuantConfig
+
+    @property
+    def fmt(self) -> Optional[str]:
+        """The default format's name (None for the float baseline)."""
+        return None if self.config is None else self.config.format
+
+    @property
+    def opts(self) -> dict:
+        """The default format's options as quantize_weight takes them (no 'format' key)."""
+        if self.config is None:
+            return {}
+        return {k: v for k, v in self.config.default_format.items() if k != "format"}
+
+    @property
+    def method(self) -> Optional[str]:
+        return None if self.config is None else self.config.method
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.config is not None and bool(self.config.needs_calibration)
+
+
+def _parse_value(text: str):
+    t = text.strip()
+    low = t.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def parse_spec(text: str) -> EvalSpec:
+    """One spec of the grammar above -> EvalSpec (its QuantConfig validated now, so a typo
+    fails before any model is loaded). ValueError naming the spec on anything unknown."""
+    from . import formats as F
+    label = text.strip()
+    parts = [p.strip() for p in label.split(":")]
     name = parts[0].lower()
-    if name not in PRESETS:
-        raise ValueError(f"unknown format config {text!r}: expected one of {sorted(PRESETS)} "
-                         "optionally followed by :gN (group size), :sym, :asym or :dq, e.g. int4:g64")
-    fmt, opts = PRESETS[name]
-    opts = dict(opts)
-    for mod in parts[1:]:
+    mods = parts[1:]
+    kw: Dict[str, object] = {}
+    if name == "fp32":
+        if mods:
+            raise ValueError(f"fp32 takes no modifiers (got {label!r})")
+        return EvalSpec(label, None)
+    if name == MIXED:
+        if not mods:
+            raise ValueError(f"{label!r}: mixed needs a bits-per-weight budget, e.g. mixed:4.5")
+        try:
+            kw["max_bits_per_weight"] = float(mods[0])
+        except ValueError:
+            raise ValueError(f"{label!r}: mixed's first modifier must be the bits-per-weight "
+                             f"budget (a number, e.g. mixed:4.5), got {mods[0]!r}") from None
+        mods = mods[1:]
+    elif name in PRESETS:
+        fmt, opts = PRESETS[name]
+        kw.update(format=fmt, **opts)
+    elif name in F.FORMATS:
+        kw["format"] = name
+    else:
+        raise ValueError(f"unknown format spec {label!r}: the name must be fp32, mixed, one of "
+                         f"{sorted(PRESETS)} or a format of {sorted(F.FORMATS)}, optionally followed "
+                         "by :gN, :sym, :asym, :fzero, :dq, a method (:gptq, :awq, :llm.int8) or "
+                         ":key=value (e.g. int4:g64:gptq, mixed:4.5)")
+    for mod in mods:
         m = mod.lower()
-        if fmt is None:
-            raise ValueError(f"{name} takes no options (got {text!r})")
-        if m.startswith("g") and m[1:].lstrip("-").isdigit():
-            if fmt == "int8":
-                raise ValueError("int8 uses one scale per row; it takes no group size")
-            opts["group_size"] = int(m[1:])
+        if not m:
+            raise ValueError(f"empty modifier in {label!r}")
+        if "=" in mod:
+            key, _, val = mod.partition("=")
+            kw[key.strip()] = _parse_value(val)
+        elif m[0] == "g" and m[1:].lstrip("-").isdigit():
+            kw["group_size"] = int(m[1:])
         elif m in ("sym", "asym"):
-            if fmt != "int4":
-                raise ValueError(f"{m} applies to int4 only (got {text!r})")
-            opts["symmetric"] = m == "sym"
+            kw["symmetric"] = m == "sym"
+        elif m == "fzero":
+            kw["zero_point"] = "float"
+            kw["symmetric"] = False
         elif m == "dq":
-            if fmt != "nf4":
-                raise ValueError(f"dq (double quantization) applies to nf4 only (got {text!r})")
-            opts["double_quant"] = True
+            kw["double_quant"] = True
+        elif m in SPEC_METHODS:
+            kw["method"] = m
         else:
-            raise ValueError(f"unknown modifier {mod!r} in {text!r}: use gN, sym, asym or dq")
-    if fmt is not None:  # validate now, not after loading a model
-        from . import formats as F
-        F.check_group_size(F.get_format(fmt), opts.get("group_size"))
-    return QuantConfig(label=text.strip(), fmt=fmt, options=tuple(sorted(opts.items())))
+            raise ValueError(f"unknown modifier {mod!r} in {label!r}: use gN, sym, asym, fzero, dq, "
+                             f"a method ({', '.join(SPEC_METHODS)}) or key=value")
+    from .quantize import QuantConfig as LowbitQuantConfig
+    try:
+        config = LowbitQuantConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"format spec {label!r}: {e}") from None
+    return EvalSpec(label, config)
 
 
-def parse_configs(text: str) -> List[QuantConfig]:
-    configs = [parse_config(t) for t in text.split(",") if t.strip()]
-    if not configs:
+def parse_specs(text: str) -> List[EvalSpec]:
+    specs = [parse_spec(t) for t in text.split(",") if t.strip()]
+    if not specs:
         raise ValueError("no formats given")
-    return configs
+    labels = [s.label for s in specs]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"format spec(s) given twice: {dup}")
+    return specs
 
 
-def describe(cfg: QuantConfig) -> str:
-    """'int4 asym g128', 'nf4 b64 dq', 'fp32' ..."""
-    if cfg.fmt is None:
+# The names this module used before lowbit.QuantConfig existed (kept for callers).
+parse_config = parse_spec
+parse_configs = parse_specs
+
+
+def describe(spec: EvalSpec) -> str:
+    """'fp32', 'int4 asym g128', 'int4 asym g64 gptq', 'mixed <= 4.5 bits (int4 asym g128 base)'."""
+    if spec.config is None:
         return "fp32"
-    o = cfg.opts
-    s = cfg.fmt
-    if cfg.fmt == "int4":
-        s += " sym" if o.get("symmetric") else " asym"
-    g = o.get("group_size")
-    if cfg.fmt == "int8":
-        s += " per-row"
-    elif g is not None:
-        s += " per-row" if g == -1 else (f" b{g}" if cfg.fmt == "nf4" else f" g{g}")
-    if o.get("double_quant"):
-        s += " dq"
+    from .quantize.config import describe_format
+    c = spec.config
+    s = describe_format(c.default_format)
+    if c.max_bits_per_weight is not None:
+        s = f"mixed <= {c.max_bits_per_weight:g} b/w (base {s})"
+    if c.method != "rtn":
+        s += f" {c.method}"
     return s
 
 
@@ -374,25 +462,85 @@ def fake_quantize_linears(model: nn.Module, fmt: str, skip: Sequence[str] = ("lm
     return [n for n, _ in targets]
 
 
+def fake_quantize_config(model: nn.Module, config, progress: bool = False) -> List[str]:
+    """Fake-quantize (see :func:`fake_quantize_linears`) the layers a round-to-nearest
+    lowbit.QuantConfig selects, each with the format its rules give it."""
+    from . import reference
+    from .ops import quantize_weight
+    from .quantize.config import format_kwargs
+    if config.method != "rtn" or config.max_bits_per_weight is not None:
+        raise ValueError("fake quantization (--fake-quant) reproduces round-to-nearest only; "
+                         f"drop it for method {config.method!r} / mixed precision")
+    targets = list(config.targets(model).items())
+    it = targets
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(targets, desc="fake-quantize", unit="layer", leave=False)
+    for name, (mod, opts) in it:
+        fmt, kw = format_kwargs(opts)
+        qw = quantize_weight(mod.weight.detach(), fmt, **kw)
+        with torch.no_grad():
+            mod.weight.copy_(reference.dequantize(qw, mod.weight.dtype))
+        mod._lowbit_qbytes = qw.nbytes
+    return [n for n, _ in targets]
+
+
+def apply_spec(model: nn.Module, spec: EvalSpec, calibration=None, *, fake_quant: bool = False,
+               progress: bool = False):
+    """Quantize ``model`` in place per ``spec`` (nothing for fp32) with
+    :func:`lowbit.quantize_model`; returns its QuantReport (None for fp32 / fake quant)."""
+    if spec.config is None:
+        return None
+    if fake_quant:
+        fake_quantize_config(model, spec.config, progress=progress)
+        return None
+    from .quantize import quantize_model
+    quantize_model(model, spec.config,
+                   calibration=calibration if spec.needs_calibration else None, progress=progress)
+    return getattr(model, "lowbit_report", None)
+
+
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def size_stats(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict:
-    """Bytes of the target Linear weights (quantized: QuantizedWeight.nbytes; float: the weight),
-    their bits per weight, and bytes of the whole model (unique parameters and buffers)."""
+def _is_quantized_layer(mod: nn.Module) -> bool:
+    """A lowbit layer standing in for an nn.Linear: QuantLinear, or any other lowbit module
+    with in_features / out_features (e.g. a layer with float outlier columns)."""
     from .nn import QuantLinear
+    if isinstance(mod, QuantLinear):
+        return True
+    return (type(mod).__module__.startswith("lowbit.") and not isinstance(mod, nn.Linear)
+            and isinstance(getattr(mod, "in_features", None), int)
+            and isinstance(getattr(mod, "out_features", None), int))
+
+
+def size_stats(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict:
+    """Sizes, in bytes:
+
+    * ``linear_bytes``: the Linear layers' weights (those not in ``skip``) as stored: a
+      quantized layer's every tensor but its bias (codes, scales, zeros, input transforms,
+      outlier columns), a float layer's weight; ``linear_weights`` their weight count and
+      ``bits_per_weight`` = 8 * linear_bytes / linear_weights;
+    * ``model_bytes``: every parameter and buffer of the model, tied ones once (embeddings,
+      norms, biases and the float lm_head included).
+    """
     lin_bytes = 0
     lin_weights = 0
     n_quant = 0
+    counted: List[str] = []
     for name, mod in model.named_modules():
+        if any(name.startswith(c + ".") for c in counted):
+            continue  # inside a quantized layer already counted
         if _skipped(name, skip):
             continue
-        if isinstance(mod, QuantLinear):
-            qw = mod.qweight
-            lin_bytes += qw.nbytes
-            lin_weights += qw.shape[0] * qw.shape[1]
+        if _is_quantized_layer(mod):
+            lin_bytes += sum(_tensor_bytes(t) for n, t in
+                             list(mod.named_parameters()) + list(mod.named_buffers())
+                             if n.rpartition(".")[2] != "bias")
+            lin_weights += mod.in_features * mod.out_features
             n_quant += 1
+            counted.append(name)
         elif isinstance(mod, nn.Linear):
             lin_bytes += getattr(mod, "_lowbit_qbytes", _tensor_bytes(mod.weight))
             lin_weights += mod.weight.numel()
@@ -523,61 +671,146 @@ def _peak_rss_bytes() -> int:
     return r if os.uname().sysname == "Darwin" else r * 1024  # macOS reports bytes, Linux KiB
 
 
+class MemoryMeter:
+    """Peak resident memory of this process over a phase, above a baseline taken before it.
+
+    Linux: the kernel's high-water mark (VmHWM in /proc/self/status), reset to the current
+    size by writing "5" to /proc/self/clear_refs at the start of the phase; freed heap memory is
+    first handed back to the OS (glibc ``malloc_trim``), so a phase is not credited with memory
+    an earlier one freed. Elsewhere ``available`` is False and the figures are None.
+    """
+
+    def __init__(self):
+        self.available = os.path.exists("/proc/self/clear_refs") and self._hwm() is not None
+        try:
+            import ctypes
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+        self.base = 0
+
+    @staticmethod
+    def _status(key: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def _hwm(self) -> Optional[int]:
+        return self._status("VmHWM")
+
+    def settle(self) -> None:
+        import gc
+        gc.collect()
+        if self._trim is not None:
+            self._trim(0)
+
+    def reset_peak(self, collect: bool = False) -> None:
+        """Start a new phase: hand freed heap back (after a garbage collection if ``collect``),
+        then make the high-water mark the current size."""
+        if collect:
+            self.settle()
+        elif self._trim is not None:
+            self._trim(0)
+        if self.available:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                self.available = False
+
+    def start(self) -> None:
+        """Take the baseline (and start a phase)."""
+        self.reset_peak(collect=True)
+        self.base = self._status("VmRSS") or 0
+
+    def peak_above_base(self) -> Optional[int]:
+        """Bytes of the phase's peak above the baseline (None where not measurable)."""
+        if not self.available:
+            return None
+        hwm = self._hwm()
+        return None if hwm is None else max(hwm - self.base, 0)
+
+
 # ---- the evaluation -----------------------------------------------------------------------
 @dataclass
 class EvalResult:
-    config: str
-    description: str
-    fmt: Optional[str]
-    options: dict
+    config: str  # the spec as given (e.g. "int4:g64:gptq")
+    description: str  # e.g. "int4 asym g64 gptq"
+    fmt: Optional[str]  # the default format (None: fp32)
+    options: dict  # its options
+    method: Optional[str]  # rtn / gptq / awq / llm.int8 (None: fp32)
     perplexity: float
     nll: float
     tokens_scored: int
-    linear_mb: float  # target Linear weights as stored (MB = 1e6 bytes)
+    linear_mb: float  # the quantized Linear layers as stored, scales etc. included (MB = 1e6 B)
     cache_mb: float  # backend copies of them built at run time (CPU fast path: repacked weights)
-    model_mb: float  # every parameter and buffer, tied ones once
-    bits_per_weight: float  # of the target Linear weights, scales etc. included
+    model_mb: float  # every parameter and buffer, tied ones once (float embeddings/lm_head too)
+    bits_per_weight: float  # of the quantized Linear layers, scales etc. included
     n_quantized: int
-    quant_time_s: float
+    quant_time_s: float  # quantize_model's wall time (calibration passes included)
     prefill_tok_s: float  # one ctx-token forward (median over the windows)
     decode_tok_s: Optional[float]  # greedy generate with the KV cache
-    rss_delta_mb: float  # resident memory gained loading + quantizing + one pass (approx.)
-    peak_rss_mb: float  # process peak so far
+    quant_peak_mb: Optional[float]  # peak RSS above the pre-load baseline: load + quantize
+    run_peak_mb: Optional[float]  # peak RSS above that baseline: perplexity + decoding
     fake_quant: bool = False
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # the quantization report's summary
 
 
-def evaluate_config(cfg: QuantConfig, base_loader, ids: torch.Tensor, ctx: int, *,
-                    decode_tokens: int = 32, pad_id=None, fake_quant: bool = False,
-                    progress: bool = True, keep_model: bool = False):
-    """Load a fresh float model with ``base_loader()``, quantize it per ``cfg``, measure.
+def evaluate_config(spec: EvalSpec, base_loader, ids: torch.Tensor, ctx: int, *,
+                    calibration=None, decode_tokens: int = 32, pad_id=None,
+                    fake_quant: bool = False, progress: bool = True, keep_model: bool = False,
+                    save_path: Optional[str] = None, meter: Optional[MemoryMeter] = None):
+    """Load a fresh float model with ``base_loader()``, quantize it per ``spec`` (calibrating
+    on ``calibration`` where its method needs it), measure. ``save_path``: also write the
+    quantized model there with :func:`lowbit.save`.
 
     Returns ``(EvalResult, model or None)``.
     """
-    rss0 = _rss_bytes()
+    if isinstance(spec, str):
+        spec = parse_spec(spec)
+    if spec.needs_calibration and calibration is None and not fake_quant:
+        raise ValueError(f"{spec.label} ({spec.method}) needs calibration batches")
+    meter = meter or MemoryMeter()
+    meter.start()
     model = base_loader()
     t0 = time.perf_counter()
-    if cfg.fmt is not None:
-        fn = fake_quantize_linears if fake_quant else quantize_linears
-        fn(model, cfg.fmt, progress=progress, **cfg.opts)
-    quant_time = time.perf_counter() - t0 if cfg.fmt is not None else 0.0
+    report = apply_spec(model, spec, calibration, fake_quant=fake_quant, progress=progress)
+    quant_time = time.perf_counter() - t0 if spec.config is not None else 0.0
+    quant_peak = meter.peak_above_base()
+    extra: dict = {}
+    if report is not None:
+        extra = {"report_bits_per_weight": report.bits_per_weight(),
+                 "calibration_tokens": report.calibration_tokens, "notes": list(report.notes)}
+        if report.plan:
+            extra["plan"] = report.plan
+    if save_path is not None:
+        from .io.serialize import save
+        save(model, save_path)
+        extra["saved"] = {"path": os.path.abspath(save_path), "bytes": os.path.getsize(save_path)}
     size = size_stats(model)
-    ppl = perplexity(model, ids, ctx, progress=progress, desc=f"ppl {cfg.label}")
-    # After a full pass every weight is resident and every backend cache built.
-    rss_delta = _rss_bytes() - rss0
+    meter.reset_peak()
+    ppl = perplexity(model, ids, ctx, progress=progress, desc=f"ppl {spec.label}")
     cached = cache_bytes(model)
     decode = None
     if decode_tokens > 0:
         decode = decode_speed(model, ids[:16], decode_tokens, pad_id=pad_id)
-    res = EvalResult(config=cfg.label, description=describe(cfg), fmt=cfg.fmt, options=cfg.opts,
-                     perplexity=ppl["perplexity"], nll=ppl["nll"], tokens_scored=ppl["tokens_scored"],
+    run_peak = meter.peak_above_base()
+    mb = (lambda b: None if b is None else b / 1e6)
+    res = EvalResult(config=spec.label, description=describe(spec), fmt=spec.fmt,
+                     options=spec.opts, method=spec.method, perplexity=ppl["perplexity"],
+                     nll=ppl["nll"], tokens_scored=ppl["tokens_scored"],
                      linear_mb=size["linear_bytes"] / 1e6, cache_mb=cached / 1e6,
                      model_mb=size["model_bytes"] / 1e6,
-                     bits_per_weight=size["bits_per_weight"] if cfg.fmt else 32.0,
+                     bits_per_weight=size["bits_per_weight"] if spec.config is not None else 32.0,
                      n_quantized=size["n_quantized"], quant_time_s=quant_time,
                      prefill_tok_s=ctx / ppl["prefill_s"], decode_tok_s=decode,
-                     rss_delta_mb=rss_delta / 1e6, peak_rss_mb=_peak_rss_bytes() / 1e6,
-                     fake_quant=fake_quant and cfg.fmt is not None)
+                     quant_peak_mb=mb(quant_peak), run_peak_mb=mb(run_peak),
+                     fake_quant=fake_quant and spec.config is not None, extra=extra)
     if keep_model:
         return res, model
     del model
@@ -587,11 +820,21 @@ def evaluate_config(cfg: QuantConfig, base_loader, ids: torch.Tensor, ctx: int, 
 def make_loader(model_path: Optional[str] = None, cache: bool = True, verbose: bool = True):
     """(loader, tokenizer, description): ``loader()`` returns a fresh float32 model each call
     (from the safetensors cache, ~1 s; or a deep copy of one kept in memory)."""
-    model, tok, desc = load_model(model_path, cache=cache, verbose=verbose)
     cached = None
+    if cache and (model_path is None or str(model_path).endswith(".gguf")):
+        require_extras(need_model=model_path is None, need_text=False)
+        gguf = os.path.join(*bundled_model()) if model_path is None else os.path.abspath(model_path)
+        c = _gguf_cache_path(gguf) if os.path.isfile(gguf) else None
+        if c and os.path.isfile(os.path.join(c, "model.safetensors")):
+            # Already converted: only the tokenizer now; each loader() call reads the model.
+            tok = _import_transformers().AutoTokenizer.from_pretrained(c)
+
+            def loader():
+                return _load_hf_folder(c)
+            return loader, tok, gguf
+    model, tok, desc = load_model(model_path, cache=cache, verbose=verbose)
     if model_path is None or str(model_path).endswith(".gguf"):
-        gguf = desc
-        c = _gguf_cache_path(gguf) if cache else None
+        c = _gguf_cache_path(desc) if cache else None
         if c and os.path.isfile(os.path.join(c, "model.safetensors")):
             cached = c
     if cached is not None:
@@ -607,36 +850,83 @@ def make_loader(model_path: Optional[str] = None, cache: bool = True, verbose: b
     return loader, tok, desc
 
 
-def evaluate(configs: Sequence[QuantConfig], *, tokens: int = 16384, ctx: int = 512,
+def calibration_batches(tokenizer, eval_tokens: int, text_path: Optional[str] = None, *,
+                        n_samples: Optional[int] = None, seq_len: Optional[int] = None,
+                        batch_size: Optional[int] = None) -> Tuple[list, dict]:
+    """Calibration batches for gptq / awq / llm.int8 / mixed, from a slice of the text that
+    the evaluation never scores: ``n_samples`` windows of ``seq_len`` tokens (defaults: lowbit.
+    quantize.calibration's, 64 x 512) starting at token ``DEFAULT_TEXT_OFFSET`` (262144) of
+    the same token stream whose first ``eval_tokens`` tokens are scored, or, for a text too
+    short for that, right after the scored tokens. Returns (batches, description)."""
+    from .quantize import calibration as C
+    n_samples = n_samples or C.DEFAULT_SAMPLES
+    seq_len = seq_len or C.DEFAULT_SEQ_LEN
+    batch_size = batch_size or C.DEFAULT_BATCH
+    need = n_samples * seq_len
+    offset = max(C.DEFAULT_TEXT_OFFSET, eval_tokens)
+    ids, desc = load_tokens(tokenizer, offset + need, text_path)
+    if ids.numel() < offset + need:
+        offset = eval_tokens  # a short text: calibrate on what follows the scored tokens
+        if ids.numel() < offset + need:
+            raise ValueError(f"the text has {ids.numel()} tokens: too few to score {eval_tokens} and "
+                             f"calibrate on {n_samples} x {seq_len} more; lower --tokens or "
+                             "--calib-samples / --calib-seq-len")
+    batches = C.calibration_from_tokens(ids[offset:], n_samples, seq_len, batch_size)
+    info = {"text": desc, "first_token": int(offset), "tokens": int(need), "samples": n_samples,
+            "seq_len": seq_len, "scored_tokens_end": int(eval_tokens)}
+    return batches, info
+
+
+def evaluate(specs: Sequence[EvalSpec], *, tokens: int = 16384, ctx: int = 512,
              model_path: Optional[str] = None, text_path: Optional[str] = None,
              decode_tokens: int = 32, fake_quant: bool = False, cache: bool = True,
-             cpu_path: Optional[str] = None, progress: bool = True, verbose: bool = True) -> dict:
-    """Evaluate every config; returns ``{"meta": {...}, "results": [EvalResult as dict, ...]}``.
+             cpu_path: Optional[str] = None, progress: bool = True, verbose: bool = True,
+             calib_samples: Optional[int] = None, calib_seq_len: Optional[int] = None,
+             save_dir: Optional[str] = None) -> dict:
+    """Evaluate every spec; returns ``{"meta": {...}, "results": [EvalResult as dict, ...]}``.
 
     ``cpu_path``: lowbit's CPU linear path for the run, "fast" (int8 activations) or "exact"
     (float32 activations, the reference's numbers); None keeps the configured one.
+    ``save_dir``: write each quantized model there (``<label>.safetensors``, lowbit.save).
     """
     from . import _backend
+    specs = [parse_spec(s) if isinstance(s, str) else s for s in specs]
     old_path = getattr(_backend, "_path_override", None)
     if cpu_path is not None:
         if not hasattr(_backend, "set_cpu_path"):
             raise ValueError("this build of lowbit has a single CPU path; drop --cpu-path")
         _backend.set_cpu_path(cpu_path)
     try:
-        return _evaluate(configs, tokens=tokens, ctx=ctx, model_path=model_path,
+        return _evaluate(specs, tokens=tokens, ctx=ctx, model_path=model_path,
                          text_path=text_path, decode_tokens=decode_tokens, fake_quant=fake_quant,
-                         cache=cache, progress=progress, verbose=verbose)
+                         cache=cache, progress=progress, verbose=verbose,
+                         calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                         save_dir=save_dir)
     finally:
         if cpu_path is not None:
             _backend.set_cpu_path(old_path)
 
 
-def _evaluate(configs, *, tokens, ctx, model_path, text_path, decode_tokens, fake_quant, cache,
-              progress, verbose) -> dict:
+def _safe_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def _evaluate(specs, *, tokens, ctx, model_path, text_path, decode_tokens, fake_quant, cache,
+              progress, verbose, calib_samples, calib_seq_len, save_dir) -> dict:
     if ctx < 2:
         raise ValueError("ctx must be at least 2")
     if tokens < ctx:
         raise ValueError(f"--tokens ({tokens}) must be at least --ctx ({ctx})")
+    if fake_quant:
+        for s in specs:
+            if s.config is not None and (s.method != "rtn" or s.config.max_bits_per_weight is not None):
+                raise ValueError(f"--fake-quant reproduces round-to-nearest only; {s.label!r} "
+                                 f"uses {s.method}" + (" with mixed precision"
+                                                       if s.config.max_bits_per_weight else ""))
+    if save_dir is not None:
+        if fake_quant:
+            raise ValueError("--save-dir needs real quantization (drop --fake-quant)")
+        os.makedirs(save_dir, exist_ok=True)
     require_extras(need_model=model_path is None, need_text=text_path is None)
     loader, tok, model_desc = make_loader(model_path, cache=cache, verbose=verbose)
     ids, text_desc = load_tokens(tok, tokens, text_path)
@@ -644,37 +934,65 @@ def _evaluate(configs, *, tokens, ctx, model_path, text_path, decode_tokens, fak
         raise ValueError(f"the text has only {ids.numel()} tokens, fewer than ctx={ctx}")
     if ids.numel() < tokens and verbose:
         print(f"note: the text has only {ids.numel()} tokens (asked for {tokens})")
+    scored = int(ids.numel() // ctx * ctx)
+    calib, calib_info = None, None
+    if not fake_quant and any(s.needs_calibration for s in specs):
+        calib, calib_info = calibration_batches(tok, int(ids.numel()), text_path,
+                                                n_samples=calib_samples, seq_len=calib_seq_len)
+        if verbose:
+            print(f"calibration: {calib_info['samples']} x {calib_info['seq_len']} tokens from token "
+                  f"{calib_info['first_token']} of the text (scored: tokens 0..{scored})", flush=True)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    meter = MemoryMeter()
     results = []
-    for cfg in configs:
-        res, _ = evaluate_config(cfg, loader, ids, ctx, decode_tokens=decode_tokens, pad_id=pad_id,
-                                 fake_quant=fake_quant, progress=progress)
+    for spec in specs:
+        save_path = None
+        if save_dir is not None and spec.config is not None:
+            save_path = os.path.join(save_dir, _safe_name(spec.label) + ".safetensors")
+        res, _ = evaluate_config(spec, loader, ids, ctx, calibration=calib,
+                                 decode_tokens=decode_tokens, pad_id=pad_id,
+                                 fake_quant=fake_quant, progress=progress, save_path=save_path,
+                                 meter=meter)
         results.append(res)
         if verbose:
-            print(f"  {cfg.label}: perplexity {res.perplexity:.3f}", flush=True)
+            print(f"  {spec.label}: perplexity {res.perplexity:.3f}, {res.bits_per_weight:.2f} bits/w, "
+                  f"quantized in {res.quant_time_s:.1f} s", flush=True)
     import lowbit
     info = lowbit.backend_info()
     from .benchmark import current_cpu_path
-    meta = {"model": model_desc, "text": text_desc, "tokens": int(ids.numel() // ctx * ctx),
-            "ctx": ctx, "cpu_isa": info.get("cpu_isa"), "num_threads": info.get("num_threads"),
+    meta = {"model": model_desc, "text": text_desc, "tokens": scored, "ctx": ctx,
+            "cpu_isa": info.get("cpu_isa"), "num_threads": info.get("num_threads"),
             "cpu_path": "n/a (fake quantization)" if fake_quant else current_cpu_path(),
             "torch": torch.__version__, "lowbit": info.get("version"), "fake_quant": fake_quant,
-            "skip": ["lm_head"]}
+            "skip": ["lm_head"], "calibration": calib_info,
+            "memory": ("peak resident memory above the baseline before the model is loaded "
+                       "(Linux VmHWM)" if meter.available else "not measurable here")}
     return {"meta": meta, "results": [asdict(r) for r in results]}
 
 
 def results_table(results: Sequence[dict]) -> str:
     from .benchmark import format_table
     base = next((r for r in results if r["fmt"] is None), None)
-    headers = ["config", "format", "bits/w", "linear MB", "+ cache MB", "model MB", "perplexity",
-               "Δ vs fp32", "prefill tok/s", "decode tok/s", "quant s"]
+    show_cache = any(r.get("cache_mb") for r in results)
+    headers = (["config", "format", "bits/w", "linear MB"] + (["+ cache MB"] if show_cache else [])
+               + ["model MB", "perplexity", "vs fp32", "prefill tok/s", "decode tok/s",
+                  "quant s", "peak MB"])
     rows = []
     for r in results:
-        delta = "" if base is None or r is base else f"{r['perplexity'] - base['perplexity']:+.2f}"
-        rows.append([r["config"], r["description"], round(r["bits_per_weight"], 2), r["linear_mb"],
-                     r.get("cache_mb") or None, r["model_mb"], f"{r['perplexity']:.2f}", delta,
-                     r["prefill_tok_s"], r["decode_tok_s"], r["quant_time_s"]])
+        delta = ("" if base is None or r is base
+                 else f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%")
+        rows.append([r["config"], r["description"], round(r["bits_per_weight"], 2), r["linear_mb"]]
+                    + ([r.get("cache_mb") or None] if show_cache else [])
+                    + [r["model_mb"], f"{r['perplexity']:.2f}", delta, r["prefill_tok_s"],
+                       r["decode_tok_s"], r["quant_time_s"], r.get("run_peak_mb")])
     return format_table(rows, headers)
+
+
+TABLE_NOTE = ("bits/w, linear MB: the quantized Linear layers as stored (codes + scales + zeros "
+              "+ input transforms/outliers); model MB: every tensor of the model, incl. the float "
+              "embeddings/lm_head (tied, counted once) and norms; peak MB: peak resident memory "
+              "while scoring and decoding, above the process before the model was loaded; quant s: "
+              "quantize_model's wall time (calibration passes included)")
 
 
 def plot(results: Sequence[dict], path: str, title: str = "") -> None:
@@ -727,3 +1045,136 @@ def plot(results: Sequence[dict], path: str, title: str = "") -> None:
     os.makedirs(d, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---- lowbit size: memory of a model of P parameters in every format -----------------------
+# Bits per weight come from each format's declared layout (QuantizedWeight.expected_layout:
+# the packed codes, scales, zeros and double-quant constants, with their real dtypes and
+# ragged last groups) over a representative mix of Linear shapes, never from a bits table.
+# Default mix: one Llama-2/3-70B block (hidden 8192, MLP 28672, 8 KV heads of 128).
+LLAMA_70B = {"hidden": 8192, "intermediate": 28672, "kv_dim": 1024}
+FLOAT_BITS = {"fp32": 32, "bf16": 16, "fp16": 16}
+
+
+def llama_block_shapes(hidden: int, intermediate: int, kv_dim: int) -> List[Tuple[int, int]]:
+    """(K, N) = (in_features, out_features) of the 7 Linear layers of one Llama block:
+    q, k, v, o, gate, up, down."""
+    for name, v in (("hidden", hidden), ("intermediate", intermediate), ("kv_dim", kv_dim)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return [(hidden, hidden), (hidden, kv_dim), (hidden, kv_dim), (hidden, hidden),
+            (hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]
+
+
+def layout_bytes(options: dict, N: int, K: int) -> int:
+    """Bytes a weight [N, K] takes in the format ``options`` ({"format": ..., quantize_weight
+    keywords}), computed from the format's declared layout (equal to
+    ``quantize_weight(w, ...).nbytes``)."""
+    from .qweight import QuantizedWeight
+    from .quantize.config import format_kwargs, resolve_format
+    fmt, kw = format_kwargs(resolve_format(dict(options)))
+    probe = QuantizedWeight(fmt, (N, K), torch.empty(0), torch.empty(0),
+                            group_size=kw["group_size"], symmetric=kw["symmetric"],
+                            double_quant=kw["double_quant"], zero_point=kw.get("zero_point", "int"),
+                            validate=False)
+    total = 0
+    for want in probe.expected_layout().values():
+        if want is not None:
+            shape, dtype = want
+            total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return total
+
+
+def size_variants() -> List[dict]:
+    """The format variants ``lowbit size`` lists, derived from the registry's flags: every
+    format at its default group, 4-bit (and smaller) ones also at groups 32 / 64 / 128; both
+    symmetric and asymmetric where the format has zero-points, plus the float-offset variant
+    where it has one; with and without double quantization for codebook formats."""
+    from . import formats as F
+    out: List[dict] = []
+    for spec in F.FORMATS.values():
+        groups = [spec.default_group]
+        if spec.bits < 8 and not spec.fixed_group:
+            groups = sorted({32, 64, 128, spec.default_group}, key=lambda g: (g == -1, g))
+        for g in groups:
+            base = {"format": spec.name, "group_size": g}
+            if spec.has_zero_point:
+                default_sym = spec.name != "int4"
+                variants = [dict(base, symmetric=default_sym), dict(base, symmetric=not default_sym)]
+                if spec.has_float_offset:
+                    variants.append(dict(base, symmetric=False, zero_point="float"))
+            elif spec.has_codebook:
+                variants = [dict(base), dict(base, double_quant=True)]
+            else:
+                variants = [dict(base)]
+            out += variants
+    return out
+
+
+def parse_count(text) -> int:
+    """'70e9', '70B', '7.5b', '135M', '1.2T', 7e9 -> an int count."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        v = float(text)
+    else:
+        t = str(text).strip().lower().replace("_", "").replace(",", "")
+        mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}.get(t[-1:], 1.0)
+        if t[-1:] in "kmbgt" and t:
+            t = t[:-1]
+        try:
+            v = float(t) * mult
+        except ValueError:
+            raise ValueError(f"not a parameter count: {text!r} (e.g. 70e9, 70B, 135M)") from None
+    if not math.isfinite(v) or v < 1:
+        raise ValueError(f"a parameter count must be at least 1, got {text!r}")
+    return int(round(v))
+
+
+def size_table(params: int, shapes: Optional[Sequence[Tuple[int, int]]] = None,
+               float_params: int = 0, float_dtype: str = "bf16") -> dict:
+    """Memory of a model of ``params`` parameters in each format.
+
+    Assumption: the quantized parameters (``params - float_params``) are Linear weights with
+    the shape mix ``shapes`` ((K, N) pairs, default one Llama-70B block), so their bits per
+    weight are the mix's exact average; ``float_params`` (e.g. embeddings and the output head,
+    often kept in float) take ``float_dtype`` bits each in every quantized row. Returns
+    {"rows": [...], "assumption": str}.
+    """
+    from .quantize.config import describe_format, resolve_format
+    shapes = list(shapes or llama_block_shapes(**LLAMA_70B))
+    if not shapes:
+        raise ValueError("no layer shapes given")
+    if float_dtype not in FLOAT_BITS:
+        raise ValueError(f"float_dtype must be one of {sorted(FLOAT_BITS)}, got {float_dtype!r}")
+    if not 0 <= float_params <= params:
+        raise ValueError(f"float_params ({float_params}) must be between 0 and params ({params})")
+    weights = sum(K * N for K, N in shapes)
+    qparams = params - float_params
+    fbits = FLOAT_BITS[float_dtype]
+    rows = []
+    for name in ("fp32", "bf16"):
+        b = FLOAT_BITS[name]
+        rows.append({"format": name, "options": None, "bits_per_weight": float(b),
+                     "bytes": params * b / 8})
+    for opts in size_variants():
+        resolved = resolve_format(dict(opts))
+        nbytes = sum(layout_bytes(opts, N, K) for K, N in shapes)
+        bpw = 8.0 * nbytes / weights
+        total = qparams * bpw / 8 + float_params * fbits / 8
+        rows.append({"format": describe_format(resolved), "options": resolved,
+                     "bits_per_weight": bpw, "bytes": total})
+    mix = ", ".join(f"{K}x{N}" for K, N in shapes)
+    assumption = (f"{params:,} parameters; bits/weight exact from each format's layout over the "
+                  f"Linear shape mix (in x out) [{mix}]"
+                  + (f"; {float_params:,} parameters kept in {float_dtype}" if float_params else
+                     "; every parameter counted as a Linear weight of that mix"))
+    return {"params": params, "float_params": float_params, "float_dtype": float_dtype,
+            "shapes": [list(s) for s in shapes], "rows": rows, "assumption": assumption}
+
+
+def size_report(table: dict) -> str:
+    from tabulate import tabulate
+    bf16 = next(r["bytes"] for r in table["rows"] if r["format"] == "bf16")
+    rows = [[r["format"], f"{r['bits_per_weight']:.4f}", f"{r['bytes'] / 1e9:,.2f}",
+             f"{r['bytes'] / 2 ** 30:,.2f}", f"{r['bytes'] / bf16:.3f}x"] for r in table["rows"]]
+    return tabulate(rows, ["format", "bits/weight", "GB", "GiB", "vs bf16"],
+                    colalign=("left", "right", "right", "right", "right"), disable_numparse=True)

@@ -240,8 +240,6 @@ def _open(path: str):
         return safe_open(path, framework="pt", device="cpu")
     except FileNotFoundError:
         raise
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a directory, not a lowbit checkpoint file") from None
     except Exception as e:  # safetensors' SafetensorError and friends: header unreadable
         raise CheckpointError(f"{path}: not a readable safetensors file, or truncated or corrupted "
                               f"({type(e).__name__}: {e})") from None
@@ -262,6 +260,8 @@ def read_header(path: PathLike) -> Tuple[dict, Dict[str, dict]]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such checkpoint: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a lowbit checkpoint file")
     with _open(path) as f:
         meta = f.metadata() or {}
         listed = {k: (str(f.get_slice(k).get_dtype()), list(f.get_slice(k).get_shape()))
@@ -392,10 +392,10 @@ def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
             if cls is not QuantLinear:
                 raise CheckpointError(f"{path}: cannot build a {layer['class']} for {name!r}")
             try:
+                # The format's default layout on the meta device; set_extra_state below
+                # adopts the recorded options (and the final validate() checks them).
                 target = QuantLinear(shape[1], shape[0], bias=layer["bias"], fmt=state.get("fmt"),
-                                     group_size=state.get("group_size"),
-                                     symmetric=state.get("symmetric"),
-                                     double_quant=bool(state.get("double_quant")), device="meta")
+                                     device="meta")
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: layer {name!r}: invalid format settings ({e})") from None
             parent_name, _, child = name.rpartition(".")
@@ -435,6 +435,9 @@ def load(path: PathLike, model_or_builder: Union[nn.Module, Callable[[], nn.Modu
     truncated or corrupted (every tensor's CRC-32 is checked), has an unknown format version,
     or does not match the model (missing or unexpected tensors, other shapes).
     """
+    if not isinstance(model_or_builder, nn.Module) and not callable(model_or_builder):
+        raise TypeError("load expects an nn.Module or a zero-argument callable returning one, "
+                        f"got {type(model_or_builder).__name__}")
     path = os.fspath(path)
     doc, info = read_header(path)
     model = _build(model_or_builder)
@@ -512,7 +515,11 @@ def load(path: PathLike, model_or_builder: Union[nn.Module, Callable[[], nn.Modu
             mod.__dict__.pop("_qw", None)
             try:
                 mod.qweight.validate()
-            except ValueError as e:
+                cols = mod._buffers.get("outlier_cols")
+                if cols is not None:  # LLM.int8-style float columns: distinct, ascending, in range
+                    from .. import nn as lowbit_nn
+                    lowbit_nn._check_outlier_cols(cols, mod.in_features, cols.device, sort=True)
+            except (ValueError, TypeError) as e:
                 raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
     for name, state in doc["extra_state"].items():
         try:

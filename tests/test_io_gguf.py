@@ -201,3 +201,22 @@ def test_bundled_smollm2_runs_natively(exact_cpu_path):
     # float32 ulps of the logits' scale, where a wrong row or group would be O(1).
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.skipif(bool(missing), reason=f"evaluation extras missing: {missing}")
+def test_bundled_gguf_exports_back_byte_for_byte(tmp_path):
+    """Every tensor of the bundled file (Q4_1, Q8_0, F32) read into lowbit and written back by
+    export_gguf, metadata copied: the same bytes."""
+    from lowbit.io.gguf import GGUFFile
+    folder, name = E.bundled_model()
+    src = os.path.join(folder, name)
+    tensors = load_gguf(src, as_model=False)
+    assert {type(v).__name__ for v in tensors.values()} == {"QuantizedWeight", "Tensor"}
+    export_gguf(tensors, tmp_path / "copy.gguf", metadata=src)
+    a, b = GGUFFile(src), GGUFFile(str(tmp_path / "copy.gguf"))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert ta.tensor_type == tb.tensor_type and np.array_equal(ta.data, tb.data), ta.name
+    for key in a.fields:
+        if key != "general.file_type":
+            assert a.value(key) == b.value(key), key

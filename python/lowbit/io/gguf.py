@@ -79,9 +79,15 @@ def _pack_lowbit(codes: np.ndarray, N: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(c[:, 0::2] | (c[:, 1::2] << 4)))
 
 
-def _bytes_32(codes: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_codes_32`."""
-    return (codes[..., :16] | (codes[..., 16:] << 4)).to(torch.uint8)
+def _gguf_code_bytes(packed: torch.Tensor, N: int, K: int) -> np.ndarray:
+    """lowbit's packed codes [N, K / 2] -> GGUF's code bytes [N, K / 32, 16] (inverse of
+    :func:`_codes_32` after unpacking)."""
+    p = packed.contiguous().numpy()
+    codes = np.empty((N, K), dtype=np.uint8)
+    codes[:, 0::2] = p & 0x0F
+    codes[:, 1::2] = p >> 4
+    c = codes.reshape(N, K // QK, QK)
+    return c[..., :16] | (c[..., 16:] << 4)
 
 
 def q4k_scales_mins(sc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -181,23 +187,24 @@ def encode_tensor(qw: QuantizedWeight) -> Tuple[str, np.ndarray]:
                          f"(K a multiple of {QK}); this weight has group_size={qw.group_size}, K={K}")
     qw = qw.to("cpu")
     G = K // QK
+
+    def f16_bytes(t: torch.Tensor, what_: str) -> np.ndarray:  # [N, G] -> uint8 [N, G, 2]
+        return require_float16(t, what_).numpy().reshape(N, G, 1).view(np.uint8)
+
     if qw.fmt == "int8" and qw.symmetric:
-        d = require_float16(qw.scales, f"{what}: Q8_0 scales")
-        blocks = torch.cat([d.reshape(N, G, 1).view(torch.uint8),
-                            qw.data.view(torch.uint8).reshape(N, G, QK)], dim=-1)
-        return "Q8_0", blocks.reshape(N, -1).numpy()
+        d = f16_bytes(qw.scales, f"{what}: Q8_0 scales")
+        q = qw.data.contiguous().numpy().view(np.uint8).reshape(N, G, QK)
+        return "Q8_0", np.concatenate([d, q], axis=-1).reshape(N, -1)
     if qw.fmt == "int4":
-        codes = reference.unpack_nibbles(qw.data, K).reshape(N, G, QK)
         if qw.symmetric:
-            d = require_float16(qw.scales, f"{what}: Q4_0 scales")
-            parts = [d.reshape(N, G, 1).view(torch.uint8), _bytes_32(codes)]
-            return "Q4_0", torch.cat(parts, dim=-1).reshape(N, -1).numpy()
+            d = f16_bytes(qw.scales, f"{what}: Q4_0 scales")
+            qs = _gguf_code_bytes(qw.data, N, K)
+            return "Q4_0", np.concatenate([d, qs], axis=-1).reshape(N, -1)
         if qw.zero_point == "float":
-            d = require_float16(qw.scales, f"{what}: Q4_1 scales")
-            m = require_float16(qw.zeros, f"{what}: Q4_1 offsets")
-            parts = [d.reshape(N, G, 1).view(torch.uint8), m.reshape(N, G, 1).view(torch.uint8),
-                     _bytes_32(codes)]
-            return "Q4_1", torch.cat(parts, dim=-1).reshape(N, -1).numpy()
+            d = f16_bytes(qw.scales, f"{what}: Q4_1 scales")
+            m = f16_bytes(qw.zeros, f"{what}: Q4_1 offsets")
+            qs = _gguf_code_bytes(qw.data, N, K)
+            return "Q4_1", np.concatenate([d, m, qs], axis=-1).reshape(N, -1)
         raise ValueError(f"{what}: int4 with integer zero-points decodes (q - z) * s, which no "
                          "GGUF type stores (Q4_1 stores a float offset: w = q * d + m, and "
                          "-z * s is generally not a float16 value); export symmetric int4 "
@@ -265,7 +272,7 @@ class GGUFFile:
         gguf = _gguf()
         self.path = path
         self._mm = np.memmap(path, dtype=np.uint8, mode="r")
-        buf = self._mm
+        buf = self._buf = memoryview(self._mm)  # plain slices: numpy memmap slicing is slow
         if len(buf) < 24 or bytes(buf[:4]) != b"GGUF":
             raise ValueError(f"{path}: not a GGUF file (bad magic)")
         (version,) = struct.unpack_from("<I", buf, 4)
@@ -297,7 +304,7 @@ class GGUFFile:
             per, nbytes = gguf.GGML_QUANT_SIZES[qt]
             n = int(np.prod(dims))
             size = n // per * nbytes
-            raw = buf[start + toff:start + toff + size]
+            raw = self._mm[start + toff:start + toff + size]
             rows = list(reversed(dims))
             if qt.name in ("F32", "F16"):
                 data = raw.view(np.float32 if qt.name == "F32" else np.float16).reshape(rows)
@@ -308,11 +315,11 @@ class GGUFFile:
             self.tensors.append(GGUFTensorInfo(name, qt, np.array(dims, dtype=np.uint64), data))
 
     def _string(self, off: int) -> Tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", self._mm, off)
-        return bytes(self._mm[off + 8:off + 8 + n]).decode("utf-8"), off + 8 + n
+        (n,) = struct.unpack_from("<Q", self._buf, off)
+        return bytes(self._buf[off + 8:off + 8 + n]).decode("utf-8"), off + 8 + n
 
     def _read_value(self, vtype: int, off: int):
-        buf = self._mm
+        buf = self._buf
         if vtype in _SCALARS:
             fmt = _SCALARS[vtype]
             return struct.unpack_from(fmt, buf, off)[0], None, off + struct.calcsize(fmt)

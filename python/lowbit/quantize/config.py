@@ -99,7 +99,7 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         False, ("gptq",), _is_bool, "a bool",
         "group scales from the weights before any update (else when the group is reached)"),
     "true_sequential": AlgorithmOption(
-        True, ("gptq", "awq"), _is_bool, "a bool",
+        True, ("gptq",), _is_bool, "a bool",
         "inside a block, each group of layers sees the inputs of the already-quantized ones"),
     # AWQ
     "n_grid": AlgorithmOption(

@@ -49,6 +49,16 @@ def test_4bit_matches_bitsandbytes_bit_for_bit(quant_type, double_quant, dtype, 
     assert_linear_close(lowbit.linear(x, qw), reference.linear(x, qw), x, qw)
 
 
+def test_4bit_other_quant_storage():
+    # quant_storage=bfloat16 (FSDP-friendly): the same bytes viewed as another dtype
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(16, 256)
+    q, st = F.quantize_4bit(w, blocksize=64, quant_type="nf4", quant_storage=torch.bfloat16)
+    assert q.dtype == torch.bfloat16
+    qw = load_bnb(state_dict_of(q, st))["l"]
+    assert torch.equal(bits_of(lowbit.dequantize(qw)), bits_of(F.dequantize_4bit(q, st)))
+
+
 def test_int8_codes_exact_values_within_one_ulp():
     F = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(64, 256) * 3

@@ -306,7 +306,6 @@ def export_gptq(weights, path, *, checkpoint_format: str = "gptq_v2") -> None:
             raise ValueError(f"GPTQ export of '{name}': {e}") from None
         settings.add((bits, group))
         sym_all &= sym
-        desc = qw.perm is not None
         for k, v in t.items():
             tensors[f"{name}.{k}"] = v
     if len(settings) > 1:

@@ -1,0 +1,467 @@
+"""AWQ: activation-aware per-input-channel scaling before round-to-nearest.
+
+For a group of linears reading the same input x (q/k/v after the attention norm, gate/up after
+the MLP norm, down after up, o after v), scaling input channel c of the weights by s_c and
+the input by 1/s_c leaves the float output unchanged but shrinks the relative rounding error of
+the channels that carry large activations. AWQ (Lin et al., 2023) searches
+``s = mean|x|^alpha`` (normalised so max(s) * min(s) = 1) over a grid of alpha in [0, 1) and
+keeps the one whose fake-quantized output is closest to the float output. ``1/s`` is then
+folded into the op that produces x, when that op allows it exactly: a norm's weight (and
+bias), or the output rows of the preceding linear (up_proj for down_proj in a gated MLP,
+v_proj for o_proj when they have the same width). Otherwise the layer keeps ``s`` as its
+QuantizedWeight's ``input_scale`` (the input is divided by it at run time). An optional clip
+search then shrinks each group's weight range where that lowers the layer's output error.
+Finally every layer is quantized by round-to-nearest (lowbit's reference rules).
+
+The groups are found from the module structure: linears whose forward input is the same
+tensor form a group; a norm-like module (a 1-D ``weight`` of the input's width) whose output
+is that tensor is the fold target, checked numerically before use; linear fold targets come
+from :data:`LINEAR_PRODUCERS` (Llama / Mistral / Qwen / Gemma names). Anything else falls back
+to input_scale, so unknown architectures still work.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import reference as R
+from ..ops import quantize_weight
+from ..qweight import QuantizedWeight
+from . import blocks as B
+from .config import format_kwargs
+
+# A consumer linear's name -> (producer sibling, sibling that must also exist): scaling the
+# producer's output row c by 1/s_c scales the consumer's input channel c by 1/s_c. In a
+# gated MLP, down(act(gate(x)) * up(x)): up's rows (gate must be there, else the MLP may
+# apply a nonlinearity to up's output). In attention, o(softmax(.) v): v's rows, when
+# v's width equals o's input width (no grouped-query head sharing).
+LINEAR_PRODUCERS: Dict[str, Tuple[str, Optional[str]]] = {
+    "down_proj": ("up_proj", "gate_proj"),
+    "w2": ("w3", "w1"),  # Mixtral-style expert names
+    "o_proj": ("v_proj", None),
+}
+
+
+def fake_quant(w: torch.Tensor, fmt: Dict[str, Any]) -> torch.Tensor:
+    """The float32 values ``w`` decodes to after round-to-nearest into ``fmt``."""
+    f, kw = format_kwargs(fmt)
+    return R.dequantize(quantize_weight(w, f, **kw), torch.float32)
+
+
+@dataclass
+class _Group:
+    names: List[str]  # relative names of the linears, in call order
+    lca: str  # the smallest module holding them all ('' = the block)
+    producer: Optional[Tuple[str, str]] = None  # ("norm" | "linear", relative name)
+    # statistics over all calibration tokens
+    x_abs_sum: Optional[torch.Tensor] = None
+    xtx: Optional[torch.Tensor] = None
+    n: int = 0
+    # replays of the lca module on the search batches: (args, kwargs, float output)
+    replays: List[Tuple[tuple, dict, torch.Tensor]] = field(default_factory=list)
+    # probe: the producer's input and output on the first batch (to check a norm fold)
+    probe_in: Optional[torch.Tensor] = None
+    probe_out: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None  # the chosen s (None: alpha 0)
+    folded: bool = False
+    alpha: float = 0.0
+    loss_gain: float = 0.0
+    t: float = 0.0  # seconds spent on the search
+
+
+def _lca(names: List[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for seg in zip(*parts):
+        if all(s == seg[0] for s in seg):
+            common.append(seg[0])
+        else:
+            break
+    if len(names) == 1:
+        return names[0]
+    return ".".join(common)
+
+
+def _sub(root: nn.Module, rel: str) -> nn.Module:
+    return root if rel == "" else root.get_submodule(rel)
+
+
+def _is_norm_like(mod: nn.Module, K: int) -> bool:
+    w = getattr(mod, "weight", None)
+    return (not isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and w.dim() == 1
+            and w.shape[0] == K)
+
+
+def _linear_producer(block: nn.Module, consumer: str, K: int) -> Optional[str]:
+    parent, _, leaf = consumer.rpartition(".")
+    row = LINEAR_PRODUCERS.get(leaf)
+    if row is None:
+        return None
+    prod, needed = row
+    pname = f"{parent}.{prod}" if parent else prod
+    try:
+        p = block.get_submodule(pname)
+    except AttributeError:
+        return None
+    if needed is not None:
+        try:
+            block.get_submodule(f"{parent}.{needed}" if parent else needed)
+        except AttributeError:
+            return None
+    if type(p) is not nn.Linear or p.out_features != K:
+        return None
+    return pname
+
+
+@torch.no_grad()
+def _probe_groups(block: nn.Module, inp: B.BlockInput, linears: Dict[str, nn.Linear]) -> List[_Group]:
+    """Groups of linears sharing an input, in call order, with their fold targets."""
+    seen_in: List[Tuple[str, torch.Tensor]] = []
+    outputs: Dict[int, Tuple[str, torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for rel, mod in block.named_modules():
+        if rel in linears:
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o, rel=rel: seen_in.append((rel, a[0]))))
+        elif rel and len(list(mod.children())) == 0:
+            # leaf modules: remember which produced which tensor (kept alive for identity)
+            def hook(m, a, o, rel=rel):
+                if isinstance(o, torch.Tensor) and a and isinstance(a[0], torch.Tensor):
+                    outputs[id(o)] = (rel, a[0], o)
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        block(*inp.args, **inp.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: List[_Group] = []
+    xs: List[torch.Tensor] = []
+    for rel, x in seen_in:
+        if any(rel in g.names for g in groups):
+            continue
+        for g, gx in zip(groups, xs):
+            if x is gx:
+                g.names.append(rel)
+                break
+        else:
+            groups.append(_Group([rel], ""))
+            xs.append(x)
+    for g, x in zip(groups, xs):
+        g.lca = _lca(g.names)
+        K = x.shape[-1]
+        prod = outputs.get(id(x))
+        if prod is not None and prod[2] is x and _is_norm_like(_sub(block, prod[0]), K):
+            g.producer = ("norm", prod[0])
+            g.probe_in, g.probe_out = prod[1], prod[2]
+        elif len(g.names) == 1:
+            p = _linear_producer(block, g.names[0], K)
+            if p is not None:
+                g.producer = ("linear", p)
+    missing = [n for n in linears if not any(n in g.names for g in groups)]
+    for n in missing:  # never called on calibration data: plain RTN
+        groups.append(_Group([n], n))
+    return groups
+
+
+@torch.no_grad()
+def _collect(block: nn.Module, inputs: List[B.BlockInput], groups: List[_Group],
+             n_search: int, need_replays: bool) -> None:
+    """Per-channel mean |x| and X^T X of each group's input over every batch; replays of
+    each group's lca module over the first ``n_search`` batches."""
+    state = {"batch": 0}
+    handles = []
+    for gi, g in enumerate(groups):
+        first = _sub(block, g.names[0])
+
+        def stat(m, a, o, g=g):
+            x = a[0].reshape(-1, a[0].shape[-1]).to(torch.float32)
+            if g.xtx is None:
+                g.xtx = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                g.x_abs_sum = torch.zeros(x.shape[1], device=x.device)
+            g.xtx.addmm_(x.t(), x)
+            g.x_abs_sum += x.abs().sum(0)
+            g.n += x.shape[0]
+        handles.append(first.register_forward_hook(stat))
+        if need_replays:
+            lca = _sub(block, g.lca)
+
+            def replay(m, args, kwargs, out, g=g):
+                if state["batch"] < n_search:
+                    g.replays.append((tuple(args), dict(kwargs), B.first_tensor(out).detach()))
+            handles.append(lca.register_forward_hook(replay, with_kwargs=True))
+    try:
+        for i, inp in enumerate(inputs):
+            state["batch"] = i
+            block(*inp.args, **inp.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _candidate_scale(x_mean: torch.Tensor, w_mean: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
+    if w_mean is not None:
+        s = x_mean.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)
+    else:
+        s = x_mean.pow(alpha)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def _w_mean(weights: List[torch.Tensor], fmt: Dict[str, Any]) -> torch.Tensor:
+    """Per input channel mean of |w| / (its group's max |w|) over the group's linears."""
+    W = torch.cat(weights, dim=0)
+    N, K = W.shape
+    g = fmt.get("group_size", -1)
+    g = K if g in (-1, None) or g > K else g
+    pad = (-K) % g
+    Wp = torch.nn.functional.pad(W.abs(), (0, pad)).reshape(N, -1, g)
+    Wn = Wp / Wp.amax(dim=2, keepdim=True).clamp(min=1e-12)
+    return Wn.reshape(N, -1)[:, :K].mean(0)
+
+
+@torch.no_grad()
+def _search_scale(block: nn.Module, g: _Group, mods: Dict[str, Tuple[nn.Linear, Dict[str, Any]]],
+                  config, objective: str) -> None:
+    """Grid-search alpha for group g; sets g.scale / g.alpha (alpha 0: no scaling)."""
+    if g.n == 0:
+        return
+    x_mean = g.x_abs_sum / g.n
+    weights = {r: mods[r][0].weight.detach().to(torch.float32) for r in g.names}
+    w_mean = _w_mean(list(weights.values()), mods[g.names[0]][1]) if config.duo_scaling else None
+    use_module = objective == "module" and g.replays
+    H = g.xtx / g.n
+    originals = {r: mods[r][0].weight.data for r in g.names}
+
+    def loss_for(s: Optional[torch.Tensor]) -> float:
+        fq = {}
+        for r, W in weights.items():
+            fmt = mods[r][1]
+            fq[r] = fake_quant(W, fmt) if s is None else fake_quant(W * s, fmt) / s
+        if not use_module:
+            return sum(float(((W - fq[r]) @ H * (W - fq[r])).sum()) for r, W in weights.items())
+        try:
+            for r in g.names:
+                mods[r][0].weight.data = fq[r].to(originals[r].dtype)
+            lca = _sub(block, g.lca)
+            tot = 0.0
+            cnt = 0
+            for args, kwargs, ref in g.replays:
+                out = B.first_tensor(lca(*args, **kwargs)).to(torch.float32)
+                tot += float(((out - ref.to(torch.float32)) ** 2).sum())
+                cnt += ref.numel()
+            return tot / max(cnt, 1)
+        finally:
+            for r in g.names:
+                mods[r][0].weight.data = originals[r]
+
+    base = loss_for(None)
+    best, best_alpha, best_s = base, 0.0, None
+    for i in range(1, config.n_grid):
+        alpha = i / config.n_grid
+        s = _candidate_scale(x_mean, w_mean, alpha)
+        loss = loss_for(s)
+        if loss < best:
+            best, best_alpha, best_s = loss, alpha, s
+    g.alpha = best_alpha
+    g.scale = best_s
+    g.loss_gain = (base - best) / base if base > 0 else 0.0
+
+
+@torch.no_grad()
+def _apply_scale(block: nn.Module, g: _Group, mods) -> None:
+    """Scale the group's weights by s and fold 1/s into the producer (checked), else leave it
+    for input_scale. The group's statistics are moved to the scaled input x / s."""
+    s = g.scale
+    if s is None:
+        return
+    for r in g.names:
+        w = mods[r][0].weight
+        w.copy_((w.to(torch.float32) * s).to(w.dtype))
+    if g.producer is not None:
+        kind, pname = g.producer
+        p = _sub(block, pname)
+        if kind == "norm":
+            old_w = p.weight.data.clone()
+            old_b = getattr(p, "bias", None)
+            old_b = old_b.data.clone() if isinstance(old_b, torch.Tensor) else None
+            p.weight.copy_((p.weight.to(torch.float32) / s).to(p.weight.dtype))
+            if old_b is not None:
+                p.bias.copy_((p.bias.to(torch.float32) / s).to(p.bias.dtype))
+            # The fold is exact only for norms of the form y = weight * f(x) (+ bias).
+            got = p(g.probe_in).to(torch.float32)
+            want = g.probe_out.to(torch.float32) / s
+            tol = 1e-3 if p.weight.dtype != torch.float32 else 1e-5
+            if torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())):
+                g.folded = True
+            else:
+                p.weight.copy_(old_w)
+                if old_b is not None:
+                    p.bias.copy_(old_b)
+        else:
+            p.weight.copy_((p.weight.to(torch.float32) / s[:, None]).to(p.weight.dtype))
+            if p.bias is not None:
+                p.bias.copy_((p.bias.to(torch.float32) / s).to(p.bias.dtype))
+            g.folded = True
+    g.xtx = g.xtx / s[:, None] / s[None, :]
+    g.x_abs_sum = g.x_abs_sum / s
+
+
+@torch.no_grad()
+def clip_search(W: torch.Tensor, H: torch.Tensor, fmt: Dict[str, Any], n_grid: int,
+                max_shrink: float) -> Tuple[torch.Tensor, float]:
+    """Clip each group of W [N, K] to a shrunk range (the per-group ratio from a grid of
+    n_grid values in (1 - max_shrink, 1]) that minimises that group's share of the layer's
+    output error ``d^T H_gg d`` (d the group's rounding error, H_gg its block of X^T X).
+    Returns the clipped weight and the mean shrink chosen."""
+    from .. import formats as F
+    f, kw = format_kwargs(fmt)
+    spec = F.get_format(f)
+    N, K = W.shape
+    g = F.effective_group(fmt.get("group_size", spec.default_group), K)
+    G = -(-K // g)
+    pad = G * g - K
+    Wg = torch.nn.functional.pad(W, (0, pad)).reshape(N, G, g)
+    Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
+    C = torch.stack([Hp[i * g:(i + 1) * g, i * g:(i + 1) * g] for i in range(G)])  # [G, g, g]
+    asym = spec.has_zero_point and not fmt.get("symmetric", False)
+    if asym:
+        hi = Wg.amax(dim=2, keepdim=True).clamp(min=0)
+        lo = Wg.amin(dim=2, keepdim=True).clamp(max=0)
+    else:
+        hi = Wg.abs().amax(dim=2, keepdim=True)
+        lo = -hi
+    best_err = None
+    best_r = torch.ones(N, G, 1, device=W.device)
+    for i in range(n_grid):
+        r = 1.0 - max_shrink * i / n_grid
+        Wc = torch.maximum(torch.minimum(Wg, hi * r), lo * r)
+        Q = fake_quant(Wc.reshape(N, G * g)[:, :K], fmt)
+        D = torch.nn.functional.pad(W - Q, (0, pad)).reshape(N, G, g)
+        err = torch.einsum("ngi,gij,ngj->ng", D, C, D)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better[..., None], torch.full_like(best_r, r), best_r)
+    Wc = torch.maximum(torch.minimum(Wg, hi * best_r), lo * best_r)
+    return Wc.reshape(N, G * g)[:, :K].contiguous(), float(best_r.mean())
+
+
+def _skip_clip(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in patterns)
+
+
+@torch.no_grad()
+def _finish_group(g: _Group, mods, config, full: Dict[str, str], sink, t_group: float) -> None:
+    """Clip, quantize and record the group's linears; the module then holds the exact
+    dequantized weight (what the rest of the block pass must see)."""
+    for r in g.names:
+        t0 = time.perf_counter()
+        mod, fmt = mods[r]
+        W = mod.weight.detach().to(torch.float32)
+        info: Dict[str, Any] = {"alpha": g.alpha}
+        if g.scale is not None:
+            info["scale"] = "folded" if g.folded else "input_scale"
+            if g.folded:
+                info["into"] = g.producer[1]
+        if g.n == 0:
+            info["note"] = "never called on calibration data: rtn"
+        if config.clip_search and g.n > 0 and not _skip_clip(full[r], config.clip_skip):
+            W, shrink = clip_search(W, g.xtx / g.n, fmt, config.clip_grid, config.clip_max_shrink)
+            info["clip"] = round(shrink, 4)
+        f, kw = format_kwargs(fmt)
+        qw = quantize_weight(W, f, **kw)
+        if g.scale is not None and not g.folded:
+            qw.input_scale = g.scale.to(torch.float32).contiguous()
+            qw.validate()
+        mod.weight.copy_(R.dequantize(qw, torch.float32).to(mod.weight.dtype))
+        info["weights"] = qw.shape[0] * qw.shape[1]
+        sink.add(full[r], qw, time.perf_counter() - t0 + t_group / len(g.names), info)
+
+
+def _n_search_batches(inputs: List[B.BlockInput], search_tokens: int) -> int:
+    tot = 0
+    for i, inp in enumerate(inputs):
+        h = inp.hidden
+        tot += h.numel() // h.shape[-1]
+        if tot >= search_tokens:
+            return i + 1
+    return len(inputs)
+
+
+def run_awq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]]], calib,
+            config, progress: bool, sink) -> None:
+    """AWQ every target, block by block; layers outside the block list (or all of them, for a
+    model without one) are scaled one by one with input_scale."""
+    from .gptq import _bar
+    bar = _bar(len(targets), "awq", progress)
+    found = B.find_block_list(model, targets)
+    done = set()
+    if found is not None:
+        list_name, layers = found
+        inputs = B.capture_block_inputs(model, layers[0], calib)
+        n_search = _n_search_batches(inputs, config.search_tokens)
+        for bi, block in enumerate(layers):
+            prefix = f"{list_name}.{bi}."
+            mods = {n[len(prefix):]: targets[n] for n in targets if n.startswith(prefix)}
+            full = {rel: prefix + rel for rel in mods}
+            if mods:
+                t0 = time.perf_counter()
+                groups = _probe_groups(block, inputs[0], {r: m for r, (m, _) in mods.items()})
+                _collect(block, inputs, groups, n_search, config.awq_objective == "module")
+                for g in groups:
+                    tg = time.perf_counter()
+                    _search_scale(block, g, mods, config, config.awq_objective)
+                    _apply_scale(block, g, mods)
+                    g.replays.clear()
+                    g.probe_in = g.probe_out = None
+                    g.t = time.perf_counter() - tg
+                for g in groups:
+                    _finish_group(g, mods, config, full, sink, g.t)
+                    if bar is not None:
+                        bar.update(len(g.names))
+                        bar.set_postfix_str(full[g.names[-1]][-40:])
+            inputs = B.run_block(block, inputs)
+            if mods:
+                sink.install(list(full.values()))
+                done.update(full.values())
+        del inputs
+    rest = {n: targets[n] for n in targets if n not in done}
+    if rest:
+        groups = [_Group([n], n) for n in rest]
+        for g in groups:
+            mod = rest[g.names[0]][0]
+
+            def stat(m, a, o, g=g):
+                x = a[0].reshape(-1, a[0].shape[-1]).to(torch.float32)
+                if g.xtx is None:
+                    g.xtx = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                    g.x_abs_sum = torch.zeros(x.shape[1], device=x.device)
+                g.xtx.addmm_(x.t(), x)
+                g.x_abs_sum += x.abs().sum(0)
+                g.n += x.shape[0]
+            g.handle = mod.register_forward_hook(stat)
+        try:
+            with torch.no_grad():
+                for kw in calib:
+                    B.call_model(model, kw)
+        finally:
+            for g in groups:
+                g.handle.remove()
+        for g in groups:
+            tg = time.perf_counter()
+            _search_scale(model, g, rest, config, "layer")
+            _apply_scale(model, g, rest)
+            _finish_group(g, rest, config, {n: n for n in rest}, sink, time.perf_counter() - tg)
+            if bar is not None:
+                bar.update(1)
+        sink.install(list(rest))
+    if bar is not None:
+        bar.close()

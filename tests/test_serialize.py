@@ -566,3 +566,37 @@ def test_outlier_columns_roundtrip_and_are_validated(tmp_path):
                        {"0.outlier_cols": S._crc32(torch.tensor([3, 3, 31]))})))
     with pytest.raises(CheckpointError, match="repeat"):
         lowbit.load(bad, lambda: nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8)))
+
+
+class _WithDerived(nn.Module):
+    """A Linear plus a non-persistent (derived) buffer, like rotary inv_freq."""
+
+    def __init__(self, derived: bool = True):
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+        if derived:
+            self.register_buffer("table", torch.arange(4.0) * 0.5, persistent=False)
+
+
+def test_non_persistent_buffers(tmp_path):
+    torch.manual_seed(0)
+    src = _WithDerived()
+    src.lin = QuantLinear.from_linear(src.lin, "int8")
+    p = tmp_path / "d.safetensors"
+    lowbit.save(src, p)
+    assert "table" in S.read_header(p)[0]["non_persistent"]
+    # built on meta: the derived buffer comes back from the file
+    got = lowbit.load(p, _WithDerived)
+    assert torch.equal(got.table, src.table)
+    # a model without it: the file's copy is ignored
+    got = lowbit.load(p, lambda: _WithDerived(derived=False))
+    assert not hasattr(got, "table") and torch.equal(got.lin.weight_data, src.lin.weight_data)
+    # a file without it: a real (computed) buffer is kept, a meta one is refused
+    src2 = _WithDerived(derived=False)
+    src2.lin = QuantLinear.from_linear(src2.lin, "int8")
+    p2 = tmp_path / "n.safetensors"
+    lowbit.save(src2, p2)
+    kept = lowbit.load(p2, _WithDerived())
+    assert torch.equal(kept.table, torch.arange(4.0) * 0.5)
+    with pytest.raises(CheckpointError, match=r"missing from the file \(first: \['table'\]"):
+        lowbit.load(p2, _WithDerived)

@@ -433,7 +433,9 @@ def load(path: PathLike, model_or_builder: Union[nn.Module, Callable[[], nn.Modu
 
     Raises :class:`CheckpointError` (a ValueError) when the file is not a lowbit checkpoint, is
     truncated or corrupted (every tensor's CRC-32 is checked), has an unknown format version,
-    or does not match the model (missing or unexpected tensors, other shapes).
+    or does not match the model (missing or unexpected tensors, other shapes). Non-persistent
+    buffers (derived state such as rotary ``inv_freq``) are loaded when both sides have them; one
+    only the file has is ignored, one only the model has is kept unless it is on the meta device.
     """
     if not isinstance(model_or_builder, nn.Module) and not callable(model_or_builder):
         raise TypeError("load expects an nn.Module or a zero-argument callable returning one, "
@@ -450,7 +452,9 @@ def load(path: PathLike, model_or_builder: Union[nn.Module, Callable[[], nn.Modu
     slot_names = {s[0] for s in slots}
     missing = [s[0] for s in slots if s[0] not in file_names
                and (s[4] or _slot_tensor(model, s[0]).device.type == "meta")]
-    unexpected = sorted(file_names - slot_names)
+    # A non-persistent buffer the model does not have (e.g. renamed by another transformers
+    # version) is derived state, not weights: ignored rather than refused.
+    unexpected = sorted(file_names - slot_names - set(doc["non_persistent"]))
     if missing or unexpected:
         parts = []
         if missing:

@@ -4,7 +4,6 @@ that transformers writes with save_pretrained from a bitsandbytes-quantized mode
 vectors pin bitsandbytes' nibble order and double-quantization decode without it."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ an independent packer below, from the layout the tools' source defines (AutoGPTQ
 """
 
 import json
-import os
 
 import numpy as np
 import pytest

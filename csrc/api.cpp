@@ -38,24 +38,31 @@ void validate(const QWeight& w) {
   if (!w.data) bad("weight data pointer is null");
   if (!w.scales) bad("scales pointer is null");
   validate_shape(w);
-  if (w.fmt == kInt4 && !w.symmetric && !w.zeros) bad("asymmetric int4 needs a zeros tensor");
-  if (w.fmt == kNF4 && w.double_quant && (!w.dq_scale || !w.dq_offset))
-    bad("double-quantized nf4 needs dq_scale and dq_offset");
+  if (w.fmt == kInt4 && !w.symmetric && !w.zeros)
+    bad(w.float_offset ? "int4 with float offsets needs the offsets (zeros)" : "asymmetric int4 needs a zeros tensor");
+  if ((w.fmt == kNF4 || w.fmt == kFP4) && w.zeros) bad(std::string(kFormatTraits[w.fmt].name) + " has no zero-points");
+  if (w.double_quant && (!w.dq_scale || !w.dq_offset))
+    bad(std::string("double-quantized ") + kFormatTraits[w.fmt].name + " needs dq_scale and dq_offset");
 }
 
 void validate_shape(const QWeight& w) {
   if (w.fmt < 0 || w.fmt >= kNumFormats) bad("unknown format id " + std::to_string(int(w.fmt)));
   if (w.N <= 0 || w.K <= 0) bad("weight shape must be positive, got N=" + std::to_string(w.N) + " K=" + std::to_string(w.K));
+  const FormatTraits& tr = kFormatTraits[w.fmt];
   if (w.fmt == kInt8) {
     if (w.ld_data < w.K) bad("int8 data row stride " + std::to_string(w.ld_data) + " < K");
-    if (w.n_groups != 1 || w.group != w.K) bad("int8 has one scale per row (group must be K)");
-    return;
+  } else if (w.ld_data < (w.K + 1) / 2) {
+    bad("4-bit data row stride " + std::to_string(w.ld_data) + " < ceil(K/2)");
   }
-  if (w.ld_data < (w.K + 1) / 2) bad("4-bit data row stride " + std::to_string(w.ld_data) + " < ceil(K/2)");
   if (w.group <= 0) bad("group size must be positive, got " + std::to_string(w.group));
   if (w.n_groups != (w.K + w.group - 1) / w.group)
     bad("n_groups " + std::to_string(w.n_groups) + " != ceil(K / group)");
-  if (w.fmt == kNF4 && w.double_quant) {
+  if (w.float_offset) {
+    if (!tr.has_float_offset) bad(std::string(tr.name) + " has no float-offset variant");
+    if (w.symmetric) bad("the float-offset variant is asymmetric (symmetric must be false)");
+  }
+  if (w.double_quant) {
+    if (!tr.codebook) bad(std::string("double quant applies to the codebook formats, not ") + tr.name);
     if (w.dq_chunks != (w.n_groups + kNF4DoubleQuantChunk - 1) / kNF4DoubleQuantChunk)
       bad("dq_chunks must be ceil(n_groups / 256)");
   }
@@ -112,7 +119,7 @@ void fill_header(PackedHeader& h, const QWeight& w, const KernelTable& t, int64_
   std::memcpy(h.magic, "lowbitP1", 8);
   std::strncpy(h.isa, t.isa, sizeof h.isa - 1);
   h.fmt = int32_t(w.fmt);
-  h.flags = (w.symmetric ? 1 : 0) | (w.double_quant ? 2 : 0);
+  h.flags = (w.symmetric ? 1 : 0) | (w.double_quant ? 2 : 0) | (w.float_offset ? 4 : 0);
   h.N = w.N;
   h.K = w.K;
   h.group = w.group;
@@ -161,6 +168,7 @@ void linear(const LinearArgs& a, const KernelTable* table) {
 int64_t packed_size(const QWeight& w, const KernelTable* table) {
   const KernelTable& t = table ? *table : active_table();
   validate_shape(w);
+  if (!t.packed_size[w.fmt]) return 0;  // no fast path for this format
   const int64_t body = t.packed_size[w.fmt](w);
   return body > 0 ? kPackedHeaderBytes + body : 0;
 }
@@ -170,10 +178,11 @@ void pack_weight(const QWeight& w, uint8_t* dst, int64_t dst_bytes, int n_thread
   const KernelTable& t = table ? *table : active_table();
   validate(w);
   if (!dst) bad("null destination for the packed weight");
-  const int64_t body = t.packed_size[w.fmt](w);
+  const int64_t body = t.packed_size[w.fmt] ? t.packed_size[w.fmt](w) : 0;
   if (body <= 0)
-    bad(std::string("the ") + t.isa + " fast path does not support this weight (group size " +
-        std::to_string(w.group) + " is not a multiple of " + std::to_string(kQChunk) + ")");
+    bad(std::string("the ") + t.isa + " fast path does not support this weight (" + kFormatTraits[w.fmt].name +
+        ", group size " + std::to_string(w.group) + "; it takes one group per row or multiples of " +
+        std::to_string(kQChunk) + ", and not fp4, int4 float offsets or int8 groups / zero-points)");
   if (dst_bytes != kPackedHeaderBytes + body)
     bad("packed weight buffer has " + std::to_string(dst_bytes) + " bytes, expected " +
         std::to_string(kPackedHeaderBytes + body));
@@ -197,7 +206,7 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
   validate_shape(a.w);
   check_call(a);
   if (!packed) bad("null packed weight");
-  const int64_t body = t.packed_size[a.w.fmt](a.w);
+  const int64_t body = t.packed_size[a.w.fmt] ? t.packed_size[a.w.fmt](a.w) : 0;
   if (body <= 0) bad(std::string("the ") + t.isa + " fast path does not support this weight");
   PackedHeader want, got;
   fill_header(want, a.w, t, body);

@@ -44,7 +44,7 @@ struct PackedHeader {
   char magic[8];      // "lowbitP1"
   char isa[16];       // KernelTable::isa of the table that packed it, NUL-padded
   int32_t fmt;
-  int32_t flags;      // 1: symmetric, 2: double_quant
+  int32_t flags;      // 1: symmetric, 2: double_quant, 4: float_offset
   int64_t N, K, group;
   int64_t body_bytes; // bytes after the header
 };

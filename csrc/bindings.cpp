@@ -31,7 +31,7 @@ DType to_dtype(int d) {
 
 QWeight make_weight(int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
                     uint64_t data, int64_t ld_data, uint64_t scales, uint64_t zeros,
-                    uint64_t dq_scale, uint64_t dq_offset) {
+                    uint64_t dq_scale, uint64_t dq_offset, bool float_offset) {
   if (fmt < 0 || fmt >= kNumFormats) throw std::invalid_argument("unknown format id " + std::to_string(fmt));
   QWeight w{};
   w.fmt = Format(fmt);
@@ -41,17 +41,25 @@ QWeight make_weight(int fmt, int64_t N, int64_t K, int64_t group, bool symmetric
   w.n_groups = group > 0 ? (K + group - 1) / group : 0;
   w.symmetric = symmetric;
   w.double_quant = double_quant;
+  w.float_offset = float_offset;
   w.data = ptr<uint8_t>(data);
   w.ld_data = ld_data;
   w.scales = ptr<void>(scales);
-  w.zeros = ptr<uint8_t>(zeros);
+  w.zeros = ptr<void>(zeros);
   w.dq_scale = ptr<float>(dq_scale);
   w.dq_offset = ptr<float>(dq_offset);
   w.dq_chunks = (w.n_groups + kNF4DoubleQuantChunk - 1) / kNF4DoubleQuantChunk;
-  if (fmt == kNF4 && (reinterpret_cast<uintptr_t>(w.dq_scale) % 4 || reinterpret_cast<uintptr_t>(w.dq_offset) % 4))
+  if (double_quant && (reinterpret_cast<uintptr_t>(w.dq_scale) % 4 || reinterpret_cast<uintptr_t>(w.dq_offset) % 4))
     throw std::invalid_argument("double-quant tensors must be 4-byte aligned float32");
-  if (!(fmt == kNF4 && double_quant) && reinterpret_cast<uintptr_t>(w.scales) % 4)
+  if (!double_quant && reinterpret_cast<uintptr_t>(w.scales) % 4)
     throw std::invalid_argument("scales must be 4-byte aligned float32");
+  if (fmt == kInt8) {
+    // the C++ side tells int8's variants by the zeros pointer (kernel_api.h): keep them in step
+    if (symmetric && zeros) throw std::invalid_argument("symmetric int8 must not carry zeros");
+    if (!symmetric && !zeros) throw std::invalid_argument("asymmetric int8 needs a zeros tensor (int16)");
+    if (zeros % 2) throw std::invalid_argument("int8 zeros must be 2-byte aligned int16");
+  }
+  if (float_offset && zeros % 4) throw std::invalid_argument("int4 float offsets must be 4-byte aligned float32");
   validate(w);
   return w;
 }
@@ -61,7 +69,8 @@ const KernelTable* table_arg(const std::string& isa) {
 }
 
 // Shape and format only (no tensors): what the fast path's packed_size / linear_packed need.
-QWeight make_meta(int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant) {
+QWeight make_meta(int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
+                  bool float_offset) {
   if (fmt < 0 || fmt >= kNumFormats) throw std::invalid_argument("unknown format id " + std::to_string(fmt));
   QWeight w{};
   w.fmt = Format(fmt);
@@ -71,6 +80,11 @@ QWeight make_meta(int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, 
   w.n_groups = group > 0 ? (K + group - 1) / group : 0;
   w.symmetric = symmetric;
   w.double_quant = double_quant;
+  w.float_offset = float_offset;
+  // int8's asymmetric variant is told by its zeros pointer (kernel_api.h); a meta weight's
+  // tensors are never read, so a dummy marks it (the fast path then reports no support).
+  static const int16_t kMetaZero = 0;
+  if (fmt == kInt8 && !symmetric) w.zeros = &kMetaZero;
   w.ld_data = fmt == kInt8 ? K : (K + 1) / 2;
   w.dq_chunks = (w.n_groups + kNF4DoubleQuantChunk - 1) / kNF4DoubleQuantChunk;
   validate_shape(w);
@@ -114,9 +128,10 @@ PYBIND11_MODULE(_C, m) {
          uint64_t data, int64_t ld_data, uint64_t scales, uint64_t zeros, uint64_t dq_scale,
          uint64_t dq_offset, uint64_t x, int x_dtype, int64_t M, int64_t ldx, uint64_t bias,
          uint64_t y, int y_dtype, int64_t ldy, int n_threads, const std::string& isa,
-         int64_t repeat) {
+         int64_t repeat, bool float_offset) {
         const LinearArgs a = make_args(make_weight(fmt, N, K, group, symmetric, double_quant, data,
-                                                   ld_data, scales, zeros, dq_scale, dq_offset),
+                                                   ld_data, scales, zeros, dq_scale, dq_offset,
+                                                   float_offset),
                                        x, x_dtype, M, ldx, bias, y, y_dtype, ldy, n_threads);
         const KernelTable* t = table_arg(isa);
         py::gil_scoped_release nogil;
@@ -127,26 +142,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("zeros"), py::arg("dq_scale"), py::arg("dq_offset"), py::arg("x"),
       py::arg("x_dtype"), py::arg("M"), py::arg("ldx"), py::arg("bias"), py::arg("y"),
       py::arg("y_dtype"), py::arg("ldy"), py::arg("n_threads"), py::arg("isa") = "",
-      py::arg("repeat") = 1,
-      "The exact path: y = x @ W^T + bias. Returns the seconds per run (repeat runs).");
+      py::arg("repeat") = 1, py::arg("float_offset") = false,
+      "The exact path: y = x @ W^T + bias. Returns the seconds per run (repeat runs). "
+      "float_offset: int4's float-offset variant (zeros = float32 offsets).");
 
   // ---- the activation-quantized fast path ----
   m.def(
       "packed_size",
       [](int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
-         const std::string& isa) {
-        return lowbit::packed_size(make_meta(fmt, N, K, group, symmetric, double_quant), table_arg(isa));
+         const std::string& isa, bool float_offset) {
+        return lowbit::packed_size(make_meta(fmt, N, K, group, symmetric, double_quant, float_offset),
+                                   table_arg(isa));
       },
       py::arg("fmt"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("symmetric"),
-      py::arg("double_quant"), py::arg("isa") = "",
+      py::arg("double_quant"), py::arg("isa") = "", py::arg("float_offset") = false,
       "Bytes of the packed form for the fast path (header included); 0: not supported.");
   m.def(
       "pack",
       [](int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
          uint64_t data, int64_t ld_data, uint64_t scales, uint64_t zeros, uint64_t dq_scale,
-         uint64_t dq_offset, uint64_t dst, int64_t dst_bytes, int n_threads, const std::string& isa) {
+         uint64_t dq_offset, uint64_t dst, int64_t dst_bytes, int n_threads, const std::string& isa,
+         bool float_offset) {
         QWeight w = make_weight(fmt, N, K, group, symmetric, double_quant, data, ld_data, scales,
-                                zeros, dq_scale, dq_offset);
+                                zeros, dq_scale, dq_offset, float_offset);
         const KernelTable* t = table_arg(isa);
         uint8_t* d = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(dst));
         py::gil_scoped_release nogil;
@@ -155,14 +173,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("fmt"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("symmetric"),
       py::arg("double_quant"), py::arg("data"), py::arg("ld_data"), py::arg("scales"),
       py::arg("zeros"), py::arg("dq_scale"), py::arg("dq_offset"), py::arg("dst"),
-      py::arg("dst_bytes"), py::arg("n_threads"), py::arg("isa") = "");
+      py::arg("dst_bytes"), py::arg("n_threads"), py::arg("isa") = "", py::arg("float_offset") = false);
   m.def(
       "linear_packed",
       [](uint64_t packed, int64_t packed_bytes, int fmt, int64_t N, int64_t K, int64_t group,
          bool symmetric, bool double_quant, uint64_t x, int x_dtype, int64_t M, int64_t ldx,
          uint64_t bias, uint64_t y, int y_dtype, int64_t ldy, int n_threads, const std::string& isa,
-         int64_t repeat) {
-        const LinearArgs a = make_args(make_meta(fmt, N, K, group, symmetric, double_quant), x,
+         int64_t repeat, bool float_offset) {
+        const LinearArgs a = make_args(make_meta(fmt, N, K, group, symmetric, double_quant, float_offset), x,
                                        x_dtype, M, ldx, bias, y, y_dtype, ldy, n_threads);
         const KernelTable* t = table_arg(isa);
         const uint8_t* p = ptr<uint8_t>(packed);
@@ -173,7 +191,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("group"), py::arg("symmetric"), py::arg("double_quant"), py::arg("x"),
       py::arg("x_dtype"), py::arg("M"), py::arg("ldx"), py::arg("bias"), py::arg("y"),
       py::arg("y_dtype"), py::arg("ldy"), py::arg("n_threads"), py::arg("isa") = "",
-      py::arg("repeat") = 1,
+      py::arg("repeat") = 1, py::arg("float_offset") = false,
       "The fast path on a packed weight. Returns the seconds per run (repeat runs).");
   m.def(
       "quantize_activations",
@@ -228,9 +246,9 @@ PYBIND11_MODULE(_C, m) {
       [](int fmt, int64_t N, int64_t K, int64_t group, bool symmetric, bool double_quant,
          uint64_t data, int64_t ld_data, uint64_t scales, uint64_t zeros, uint64_t dq_scale,
          uint64_t dq_offset, uint64_t out, int out_dtype, int64_t ldo, int n_threads,
-         const std::string& isa) {
+         const std::string& isa, bool float_offset) {
         QWeight w = make_weight(fmt, N, K, group, symmetric, double_quant, data, ld_data, scales,
-                                zeros, dq_scale, dq_offset);
+                                zeros, dq_scale, dq_offset, float_offset);
         const DType dt = to_dtype(out_dtype);
         const KernelTable* t = table_arg(isa);
         void* o = reinterpret_cast<void*>(static_cast<uintptr_t>(out));
@@ -240,7 +258,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("fmt"), py::arg("N"), py::arg("K"), py::arg("group"), py::arg("symmetric"),
       py::arg("double_quant"), py::arg("data"), py::arg("ld_data"), py::arg("scales"),
       py::arg("zeros"), py::arg("dq_scale"), py::arg("dq_offset"), py::arg("out"),
-      py::arg("out_dtype"), py::arg("ldo"), py::arg("n_threads"), py::arg("isa") = "");
+      py::arg("out_dtype"), py::arg("ldo"), py::arg("n_threads"), py::arg("isa") = "",
+      py::arg("float_offset") = false);
 
   m.def("set_isa", [](const std::string& isa) { set_active_isa(isa); });
   m.def("active_isa", [] { return std::string(active_table().isa); });
@@ -274,6 +293,16 @@ PYBIND11_MODULE(_C, m) {
     }
     return out;
   });
+  m.def("codebook", [](const std::string& fmt) {
+    for (int i = 0; i < kNumFormats; ++i)
+      if (fmt == kFormatTraits[i].name) {
+        py::list l;
+        if (kFormatTraits[i].codebook)
+          for (int j = 0; j < 16; ++j) l.append(kFormatTraits[i].codebook[j]);
+        return l;
+      }
+    throw std::invalid_argument("unknown format '" + fmt + "'");
+  }, py::arg("fmt"), "The 16 codebook values of a codebook format (empty list for the others).");
   m.def("nf4_codebook", [] {
     py::list l;
     for (float v : kNF4Codebook) l.append(v);

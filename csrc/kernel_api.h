@@ -25,13 +25,20 @@ struct QWeight {
   int64_t group;       // resolved group / block size along K, > 0 (a row-wide group is K)
   int64_t n_groups;    // ceil(K / group); the last group may be shorter
   bool symmetric;      // int4 only: zero-point is the constant 8, zeros == nullptr
-  bool double_quant;   // nf4 only: scales are uint8 codes, see dq_scale / dq_offset
-  const uint8_t* data; // int8: int8 [N, K]; int4/nf4: uint8 [N, ceil(K/2)], low nibble = even k
+  bool double_quant;   // nf4/fp4 only: scales are uint8 codes, see dq_scale / dq_offset
+  const uint8_t* data; // int8: int8 [N, K]; 4-bit: uint8 [N, ceil(K/2)], low nibble = even k
   int64_t ld_data;     // bytes per row of data (K for int8, ceil(K/2) for 4-bit)
-  const void* scales;  // float32 [N, n_groups]; nf4 double quant: uint8 [N, n_groups]
-  const uint8_t* zeros;     // int4 asymmetric: uint8 [N, n_groups] in [0, 15]; else nullptr
-  const float* dq_scale;    // nf4 double quant: float32 [N, dq_chunks]; absmax = c*s + o
-  const float* dq_offset;   // nf4 double quant: float32 [N, dq_chunks]
+  const void* scales;  // float32 [N, n_groups]; nf4/fp4 double quant: uint8 [N, n_groups]
+  // Zero-points [N, n_groups] of the asymmetric variants, by format:
+  //   int8:                     int16, w = float(q - z) * s; nullptr: symmetric (z = 0)
+  //                             (for int8 the pointer itself says which: `symmetric` is unused)
+  //   int4, !symmetric:         uint8 in [0, 15], w = float(q - z) * s
+  //   int4 with float_offset:   float32 offsets m, w = float(q) * s + m (two roundings)
+  //   nf4 / fp4:                nullptr
+  const void* zeros;
+  bool float_offset;        // int4's float-offset variant (GGUF Q4_1 / Q4_K); needs !symmetric
+  const float* dq_scale;    // double quant: float32 [N, dq_chunks]; absmax = c*s + o
+  const float* dq_offset;   // double quant: float32 [N, dq_chunks]
   int64_t dq_chunks;        // ceil(n_groups / kNF4DoubleQuantChunk)
 };
 
@@ -68,9 +75,10 @@ using FromF32Fn = void (*)(const float* src, void* dst, int64_t n);
 // so the 4-bit formats use 8 (the extra cost is one int->float step per 8 columns).
 // Weight codes are laid out in chunks of kQChunk = 32 columns, so the supported weights have
 // one group per row or a group size that is a multiple of 32 (packed_size returns 0 otherwise
-// and the caller uses the exact path).
+// and the caller uses the exact path). Not supported either (packed_size 0, the exact path):
+// int8 with groups or zero-points, int4's float-offset variant, fp4 (no packed_size function).
 constexpr int64_t kQChunk = 32;
-constexpr int64_t kQBlockOf[kNumFormats] = {16, 8, 8, 8};  // int8, int4, nf4, fp4
+constexpr int64_t kQBlockOf[kNumFormats] = {16, 8, 8, 8};  // int8, int4, nf4, fp4 (no fast path: unused)
 
 // Quantized activations (written by quantize_row, one row at a time). A row is zero-padded to
 // whole chunks: ldq >= ceil(K / 32) * 32 codes and nblocks = ceil(K / 32) * 32 / block blocks
@@ -147,7 +155,7 @@ struct KernelTable {
   // fast path
   int64_t qtile;  // rows per tile of the packed layout (T above)
   QuantizeRowFn quantize_row;
-  PackedSizeFn packed_size[kNumFormats];
+  PackedSizeFn packed_size[kNumFormats];  // nullptr: no fast path for the format
   PackFn pack[kNumFormats];
   QGemmFn qgemm[kNumFormats];
 };

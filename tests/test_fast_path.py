@@ -35,13 +35,14 @@ from lowbit import formats as F
 from lowbit import reference as R
 from lowbit.testing import assert_linear_close, output_eps
 
-from conftest import FORMAT_CASES, case_id
+from conftest import FORMAT_CASES, NEW_FORMAT_CASES, case_id
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KS = (1, 7, 31, 32, 33, 63, 64, 65, 127, 128, 129, 257, 576, 1000)
 NS = (1, 3, 17, 40)
 MS = (1, 2, 3, 5, 9)
-QBLOCK = {"int8": 16, "int4": 8, "nf4": 8}  # activation block per weight format
+# activation block per weight format (fp4 has no fast path: its entry is never used)
+QBLOCK = {"int8": 16, "int4": 8, "nf4": 8, "fp4": 8}
 QCHUNK = 32  # weight-code chunk: groups must be whole chunks, or one group per row
 NF4_I16 = [round(8128 * v) for v in F.NF4_CODEBOOK]  # nf4's fast-path codes (127 * 64 = 8128)
 
@@ -190,6 +191,25 @@ def test_fast_linear_within_quantization_bound(isa, case):
                 assert torch.equal(got, run(isa, x, qw, bias, path="exact")), (fmt, opts, K)
                 continue
             assert_fast_close(got, R.linear(x, qw, bias), x, qw, bias, msg=f"{isa} {fmt} {opts} K={K} M={M}")
+
+
+@pytest.mark.parametrize("case", NEW_FORMAT_CASES, ids=case_id)
+def test_interop_variants_take_the_exact_path(isa, case):
+    """No fast-path kernel for int8 with groups / zero-points, int4 float offsets and fp4: no
+    packed form, and lowbit.linear on the fast path gives the exact path's result bit for bit
+    (a symmetric int8 weight with one group is plain per-row int8, which has one)."""
+    fmt, opts = case
+    C = _backend.ext()
+    assert C.has_fast_path("fp4", isa) is False
+    for K in (1, 33, 64, 129, 576):
+        qw = lowbit.quantize_weight(torch.randn(17, K), fmt, **opts)
+        if fmt == "int8" and qw.symmetric and qw.n_groups == 1:
+            assert _backend.packed_weight(qw, isa) is not None
+            continue
+        assert _backend.packed_weight(qw, isa) is None, (fmt, opts, K)
+        for M in (1, 5):
+            x = torch.randn(M, K)
+            assert torch.equal(run(isa, x, qw), run(isa, x, qw, path="exact")), (fmt, opts, K, M)
 
 
 @pytest.mark.parametrize("fmt,opts", [("int8", {}), ("int4", {}), ("int4", {"symmetric": True, "group_size": 32}),

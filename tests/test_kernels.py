@@ -14,7 +14,9 @@ from lowbit import _backend
 from lowbit import reference as R
 from lowbit.testing import assert_linear_close
 
-from conftest import FORMAT_CASES, case_id
+from conftest import FORMAT_CASES, NEW_FORMAT_CASES, case_id
+
+ALL_CASES = FORMAT_CASES + NEW_FORMAT_CASES
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # K below / equal / above / multiples of the groups, odd, ragged last groups (576 % 128 = 64).
@@ -38,7 +40,7 @@ def run_linear(isa, x, qw, bias=None):
     return out.reshape(*x.shape[:-1], N)
 
 
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+@pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
 def test_dequantize_bit_exact(isa, case):
     fmt, opts = case
     for K in KS:
@@ -47,10 +49,12 @@ def test_dequantize_bit_exact(isa, case):
             for dt in DTYPES:
                 got = _backend.dequantize(qw, dt, isa=isa)
                 want = R.dequantize(qw, dt)
-                assert torch.equal(got, want), (isa, fmt, opts, N, K, dt)
+                # bit patterns, so that -0.0 (fp4's code 8) must match too
+                bits = torch.int32 if dt == torch.float32 else torch.int16
+                assert torch.equal(got.view(bits), want.view(bits)), (isa, fmt, opts, N, K, dt)
 
 
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+@pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
 def test_linear_matches_reference(isa, case):
     fmt, opts = case
     for K in KS:
@@ -64,7 +68,10 @@ def test_linear_matches_reference(isa, case):
                                 bias=bias)
 
 
-@pytest.mark.parametrize("fmt,opts", [("int8", {}), ("int4", {}), ("nf4", {"double_quant": True})])
+@pytest.mark.parametrize("fmt,opts", [("int8", {}), ("int4", {}), ("nf4", {"double_quant": True}),
+                                      ("int8", {"symmetric": False, "group_size": 32}),
+                                      ("int4", {"zero_point": "float", "group_size": 32}),
+                                      ("fp4", {})])
 @pytest.mark.parametrize("dt", DTYPES, ids=str)
 def test_linear_larger_shapes_all_dtypes(isa, fmt, opts, dt):
     if isa == "scalar":

@@ -60,7 +60,7 @@ static inline uint16_t f32_to_f16(float f) {
 
 // The codes of row n and the per-group parameters, decoded once per group.
 static inline float group_scale(const QWeight& w, int64_t n, int64_t g) {
-  if (w.fmt == kNF4 && w.double_quant) {
+  if (w.double_quant) {  // nf4 / fp4 (validate() refuses it elsewhere)
     const uint8_t c = static_cast<const uint8_t*>(w.scales)[n * w.n_groups + g];
     const int64_t ch = n * w.dq_chunks + g / kNF4DoubleQuantChunk;
     const float t = float(c) * w.dq_scale[ch];  // two roundings, as in the reference
@@ -69,11 +69,32 @@ static inline float group_scale(const QWeight& w, int64_t n, int64_t g) {
   return static_cast<const float*>(w.scales)[n * w.n_groups + g];
 }
 
+// The integer zero-point z of w = float(q - z) * s (0 for the codebook formats and for
+// int4's float-offset variant, which uses group_offset instead).
 static inline int group_zero(const QWeight& w, int64_t n, int64_t g) {
-  if (w.fmt != kInt4) return 0;
+  if (w.fmt == kInt8) return w.zeros ? static_cast<const int16_t*>(w.zeros)[n * w.n_groups + g] : 0;
+  if (w.fmt != kInt4 || w.float_offset) return 0;
   if (w.symmetric) return kInt4SymmetricZero;
-  return w.zeros[n * w.n_groups + g];
+  return static_cast<const uint8_t*>(w.zeros)[n * w.n_groups + g];
 }
+
+// The float offset m of int4's float-offset variant (w = float(q) * s + m).
+static inline float group_offset(const QWeight& w, int64_t n, int64_t g) {
+  return static_cast<const float*>(w.zeros)[n * w.n_groups + g];
+}
+
+// Template kinds of the SIMD kernels beyond the Format values (a kind selects one decode):
+// int8 with groups or zero-points (w = float(q - z) * s per group, decoded before the FMAs;
+// plain per-row int8 keeps its own kind, kInt8) and int4 with float offsets (w = q * s + m).
+constexpr int kKindInt8Grouped = kNumFormats + 1;
+constexpr int kKindInt4Offset = kNumFormats + 2;
+
+// The 16 values a codebook format's codes index (nullptr for the integer formats).
+static inline const float* codebook_of(Format f) { return kFormatTraits[f].codebook; }
+
+// Whether an int8 weight takes the plain per-row path (one symmetric scale per row): the
+// kernels' original int8 case, kept as it was; groups or zero-points take a grouped path.
+static inline bool int8_per_row(const QWeight& w) { return !w.zeros && w.n_groups == 1; }
 
 static inline int nibble_at(const uint8_t* row, int64_t k) {
   const uint8_t b = row[k >> 1];

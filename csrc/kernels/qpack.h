@@ -11,8 +11,12 @@ namespace lowbit {
 namespace qpack {
 using namespace detail;
 
-// Whether the fast path handles w: every group boundary on the kQChunk grid (or one group).
+// Whether the fast path handles w: every group boundary on the kQChunk grid (or one group),
+// and not one of the variants it has no kernel for (int8 with groups or zero-points, int4's
+// float offsets; fp4 has no packed_size function at all).
 static inline bool supported(const QWeight& w) {
+  if (w.fmt == kInt8 && !int8_per_row(w)) return false;
+  if (w.float_offset || w.fmt == kFP4) return false;
   return w.n_groups == 1 || w.group % kQChunk == 0;
 }
 

@@ -1175,7 +1175,7 @@ static void test_validate(const KernelTable& tab) {
       {"null data", &i4, [](QWeight& w) { w.data = nullptr; }},
       {"null scales", &i4, [](QWeight& w) { w.scales = nullptr; }},
       {"int8 ld_data < K", &i8, [](QWeight& w) { w.ld_data = w.K - 1; }},
-      {"int8 with groups", &i8, [](QWeight& w) { w.group = 32; w.n_groups = 3; }},
+      {"int8 n_groups != ceil(K / group)", &i8, [](QWeight& w) { w.group = 32; w.n_groups = (w.K + 31) / 32 + 1; }},
       {"4-bit ld_data < ceil(K/2)", &i4, [](QWeight& w) { w.ld_data = (w.K + 1) / 2 - 1; }},
       {"group = 0", &i4, [](QWeight& w) { w.group = 0; }},
       {"negative group", &i4, [](QWeight& w) { w.group = -32; }},
@@ -1227,6 +1227,204 @@ static void test_validate(const KernelTable& tab) {
     EXPECT_THROW(linear(la, &tab), std::invalid_argument, "linear with M < 0");
     EXPECT_THROW(dequantize(w, out.p, kF32, w.K - 1, 1, &tab), std::invalid_argument, "dequantize with ldo < K");
     EXPECT_THROW(dequantize(w, nullptr, kF32, w.K, 1, &tab), std::invalid_argument, "dequantize to null");
+  }
+}
+
+// ---- interop variants: int8 groups / zero-points, int4 float offsets, fp4 -------------------
+//
+// This file's own statement of them (python/lowbit/formats.py):
+//   int8 grouped:  w = float(q - z) * s per group (z int16; 0 when symmetric)
+//   int4 offsets:  w = float(q) * s + m per group (float product, then the add)
+//   fp4:           bitsandbytes' FP4 value of the code (0, 0.0625, 8, 12, 4, 6, 2, 3 over 12;
+//                  codes 8..15 negated, -0 included) times the block absmax (double quant too)
+// The exact path (dequant bit-exact, gemm / linear within tolerance) on every ISA; the fast
+// path has no kernel for them (packed_size 0, pack_weight refuses).
+
+enum IVariant { kIInt8G, kIInt8Z, kIInt4Off, kIFP4, kIFP4DQ, kNumIVariants };
+static const char* const kIVariantNames[kNumIVariants] = {"int8-grouped", "int8-zeros", "int4-offset",
+                                                           "fp4", "fp4-dq"};
+
+static float own_fp4(int q) {
+  static const float mag[8] = {0.0f, 0.0625f, 8.0f, 12.0f, 4.0f, 6.0f, 2.0f, 3.0f};
+  const float v = mag[q & 7] / 12.0f;
+  return (q & 8) ? -v : v;
+}
+
+struct InteropWeight : TestWeight {
+  IVariant iv;
+  Buf<int16_t> z16;  // int8 zero-points
+  Buf<float> offs;   // int4 float offsets
+};
+
+static void make_interop_weight(InteropWeight& t, IVariant v, int64_t N, int64_t K, int64_t group,
+                                int64_t ld_pad, Rng& rng) {
+  t.iv = v;
+  t.v = v == kIInt8G || v == kIInt8Z ? kVInt8 : v == kIInt4Off ? kVInt4Asym : kVNF4;  // (unused here)
+  QWeight& w = t.w;
+  w = QWeight{};
+  w.N = N;
+  w.K = K;
+  if (group <= 0) group = K;
+  w.group = group;
+  w.n_groups = (K + group - 1) / group;
+  w.fmt = v == kIInt8G || v == kIInt8Z ? kInt8 : v == kIInt4Off ? kInt4 : kFP4;
+  w.symmetric = v != kIInt4Off;  // (int8's zero-points are told by the zeros pointer)
+  w.float_offset = v == kIInt4Off;
+  w.double_quant = v == kIFP4DQ;
+  w.ld_data = (w.fmt == kInt8 ? K : (K + 1) / 2) + ld_pad;
+  t.data.reset(N * w.ld_data);
+  for (int64_t i = 0; i < t.data.n; ++i) t.data[i] = uint8_t(rng.u32());
+  w.data = t.data.p;
+  const int64_t NG = N * w.n_groups;
+  if (v == kIFP4DQ) {
+    w.dq_chunks = (w.n_groups + kNF4DoubleQuantChunk - 1) / kNF4DoubleQuantChunk;
+    t.codes.reset(NG);
+    for (int64_t i = 0; i < NG; ++i) t.codes[i] = uint8_t(rng.u32());
+    t.dqs.reset(N * w.dq_chunks);
+    t.dqo.reset(N * w.dq_chunks);
+    for (int64_t i = 0; i < t.dqs.n; ++i) {
+      t.dqs[i] = rng.uniform(1e-5f, 2e-4f);
+      t.dqo[i] = rng.uniform(0.0f, 0.02f);
+    }
+    w.scales = t.codes.p;
+    w.dq_scale = t.dqs.p;
+    w.dq_offset = t.dqo.p;
+  } else {
+    t.scales.reset(NG);
+    for (int64_t i = 0; i < NG; ++i) {
+      float sc = w.fmt == kInt8 ? rng.uniform(2e-4f, 1e-3f) : rng.uniform(2e-3f, 2e-2f);
+      if (v != kIFP4 && (rng.u32() & 1)) sc = -sc;  // GGUF / GPTQ scales may be negative
+      t.scales[i] = sc;
+    }
+    w.scales = t.scales.p;
+  }
+  if (v == kIInt8Z) {
+    t.z16.reset(NG);
+    for (int64_t i = 0; i < NG; ++i) t.z16[i] = int16_t(int(rng.below(257)) - 128);  // GPTQ z - 128
+    w.zeros = t.z16.p;
+  }
+  if (v == kIInt4Off) {
+    t.offs.reset(NG);
+    for (int64_t i = 0; i < NG; ++i) t.offs[i] = rng.uniform(-0.2f, 0.2f);
+    w.zeros = t.offs.p;
+  }
+  t.ref.assign(size_t(N * K), 0.0f);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* row = t.data.p + n * w.ld_data;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t g = k / group, i = n * w.n_groups + g;
+      float val;
+      if (w.fmt == kInt8) {
+        const int z = v == kIInt8Z ? t.z16[i] : 0;
+        val = float(int(int8_t(row[k])) - z) * t.scales[i];
+      } else {
+        const int q = (k % 2 == 0) ? (row[k / 2] & 15) : (row[k / 2] >> 4);
+        if (v == kIInt4Off) {
+          const float prod = float(q) * t.scales[i];
+          val = prod + t.offs[i];
+        } else {
+          float absmax;
+          if (v == kIFP4DQ) {
+            const int64_t ch = n * w.dq_chunks + g / 256;
+            const float prod = float(t.codes[i]) * t.dqs[ch];
+            absmax = prod + t.dqo[ch];
+          } else {
+            absmax = t.scales[i];
+          }
+          val = own_fp4(q) * absmax;
+        }
+      }
+      t.ref[size_t(n * K + k)] = val;
+    }
+  }
+}
+
+static void test_interop_variants(const std::vector<const KernelTable*>& tabs, const Config& cfg) {
+  g_ctx = "fp4 codebook";
+  for (int q = 0; q < 16; ++q)
+    check(fbits(kFP4Codebook[q]) == fbits(own_fp4(q)), "kFP4Codebook[%d] = %.9g, want %.9g", q,
+          double(kFP4Codebook[q]), double(own_fp4(q)));
+  check(kFormatTraits[kFP4].codebook == kFP4Codebook && kFormatTraits[kNF4].codebook == kNF4Codebook,
+        "the traits' codebook pointers");
+  const std::vector<int64_t> Ks = cfg.quick ? std::vector<int64_t>{1, 15, 33, 64, 129, 257}
+                                            : std::vector<int64_t>{1, 2, 15, 16, 17, 31, 33, 47, 48,
+                                                                   64, 65, 129, 255, 257, 576, 1000};
+  const std::vector<int64_t> groups = {32, 16, 48, -1, 64};
+  const std::vector<int64_t> Ms = {1, 2, 3, 5, 8, 9, 17};
+  int64_t c = 0;
+  for (int v = 0; v < kNumIVariants; ++v)
+    for (int64_t K : Ks)
+      for (int64_t g : groups) {
+        if ((v == kIFP4 || v == kIFP4DQ) && g == 16 && K > 300) continue;  // (time)
+        const int64_t N = (c % 3 == 0) ? 1 : (c % 3 == 1) ? 17 : 33;
+        const int64_t ld_pad = c % 4 == 3 ? 3 : 0;
+        Rng rng(0xabcdefull + uint64_t(c) * 104729u);
+        InteropWeight t;
+        make_interop_weight(t, IVariant(v), N, K, g, ld_pad, rng);
+        const int64_t M1 = Ms[size_t(c % int64_t(Ms.size()))];
+        const int64_t M2 = Ms[size_t((c + 3) % int64_t(Ms.size()))];
+        for (const KernelTable* tab : tabs) {
+          char buf[200];
+          std::snprintf(buf, sizeof buf, "%s %s N=%lld K=%lld group=%lld%s", tab->isa, kIVariantNames[v],
+                        (long long)N, (long long)K, (long long)t.w.group, ld_pad ? " ld_data padded" : "");
+          g_ctx = buf;
+          Rng r2(uint64_t(c) * 31 + 7);  // same activations for every ISA
+          test_dequant_table(*tab, t);
+          test_gemm_table(*tab, t, M1, c % 2 ? 2 : 0, r2);
+          test_linear(*tab, t, M2, DType(c % 3), DType((c / 3) % 3), c % 2 == 0, c % 2 ? 3 : 1,
+                      c % 3 ? 1 : 0, r2);
+          test_dequantize_api(*tab, t, DType((c + 1) % 3), c % 2 ? 1 : 2, c % 2 ? 2 : 0);
+          // no fast path for these variants: packed_size 0, pack_weight refuses (a symmetric
+          // int8 weight with one group is the plain per-row int8, which has one)
+          if (!(v == kIInt8G && t.w.n_groups == 1)) {
+            check(packed_size(t.w, tab) == 0, "packed_size must be 0 (no fast path)");
+            uint8_t dummy[kPackedHeaderBytes + 64];
+            EXPECT_THROW(pack_weight(t.w, dummy, sizeof dummy, 1, tab), std::invalid_argument,
+                         "pack_weight of a variant without a fast path");
+          }
+        }
+        ++c;
+      }
+  // validation of the new fields
+  Rng rng(99);
+  InteropWeight z8, off, fp;
+  make_interop_weight(z8, kIInt8Z, 3, 64, 32, 0, rng);
+  make_interop_weight(off, kIInt4Off, 3, 64, 32, 0, rng);
+  make_interop_weight(fp, kIFP4, 3, 64, 32, 0, rng);
+  g_ctx = "validate interop";
+  {
+    QWeight w = off.w;
+    w.symmetric = true;
+    EXPECT_THROW(validate(w), std::invalid_argument, "float offsets on a symmetric int4");
+    w = off.w;
+    w.zeros = nullptr;
+    EXPECT_THROW(validate(w), std::invalid_argument, "float offsets without the offsets");
+    w = z8.w;
+    w.float_offset = true;
+    EXPECT_THROW(validate(w), std::invalid_argument, "float offsets on int8");
+    w = fp.w;
+    w.float_offset = true;
+    EXPECT_THROW(validate(w), std::invalid_argument, "float offsets on fp4");
+    w = fp.w;
+    w.zeros = off.offs.p;
+    EXPECT_THROW(validate(w), std::invalid_argument, "zero-points on fp4");
+    w = z8.w;
+    w.double_quant = true;
+    w.dq_scale = fp.scales.p;
+    w.dq_offset = fp.scales.p;
+    EXPECT_THROW(validate(w), std::invalid_argument, "double quant on int8");
+    w = z8.w;
+    w.n_groups = 1;
+    EXPECT_THROW(validate(w), std::invalid_argument, "int8 n_groups inconsistent with its group");
+    std::string err;
+    try {
+      validate(z8.w);
+      validate(off.w);
+      validate(fp.w);
+    } catch (const std::exception& e) {
+      err = e.what();
+    }
+    check(err.empty(), "valid interop weights refused: %s", err.c_str());
   }
 }
 
@@ -1300,6 +1498,7 @@ int main(int argc, char** argv) {
   test_quantize_rows(tabs, cfg);
   test_packed_cross_isa(tabs);
   test_weights(tabs, cfg);
+  test_interop_variants(tabs, cfg);
   std::printf("fast path: worst |y - fast reference| / (1e-5 * sum|terms|) = %.3g; worst |y - exact| / "
               "quantization bound = %.3g\n", g_fast_worst_tight, g_fast_worst_loose);
   if (g_verbose)

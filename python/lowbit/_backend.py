@@ -15,7 +15,8 @@ Two CPU paths compute ``linear``:
   bounded by ``sum_k |w_k| * d_k / 2`` (d_k the scale of x_k's block; tests/test_fast_path.py)
   and is about 0.3% of |y| in relative L2 norm on Gaussian data; SmolLM2-135M's perplexity
   moves by less than 0.2% against the exact path. Weights whose group size is not a multiple
-  of 32 (and not one group per row) take the exact path.
+  of 32 (and not one group per row) take the exact path, as do fp4, int4 with float offsets
+  (zero_point="float") and int8 with groups or zero-points.
 
 Choose with ``LOWBIT_CPU_PATH=fast|exact`` or :func:`set_cpu_path` (which wins over the variable).
 """
@@ -39,15 +40,6 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 
 _DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FMT_IDS = {"int8": 0, "int4": 1, "nf4": 2, "fp4": 3}
-
-
-def _cpp_takes(qw: QuantizedWeight) -> bool:
-    """Whether this build's C++ kernels know qw's variant. The variants added with the interop
-    formats (fp4, int4 zero_point="float", int8 with groups or zero-points) are computed by
-    lowbit.reference until their kernels land."""
-    if qw.fmt == "fp4" or qw.zero_point == "float":
-        return False
-    return not (qw.fmt == "int8" and (not qw.symmetric or qw.n_groups > 1))
 
 
 def ext():
@@ -213,11 +205,12 @@ def _packed(qw: QuantizedWeight, isa: str) -> _Blob:
 def _build_blob(qw: QuantizedWeight, isa: str) -> _Blob:
     C = ext()
     meta = _meta(qw)
-    size = C.packed_size(*meta, isa)
+    fo = qw.zero_point == "float"
+    size = C.packed_size(*meta, isa, float_offset=fo)
     if size == 0:
         return _Blob(None, meta)
     blob = torch.empty(size, dtype=torch.uint8)
-    C.pack(*_weight_args(qw), blob.data_ptr(), size, num_threads(), isa)
+    C.pack(*_weight_args(qw), blob.data_ptr(), size, num_threads(), isa, float_offset=fo)
     return _Blob(blob, meta)
 
 
@@ -227,10 +220,6 @@ def linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
 
     ``isa`` forces one ISA for this call ("" = the active one); ``path`` forces "fast" or
     "exact" for this call (default: :func:`cpu_path`)."""
-    if not _cpp_takes(qw):
-        from . import reference
-        out.copy_(reference.linear(x2d, qw, bias))
-        return out
     if x2d.stride(1) != 1 and x2d.shape[1] > 1:
         x2d = x2d.contiguous()
     M, K = x2d.shape
@@ -248,15 +237,12 @@ def linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
             return out
     C.linear(*_weight_args(qw), x2d.data_ptr(), _DTYPE_IDS[x2d.dtype], M, max(ldx, K),
              0 if bias is None else bias.data_ptr(), out.data_ptr(), _DTYPE_IDS[out.dtype],
-             ldy, num_threads(), isa)
+             ldy, num_threads(), isa, float_offset=qw.zero_point == "float")
     return out
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype, isa: str = "") -> torch.Tensor:
-    if not _cpp_takes(qw):
-        from . import reference
-        return reference.decode(qw, dtype)
     out = torch.empty(qw.shape, dtype=dtype)
     ext().dequantize(*_weight_args(qw), out.data_ptr(), _DTYPE_IDS[dtype], out.stride(0),
-                     num_threads(), isa)
+                     num_threads(), isa, float_offset=qw.zero_point == "float")
     return out

@@ -1,13 +1,41 @@
 // AVX2 dequantization, bit-exact against generic/dequant.cpp: every weight is produced by the
-// same single float operation as the reference (int8: float(q) * s; int4: float(q - z) * s;
-// nf4: codebook[q] * absmax with the absmax computed by the same scalar code). No FMA here.
+// same float operations as the reference (int8: float(q - z) * s; int4: float(q - z) * s, or
+// float(q) * s + m with float offsets; nf4 / fp4: codebook[q] * absmax with the absmax
+// computed by the same scalar code). No FMA here.
 #include "kernels/avx2/simd.h"
 
 namespace lowbit {
 namespace avx2 {
 using namespace detail;
 
+// int8 with groups or zero-points: float(q - z) * s, a group at a time (groups are multiples
+// of 16, so 8-wide vectors never straddle two); q - z is exact in float.
+static void dequant_int8_grouped(const QWeight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  const int64_t K = w.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(w.data + n * w.ld_data);
+    float* o = out + (n - n0) * ldo;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      const float s = group_scale(w, n, g);
+      const int z = group_zero(w, n, g);
+      const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(float(z));
+      const int64_t k1 = min64(K, (g + 1) * w.group);
+      int64_t k = g * w.group;
+      for (; k + 8 <= k1; k += 8) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k));
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(v, vz), vs));
+      }
+      for (; k < k1; ++k) o[k] = float(int(q[k]) - z) * s;
+    }
+  }
+}
+
 void dequant_int8(const QWeight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  if (!int8_per_row(w)) {
+    dequant_int8_grouped(w, n0, n1, out, ldo);
+    return;
+  }
   const int64_t K = w.K;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* q = reinterpret_cast<const int8_t*>(w.data + n * w.ld_data);
@@ -85,11 +113,16 @@ static void dequant_nibbles(const QWeight& w, int64_t n0, int64_t n1, float* out
 }
 
 void dequant_int4(const QWeight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  dequant_nibbles<kInt4>(w, n0, n1, out, ldo);
+  if (w.float_offset) dequant_nibbles<kKindInt4Offset>(w, n0, n1, out, ldo);
+  else dequant_nibbles<kInt4>(w, n0, n1, out, ldo);
 }
 
 void dequant_nf4(const QWeight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   dequant_nibbles<kNF4>(w, n0, n1, out, ldo);
+}
+
+void dequant_fp4(const QWeight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  dequant_nibbles<kFP4>(w, n0, n1, out, ldo);
 }
 
 }  // namespace avx2

@@ -45,8 +45,10 @@ static constexpr int nr_for(int mr) { return mr == 1 ? 4 : mr == 2 ? 2 : 1; }
 static constexpr int sets_for(int mr, int nr) { return mr >= 2 && mr <= 5 ? 2 : 1; }
 
 // Per-row parameters of one group, prepared once per group.
-//  int4: a = scale, b = the zero-point as float (weight = (q - b) * a, exact like the reference);
-//  nf4:  a = codebook[0..7] * absmax, b = codebook[8..15] * absmax (lookup tables).
+//  int4 and grouped int8: a = scale, b = the zero-point as float (weight = (q - b) * a, exact
+//        like the reference);
+//  int4 with float offsets: a = scale, b = offset (weight = q * a + b, multiply then add);
+//  nf4 / fp4: a = codebook[0..7] * absmax, b = codebook[8..15] * absmax (lookup tables).
 struct GemmParams {
   __m256 a, b;
 };
@@ -54,12 +56,9 @@ struct GemmParams {
 template <int F>
 static inline GemmParams gemm_params(const QWeight& w, int64_t n, int64_t g) {
   GemmParams p;
-  if constexpr (F == kInt4) {
-    const int64_t i = n * w.n_groups + g;
-    const float s = static_cast<const float*>(w.scales)[i];
-    const int z = w.symmetric ? kInt4SymmetricZero : int(w.zeros[i]);
-    p.a = _mm256_set1_ps(s);
-    p.b = _mm256_set1_ps(float(z));
+  if constexpr (F == kInt4 || F == kKindInt8Grouped) {
+    p.a = _mm256_set1_ps(group_scale(w, n, g));
+    p.b = _mm256_set1_ps(float(group_zero(w, n, g)));
   } else {
     const GroupParams q = group_params<F>(w, n, g);
     p.a = q.a;
@@ -76,6 +75,11 @@ static inline void decode_pair(__m256i v, const GemmParams& p, __m256& wl, __m25
     const __m256 qh = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
     wl = _mm256_mul_ps(_mm256_sub_ps(ql, p.b), p.a);  // q - z is exact in float
     wh = _mm256_mul_ps(_mm256_sub_ps(qh, p.b), p.a);
+  } else if constexpr (F == kKindInt4Offset) {
+    const __m256 ql = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x0f)));
+    const __m256 qh = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+    wl = _mm256_add_ps(_mm256_mul_ps(ql, p.a), p.b);  // the reference's q * s + m
+    wh = _mm256_add_ps(_mm256_mul_ps(qh, p.a), p.b);
   } else {
     // vpermps reads index bits 0..2; bit 3 of the code picks the table (as the sign bit).
     const __m256i vh = _mm256_srli_epi32(v, 4);
@@ -165,6 +169,36 @@ static inline __attribute__((always_inline)) void chunk8(const uint8_t* const (&
   }
 }
 
+// 16 int8 codes at k (inside one group) of grouped int8: weights decoded as the reference's
+// float(q - z) * s, then one FMA per activation row. kPartial: the segment runs past K; its
+// codes are copied (the packed activations are zero there).
+template <int MR, int NR, int S, bool kPartial>
+static inline __attribute__((always_inline)) void seg8g(const uint8_t* const (&row)[NR], int64_t k,
+                                                        int64_t K, const GemmParams (&p)[NR],
+                                                        const float* xc, int64_t ldxb,
+                                                        __m256 (&acc)[S][MR][NR]) {
+  alignas(16) int8_t buf[NR][16];
+  if (kPartial) {
+    for (int r = 0; r < NR; ++r) {
+      std::memset(buf[r], 0, 16);
+      std::memcpy(buf[r], row[r] + k, size_t(K - k));
+    }
+  }
+  for (int j = 0; j < 2; ++j) {
+    __m256 wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      const void* src = kPartial ? static_cast<const void*>(buf[r] + 8 * j)
+                                 : static_cast<const void*>(row[r] + k + 8 * j);
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(src))));
+      wv[r] = _mm256_mul_ps(_mm256_sub_ps(q, p[r].b), p[r].a);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(xc + m * ldxb + 8 * j);
+      for (int r = 0; r < NR; ++r) acc[j % S][m][r] = _mm256_fmadd_ps(wv[r], xv, acc[j % S][m][r]);
+    }
+  }
+}
+
 // Any group size: walks group by group; chunks off the grid of 32 at either end of a group are
 // partial (masked). Kept out of line so that the common case (gemm_block) keeps its
 // accumulators in registers.
@@ -211,6 +245,18 @@ __attribute__((noinline)) static void gemm_block(const QWeight& w, const float* 
     for (int64_t c = kb0; c < kfull; c += kChunk)
       chunk8<MR, NR, S, false>(row, c, K, xb + (c - kb0), ldxb, acc);
     if (kfull < kb1) chunk8<MR, NR, S, true>(row, kfull, K, xb + (kfull - kb0), ldxb, acc);
+  } else if constexpr (F == kKindInt8Grouped) {
+    // groups are multiples of 16 (or the row) and kb0 is on the grid of 32: every 16-column
+    // segment lies in one group; only the row's last may run past K
+    const int64_t gs = w.group;
+    for (int64_t g = kb0 / gs; g * gs < kb1; ++g) {
+      const int64_t k0 = g * gs > kb0 ? g * gs : kb0, k1 = min64(g * gs + gs, kb1);
+      GemmParams p[NR];
+      for (int r = 0; r < NR; ++r) p[r] = gemm_params<F>(w, n + r, g);
+      int64_t k = k0;
+      for (; k + 16 <= k1; k += 16) seg8g<MR, NR, S, false>(row, k, K, p, xb + (k - kb0), ldxb, acc);
+      if (k < k1) seg8g<MR, NR, S, true>(row, k, K, p, xb + (k - kb0), ldxb, acc);
+    }
   } else if (w.group % kChunk == 0) {
     // Every group boundary is on the chunk grid: all chunks but the row's last are full.
     const int64_t gs = w.group;
@@ -261,7 +307,7 @@ static void pack_x(const float* x, int64_t ldx, int64_t mr, int64_t k0, int64_t 
       }
       const __m256 a0 = _mm256_loadu_ps(src), a1 = _mm256_loadu_ps(src + 8);
       const __m256 a2 = _mm256_loadu_ps(src + 16), a3 = _mm256_loadu_ps(src + 24);
-      if constexpr (F == kInt8) {
+      if constexpr (F == kInt8 || F == kKindInt8Grouped) {
         _mm256_storeu_ps(d + c, a0);
         _mm256_storeu_ps(d + c + 8, a1);
         _mm256_storeu_ps(d + c + 16, a2);
@@ -316,11 +362,17 @@ static void gemm_fmt(const QWeight& w, const float* x, int64_t M, int64_t ldx, i
 
 void gemm_int8(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
                float* y, int64_t ldy) {
-  gemm_fmt<kInt8>(w, x, M, ldx, n0, n1, y, ldy);
+  if (int8_per_row(w)) gemm_fmt<kInt8>(w, x, M, ldx, n0, n1, y, ldy);
+  else gemm_fmt<kKindInt8Grouped>(w, x, M, ldx, n0, n1, y, ldy);
 }
 void gemm_int4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
                float* y, int64_t ldy) {
-  gemm_fmt<kInt4>(w, x, M, ldx, n0, n1, y, ldy);
+  if (w.float_offset) gemm_fmt<kKindInt4Offset>(w, x, M, ldx, n0, n1, y, ldy);
+  else gemm_fmt<kInt4>(w, x, M, ldx, n0, n1, y, ldy);
+}
+void gemm_fp4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
+              float* y, int64_t ldy) {
+  gemm_fmt<kFP4>(w, x, M, ldx, n0, n1, y, ldy);
 }
 void gemm_nf4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
               float* y, int64_t ldy) {

@@ -18,18 +18,23 @@
 
 namespace lowbit {
 namespace avx2 {
+using namespace detail;  // the scalar helpers and kernel kinds of kernels/common.h
 
 // Codes per chunk: one 16-byte load of packed nibbles (or 32 int8 codes), 4 vectors of 8.
 static constexpr int64_t kChunk = 32;
 
 // Per-row parameters of one group, prepared once per group.
 //  int4: a = broadcast scale, z = broadcast zero-point bytes (codes - z are then exact int8);
-//  nf4:  a = codebook[0..7] * absmax, b = codebook[8..15] * absmax (the products the scalar
-//        reference computes, so a table lookup yields bit-exact dequantized weights).
+//  int4 with float offsets (kKindInt4Offset): a = scale, b = offset, z = 0;
+//  nf4 / fp4: a = codebook[0..7] * absmax, b = codebook[8..15] * absmax (the products the
+//        scalar reference computes, so a table lookup yields bit-exact dequantized weights).
 struct GroupParams {
   __m256 a, b;
   __m128i z;
 };
+
+// Whether a kernel kind decodes integer 4-bit codes (no codebook).
+static constexpr bool int_nibbles(int F) { return F == kInt4 || F == kKindInt4Offset; }
 
 template <int F>
 static inline GroupParams group_params(const QWeight& w, int64_t n, int64_t g) {
@@ -37,23 +42,19 @@ static inline GroupParams group_params(const QWeight& w, int64_t n, int64_t g) {
   const int64_t i = n * w.n_groups + g;
   if constexpr (F == kInt4) {
     const float s = static_cast<const float*>(w.scales)[i];
-    const int z = w.symmetric ? kInt4SymmetricZero : int(w.zeros[i]);
+    const int z = group_zero(w, n, g);
     p.a = _mm256_set1_ps(s);
     p.b = p.a;
     p.z = _mm_set1_epi8(char(z));
+  } else if constexpr (F == kKindInt4Offset) {
+    p.a = _mm256_set1_ps(static_cast<const float*>(w.scales)[i]);
+    p.b = _mm256_set1_ps(group_offset(w, n, g));
+    p.z = _mm_setzero_si128();
   } else {
-    float s;
-    if (w.double_quant) {
-      const uint8_t c = static_cast<const uint8_t*>(w.scales)[i];
-      const int64_t ch = n * w.dq_chunks + g / kNF4DoubleQuantChunk;
-      const float t = float(c) * w.dq_scale[ch];  // two roundings, as in the reference
-      s = t + w.dq_offset[ch];
-    } else {
-      s = static_cast<const float*>(w.scales)[i];
-    }
-    const __m256 vs = _mm256_set1_ps(s);
-    p.a = _mm256_mul_ps(_mm256_loadu_ps(kNF4Codebook), vs);
-    p.b = _mm256_mul_ps(_mm256_loadu_ps(kNF4Codebook + 8), vs);
+    const float* cb = F == kNF4 ? kNF4Codebook : kFP4Codebook;
+    const __m256 vs = _mm256_set1_ps(group_scale(w, n, g));  // double quant: two roundings
+    p.a = _mm256_mul_ps(_mm256_loadu_ps(cb), vs);
+    p.b = _mm256_mul_ps(_mm256_loadu_ps(cb + 8), vs);
     p.z = _mm_setzero_si128();
   }
   return p;
@@ -70,13 +71,14 @@ static inline __m128i load_code_bytes(const uint8_t* row, int64_t kb, int64_t rb
 }
 
 // Packed bytes -> one code per byte in k order: c0 = codes [kb, kb+16), c1 = [kb+16, kb+32).
-// int4 clears the high nibbles and subtracts the zero-point (exact int8 in [-15, 15]); nf4
-// leaves garbage in bits 4..7, which its lookup ignores (it uses bits 0..3 only).
+// int4 clears the high nibbles and subtracts the zero-point (exact int8 in [-15, 15]; the
+// float-offset kind keeps the codes 0..15); nf4 / fp4 leave garbage in bits 4..7, which their
+// lookup ignores (it uses bits 0..3 only).
 template <int F>
 static inline void split_codes(__m128i b, const GroupParams& p, __m128i& c0, __m128i& c1) {
   __m128i lo = b;
   __m128i hi = _mm_srli_epi16(b, 4);  // low nibble of each byte = high nibble of the source
-  if constexpr (F == kInt4) {
+  if constexpr (int_nibbles(F)) {
     const __m128i m = _mm_set1_epi8(0x0f);
     lo = _mm_and_si128(lo, m);
     hi = _mm_and_si128(hi, m);
@@ -103,6 +105,8 @@ template <int F>
 static inline __m256 decode8(__m128i q, const GroupParams& p) {
   if constexpr (F == kInt4) {
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), p.a);
+  } else if constexpr (F == kKindInt4Offset) {  // q * s, then + m: two roundings, no FMA
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), p.a), p.b);
   } else {
     const __m256i idx = _mm256_cvtepu8_epi32(q);
     const __m256 lo = _mm256_permutevar8x32_ps(p.a, idx);  // uses idx bits 0..2

@@ -1,13 +1,37 @@
 // AVX-512 dequantization, bit-exact against generic/dequant.cpp: every weight is produced by
-// the same single float operation as the reference (int8: float(q) * s; 4-bit: a lookup in
-// the group's table of the 16 values the reference would compute, see group_table). No FMA.
+// the same float operations as the reference (int8: float(q - z) * s; 4-bit: a lookup in the
+// group's table of the 16 values the reference would compute, see group_table). No FMA.
 #include "kernels/avx512/simd.h"
 
 namespace lowbit {
 namespace avx512 {
 using namespace detail;
 
+// int8 with groups or zero-points: float(q - z) * s a group at a time (groups are multiples
+// of 16 or the whole row); masked vectors at a group's or the row's ragged end.
+static void dequant_int8_grouped(const QWeight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  const int64_t K = w.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(w.data + n * w.ld_data);
+    float* o = out + (n - n0) * ldo;
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+      const __m512 s = _mm512_set1_ps(group_scale(w, n, g));
+      const __m512 z = _mm512_set1_ps(float(group_zero(w, n, g)));  // q - z is exact in float
+      const int64_t k1 = min64(K, (g + 1) * w.group);
+      for (int64_t k = g * w.group; k < k1; k += 16) {
+        const __mmask16 m = first_lanes16(k1 - k);
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + k)));
+        _mm512_mask_storeu_ps(o + k, m, _mm512_mul_ps(_mm512_sub_ps(v, z), s));
+      }
+    }
+  }
+}
+
 void dequant_int8(const QWeight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  if (!int8_per_row(w)) {
+    dequant_int8_grouped(w, n0, n1, out, ldo);
+    return;
+  }
   const int64_t K = w.K;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* q = reinterpret_cast<const int8_t*>(w.data + n * w.ld_data);
@@ -71,11 +95,16 @@ static void dequant_nibbles(const QWeight& w, int64_t n0, int64_t n1, float* out
 }
 
 void dequant_int4(const QWeight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  dequant_nibbles<kInt4>(w, n0, n1, out, ldo);
+  if (w.float_offset) dequant_nibbles<kKindInt4Offset>(w, n0, n1, out, ldo);
+  else dequant_nibbles<kInt4>(w, n0, n1, out, ldo);
 }
 
 void dequant_nf4(const QWeight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   dequant_nibbles<kNF4>(w, n0, n1, out, ldo);
+}
+
+void dequant_fp4(const QWeight& w, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  dequant_nibbles<kFP4>(w, n0, n1, out, ldo);
 }
 
 }  // namespace avx512

@@ -107,6 +107,27 @@ static inline __attribute__((always_inline)) void chunk8(const uint8_t* const (&
   }
 }
 
+// 16 int8 codes at k (inside one group) of grouped int8: weights decoded as the reference's
+// float(q - z) * s (s, z: the group's broadcast scale and zero-point), then one FMA per
+// activation row. kPartial: the segment runs past K (codes loaded masked; x is zero there).
+// J picks the accumulator set (segments alternate between the S sets).
+template <int MR, int NR, int S, int J, bool kPartial>
+static inline __attribute__((always_inline)) void seg16g(const uint8_t* const (&row)[NR], int64_t k,
+                                                         int64_t K, const __m512 (&s)[NR],
+                                                         const __m512 (&z)[NR], const float* xc,
+                                                         int64_t ldxb, __m512 (&acc)[S][MR][NR]) {
+  __m512 wv[NR];
+  for (int r = 0; r < NR; ++r) {
+    const __m128i b = kPartial ? _mm_maskz_loadu_epi8(first_lanes16(K - k), row[r] + k)
+                               : _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + k));
+    wv[r] = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), z[r]), s[r]);
+  }
+  for (int m = 0; m < MR; ++m) {
+    const __m512 xv = _mm512_loadu_ps(xc + m * ldxb);
+    for (int r = 0; r < NR; ++r) acc[J % S][m][r] = _mm512_fmadd_ps(wv[r], xv, acc[J % S][m][r]);
+  }
+}
+
 // Any group size: walks group by group; chunks off the grid of 32 at either end of a group are
 // partial (masked). Kept out of line so that the common case (gemm_block) keeps its
 // accumulators in registers.
@@ -153,6 +174,28 @@ __attribute__((noinline)) static void gemm_block(const QWeight& w, const float* 
     for (int64_t c = kb0; c < kfull; c += kChunk)
       chunk8<MR, NR, S, false>(row, c, K, xb + (c - kb0), ldxb, acc);
     if (kfull < kb1) chunk8<MR, NR, S, true>(row, kfull, K, xb + (kfull - kb0), ldxb, acc);
+  } else if constexpr (F == kKindInt8Grouped) {
+    // groups are multiples of 16 (or the row) and kb0 is on the grid of 32: every 16-column
+    // segment lies in one group; only the row's last may run past K
+    const int64_t gs = w.group;
+    for (int64_t g = kb0 / gs; g * gs < kb1; ++g) {
+      const int64_t k0 = g * gs > kb0 ? g * gs : kb0, k1 = min64(g * gs + gs, kb1);
+      __m512 s[NR], z[NR];
+      for (int r = 0; r < NR; ++r) {
+        s[r] = _mm512_set1_ps(group_scale(w, n + r, g));
+        z[r] = _mm512_set1_ps(float(group_zero(w, n + r, g)));
+      }
+      int64_t k = k0;
+      for (; k + 32 <= k1; k += 32) {
+        seg16g<MR, NR, S, 0, false>(row, k, K, s, z, xb + (k - kb0), ldxb, acc);
+        seg16g<MR, NR, S, 1, false>(row, k + 16, K, s, z, xb + (k + 16 - kb0), ldxb, acc);
+      }
+      if (k + 16 <= k1) {
+        seg16g<MR, NR, S, 0, false>(row, k, K, s, z, xb + (k - kb0), ldxb, acc);
+        k += 16;
+      }
+      if (k < k1) seg16g<MR, NR, S, 1, true>(row, k, K, s, z, xb + (k - kb0), ldxb, acc);
+    }
   } else if (w.group % kChunk == 0) {
     // Every group boundary is on the chunk grid: all chunks but the row's last are full.
     const int64_t gs = w.group;
@@ -200,7 +243,7 @@ static void pack_x(const float* x, int64_t ldx, int64_t mr, int64_t k0, int64_t 
       // masked loads: the last chunk may run past the row (zeros there, nothing read)
       const __m512 a0 = _mm512_maskz_loadu_ps(first_lanes16(len - c), s + c);
       const __m512 a1 = _mm512_maskz_loadu_ps(first_lanes16(len - c - 16), s + c + 16);
-      if constexpr (F == kInt8) {
+      if constexpr (F == kInt8 || F == kKindInt8Grouped) {
         _mm512_storeu_ps(d + c, a0);
         _mm512_storeu_ps(d + c + 16, a1);
       } else {
@@ -247,11 +290,17 @@ static void gemm_fmt(const QWeight& w, const float* x, int64_t M, int64_t ldx, i
 
 void gemm_int8(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
                float* y, int64_t ldy) {
-  gemm_fmt<kInt8>(w, x, M, ldx, n0, n1, y, ldy);
+  if (int8_per_row(w)) gemm_fmt<kInt8>(w, x, M, ldx, n0, n1, y, ldy);
+  else gemm_fmt<kKindInt8Grouped>(w, x, M, ldx, n0, n1, y, ldy);
 }
 void gemm_int4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
                float* y, int64_t ldy) {
-  gemm_fmt<kInt4>(w, x, M, ldx, n0, n1, y, ldy);
+  if (w.float_offset) gemm_fmt<kKindInt4Offset>(w, x, M, ldx, n0, n1, y, ldy);
+  else gemm_fmt<kInt4>(w, x, M, ldx, n0, n1, y, ldy);
+}
+void gemm_fp4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
+              float* y, int64_t ldy) {
+  gemm_fmt<kFP4>(w, x, M, ldx, n0, n1, y, ldy);
 }
 void gemm_nf4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
               float* y, int64_t ldy) {

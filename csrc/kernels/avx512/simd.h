@@ -20,33 +20,27 @@
 
 namespace lowbit {
 namespace avx512 {
+using namespace detail;  // the scalar helpers and kernel kinds of kernels/common.h
 
 // Codes per chunk: one 16-byte load of packed nibbles (or 32 int8 codes), 2 vectors of 16.
 static constexpr int64_t kChunk = 32;
 
 // The 16 possible dequantized values of one group of a 4-bit row, each computed with the
-// reference's own operations (int4: float(q - z) * s; nf4: codebook[q] * absmax), so a
-// vpermps lookup gives bit-exact weights.
+// reference's own operations (int4: float(q - z) * s; int4 with float offsets: float(q) * s,
+// then + m; nf4 / fp4: codebook[q] * absmax), so a vpermps lookup gives bit-exact weights.
+// F is a Format or kKindInt4Offset (common.h).
 template <int F>
 static inline __m512 group_table(const QWeight& w, int64_t n, int64_t g) {
-  const int64_t i = n * w.n_groups + g;
+  const __m512i q = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 s = _mm512_set1_ps(detail::group_scale(w, n, g));  // double quant: 2 roundings
   if constexpr (F == kInt4) {
-    const float s = static_cast<const float*>(w.scales)[i];
-    const int z = w.symmetric ? kInt4SymmetricZero : int(w.zeros[i]);
-    const __m512i q = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(z))),
-                         _mm512_set1_ps(s));
+    const int z = detail::group_zero(w, n, g);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(z))), s);
+  } else if constexpr (F == kKindInt4Offset) {
+    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(q), s);
+    return _mm512_add_ps(t, _mm512_set1_ps(detail::group_offset(w, n, g)));
   } else {
-    float s;
-    if (w.double_quant) {
-      const uint8_t c = static_cast<const uint8_t*>(w.scales)[i];
-      const int64_t ch = n * w.dq_chunks + g / kNF4DoubleQuantChunk;
-      const float t = float(c) * w.dq_scale[ch];  // two roundings, as in the reference
-      s = t + w.dq_offset[ch];
-    } else {
-      s = static_cast<const float*>(w.scales)[i];
-    }
-    return _mm512_mul_ps(_mm512_loadu_ps(kNF4Codebook), _mm512_set1_ps(s));
+    return _mm512_mul_ps(_mm512_loadu_ps(F == kNF4 ? kNF4Codebook : kFP4Codebook), s);
   }
 }
 

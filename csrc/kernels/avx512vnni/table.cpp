@@ -8,9 +8,11 @@ namespace avx512 {
 void dequant_int8(const QWeight&, int64_t, int64_t, float*, int64_t);
 void dequant_int4(const QWeight&, int64_t, int64_t, float*, int64_t);
 void dequant_nf4(const QWeight&, int64_t, int64_t, float*, int64_t);
+void dequant_fp4(const QWeight&, int64_t, int64_t, float*, int64_t);
 void gemm_int8(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 void gemm_int4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 void gemm_nf4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+void gemm_fp4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 void f32_to_f32(const void*, float*, int64_t);
 void bf16_to_f32v(const void*, float*, int64_t);
 void f16_to_f32v(const void*, float*, int64_t);
@@ -34,15 +36,16 @@ void qgemm_nf4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, f
 
 const KernelTable kTable = {
     "avx512vnni",
-    {avx512::dequant_int8, avx512::dequant_int4, avx512::dequant_nf4},
-    {avx512::gemm_int8, avx512::gemm_int4, avx512::gemm_nf4},
+    {avx512::dequant_int8, avx512::dequant_int4, avx512::dequant_nf4, avx512::dequant_fp4},
+    {avx512::gemm_int8, avx512::gemm_int4, avx512::gemm_nf4, avx512::gemm_fp4},
     {avx512::f32_to_f32, avx512::bf16_to_f32v, avx512::f16_to_f32v},
     {avx512::f32_from_f32, avx512::f32_to_bf16v, avx512::f32_to_f16v},
     16,  // qtile: rows per packed tile (avx512's layout)
     avx512::quantize_row,
-    {avx512::packed_size_int8, avx512::packed_size_int4, avx512::packed_size_nf4},
-    {avx512::pack_int8, avx512::pack_int4, avx512::pack_nf4},
-    {qgemm_int8, qgemm_int4, qgemm_nf4},
+    // fast path: none for fp4 (nullptr; packed_size() reports 0 and the exact path runs)
+    {avx512::packed_size_int8, avx512::packed_size_int4, avx512::packed_size_nf4, nullptr},
+    {avx512::pack_int8, avx512::pack_int4, avx512::pack_nf4, nullptr},
+    {qgemm_int8, qgemm_int4, qgemm_nf4, nullptr},
 };
 
 }  // namespace avx512vnni

@@ -9,14 +9,9 @@ using namespace detail;
 
 static constexpr int64_t kChunk = 256;  // weights decoded per step (a stack buffer)
 
-// Decodes w[n, k0:k1] (k1 - k0 <= kChunk) into buf.
+// Decodes w[n, k0:k1] (k1 - k0 <= kChunk) into buf: the reference's values (dequant.cpp).
 static void decode_span(const QWeight& w, int64_t n, int64_t k0, int64_t k1, float* buf) {
-  if (w.fmt == kInt8) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(w.data + n * w.ld_data);
-    const float s = static_cast<const float*>(w.scales)[n];
-    for (int64_t k = k0; k < k1; ++k) buf[k - k0] = float(q[k]) * s;
-    return;
-  }
+  const float* cb = codebook_of(w.fmt);
   const uint8_t* row = w.data + n * w.ld_data;
   int64_t k = k0;
   while (k < k1) {
@@ -24,9 +19,21 @@ static void decode_span(const QWeight& w, int64_t n, int64_t k0, int64_t k1, flo
     const int64_t gend = min64(k1, (g + 1) * w.group);
     const float s = group_scale(w, n, g);
     const int z = group_zero(w, n, g);
+    const float m = w.float_offset ? group_offset(w, n, g) : 0.0f;
     for (; k < gend; ++k) {
+      if (w.fmt == kInt8) {
+        buf[k - k0] = float(int(int8_t(row[k])) - z) * s;
+        continue;
+      }
       const int q = nibble_at(row, k);
-      buf[k - k0] = (w.fmt == kNF4) ? kNF4Codebook[q] * s : float(q - z) * s;
+      if (cb) {
+        buf[k - k0] = cb[q] * s;
+      } else if (w.float_offset) {
+        const float t = float(q) * s;
+        buf[k - k0] = t + m;
+      } else {
+        buf[k - k0] = float(q - z) * s;
+      }
     }
   }
 }
@@ -58,6 +65,10 @@ void gemm_int4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t
   gemm_any(w, x, M, ldx, n0, n1, y, ldy);
 }
 void gemm_nf4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
+              float* y, int64_t ldy) {
+  gemm_any(w, x, M, ldx, n0, n1, y, ldy);
+}
+void gemm_fp4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
               float* y, int64_t ldy) {
   gemm_any(w, x, M, ldx, n0, n1, y, ldy);
 }

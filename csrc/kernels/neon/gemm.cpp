@@ -5,12 +5,13 @@
 // MB activation rows (MB = 8 while at least 8 rows remain, then one block of 1..7):
 //   4-bit: b = 16 bytes; lo = b & 0x0F, hi = b >> 4; zip1/zip2(lo, hi) restore k order
 //          int4: (q - z) with a widening u8 subtract (wraps to the right s16), widen to s32,
-//                convert, times the group scale
-//          nf4:  TBL on the 4 byte planes of the codebook, zip the bytes back into floats,
-//                times the group absmax
+//                convert, times the group scale (float offsets: q * s, then + m)
+//          nf4 / fp4: TBL on the 4 byte planes of the codebook, zip the bytes back into
+//                floats, times the group absmax
 //          then one FMLA per activation row per vector.
 //   int8:  widen s8 -> s16 -> s32, convert, FMLA unscaled; the row's one scale is applied to
-//          the finished dot product.
+//          the finished dot product. With groups or zero-points: (q - z) * s per group of 16
+//          weights, then the FMLAs.
 // Accumulators per activation row: 4 for MB = 1 (the M = 1 decode case), 2 for MB 2..4,
 // 1 above, so 4..8 independent FMLA chains are in flight (4-cycle latency, 2 pipes).
 // Groups of any size work: a vector body only covers weights inside one group that start at
@@ -51,11 +52,20 @@ static inline void fma_rows(float32x4_t (&acc)[MB][NA], const float32x4_t* v, co
 
 // ---- 4-bit decoders into registers (weights already times the group scale) -----------------
 
-// (q - z) as s16 (the u8 subtraction wraps to the right value), widened, converted, scaled.
-static inline void int4_decode8(uint16x8_t q_minus_z, float32x4_t s, float32x4_t* v) {
+// How 4-bit codes decode (the template parameter D of the 4-bit kernels below).
+enum Decode4 { kDecInt = 0, kDecCodebook = 1, kDecOffset = 2 };
+
+// (q - z) as s16 (the u8 subtraction wraps to the right value), widened, converted, scaled;
+// kDecOffset: z = 0 and the offset m is added after the product (two roundings, no FMA).
+template <int D>
+static inline void int4_decode8(uint16x8_t q_minus_z, float32x4_t s, float32x4_t m, float32x4_t* v) {
   const int16x8_t d = vreinterpretq_s16_u16(q_minus_z);
   v[0] = vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(d))), s);
   v[1] = vmulq_f32(vcvtq_f32_s32(vmovl_high_s16(d)), s);
+  if (D == kDecOffset) {
+    v[0] = vaddq_f32(v[0], m);
+    v[1] = vaddq_f32(v[1], m);
+  }
 }
 
 static inline void nf4_decode16(const uint8x16x4_t& cb, uint8x16_t idx, float32x4_t s, float32x4_t* v) {
@@ -70,42 +80,55 @@ static inline void nf4_decode16(const uint8x16x4_t& cb, uint8x16_t idx, float32x
 }
 
 // 32 weights from 16 bytes.
-template <bool NF4>
+template <int D>
 static inline void q4_decode32(const uint8_t* p, const uint8x16x4_t& cb, uint8x16_t z, float32x4_t s,
-                               float32x4_t* v) {
+                               float32x4_t m, float32x4_t* v) {
   const uint8x16_t b = vld1q_u8(p);
   const uint8x16_t lo = vandq_u8(b, vdupq_n_u8(0x0f)), hi = vshrq_n_u8(b, 4);
   const uint8x16_t a = vzip1q_u8(lo, hi), c = vzip2q_u8(lo, hi);
-  if (NF4) {
+  if (D == kDecCodebook) {
     nf4_decode16(cb, a, s, v);
     nf4_decode16(cb, c, s, v + 4);
   } else {
-    int4_decode8(vsubl_u8(vget_low_u8(a), vget_low_u8(z)), s, v);
-    int4_decode8(vsubl_high_u8(a, z), s, v + 2);
-    int4_decode8(vsubl_u8(vget_low_u8(c), vget_low_u8(z)), s, v + 4);
-    int4_decode8(vsubl_high_u8(c, z), s, v + 6);
+    int4_decode8<D>(vsubl_u8(vget_low_u8(a), vget_low_u8(z)), s, m, v);
+    int4_decode8<D>(vsubl_high_u8(a, z), s, m, v + 2);
+    int4_decode8<D>(vsubl_u8(vget_low_u8(c), vget_low_u8(z)), s, m, v + 4);
+    int4_decode8<D>(vsubl_high_u8(c, z), s, m, v + 6);
   }
 }
 
 // 16 weights from 8 bytes.
-template <bool NF4>
+template <int D>
 static inline void q4_decode16(const uint8_t* p, const uint8x16x4_t& cb, uint8x16_t z, float32x4_t s,
-                               float32x4_t* v) {
+                               float32x4_t m, float32x4_t* v) {
   const uint8x8_t b = vld1_u8(p);
   const uint8x8_t lo = vand_u8(b, vdup_n_u8(0x0f)), hi = vshr_n_u8(b, 4);
   const uint8x8_t a = vzip1_u8(lo, hi), c = vzip2_u8(lo, hi);
-  if (NF4) {
+  if (D == kDecCodebook) {
     nf4_decode16(cb, vcombine_u8(a, c), s, v);
   } else {
-    int4_decode8(vsubl_u8(a, vget_low_u8(z)), s, v);
-    int4_decode8(vsubl_u8(c, vget_low_u8(z)), s, v + 2);
+    int4_decode8<D>(vsubl_u8(a, vget_low_u8(z)), s, m, v);
+    int4_decode8<D>(vsubl_u8(c, vget_low_u8(z)), s, m, v + 2);
   }
 }
 
-// One weight row n against MB activation rows: y[r * ldy + n] for r < MB.
-template <int MB, bool NF4>
+// The reference's value of one 4-bit weight (the scalar head and tail of a group).
+template <int D>
+static inline float q4_weight(int q, int z, float s, float m, const float* cbf) {
+  if (D == kDecCodebook) return cbf[q] * s;
+  if (D == kDecOffset) {
+    const float t = float(q) * s;
+    return t + m;
+  }
+  return float(q - z) * s;
+}
+
+// One weight row n against MB activation rows: y[r * ldy + n] for r < MB. cb: the byte planes
+// of the format's codebook (kDecCodebook).
+template <int MB, int D>
 static void q4_block(const QWeight& w, const uint8x16x4_t& cb, int64_t n, const float* x, int64_t ldx,
                      float* y, int64_t ldy) {
+  const float* cbf = codebook_of(w.fmt);
   constexpr int NA = MB == 1 ? 4 : MB <= 4 ? 2 : 1;
   float32x4_t acc[MB][NA];
   float sacc[MB];
@@ -122,29 +145,28 @@ static void q4_block(const QWeight& w, const uint8x16x4_t& cb, int64_t n, const 
     const int64_t k1 = min64(K, k + G);
     const float s = group_scale(w, n, g);
     const int z = group_zero(w, n, g);
-    const float32x4_t vs = vdupq_n_f32(s);
+    const float m = D == kDecOffset ? group_offset(w, n, g) : 0.0f;
+    const float32x4_t vs = vdupq_n_f32(s), vm = vdupq_n_f32(m);
     const uint8x16_t vz = vdupq_n_u8(uint8_t(z));
     if (k & 1) {  // odd group start: scalar first element
-      const int q = nibble_at(row, k);
-      const float wk = NF4 ? kNF4Codebook[q] * s : float(q - z) * s;
+      const float wk = q4_weight<D>(nibble_at(row, k), z, s, m, cbf);
       LOWBIT_UNROLL
       for (int r = 0; r < MB; ++r) sacc[r] += wk * x[r * ldx + k];
       ++k;
     }
     for (; k + 32 <= k1; k += 32) {
       float32x4_t v[8];
-      q4_decode32<NF4>(row + (k >> 1), cb, vz, vs, v);
+      q4_decode32<D>(row + (k >> 1), cb, vz, vs, vm, v);
       fma_rows<MB, NA, 8>(acc, v, x + k, ldx);
     }
     if (k + 16 <= k1) {
       float32x4_t v[4];
-      q4_decode16<NF4>(row + (k >> 1), cb, vz, vs, v);
+      q4_decode16<D>(row + (k >> 1), cb, vz, vs, vm, v);
       fma_rows<MB, NA, 4>(acc, v, x + k, ldx);
       k += 16;
     }
     for (; k < k1; ++k) {
-      const int q = nibble_at(row, k);
-      const float wk = NF4 ? kNF4Codebook[q] * s : float(q - z) * s;
+      const float wk = q4_weight<D>(nibble_at(row, k), z, s, m, cbf);
       LOWBIT_UNROLL
       for (int r = 0; r < MB; ++r) sacc[r] += wk * x[r * ldx + k];
     }
@@ -216,6 +238,50 @@ static void i8_block(const QWeight& w, const uint8x16x4_t&, int64_t n, const flo
   }
 }
 
+// int8 with groups or zero-points: weights decoded as the reference's float(q - z) * s, a
+// group at a time (groups are multiples of 16 or the row), then one FMLA per activation row.
+template <int MB>
+static void i8g_block(const QWeight& w, const uint8x16x4_t&, int64_t n, const float* x, int64_t ldx,
+                      float* y, int64_t ldy) {
+  constexpr int NA = MB == 1 ? 4 : MB <= 4 ? 2 : 1;
+  float32x4_t acc[MB][NA];
+  float sacc[MB];
+  LOWBIT_UNROLL
+  for (int r = 0; r < MB; ++r) {
+    LOWBIT_UNROLL
+    for (int a = 0; a < NA; ++a) acc[r][a] = vdupq_n_f32(0.0f);
+    sacc[r] = 0.0f;
+  }
+  const int8_t* q = reinterpret_cast<const int8_t*>(w.data + n * w.ld_data);
+  const int64_t K = w.K;
+  for (int64_t g = 0; g < w.n_groups; ++g) {
+    int64_t k = g * w.group;
+    const int64_t k1 = min64(K, k + w.group);
+    const float s = group_scale(w, n, g);
+    const int z = group_zero(w, n, g);
+    const float32x4_t vs = vdupq_n_f32(s), vz = vdupq_n_f32(float(z));
+    for (; k + 16 <= k1; k += 16) {
+      float32x4_t v[4];
+      int8_decode16(vld1q_s8(q + k), v);
+      LOWBIT_UNROLL
+      for (int i = 0; i < 4; ++i) v[i] = vmulq_f32(vsubq_f32(v[i], vz), vs);  // q - z is exact
+      fma_rows<MB, NA, 4>(acc, v, x + k, ldx);
+    }
+    for (; k < k1; ++k) {
+      const float wk = float(int(q[k]) - z) * s;
+      LOWBIT_UNROLL
+      for (int r = 0; r < MB; ++r) sacc[r] += wk * x[r * ldx + k];
+    }
+  }
+  LOWBIT_UNROLL
+  for (int r = 0; r < MB; ++r) {
+    float32x4_t t = acc[r][0];
+    LOWBIT_UNROLL
+    for (int a = 1; a < NA; ++a) t = vaddq_f32(t, acc[r][a]);
+    y[r * ldy + n] = vaddvq_f32(t) + sacc[r];
+  }
+}
+
 // ---- drivers ---------------------------------------------------------------------------------
 
 using BlockFn = void (*)(const QWeight&, const uint8x16x4_t&, int64_t, const float*, int64_t, float*, int64_t);
@@ -223,7 +289,9 @@ using BlockFn = void (*)(const QWeight&, const uint8x16x4_t&, int64_t, const flo
 // blocks[mb - 1] handles mb activation rows, mb in 1..8.
 static void gemm_blocks(const BlockFn* blocks, const QWeight& w, const float* x, int64_t M, int64_t ldx,
                         int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  const uint8x16x4_t cb = vld4q_u8(reinterpret_cast<const uint8_t*>(kNF4Codebook));
+  // byte planes of the format's codebook (nf4 / fp4; unused by the integer formats)
+  const float* cbf = codebook_of(w.fmt);
+  const uint8x16x4_t cb = vld4q_u8(reinterpret_cast<const uint8_t*>(cbf ? cbf : kNF4Codebook));
   for (int64_t n = n0; n < n1; ++n) {
     int64_t m = 0;
     for (; m + 8 <= M; m += 8) blocks[7](w, cb, n, x + m * ldx, ldx, y + m * ldy, ldy);
@@ -233,24 +301,34 @@ static void gemm_blocks(const BlockFn* blocks, const QWeight& w, const float* x,
 
 static const BlockFn kInt8Blocks[8] = {i8_block<1>, i8_block<2>, i8_block<3>, i8_block<4>,
                                        i8_block<5>, i8_block<6>, i8_block<7>, i8_block<8>};
-static const BlockFn kInt4Blocks[8] = {q4_block<1, false>, q4_block<2, false>, q4_block<3, false>,
-                                       q4_block<4, false>, q4_block<5, false>, q4_block<6, false>,
-                                       q4_block<7, false>, q4_block<8, false>};
-static const BlockFn kNF4Blocks[8] = {q4_block<1, true>, q4_block<2, true>, q4_block<3, true>,
-                                      q4_block<4, true>, q4_block<5, true>, q4_block<6, true>,
-                                      q4_block<7, true>, q4_block<8, true>};
+static const BlockFn kInt8GroupedBlocks[8] = {i8g_block<1>, i8g_block<2>, i8g_block<3>, i8g_block<4>,
+                                              i8g_block<5>, i8g_block<6>, i8g_block<7>, i8g_block<8>};
+static const BlockFn kInt4Blocks[8] = {q4_block<1, kDecInt>, q4_block<2, kDecInt>, q4_block<3, kDecInt>,
+                                       q4_block<4, kDecInt>, q4_block<5, kDecInt>, q4_block<6, kDecInt>,
+                                       q4_block<7, kDecInt>, q4_block<8, kDecInt>};
+static const BlockFn kInt4OffsetBlocks[8] = {
+    q4_block<1, kDecOffset>, q4_block<2, kDecOffset>, q4_block<3, kDecOffset>, q4_block<4, kDecOffset>,
+    q4_block<5, kDecOffset>, q4_block<6, kDecOffset>, q4_block<7, kDecOffset>, q4_block<8, kDecOffset>};
+static const BlockFn kCodebookBlocks[8] = {
+    q4_block<1, kDecCodebook>, q4_block<2, kDecCodebook>, q4_block<3, kDecCodebook>,
+    q4_block<4, kDecCodebook>, q4_block<5, kDecCodebook>, q4_block<6, kDecCodebook>,
+    q4_block<7, kDecCodebook>, q4_block<8, kDecCodebook>};
 
 void gemm_int8(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
                float* y, int64_t ldy) {
-  gemm_blocks(kInt8Blocks, w, x, M, ldx, n0, n1, y, ldy);
+  gemm_blocks(int8_per_row(w) ? kInt8Blocks : kInt8GroupedBlocks, w, x, M, ldx, n0, n1, y, ldy);
 }
 void gemm_int4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
                float* y, int64_t ldy) {
-  gemm_blocks(kInt4Blocks, w, x, M, ldx, n0, n1, y, ldy);
+  gemm_blocks(w.float_offset ? kInt4OffsetBlocks : kInt4Blocks, w, x, M, ldx, n0, n1, y, ldy);
 }
 void gemm_nf4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
               float* y, int64_t ldy) {
-  gemm_blocks(kNF4Blocks, w, x, M, ldx, n0, n1, y, ldy);
+  gemm_blocks(kCodebookBlocks, w, x, M, ldx, n0, n1, y, ldy);
+}
+void gemm_fp4(const QWeight& w, const float* x, int64_t M, int64_t ldx, int64_t n0, int64_t n1,
+              float* y, int64_t ldy) {
+  gemm_blocks(kCodebookBlocks, w, x, M, ldx, n0, n1, y, ldy);
 }
 
 }  // namespace neon

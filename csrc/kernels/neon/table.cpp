@@ -10,9 +10,11 @@ namespace neon {
 void dequant_int8(const QWeight&, int64_t, int64_t, float*, int64_t);
 void dequant_int4(const QWeight&, int64_t, int64_t, float*, int64_t);
 void dequant_nf4(const QWeight&, int64_t, int64_t, float*, int64_t);
+void dequant_fp4(const QWeight&, int64_t, int64_t, float*, int64_t);
 void gemm_int8(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 void gemm_int4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 void gemm_nf4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+void gemm_fp4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 void f32_to_f32(const void*, float*, int64_t);
 void bf16_to_f32v(const void*, float*, int64_t);
 void f16_to_f32v(const void*, float*, int64_t);
@@ -32,15 +34,16 @@ void qgemm_nf4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, f
 
 const KernelTable kTable = {
     "neon",
-    {dequant_int8, dequant_int4, dequant_nf4},
-    {gemm_int8, gemm_int4, gemm_nf4},
+    {dequant_int8, dequant_int4, dequant_nf4, dequant_fp4},
+    {gemm_int8, gemm_int4, gemm_nf4, gemm_fp4},
     {f32_to_f32, bf16_to_f32v, f16_to_f32v},
     {f32_from_f32, f32_to_bf16v, f32_to_f16v},
     4,  // qtile: rows per packed tile
     quantize_row,
-    {packed_size_int8, packed_size_int4, packed_size_nf4},
-    {pack_int8, pack_int4, pack_nf4},
-    {qgemm_int8, qgemm_int4, qgemm_nf4},
+    // fast path: none for fp4 (nullptr; packed_size() reports 0 and the exact path runs)
+    {packed_size_int8, packed_size_int4, packed_size_nf4, nullptr},
+    {pack_int8, pack_int4, pack_nf4, nullptr},
+    {qgemm_int8, qgemm_int4, qgemm_nf4, nullptr},
 };
 
 }  // namespace neon

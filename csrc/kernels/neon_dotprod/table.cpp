@@ -8,9 +8,11 @@ namespace neon {
 void dequant_int8(const QWeight&, int64_t, int64_t, float*, int64_t);
 void dequant_int4(const QWeight&, int64_t, int64_t, float*, int64_t);
 void dequant_nf4(const QWeight&, int64_t, int64_t, float*, int64_t);
+void dequant_fp4(const QWeight&, int64_t, int64_t, float*, int64_t);
 void gemm_int8(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 void gemm_int4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 void gemm_nf4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+void gemm_fp4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
 void f32_to_f32(const void*, float*, int64_t);
 void bf16_to_f32v(const void*, float*, int64_t);
 void f16_to_f32v(const void*, float*, int64_t);
@@ -34,15 +36,16 @@ void qgemm_nf4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, f
 
 const KernelTable kTable = {
     "neon_dotprod",
-    {neon::dequant_int8, neon::dequant_int4, neon::dequant_nf4},
-    {neon::gemm_int8, neon::gemm_int4, neon::gemm_nf4},
+    {neon::dequant_int8, neon::dequant_int4, neon::dequant_nf4, neon::dequant_fp4},
+    {neon::gemm_int8, neon::gemm_int4, neon::gemm_nf4, neon::gemm_fp4},
     {neon::f32_to_f32, neon::bf16_to_f32v, neon::f16_to_f32v},
     {neon::f32_from_f32, neon::f32_to_bf16v, neon::f32_to_f16v},
     4,  // qtile: rows per packed tile (neon's layout)
     neon::quantize_row,
-    {neon::packed_size_int8, neon::packed_size_int4, neon::packed_size_nf4},
-    {neon::pack_int8, neon::pack_int4, neon::pack_nf4},
-    {qgemm_int8, qgemm_int4, qgemm_nf4},
+    // fast path: none for fp4 (nullptr; packed_size() reports 0 and the exact path runs)
+    {neon::packed_size_int8, neon::packed_size_int4, neon::packed_size_nf4, nullptr},
+    {neon::pack_int8, neon::pack_int4, neon::pack_nf4, nullptr},
+    {qgemm_int8, qgemm_int4, qgemm_nf4, nullptr},
 };
 
 }  // namespace neon_dotprod

@@ -222,7 +222,12 @@ def _tiny_config(**kw):
 def _tiny_model(seed=0, **kw):
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
-    return LlamaForCausalLM(_tiny_config(**kw)).eval()
+    m = LlamaForCausalLM(_tiny_config(**kw)).eval()
+    with torch.no_grad():
+        for mod in m.modules():  # transformers zero-initialises biases: make them count
+            if isinstance(mod, nn.Linear) and mod.bias is not None and not mod.bias.is_meta:
+                mod.bias.normal_(0, 0.5)
+    return m
 
 
 @needs_transformers
@@ -315,13 +320,15 @@ def test_shard_files_round_trip_and_errors(tmp_path):
 WORLD = 2
 # (label, format, options, shard_model options); every format and variant, even and uneven splits
 # (the tiny model's intermediate size 288 = 9 x 32 = 4.5 x 64 has a ragged last group at 64).
+# Two cases give every projection a bias (added once by the row-parallel layers).
+BIAS = {"attention_bias": True, "mlp_bias": True}
 MODEL_CASES = [
-    ("float", None, {}, {}),
-    ("int8", "int8", {}, {}),
-    ("int4-g32", "int4", {"group_size": 32}, {"uneven": True}),
-    ("int4-sym-g64", "int4", {"group_size": 64, "symmetric": True}, {"uneven": True}),
-    ("nf4-b32", "nf4", {"group_size": 32}, {"uneven": True}),
-    ("nf4-dq-b16", "nf4", {"group_size": 16, "double_quant": True}, {"uneven": True}),
+    ("float", None, {}, {}, BIAS),
+    ("int8", "int8", {}, {}, {}),
+    ("int4-g32", "int4", {"group_size": 32}, {"uneven": True}, {}),
+    ("int4-sym-g64", "int4", {"group_size": 64, "symmetric": True}, {"uneven": True}, BIAS),
+    ("nf4-b32", "nf4", {"group_size": 32}, {"uneven": True}, {}),
+    ("nf4-dq-b16", "nf4", {"group_size": 16, "double_quant": True}, {"uneven": True}, {}),
 ]
 
 
@@ -372,9 +379,9 @@ def _check_layers(sharded: nn.Module, unsharded: nn.Module, run, label: str):
 
 def _run_model_cases(rank, results, ids):
     from lowbit.evaluate import quantize_linears
-    for label, fmt, opts, shard_opts in MODEL_CASES:
+    for label, fmt, opts, shard_opts, config in MODEL_CASES:
         def case():
-            m = _tiny_model()
+            m = _tiny_model(**config)
             if fmt is not None:
                 quantize_linears(m, fmt, **opts)
             with torch.inference_mode():
@@ -398,22 +405,28 @@ def _record(results, name, fn):
 
 
 def _act_order_case(ids):
-    """GPTQ-style perms (crossing the split, so gathered) and AWQ-style input scales."""
+    """GPTQ-style perms with AWQ-style input scales on the row-parallel layers: in layer 0 random
+    (crossing the split, so those ranks gather their input), in layer 1 kept within each
+    rank's slice (sharded with the slice, no gather)."""
     from lowbit.evaluate import quantize_linears
     m = _tiny_model(seed=3)
     quantize_linears(m, "int4", group_size=32)
     g = torch.Generator().manual_seed(5)
-    for layer in m.model.layers:
-        for parent, name in ((layer.mlp, "down_proj"), (layer.self_attn, "o_proj")):
+    for i, layer in enumerate(m.model.layers):
+        for parent, name, bounds in ((layer.mlp, "down_proj", [0, 160, 288]),
+                                     (layer.self_attn, "o_proj", [0, 64, 128])):
             q = getattr(parent, name)
             K = q.in_features
-            qw = _with_transforms(q.qweight, torch.randperm(K, generator=g),
-                                  torch.rand(K, generator=g) + 0.5)
+            perm = torch.randperm(K, generator=g) if i == 0 else _block_perm(bounds)
+            qw = _with_transforms(q.qweight, perm, torch.rand(K, generator=g) + 0.5)
             setattr(parent, name, QuantLinear.from_quantized(qw))
     with torch.inference_mode():
         ref = m(ids).logits
         s = tp.shard_model(copy.deepcopy(m), uneven=True, act_order="gather")
         assert s.model.layers[0].mlp.down_proj.gather_input
+        assert s.model.layers[0].self_attn.o_proj.gather_input
+        kept = s.model.layers[1].mlp.down_proj
+        assert not kept.gather_input and kept.local.qweight.perm is not None
         got, checked = _check_layers(s, m, lambda: s(ids).logits, "act-order")
     assert len(checked) == 14
     torch.testing.assert_close(got, ref, rtol=0, atol=_logits_tol(ref, 9, 288))
@@ -437,13 +450,27 @@ def _mesh_and_files_case(rank, ids, directory):
             skel = _tiny_model(seed=7)
         tp.load_shards(skel, directory)  # rank and world size from torch.distributed
         assert torch.equal(skel(ids).logits, got)  # same shards, same kernels, same sums
+        # column-parallel with gather_output: every rank gets the whole output
+        lin = QuantLinear.from_linear(nn.Linear(96, 10), "nf4", group_size=32)
+        col = tp.ColumnParallelQuantLinear.from_linear(lin, WORLD, rank, bounds=[0, 7, 10],
+                                                       group=mesh["tp"].get_group(), gather_output=True)
+        x = torch.randn(3, 96, generator=torch.Generator().manual_seed(2))
+        assert_linear_close(col(x), R.linear(x, lin.qweight, lin.bias), x, lin.qweight, bias=lin.bias)
 
 
-def _smollm_case(rank, job):
-    from transformers import LlamaForCausalLM
+def _smollm_case(rank, job_dir):
+    """Rank's view of the bundled model: the parent writes its shards while the ranks run the
+    other checks; wait for them, load them into a meta-device skeleton, compare the logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    deadline = time.monotonic() + 600
+    while not os.path.exists(os.path.join(job_dir, "ready")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the parent did not write the SmolLM2 shards within 600 s")
+        time.sleep(0.2)
+    job = torch.load(os.path.join(job_dir, "job.pt"))
     with torch.device("meta"):
-        skel = LlamaForCausalLM(job["config"])
-    tp.load_shards(skel, job["dir"])
+        skel = LlamaForCausalLM(LlamaConfig.from_pretrained(job_dir))
+    tp.load_shards(skel, os.path.join(job_dir, "shards"))
     attn = skel.model.layers[0].self_attn
     assert attn.k_proj.local.out_features == (128 if rank == 0 else 64)  # 3 kv heads: 2 + 1
     with torch.inference_mode():
@@ -453,14 +480,14 @@ def _smollm_case(rank, job):
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
-def _worker(rank, port, out_dir, smollm_job):
+def _worker(rank, port, out_dir, smollm_dir):
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
     import torch.distributed as dist
     from lowbit import _backend
     _backend.set_cpu_path("exact")  # lowbit.testing's float32 bound is the exact path's
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     results = {}
     try:
         torch.manual_seed(0)
@@ -469,21 +496,19 @@ def _worker(rank, port, out_dir, smollm_job):
         _record(results, "act_order", lambda: _act_order_case(ids))
         _record(results, "mesh_and_files",
                 lambda: _mesh_and_files_case(rank, ids, os.path.join(out_dir, "shards")))
-        if smollm_job is not None:
-            _record(results, "smollm", lambda: _smollm_case(rank, smollm_job))
+        if smollm_dir is not None:
+            _record(results, "smollm", lambda: _smollm_case(rank, smollm_dir))
     finally:
         with open(os.path.join(out_dir, f"results{rank}.json"), "w") as f:
             json.dump(results, f)
         dist.destroy_process_group()
 
 
-def _smollm_job(directory):
-    """Quantize the bundled SmolLM2 (int4 g64), shard it offline for 2 ranks (3 kv heads: 2 + 1),
-    and compute the unsharded logits; None (with the reason) when the model is not installed."""
+def _write_smollm_job(job_dir):
+    """Quantize the bundled SmolLM2 (int4 g64), shard it offline for 2 ranks (3 kv heads: 2 + 1)
+    and save the unsharded model's logits; the ranks wait for the "ready" file."""
     from lowbit import _backend
     from lowbit import evaluate as E
-    if E.missing_extras(need_model=True, need_text=False):
-        return None, f"bundled model extras missing: {E.missing_extras(need_model=True, need_text=False)}"
     model, tok, _ = E.load_model(verbose=False)
     E.quantize_linears(model, "int4", group_size=64)
     ids = tok("The tower is 324 metres tall, about the same height as an 81-storey building, "
@@ -494,25 +519,46 @@ def _smollm_job(directory):
             ref = model(ids).logits
     finally:
         _backend.set_cpu_path(None)
-    tp.shard_and_save(model, directory, WORLD, uneven=True)
-    return {"config": model.config, "dir": directory, "ids": ids, "ref": ref}, None
+    tp.shard_and_save(model, os.path.join(job_dir, "shards"), WORLD, uneven=True)
+    model.config.save_pretrained(job_dir)
+    torch.save({"ids": ids, "ref": ref}, os.path.join(job_dir, "job.pt"))
+    open(os.path.join(job_dir, "ready"), "w").close()
 
 
 @pytest.fixture(scope="module")
 def dist_results():
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
-        job, why = (None, "transformers missing")
+        smollm_dir, why = None, "transformers is not installed"
         if HAVE_TRANSFORMERS:
-            job, why = _smollm_job(os.path.join(d, "smollm"))
-        ctx = mp.spawn(_worker, args=(_free_port(), d, job), nprocs=WORLD, join=False)
-        deadline = time.monotonic() + 600
-        while not ctx.join(timeout=5):
+            from lowbit import evaluate as E
+            miss = E.missing_extras(need_model=True, need_text=False)
+            if miss:
+                why = f"bundled model extras missing: {miss}"
+            else:
+                smollm_dir = os.path.join(d, "smollm")
+                os.makedirs(smollm_dir)
+        # the ranks start (and import) while this process prepares the SmolLM2 shards
+        ctx = mp.spawn(_worker, args=(_free_port(), d, smollm_dir), nprocs=WORLD, join=False)
+        try:
+            if smollm_dir is not None:
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)  # the two ranks have the other cores
+                try:
+                    _write_smollm_job(smollm_dir)
+                finally:
+                    torch.set_num_threads(threads)
+        except BaseException:
+            for p in ctx.processes:
+                p.terminate()
+            raise
+        deadline = time.monotonic() + 900
+        while not ctx.join(timeout=2):
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     if p.is_alive():
                         p.terminate()
-                pytest.fail("the 2-process gloo run did not finish in 600 s")
+                pytest.fail("the 2-process gloo run did not finish in 900 s")
         out = []
         for r in range(WORLD):
             with open(os.path.join(d, f"results{r}.json")) as f:

@@ -18,6 +18,13 @@ Activation dtypes: float16 / bfloat16 use every path. float32 activations use th
 matmul, never a tensor-core kernel: no TF32 unless the user enabled
 ``torch.backends.cuda.matmul.allow_tf32`` themselves.
 
+Formats: every format and variant of lowbit.formats. ``dequantize`` is bit-exact for all of
+them; the GEMV and GEMM take int8 (per row or grouped, with or without zero-points), int4
+(symmetric or with integer zero-points), nf4 and fp4 (with or without double quant). int4 with
+float offsets (zero_point="float", GGUF Q4_1 / Q4_K) always runs as Triton dequantize + torch
+matmul (plan() returns the ``dequant_mm`` choice with source "variant"): its w = q * s + m does
+not fit the fused kernels' "scale after the sum of (code - zero) * x".
+
 CUDA graphs / torch.compile: no host synchronisation, no .item(); outputs and split-K
 workspaces come from torch's caching allocator (capturable). The GPU layout of a weight is made
 on its first use: run one eager call (or ``prepare(qw)``) before capturing a graph.
@@ -49,6 +56,7 @@ if triton is not None:
     from . import gemm as _gemm
     from . import gemv as _gemv
     from . import select as _select
+    from . import layout as _layout
     from .layout import forget, gpu_weight, prepare  # noqa: F401
 
 __all__ = ["AVAILABLE", "linear", "dequantize", "prepare", "forget", "plan"]
@@ -66,8 +74,10 @@ def plan(x: torch.Tensor, qw, M: Optional[int] = None):
     N, K = qw.shape
     if M is None:
         M = x.numel() // K if x.dim() else 1
+    if not _layout.supports_fused(qw):  # int4 float offsets: dequantize + matmul
+        return _select.Choice("dequant_mm", {}, "variant")
     return _select.select(M, N, K, qw.fmt, qw.group_size, card_name(x.device), dtype=x.dtype,
-                          variant=variant_of(qw.fmt, qw.symmetric, qw.double_quant),
+                          variant=variant_of(qw.fmt, qw.symmetric, qw.double_quant, qw.zero_point),
                           sms=sm_count(x.device))
 
 
@@ -95,21 +105,9 @@ def run_choice(choice, x2d: torch.Tensor, qw, bias: Optional[torch.Tensor],
     raise ValueError(f"unknown kernel {choice.kernel!r}")
 
 
-def _takes(qw) -> bool:
-    """Whether these kernels know qw's variant (the interop variants - fp4, int4
-    zero_point="float", int8 with groups or zero-points - go through lowbit.reference)."""
-    if qw.fmt == "fp4" or qw.zero_point == "float":
-        return False
-    return not (qw.fmt == "int8" and (not qw.symmetric or qw.n_groups > 1))
-
-
 def linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W = qw, float32 accumulation, output in x's dtype."""
     _require()
-    if not _takes(qw):
-        from lowbit import reference
-        w = reference.decode(qw, x.dtype)
-        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     N, K = qw.shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K)
@@ -128,7 +126,4 @@ def linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None) -> torch.Te
 def dequantize(qw, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [N, K] in ``dtype``, bit-exact against lowbit.reference.dequantize."""
     _require()
-    if not _takes(qw):
-        from lowbit import reference
-        return reference.decode(qw, dtype)
     return _dequant.dequantize(qw, dtype)

@@ -8,9 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Format ids (constexpr in the kernels).
-FMT_INT8, FMT_INT4, FMT_NF4 = 0, 1, 2
-FMT_IDS = {"int8": FMT_INT8, "int4": FMT_INT4, "nf4": FMT_NF4}
+# Format ids (constexpr in the kernels); FMT >= FMT_NF4: a codebook format (lut_ptr holds its
+# 16 values, codebook_lut).
+FMT_INT8, FMT_INT4, FMT_NF4, FMT_FP4 = 0, 1, 2, 3
+FMT_IDS = {"int8": FMT_INT8, "int4": FMT_INT4, "nf4": FMT_NF4, "fp4": FMT_FP4}
 
 # Scale modes of the matmul kernels (constexpr).
 SCALE_ROW = 0  # one group per row (int8, group -1, group >= K): scale once after the sum
@@ -194,14 +195,20 @@ def split_counters(device: torch.device, n: int):
 _LUTS = {}
 
 
-def nf4_lut(device: torch.device) -> torch.Tensor:
-    """The NF4 codebook as a float32 tensor on ``device`` (cached; made before graph capture)."""
-    key = str(device)
+def codebook_lut(device: torch.device, fmt: str = "nf4") -> torch.Tensor:
+    """The codebook of ``fmt`` (nf4 / fp4) as a float32 tensor on ``device`` (cached; made
+    before graph capture)."""
+    key = (str(device), fmt)
     t = _LUTS.get(key)
     if t is None:
-        from lowbit.formats import NF4_CODEBOOK
+        from lowbit.formats import CODEBOOKS
         t = torch.empty(16, dtype=torch.float32, device=device)
-        for i, v in enumerate(NF4_CODEBOOK):  # fills, not a host copy: safe during graph capture
-            t[i].fill_(v)
+        for i, v in enumerate(CODEBOOKS[fmt]):  # fills, not a host copy: safe during graph capture
+            t[i].fill_(v)  # (fill_ keeps the sign of fp4's -0.0)
         _LUTS[key] = t
     return t
+
+
+def nf4_lut(device: torch.device) -> torch.Tensor:
+    """The NF4 codebook as a float32 tensor on ``device`` (codebook_lut(device, "nf4"))."""
+    return codebook_lut(device, "nf4")

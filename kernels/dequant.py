@@ -5,8 +5,11 @@ bound by the output write, 2-4 bytes per element against half a byte read). 4-bi
 the tile's bytes are loaded once as [BN, GT, GB] (GB bytes share one scale lookup: a whole
 group when the group divides BK), both nibbles decoded, and tl.join interleaves them back
 into K order. The math is the reference's: float32, one multiply (plus the two-rounding
-absmax decode of double quant), then one cast; the kernels are compiled with
-``enable_fp_fusion=False`` so no multiply-add is ever contracted into an FMA.
+absmax decode of double quant, and int4's float offset added after the product), then one
+cast; the kernels are compiled with ``enable_fp_fusion=False`` so no multiply-add is ever
+contracted into an FMA. Every format and variant: int8 per row or per group, with or without
+int16 zero-points; int4 symmetric, with uint8 zero-points or float offsets; nf4 and fp4
+(their codebook in lut_ptr), with or without double quant.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import triton.language as tl
 from lowbit import formats as F
 from lowbit.qweight import QuantizedWeight
 
-from ._common import FMT_IDS, FMT_INT4, FMT_INT8, FMT_NF4, cast_out, emulate_bf16, nf4_lut
+from ._common import FMT_FP4, FMT_IDS, FMT_INT4, FMT_INT8, FMT_NF4, cast_out, codebook_lut, emulate_bf16
 
 # Output tile: BN rows x BK columns per program (int8 / 4-bit formats).
 BN_DEQ = 16
@@ -32,6 +35,7 @@ WARPS_DEQ = 4
 def _dequant_kernel(data_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_ptr,
                     N, K, stride_d, G, C, zero_rt,
                     FMT: tl.constexpr, HAS_ZEROS: tl.constexpr, DQ: tl.constexpr,
+                    OFFSET: tl.constexpr,  # int4 with float offsets (z_ptr holds them)
                     GROUP: tl.constexpr,  # group length (2**30 when the row is one group)
                     BN: tl.constexpr, BK: tl.constexpr, EMULATE_BF16: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -40,24 +44,33 @@ def _dequant_kernel(data_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_ptr,
     offs_k = pid_k * BK + tl.arange(0, BK)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     row = offs_n[:, None].to(tl.int64)
-    if FMT == 0:  # int8: w = float(q) * s[n]
+    if FMT == 0:  # int8: w = float(q - z) * s per group (z = 0 without zero-points)
         q = tl.load(data_ptr + row * stride_d + offs_k[None, :], mask=mask, other=0)
-        s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)
-        w = q.to(tl.float32) * s[:, None]
+        gidx = offs_k[None, :] // GROUP
+        s = tl.load(s_ptr + row * G + gidx, mask=mask, other=0.0)
+        if HAS_ZEROS:
+            z = tl.load(z_ptr + row * G + gidx, mask=mask, other=0).to(tl.int32)
+            w = (q.to(tl.int32) - z).to(tl.float32) * s
+        else:
+            w = q.to(tl.float32) * s
     else:
         byte = tl.load(data_ptr + row * stride_d + offs_k[None, :] // 2, mask=mask, other=0)
         # element 2j is the low nibble of byte j, 2j+1 the high one
         code = (byte.to(tl.int32) >> ((offs_k[None, :] % 2) * 4)) & 0xF
         gidx = offs_k[None, :] // GROUP
         sptr = row * G + gidx
-        if FMT == 1:  # int4: w = float(q - z) * s
+        if FMT == 1 and OFFSET:  # int4 with float offsets: w = float(q) * s, then + m
+            s = tl.load(s_ptr + sptr, mask=mask, other=0.0)
+            m = tl.load(z_ptr + sptr, mask=mask, other=0.0)
+            w = code.to(tl.float32) * s + m
+        elif FMT == 1:  # int4: w = float(q - z) * s
             if HAS_ZEROS:
                 z = tl.load(z_ptr + sptr, mask=mask, other=0).to(tl.int32)
             else:
                 z = 8
             s = tl.load(s_ptr + sptr, mask=mask, other=0.0)
             w = (code - z).to(tl.float32) * s
-        else:  # nf4: w = codebook[q] * absmax
+        else:  # nf4 / fp4: w = codebook[q] * absmax
             v = tl.load(lut_ptr + code, mask=mask, other=0.0)
             if DQ:
                 ca = tl.load(s_ptr + sptr, mask=mask, other=0)
@@ -77,6 +90,7 @@ def _dequant_kernel(data_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_ptr,
 def _dequant4_kernel(data_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_ptr,
                      N, K, stride_d, G, C, zero_rt,
                      FMT: tl.constexpr, HAS_ZEROS: tl.constexpr, DQ: tl.constexpr,
+                     OFFSET: tl.constexpr,  # int4 with float offsets (z_ptr holds them)
                      GROUP: tl.constexpr,  # group length (2**30 when the row is one group)
                      GB: tl.constexpr,  # bytes per scale lookup (see module docstring)
                      BN: tl.constexpr, BK: tl.constexpr, EMULATE_BF16: tl.constexpr):
@@ -97,7 +111,12 @@ def _dequant4_kernel(data_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_ptr,
     gidx = (2 * first) // GROUP  # [GT]
     gmask = n_ok[:, None] & (2 * first < K)[None, :]
     sptr = row[:, None] * G + gidx[None, :]
-    if FMT == 1:  # int4: w = float(q - z) * s
+    if FMT == 1 and OFFSET:  # int4 with float offsets: w = float(q) * s, then + m
+        sc = tl.load(s_ptr + sptr, mask=gmask, other=0.0)[:, :, None]
+        m = tl.load(z_ptr + sptr, mask=gmask, other=0.0)[:, :, None]
+        w_lo = lo.to(tl.float32) * sc + m
+        w_hi = hi.to(tl.float32) * sc + m
+    elif FMT == 1:  # int4: w = float(q - z) * s
         if HAS_ZEROS:
             z = tl.load(z_ptr + sptr, mask=gmask, other=0).to(tl.int32)[:, :, None]
         else:
@@ -105,7 +124,7 @@ def _dequant4_kernel(data_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_ptr,
         sc = tl.load(s_ptr + sptr, mask=gmask, other=0.0)[:, :, None]
         w_lo = (lo - z).to(tl.float32) * sc
         w_hi = (hi - z).to(tl.float32) * sc
-    else:  # nf4: w = codebook[q] * absmax
+    else:  # nf4 / fp4: w = codebook[q] * absmax
         if DQ:
             ca = tl.load(s_ptr + sptr, mask=gmask, other=0)
             cptr = row[:, None] * C + gidx[None, :] // 256
@@ -133,7 +152,8 @@ def dequantize_into(qw: QuantizedWeight, out: torch.Tensor) -> torch.Tensor:
     dqs = qw.dq_scale.contiguous() if qw.dq_scale is not None else None
     dqo = qw.dq_offset.contiguous() if qw.dq_offset is not None else None
     fmt = FMT_IDS[qw.fmt]
-    lut = nf4_lut(data.device) if fmt == FMT_NF4 else scales
+    offset = qw.zero_point == "float"
+    lut = codebook_lut(data.device, qw.fmt) if fmt >= FMT_NF4 else scales
     G = qw.n_groups
     C = dqs.shape[1] if dqs is not None else 1
     GROUP = F.effective_group(qw.group_size, K) if G > 1 else 1 << 30
@@ -147,14 +167,14 @@ def dequantize_into(qw: QuantizedWeight, out: torch.Tensor) -> torch.Tensor:
             data, scales, zeros if zeros is not None else scales,
             dqs if dqs is not None else scales, dqo if dqo is not None else scales, lut, out,
             N, K, data.stride(0), G, C, 0.0, FMT=fmt, HAS_ZEROS=zeros is not None,
-            DQ=dqs is not None, GROUP=GROUP, GB=GB, BN=BN_DEQ4, BK=BK,
+            DQ=dqs is not None, OFFSET=offset, GROUP=GROUP, GB=GB, BN=BN_DEQ4, BK=BK,
             EMULATE_BF16=emulate_bf16(out.dtype), num_warps=WARPS_DEQ, enable_fp_fusion=False)
         return out
     grid = (triton.cdiv(N, BN_DEQ), triton.cdiv(K, BK_DEQ))
     _dequant_kernel[grid](
         data, scales, zeros if zeros is not None else scales, dqs if dqs is not None else scales,
         dqo if dqo is not None else scales, lut, out, N, K, data.stride(0), G, C, 0.0,
-        FMT=fmt, HAS_ZEROS=zeros is not None, DQ=dqs is not None,
+        FMT=fmt, HAS_ZEROS=zeros is not None, DQ=dqs is not None, OFFSET=offset,
         GROUP=F.effective_group(qw.group_size, K) if G > 1 else 1 << 30, BN=BN_DEQ, BK=BK_DEQ,
         EMULATE_BF16=emulate_bf16(out.dtype),
         num_warps=WARPS_DEQ, enable_fp_fusion=False)
@@ -169,4 +189,4 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     return out
 
 
-assert FMT_INT8 == 0 and FMT_INT4 == 1 and FMT_NF4 == 2  # the kernel tests FMT by value
+assert FMT_INT8 == 0 and FMT_INT4 == 1 and FMT_NF4 == 2 and FMT_FP4 == 3  # tested by value

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_BLOCK_W, SCALE_PLANE, SCALE_ROW,
-                      TWO23, cast_out, decode_absmax, hi_shift, interpreting, launch, nf4_lut,
+                      TWO23, cast_out, decode_absmax, hi_shift, interpreting, launch, codebook_lut,
                       plane_value, rne_bf16, splitk_reduce, tl_dtype)
 from .layout import GPUWeight, group_const
 
@@ -98,7 +98,7 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     if SCALE_MODE == 0:
-        if FMT == 1 and HAS_ZEROS:
+        if HAS_ZEROS:
             z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
         else:
             z_row = ZERO_CONST
@@ -123,7 +123,7 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                                     tl.load(dqo_ptr + cg, mask=g_ok, other=0.0), zero_rt)
             else:
                 s_g = tl.load(s_ptr + gidx_s * N + offs_n, mask=g_ok, other=0.0)
-            if FMT == 1 and HAS_ZEROS:
+            if HAS_ZEROS:
                 z_s = tl.load(z_ptr + gidx_s * N + offs_n, mask=g_ok, other=0).to(tl.float32)[:, None]
             else:
                 z_s = ZERO_CONST
@@ -139,7 +139,7 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
             shifts = tl.arange(0, P) * BITS
             codes = tl.reshape((words.reshape([BN, CB, 1, 16]) >> shifts[None, None, :, None]) & MASK,
                                [BN, BKF])
-            if FMT == 2:
+            if FMT >= 2:  # codebook (nf4, fp4)
                 v = tl.load(lut_ptr + codes)
             elif SCALE_MODE == 2:
                 v = (codes | magic).to(tl.float32, bitcast=True) - TWO23
@@ -159,10 +159,10 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                                        tl.load(dqo_ptr + cidx, mask=gmask, other=0.0), zero_rt)
                 else:
                     s3 = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
-                if FMT == 1 and HAS_ZEROS:
+                if HAS_ZEROS:
                     z3 = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
                     v = v - tl.reshape(tl.broadcast_to(z3[:, :, :, None], [BN, CB, P, 16]), [BN, BKF])
-                elif FMT != 2:
+                elif FMT < 2:
                     v = v - ZERO_CONST
                 wf = v * tl.reshape(tl.broadcast_to(s3[:, :, :, None], [BN, CB, P, 16]), [BN, BKF])
             elif SCALE_MODE == 3:
@@ -213,9 +213,9 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                 else:
                     s_i = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
                 s_i = tl.reshape(tl.broadcast_to(s_i[:, :, None], [BN, CB, 16]), [BN, W])
-                if FMT == 2:
+                if FMT >= 2:  # codebook (nf4, fp4)
                     v = tl.load(lut_ptr + ((words >> (BITS * i)) & MASK))
-                elif FMT == 1 and HAS_ZEROS:
+                elif HAS_ZEROS:
                     z_i = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
                     z_i = tl.reshape(tl.broadcast_to(z_i[:, :, None], [BN, CB, 16]), [BN, W])
                     v = plane_value(words, hi, z_i, magic, i, BITS)
@@ -223,7 +223,7 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                     v = plane_value(words, hi, ZERO_CONST, magic, i, BITS)
                 wf = v * s_i  # the decoded weight, as reference.dequantize computes it
             elif SCALE_MODE == 3:
-                if FMT == 2:
+                if FMT >= 2:  # codebook (nf4, fp4)
                     v = tl.load(lut_ptr + ((words >> (BITS * i)) & MASK))
                 else:
                     v = plane_value(words, hi, z_s, magic, i, BITS)
@@ -287,7 +287,7 @@ def gemm_scale_mode(gw: GPUWeight, BK: int, exact: bool = True) -> int:
     put the decoded (rounded) weight there (module docstring). ``exact=False`` trades the
     second accumulator of SCALE_BLOCK for one rounding per weight (large tiles)."""
     one_group_per_step = gw.n_groups == 1 or gw.group % BK == 0
-    if gw.fmt == "nf4":  # codebook values are not exact in 16 bits: scale before rounding
+    if FMT_IDS[gw.fmt] >= 2:  # nf4 / fp4 values are not exact in 16 bits: scale before rounding
         return SCALE_BLOCK_W if one_group_per_step else SCALE_PLANE
     if gw.n_groups == 1:
         return SCALE_ROW
@@ -313,7 +313,7 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
     SPLIT_K = triton.cdiv(nblk, blocks_per_split)
     BK = CB * gw.block
     mode = gemm_scale_mode(gw, BK, EXACT)
-    lut = nf4_lut(x2d.device) if gw.fmt == "nf4" else gw.scales
+    lut = codebook_lut(x2d.device, gw.fmt) if FMT_IDS[gw.fmt] >= 2 else gw.scales
     dummy = gw.scales
     ws = torch.empty((SPLIT_K, M, N), dtype=torch.float32, device=x2d.device) if SPLIT_K > 1 else out
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), SPLIT_K)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, cast_out,
-                      decode_absmax, emulate_bf16, hi_shift, interpreting, launch, nf4_lut,
+                      decode_absmax, emulate_bf16, hi_shift, interpreting, launch, codebook_lut,
                       plane_value, split_counters, splitk_reduce)
 from .layout import GPUWeight, group_const
 
@@ -62,7 +62,7 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
     w_rows = codes_ptr + offs_n.to(tl.int64)[:, None, None] * KW
     acc = tl.zeros([BN, CB, 16], dtype=tl.float32)
     if SCALE_MODE == 0:  # one group per row: zero point per row, scale applied at the end
-        if FMT == 1 and HAS_ZEROS:
+        if HAS_ZEROS:
             z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None, None]
         else:
             z_row = ZERO_CONST
@@ -101,7 +101,7 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                                       tl.load(dqo_ptr + cidx, mask=gmask, other=0.0), zero_rt)
             else:
                 s_blk = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
-            if FMT == 1 and HAS_ZEROS:
+            if HAS_ZEROS:
                 z_blk = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)[:, :, None]
             else:
                 z_blk = ZERO_CONST
@@ -123,17 +123,17 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                                         tl.load(dqo_ptr + cidx, mask=gmask, other=0.0), zero_rt)
                 else:
                     s_i = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
-                if FMT == 2:
+                if FMT >= 2:  # codebook (nf4, fp4)
                     v = tl.load(lut_ptr + ((words >> (BITS * i)) & MASK))
                 else:
-                    if FMT == 1 and HAS_ZEROS:
+                    if HAS_ZEROS:
                         z_i = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
                         v = plane_value(words, hi, z_i[:, :, None], magic, i, BITS)
                     else:
                         v = plane_value(words, hi, ZERO_CONST, magic, i, BITS)
                 acc += (v * xi) * s_i[:, :, None]
             else:
-                if FMT == 2:
+                if FMT >= 2:  # codebook (nf4, fp4)
                     v = tl.load(lut_ptr + ((words >> (BITS * i)) & MASK))
                 elif SCALE_MODE == 1:
                     v = plane_value(words, hi, z_blk, magic, i, BITS)
@@ -207,7 +207,7 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
     SPLIT_K = triton.cdiv(nblk, blocks_per_split)
     mode = scale_mode(gw, gw.block)
     fmt = FMT_IDS[gw.fmt]
-    lut = nf4_lut(x2d.device) if gw.fmt == "nf4" else gw.scales
+    lut = codebook_lut(x2d.device, gw.fmt) if FMT_IDS[gw.fmt] >= 2 else gw.scales
     dummy = gw.scales
     ws = torch.empty((SPLIT_K, M, N), dtype=torch.float32, device=x2d.device) if SPLIT_K > 1 else out
     grid = (M, triton.cdiv(N, BN), SPLIT_K)

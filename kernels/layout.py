@@ -19,8 +19,13 @@ Layout (``GPUWeight``; N = out_features, K = in_features, G = groups, C = ceil(G
                             decodes as (code - zero) * scale, int8 with the constant zero 128.
     scales  [G, N]          the canonical scales transposed (float32; uint8 absmax codes for
                             double-quantized nf4)
-    zeros   uint8 [G, N]    asymmetric int4 only
-    dq_scale, dq_offset     float32 [C, N] (double-quantized nf4 only)
+    zeros   [G, N]          asymmetric int4: uint8 z; int8 with zero-points: int16 z + 128
+                            (the codes' own offset, so code - zero = q - z)
+    dq_scale, dq_offset     float32 [C, N] (double-quantized nf4 / fp4 only)
+
+int4 with float offsets (zero_point="float") has no layout here: the fused kernels decode
+``code - zero`` and scale after the sum, which a float offset does not fit; lowbit.kernels runs
+those weights as dequantize + torch matmul (``supports_fused``).
 
 It is produced by :func:`repack` and cached per weight by :func:`gpu_weight`: in the
 QuantizedWeight's own ``cache`` dict (QuantLinear keeps one object across calls) and in a
@@ -118,8 +123,16 @@ def interleave_blocks(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.to(torch.int32).reshape(n, nblk * 16)
 
 
+def supports_fused(qw: QuantizedWeight) -> bool:
+    """Whether the fused GEMV / GEMM kernels take ``qw`` (all but int4's float offsets)."""
+    return qw.zero_point != "float"
+
+
 def repack(qw: QuantizedWeight) -> GPUWeight:
     """The GPU layout of ``qw`` (on qw's device), computed with plain torch ops."""
+    if not supports_fused(qw):
+        raise ValueError("int4 with float offsets (zero_point='float') has no GPU layout for the "
+                         "fused kernels; lowbit.kernels.linear runs it as dequantize + matmul")
     N, K = qw.shape
     bits = 8 if qw.fmt == "int8" else 4
     P = 32 // bits
@@ -133,10 +146,13 @@ def repack(qw: QuantizedWeight) -> GPUWeight:
     def t(x):
         return None if x is None else x.t().contiguous()
 
+    zeros = qw.zeros
+    if qw.fmt == "int8" and zeros is not None:  # the codes are q + 128: so is the zero-point
+        zeros = (zeros.to(torch.int32) + 128).to(torch.int16)
     return GPUWeight(fmt=qw.fmt, shape=(N, K), group_size=qw.group_size,
                      group=F.effective_group(qw.group_size, K), n_groups=qw.n_groups,
                      symmetric=qw.symmetric, double_quant=qw.double_quant, bits=bits, codes=codes,
-                     scales=t(qw.scales), zeros=t(qw.zeros), dq_scale=t(qw.dq_scale),
+                     scales=t(qw.scales), zeros=t(zeros), dq_scale=t(qw.dq_scale),
                      dq_offset=t(qw.dq_offset))
 
 
@@ -214,9 +230,10 @@ def gpu_weight(qw: QuantizedWeight) -> GPUWeight:
     return gw
 
 
-def prepare(qw: QuantizedWeight) -> GPUWeight:
-    """Repack ``qw`` for the GPU now (e.g. right after moving a model to CUDA)."""
-    return gpu_weight(qw)
+def prepare(qw: QuantizedWeight) -> Optional[GPUWeight]:
+    """Repack ``qw`` for the GPU now (e.g. right after moving a model to CUDA); None for the
+    weights the fused kernels do not take (:func:`supports_fused`), which need no layout."""
+    return gpu_weight(qw) if supports_fused(qw) else None
 
 
 def forget(qw: Optional[QuantizedWeight] = None) -> None:

@@ -38,7 +38,7 @@ KERNELS = ("gemv", "gemm", "dequant_mm")
 class Choice:
     kernel: str  # one of KERNELS
     params: Dict[str, object] = field(default_factory=dict)  # launch parameters
-    source: str = "heuristic"  # "tuned", "nearest" or "heuristic"
+    source: str = "heuristic"  # "tuned", "nearest", "heuristic" or "variant" (kernels.plan)
 
 
 def m_bucket(M: int) -> int:
@@ -48,11 +48,13 @@ def m_bucket(M: int) -> int:
     return M_BUCKETS[-1]
 
 
-def variant_of(fmt: str, symmetric: bool, double_quant: bool) -> str:
+def variant_of(fmt: str, symmetric: bool, double_quant: bool, zero_point: str = "int") -> str:
     if fmt == "int4":
-        return "sym" if symmetric else "asym"
-    if fmt == "nf4":
+        return "sym" if symmetric else ("float" if zero_point == "float" else "asym")
+    if fmt in ("nf4", "fp4"):
         return "dq" if double_quant else "plain"
+    if fmt == "int8" and not symmetric:
+        return "asym"
     return "-"
 
 

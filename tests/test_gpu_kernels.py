@@ -32,7 +32,11 @@ import lowbit
 from lowbit import reference as R
 from lowbit.testing import accumulation_rtol, assert_linear_close
 
-from conftest import FORMAT_CASES, case_id
+from conftest import FORMAT_CASES, NEW_FORMAT_CASES, case_id
+
+ALL_CASES = FORMAT_CASES + NEW_FORMAT_CASES
+# the fused GEMV / GEMM take every variant but int4's float offsets (dequantize + matmul)
+FUSED_CASES = [c for c in ALL_CASES if c[1].get("zero_point") != "float"]
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 
@@ -90,7 +94,7 @@ def poisoned(M, N, dtype):
 
 
 # ---- layout -------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
 def test_gpu_layout_round_trip(case):
     fmt, opts = case
     for N, K in ((3, 7), (5, 130), (4, 300)):
@@ -104,6 +108,9 @@ def test_gpu_layout_round_trip(case):
             want = R.unpack_nibbles(qw.data, K)
         assert torch.equal(codes, want)
         assert torch.equal(gw.scales, qw.scales.t())
+        if qw.zeros is not None:  # int8: z + 128, matching its codes q + 128
+            shift = 128 if fmt == "int8" else 0
+            assert torch.equal(gw.zeros.to(torch.int32), (qw.zeros.to(torch.int32) + shift).t())
 
 
 def test_gpu_layout_cache_invalidation():
@@ -121,7 +128,7 @@ def test_gpu_layout_cache_invalidation():
 
 
 # ---- dequantize ---------------------------------------------------------------------------
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+@pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
 def test_dequantize_bit_exact(case):
     fmt, opts = case
     for i, (N, K) in enumerate(SHAPES):
@@ -130,11 +137,12 @@ def test_dequantize_bit_exact(case):
             got = LK.dequantize(qw, dt)
             want = R.dequantize(qw.to("cpu"), dt)
             assert got.dtype == dt and got.shape == (N, K)
-            assert torch.equal(got.cpu(), want), (fmt, opts, N, K, dt)
+            bits = torch.int32 if dt == torch.float32 else torch.int16  # -0.0 (fp4) must match
+            assert torch.equal(got.cpu().view(bits), want.view(bits)), (fmt, opts, N, K, dt)
 
 
 # ---- GEMV ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
 def test_gemv_matches_reference(case):
     fmt, opts = case
     for i, (N, K) in enumerate(SHAPES):
@@ -156,7 +164,7 @@ def test_gemv_matches_reference(case):
 
 
 # ---- tensor-core GEMM ---------------------------------------------------------------------
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=case_id)
 def test_gemm_matches_reference(case):
     fmt, opts = case
     for i, (N, K) in enumerate(SHAPES):
@@ -174,7 +182,7 @@ def test_gemm_matches_reference(case):
                                EXACT=False, FULL_TILE=i % 2 == 0)][j]
             else:
                 params = dict(BM=16, BN=16, CB=1, SWAP=bool(i % 2), SPLIT_K=1 + (i + j) % 2,
-                              EXACT=bool(i % 2), FULL_TILE=(FORMAT_CASES.index(case) + i) % 2 == 0,
+                              EXACT=bool(i % 2), FULL_TILE=(FUSED_CASES.index(case) + i) % 2 == 0,
                               dot_f32=dt == torch.bfloat16)
             out = gemm(x, gw, bias, poisoned(M, N, dt), **params)
             rtol = gemm_rtol(qw, gw, K, dt, params["CB"] * gw.block, params.get("EXACT", True))
@@ -184,7 +192,7 @@ def test_gemm_matches_reference(case):
 
 def test_odd_group_sizes():
     """Groups that are multiples of 16 but not powers of two (48, 80): every kernel."""
-    for fmt, g in (("int4", 48), ("nf4", 80)):
+    for fmt, g in (("int4", 48), ("nf4", 80), ("int8", 48), ("fp4", 80)):
         N, K = (300, 1000) if REAL_GPU else (5, 200)
         qw = quantized(N, K, fmt, {"group_size": g})
         for dt in DTYPES:
@@ -236,6 +244,22 @@ def test_linear_routes_every_kernel():
         if dt == torch.float32:
             assert choice.kernel != "gemm"  # no tensor cores (no TF32) for float32 activations
     assert seen == {"gemv", "gemm", "dequant_mm"}
+
+
+def test_float_offset_int4_runs_as_dequantize_and_matmul():
+    """int4 with float offsets (GGUF Q4_1 / Q4_K) has no fused-kernel layout: plan() picks
+    dequant_mm, prepare() makes nothing, the fused kernels' layout refuses it by name."""
+    N, K = (300, 1000) if REAL_GPU else (9, 96)
+    qw = quantized(N, K, "int4", {"zero_point": "float", "group_size": 32})
+    for M, dt in ((1, torch.float32), (3, torch.float16)):
+        x = make_x(M, K, dt, seed=M)
+        choice = LK.plan(x, qw)
+        assert choice.kernel == "dequant_mm" and choice.source == "variant"
+        rtol = None if dt == torch.float32 else accumulation_rtol(K) + torch.finfo(dt).eps / 2
+        assert_linear_close(LK.linear(x, qw), R.linear(x, qw), x, qw, rtol=rtol)
+    assert LK.prepare(qw) is None
+    with pytest.raises(ValueError, match="float offsets"):
+        layout.gpu_weight(qw)
 
 
 def test_linear_odd_inputs():

@@ -1,0 +1,278 @@
+"""Mixed precision and LLM.int8 outliers on the bundled SmolLM2-135M: perplexity tables.
+
+Not a test: prints tables and writes JSON. Evaluation: the first --tokens tokens of the bundled
+Wikipedia text in windows of --ctx (lowbit.evaluate.perplexity). Calibration: --samples
+sequences of 512 tokens from token 262144 on (lowbit.quantize.calibration_from_text, a slice
+disjoint from the evaluation's). The lm_head stays in float.
+
+    .venv/bin/python bench/mixed_precision.py mixed --budgets 4.5 --json mixed.json
+    .venv/bin/python bench/mixed_precision.py validate --json validate.json
+    .venv/bin/python bench/mixed_precision.py outliers --json outliers.json
+
+* ``mixed``: every uniform 4-bit RTN setting, int8 and fp32, then the mixed-precision plan at
+  each budget (RTN per layer), with the plan's predicted NLL increase beside the measured one.
+  Layers are fake-quantized (weights replaced by lowbit's exact dequantization, float matmul:
+  the numbers lowbit's exact CPU path computes, up to float32 summation order) unless --real,
+  which installs QuantLinear layers through lowbit.quantize_model.
+* ``validate``: for a sample of layers and candidates, the Fisher and Hessian proxies against
+  the measured increase of the calibration loss with only that layer quantized.
+* ``outliers``: int8 vs LLM.int8 (int8 + float outlier columns) at several thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+import lowbit  # noqa: E402
+from lowbit import evaluate as E  # noqa: E402
+from lowbit.quantize import calibration_from_text  # noqa: E402
+from lowbit.quantize.config import describe_format, format_kwargs, resolve_format  # noqa: E402
+from lowbit.quantize import mixed as M  # noqa: E402
+
+# Every uniform 4-bit RTN setting the plan is compared with (int4 asym g32 is printed for the
+# record only: it reproduces this checkpoint's Q4_1 weights exactly, see DESIGN.md).
+UNIFORM = [
+    {"format": "int4", "group_size": 128, "symmetric": False},
+    {"format": "int4", "group_size": 64, "symmetric": False},
+    {"format": "int4", "group_size": 128, "symmetric": True},
+    {"format": "int4", "group_size": 64, "symmetric": True},
+    {"format": "int4", "group_size": 32, "symmetric": True},
+    {"format": "nf4", "group_size": 64},
+    {"format": "nf4", "group_size": 64, "double_quant": True},
+    {"format": "nf4", "group_size": 32},
+]
+TRAP = {"format": "int4", "group_size": 32, "symmetric": False}
+
+
+def targets_of(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+
+
+@torch.no_grad()
+def fake_apply(model, choices):
+    """Replace each named Linear's weight by its exact dequantization; returns stored bits."""
+    mods = dict(model.named_modules())
+    bits = 0
+    for name, opts in choices.items():
+        lin = mods[name]
+        f, kw = format_kwargs(resolve_format(dict(opts)))
+        qw = lowbit.quantize_weight(lin.weight.detach(), f, **kw)
+        lin.weight.copy_(lowbit.dequantize(qw, lin.weight.dtype))
+        bits += 8 * qw.nbytes
+    return bits
+
+
+def ppl(model, ids, ctx):
+    t0 = time.perf_counter()
+    r = E.perplexity(model, ids, ctx, progress=False)
+    return r["perplexity"], r["nll"], time.perf_counter() - t0
+
+
+def setup(args):
+    torch.set_num_threads(args.threads)
+    loader, tok, _ = E.make_loader(verbose=False)
+    ids, _ = E.load_tokens(tok, args.tokens)
+    calib = calibration_from_text(tok, n_samples=args.samples, seq_len=512, batch_size=8)
+    return loader, tok, ids, calib
+
+
+def save(args, doc):
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, args.json)
+
+
+def cmd_mixed(args):
+    from tabulate import tabulate
+    loader, tok, ids, calib = setup(args)
+    doc = {"tokens": int(ids.numel()), "ctx": args.ctx, "calibration_samples": args.samples,
+           "threads": args.threads, "real": args.real, "rows": [], "plans": {}}
+    rows = doc["rows"]
+
+    def add(label, desc, bits, p, nll, secs, pred=None, extra=None):
+        rows.append({"config": label, "format": desc, "bits_per_weight": bits, "perplexity": p,
+                     "nll": nll, "seconds": secs, "predicted_dnll": pred, **(extra or {})})
+        save(args, doc)
+        print(f"  {label:28s} {desc:22s} {bits:7.3f} bits/w  ppl {p:8.3f}  ({secs:.0f} s)", flush=True)
+
+    model = loader()
+    n_w = sum(m.weight.numel() for m in targets_of(model).values())
+    p, nll0, s = ppl(model, ids, args.ctx)
+    add("fp32", "fp32", 32.0, p, nll0, s)
+    del model
+    uniform = [] if args.skip_uniform else UNIFORM + [{"format": "int8"}] + ([TRAP] if args.trap else [])
+    for opts in uniform:
+        opts = resolve_format(opts)
+        model = loader()
+        bits = fake_apply(model, {n: opts for n in targets_of(model)})
+        p, nll, s = ppl(model, ids, args.ctx)
+        label = "uniform" + (" (trap: exact Q4_1 grid)" if opts == resolve_format(TRAP) else "")
+        add(label, describe_format(opts), bits / n_w, p, nll, s)
+        del model
+
+    for budget in args.budgets:
+        for method in args.sensitivity:
+            model = loader()
+            cfg = lowbit.QuantConfig(format="int4", group_size=64, max_bits_per_weight=budget)
+            t0 = time.perf_counter()
+            plan = M.plan_mixed_precision(model, targets_of(model), calib, cfg, sensitivity=method,
+                                          max_tokens=args.plan_tokens, progress=args.progress)
+            t_plan = time.perf_counter() - t0
+            print(plan.table(), flush=True)
+            doc["plans"][f"{budget}:{method}"] = plan.to_dict()
+            # The plan's own prediction for every uniform setting, to set beside the measurements.
+            pred_uniform = {describe_format(c): plan.uniform(j)[1] for j, c in enumerate(plan.candidates)}
+            doc["plans"][f"{budget}:{method}"]["predicted_uniform"] = pred_uniform
+            if args.real:
+                del model
+                model = loader()
+                cfg_real = lowbit.QuantConfig(format="int4", group_size=64, max_bits_per_weight=budget)
+                lowbit.quantize_model(model, cfg_real, calib, progress=False)
+                bits = model.lowbit_report.bits_per_weight()
+            else:
+                bits = fake_apply(model, plan.choices) / n_w
+            p, nll, s = ppl(model, ids, args.ctx)
+            add(f"mixed {budget:g} ({method})", "per-layer plan", bits, p, nll, s,
+                pred=plan.predicted_increase if method != "hessian" else None,
+                extra={"plan_seconds": t_plan})
+            del model
+
+    print()
+    table = []
+    plan_pred = next(iter(doc["plans"].values()), {}).get("predicted_uniform", {}) if doc["plans"] else {}
+    for r in rows:
+        pred = r["predicted_dnll"] if r["predicted_dnll"] is not None else plan_pred.get(r["format"])
+        table.append([r["config"], r["format"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.3f}",
+                      f"{r['nll'] - nll0:+.4f}", "" if pred is None else f"{pred:+.4f}"])
+    print(tabulate(table, headers=["config", "format", "bits/w", "perplexity", "measured dNLL",
+                                   "predicted dNLL (fisher, additive)"], disable_numparse=True))
+
+
+def cmd_validate(args):
+    from scipy.stats import pearsonr, spearmanr
+    from tabulate import tabulate
+    loader, tok, ids, calib = setup(args)
+    model = loader()
+    targets = targets_of(model)
+    names = [n for n in targets if any(f"layers.{i}." in n for i in args.layers)]
+    sub = {n: targets[n] for n in names}
+    cands = M.candidate_ladder(None, args.candidates)
+    doc = {"layers": names, "candidates": [describe_format(c) for c in cands],
+           "validation_tokens": args.val_tokens, "threads": args.threads}
+    out = {}
+    for method in ("fisher", "hessian", "loss"):
+        t0 = time.perf_counter()
+        tab = M.measure_sensitivity(model, sub, calib, cands, method, max_tokens=args.val_tokens,
+                                    progress=args.progress)
+        out[method] = tab.values
+        doc[method] = tab.values
+        doc[method + "_seconds"] = time.perf_counter() - t0
+        save(args, doc)
+        print(f"{method}: {time.perf_counter() - t0:.0f} s", flush=True)
+    flat = {k: [x for row in v for x in row] for k, v in out.items()}
+    stats = []
+    for method in ("fisher", "hessian"):
+        rs = spearmanr(flat[method], flat["loss"]).statistic
+        rp = pearsonr(flat[method], flat["loss"]).statistic
+        ratio = None
+        if method == "fisher":
+            pos = [(a, b) for a, b in zip(flat["fisher"], flat["loss"]) if b > 0]
+            ratio = sorted(a / b for a, b in pos)[len(pos) // 2] if pos else None
+        stats.append([method, f"{rs:.3f}", f"{rp:.3f}", "" if ratio is None else f"{ratio:.2f}"])
+        doc[method + "_spearman"], doc[method + "_pearson"] = rs, rp
+        if ratio is not None:
+            doc["fisher_median_ratio"] = ratio
+    save(args, doc)
+    rows = []
+    for i, n in enumerate(names):
+        for j, c in enumerate(cands):
+            rows.append([n, describe_format(c), f"{out['loss'][i][j]:+.5f}", f"{out['fisher'][i][j]:.5f}",
+                         f"{out['hessian'][i][j]:.4g}"])
+    print(tabulate(rows, headers=["layer", "format", "measured dNLL", "fisher", "hessian"],
+                   disable_numparse=True))
+    print(tabulate(stats, headers=["proxy", "Spearman vs measured", "Pearson", "median pred/measured"],
+                   disable_numparse=True))
+
+
+def cmd_outliers(args):
+    from tabulate import tabulate
+    loader, tok, ids, calib = setup(args)
+    rows = []
+    doc = {"tokens": int(ids.numel()), "rows": rows}
+    model = loader()
+    p0, nll0, _ = ppl(model, ids, args.ctx)
+    rows.append({"config": "fp32", "perplexity": p0, "bits_per_weight": 32.0})
+    del model
+    for t in [None] + args.thresholds:
+        model = loader()
+        if t is None:
+            cfg = lowbit.QuantConfig(format="int8")
+            label = "int8 per-row (rtn)"
+        else:
+            cfg = lowbit.QuantConfig(method="llm.int8", outlier_threshold=t)
+            label = f"llm.int8 threshold {t:g}"
+        lowbit.quantize_model(model, cfg, calib, progress=False)
+        qls = [m for m in model.modules() if isinstance(m, lowbit.QuantLinear)]
+        n_w = sum(m.in_features * m.out_features for m in qls)
+        bits = sum(m.bits_per_weight * m.in_features * m.out_features for m in qls) / n_w
+        n_cols = sum(getattr(m, "n_outliers", 0) for m in qls)
+        n_layers = sum(1 for m in qls if getattr(m, "n_outliers", 0))
+        p, nll, s = ppl(model, ids, args.ctx)
+        rows.append({"config": label, "perplexity": p, "bits_per_weight": bits,
+                     "outlier_columns": n_cols, "layers_with_outliers": n_layers, "seconds": s})
+        save(args, doc)
+        print(f"  {label}: ppl {p:.3f}, {bits:.3f} bits/w, {n_cols} outlier columns in {n_layers} layers",
+              flush=True)
+        del model
+    print(tabulate([[r["config"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.3f}",
+                     f"{(r['perplexity'] / p0 - 1) * 100:+.2f}%", r.get("outlier_columns", ""),
+                     r.get("layers_with_outliers", "")] for r in rows],
+                   headers=["config", "bits/w", "perplexity", "vs fp32", "outlier cols", "layers"],
+                   disable_numparse=True))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["mixed", "validate", "outliers"])
+    ap.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default 16384)")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=32, help="calibration sequences of 512 tokens")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--progress", action="store_true")
+    # mixed
+    ap.add_argument("--budgets", type=float, nargs="+", default=[4.5])
+    ap.add_argument("--sensitivity", nargs="+", default=["fisher"], choices=list(M.SENSITIVITY_METHODS))
+    ap.add_argument("--plan-tokens", type=int, default=M.MAX_SENSITIVITY_TOKENS)
+    ap.add_argument("--skip-uniform", action="store_true")
+    ap.add_argument("--trap", action="store_true", help="also print int4 asym g32 (exact on this model)")
+    ap.add_argument("--real", action="store_true", help="QuantLinear via quantize_model, not fake quantization")
+    # validate
+    ap.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
+    ap.add_argument("--candidates", nargs="+", default=None,
+                    help="format names for validate (default: nf4 b64 dq, int4 asym g128, int4 sym g64)")
+    ap.add_argument("--val-tokens", type=int, default=2048)
+    # outliers
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[6.0, 4.0])
+    args = ap.parse_args(argv)
+    if args.command == "validate" and args.candidates is None:
+        args.candidates = [{"format": "nf4", "group_size": 64, "double_quant": True},
+                           {"format": "int4", "group_size": 128, "symmetric": False},
+                           {"format": "int4", "group_size": 64, "symmetric": True}]
+    {"mixed": cmd_mixed, "validate": cmd_validate, "outliers": cmd_outliers}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ from lowbit import reference as R
 from lowbit.parallel import shard as S
 from lowbit.testing import accumulation_rtol, assert_linear_close
 
-from conftest import FORMAT_CASES, case_id
+from conftest import FORMAT_CASES, NEW_FORMAT_CASES, case_id
 
 try:
     import transformers  # noqa: F401
@@ -61,7 +61,7 @@ def _block_perm(bounds):
 
 
 # ---- shard functions: bit-exact slices -----------------------------------------------------------
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+@pytest.mark.parametrize("case", FORMAT_CASES + NEW_FORMAT_CASES, ids=case_id)
 def test_shards_dequantize_to_exact_slices(case):
     fmt, opts = case
     N, K = 7, _k_for(fmt, opts)
@@ -79,7 +79,8 @@ def test_shards_dequantize_to_exact_slices(case):
             assert torch.equal(lowbit.dequantize(col), full[:, kb[r]:kb[r + 1]]), (world, r)
             assert torch.equal(R.dequantize(col), full[:, kb[r]:kb[r + 1]]), (world, r)
             assert torch.equal(lowbit.dequantize(row), full[nb[r]:nb[r + 1]]), (world, r)
-            assert col.fmt == qw.fmt and col.group_size == qw.group_size and col.symmetric == qw.symmetric
+            assert col.config() | {"shape": None, "double_quant": None} == \
+                qw.config() | {"shape": None, "double_quant": None}
             # shards own their memory (the unsharded tensors can be freed)
             for t in list(col.tensors().values()) + list(row.tensors().values()):
                 assert t.untyped_storage().data_ptr() != qw.data.untyped_storage().data_ptr()
@@ -186,10 +187,13 @@ def test_unknown_field_is_refused(monkeypatch):
 
 
 # ---- parallel layers without communication ------------------------------------------------------
-@pytest.mark.parametrize("quantized", [True, False])
-def test_layers_assemble_the_unsharded_output(quantized):
+@pytest.mark.parametrize("kind", ["quantized", "outliers", "float"])
+def test_layers_assemble_the_unsharded_output(kind):
     lin = nn.Linear(96, 10)
-    layer = QuantLinear.from_linear(lin, "int4", group_size=32) if quantized else lin
+    quantized = kind != "float"
+    out_cols = torch.tensor([90, 3, 40, 33]) if kind == "outliers" else None
+    layer = (QuantLinear.from_linear(lin, "int4", group_size=32, outlier_cols=out_cols) if quantized
+             else lin)
     x = torch.randn(2, 3, 96)
     world = 3
     cols = [tp.ColumnParallelQuantLinear.from_linear(layer, world, r, bounds=[0, 4, 7, 10])
@@ -200,8 +204,12 @@ def test_layers_assemble_the_unsharded_output(quantized):
     # row-parallel: local partial sums (the all-reduce adds them), bias once
     partial = sum(r.local(x[..., r.bounds[r.rank]:r.bounds[r.rank + 1]]) for r in rows)
     summed = partial + rows[0].bias
-    w = layer.qweight if quantized else lin.weight
-    ref = R.linear(x, w, lin.bias) if quantized else nn.functional.linear(x, lin.weight, lin.bias)
+    # the layer's effective weight (outlier columns in float) through torch's float32 matmul
+    w = layer.dequantize() if quantized else lin.weight
+    ref = nn.functional.linear(x, w, lin.bias)
+    if kind == "outliers":
+        assert [c.local.n_outliers for c in cols] == [4, 4, 4]
+        assert [r.local.n_outliers for r in rows] == [1, 2, 1]  # of [0, 32), [32, 64), [64, 96)
     assert_linear_close(out, ref, x, w, bias=lin.bias)
     assert_linear_close(summed.detach(), ref.detach(), x, w, bias=lin.bias)
     assert all(r.local.bias is None for r in rows)
@@ -329,6 +337,9 @@ MODEL_CASES = [
     ("int4-sym-g64", "int4", {"group_size": 64, "symmetric": True}, {"uneven": True}, BIAS),
     ("nf4-b32", "nf4", {"group_size": 32}, {"uneven": True}, {}),
     ("nf4-dq-b16", "nf4", {"group_size": 16, "double_quant": True}, {"uneven": True}, {}),
+    ("fp4-dq-b16", "fp4", {"group_size": 16, "double_quant": True}, {"uneven": True}, {}),
+    ("int4-float-offset-g32", "int4", {"zero_point": "float", "group_size": 32}, {"uneven": True}, {}),
+    ("int8-asym-g32", "int8", {"symmetric": False, "group_size": 32}, {"uneven": True}, {}),
 ]
 
 
@@ -345,9 +356,11 @@ def _logits_tol(ref: torch.Tensor, depth: int, K: int) -> float:
 
 
 def _reference_linear(orig: nn.Module, x: torch.Tensor):
-    if isinstance(orig, QuantLinear):
+    if isinstance(orig, QuantLinear) and orig.n_outliers == 0:
         return R.linear(x, orig.qweight, orig.bias), orig.qweight, orig.bias
-    return nn.functional.linear(x, orig.weight, orig.bias), orig.weight, orig.bias
+    # float layers, and the effective weight of a QuantLinear with float outlier columns
+    w = orig.dequantize() if isinstance(orig, QuantLinear) else orig.weight
+    return nn.functional.linear(x, w, orig.bias), w, orig.bias
 
 
 def _check_layers(sharded: nn.Module, unsharded: nn.Module, run, label: str):
@@ -437,11 +450,21 @@ def _mesh_and_files_case(rank, ids, directory):
     from lowbit.evaluate import quantize_linears
     m = _tiny_model(seed=1)
     quantize_linears(m, "int4", group_size=32)
+    # LLM.int8-style outlier columns (kept in float) on a column- and a row-parallel layer
+    g = torch.Generator().manual_seed(4)
+    for parent, name in ((m.model.layers[0].self_attn, "q_proj"), (m.model.layers[1].mlp, "down_proj")):
+        q = getattr(parent, name)
+        cols = torch.randperm(q.in_features, generator=g)[:5]
+        setattr(parent, name, QuantLinear.from_quantized(
+            q.qweight, q.bias, outlier_cols=cols,
+            outlier_weight=torch.randn(q.out_features, 5, generator=g) * 0.2))
     mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
     with torch.inference_mode():
         ref = m(ids).logits
         s = tp.shard_model(copy.deepcopy(m), mesh=mesh["tp"], uneven=True)
-        got = s(ids).logits
+        got, checked = _check_layers(s, m, lambda: s(ids).logits, "mesh")
+        assert s.model.layers[1].mlp.down_proj.local.n_outliers + \
+            s.model.layers[0].self_attn.q_proj.local.n_outliers > 0
         torch.testing.assert_close(got, ref, rtol=0, atol=_logits_tol(ref, 9, 288))
         tp.save_shards(s, directory)
         assert sorted(os.listdir(directory)) == ["manifest.json", "rank0-of-2.safetensors",

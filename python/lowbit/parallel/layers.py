@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..nn import QuantLinear
+from ..qweight import TENSOR_FIELDS
 from . import shard as S
 
 
@@ -59,12 +60,35 @@ def _check_rank(bounds: Sequence[int], rank: int) -> List[int]:
     return b
 
 
+# QuantLinear buffers these layers know how to shard: the packed weight's fields and the
+# LLM.int8-style outlier columns (input columns kept in float, see lowbit.nn.QuantLinear).
+_OUTLIER_BUFFERS = ("outlier_cols", "outlier_weight")
+_KNOWN_BUFFERS = tuple("weight_" + f for f in TENSOR_FIELDS) + _OUTLIER_BUFFERS
+
+
 def _local_of(layer: nn.Module, what: str):
     if isinstance(layer, QuantLinear):
+        unknown = [k for k, v in layer._buffers.items() if v is not None and k not in _KNOWN_BUFFERS]
+        if unknown:
+            raise ValueError(f"{what}: lowbit.parallel does not know how to shard QuantLinear "
+                             f"buffer(s) {unknown}")
         return layer.qweight, layer.bias
     if isinstance(layer, nn.Linear):
         return None, layer.bias
     raise TypeError(f"{what} expects a lowbit.QuantLinear or an nn.Linear, got {type(layer).__name__}")
+
+
+def _outliers(layer: nn.Module):
+    """(outlier_cols, outlier_weight) of a QuantLinear, or (None, None)."""
+    if not isinstance(layer, QuantLinear):
+        return None, None
+    return layer._buffers.get("outlier_cols"), layer._buffers.get("outlier_weight")
+
+
+def _quant_local(qw, bias, cols, ow) -> QuantLinear:
+    if cols is None or cols.numel() == 0:
+        return QuantLinear.from_quantized(qw, bias)
+    return QuantLinear.from_quantized(qw, bias, outlier_cols=cols, outlier_weight=ow)
 
 
 def _bias_param(b: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
@@ -112,7 +136,11 @@ class ColumnParallelQuantLinear(nn.Module):
         lo, hi = b[rank], b[rank + 1]
         b_local = None if bias is None else S.shard_tensor(bias.detach(), 0, lo, hi)
         if qw is not None:
-            local = QuantLinear.from_quantized(S.shard_rows(qw, lo, hi), b_local)
+            # outlier columns are input features: every output shard keeps them, with its rows
+            cols, ow = _outliers(layer)
+            local = _quant_local(S.shard_rows(qw, lo, hi), b_local,
+                                 None if cols is None else S.shard_tensor(cols, 0, 0, cols.numel()),
+                                 None if ow is None else S.shard_tensor(ow, 0, lo, hi))
         else:
             local = _float_linear(S.shard_tensor(layer.weight.detach(), 0, lo, hi), b_local)
         return cls(local, b, rank, group=group, gather_output=gather_output)
@@ -193,10 +221,18 @@ class RowParallelQuantLinear(nn.Module):
             if gather_input:
                 index = torch.arange(lo, hi, device=layer.weight.device)
         elif gather_input:
+            if _outliers(layer)[0] is not None:
+                raise ValueError("gather_input (for a perm that crosses the split) does not combine "
+                                 "with outlier columns: their float term reads the untransformed input")
             sq, index, scale = S.shard_cols_gathered(qw, lo, hi, dq_fallback=dq_fallback)
             local = QuantLinear.from_quantized(sq, None)
         else:
-            local = QuantLinear.from_quantized(S.shard_cols(qw, lo, hi, dq_fallback=dq_fallback), None)
+            # outlier columns are input features: each rank keeps those in its slice
+            cols, ow = _outliers(layer)
+            if cols is not None:
+                keep = (cols >= lo) & (cols < hi)
+                cols, ow = cols[keep] - lo, ow[:, keep].contiguous()
+            local = _quant_local(S.shard_cols(qw, lo, hi, dq_fallback=dq_fallback), None, cols, ow)
         return cls(local, b, rank, bias=None if bias is None else bias.detach(), group=group,
                    gather_input=gather_input, feature_index=index, feature_scale=scale)
 

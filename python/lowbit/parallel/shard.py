@@ -23,6 +23,7 @@ Every shard dequantizes to exactly (bit for bit) the matching slice of the unsha
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -158,11 +159,15 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 
 def _build(qw: QuantizedWeight, shape: Tuple[int, int], fields: Dict[str, Optional[torch.Tensor]],
            double_quant: Optional[bool] = None) -> QuantizedWeight:
-    kw = {k: fields.get(k) for k in TENSOR_FIELDS if k not in ("data", "scales", "zeros")}
-    out = QuantizedWeight(qw.fmt, shape, fields["data"], fields["scales"], fields.get("zeros"),
-                          group_size=qw.group_size, symmetric=qw.symmetric,
-                          double_quant=qw.double_quant if double_quant is None else double_quant,
-                          validate=False, **kw)
+    """A weight with qw's settings (every non-tensor attribute, whatever the format has), the
+    given shape and tensor fields, validated against the format's layout."""
+    out = copy.copy(qw)
+    out.shape = (int(shape[0]), int(shape[1]))
+    for k in TENSOR_FIELDS:
+        setattr(out, k, fields.get(k))
+    if double_quant is not None:
+        out.double_quant = double_quant
+    out.cache = {}
     out.validate()
     return out
 

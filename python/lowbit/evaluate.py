@@ -14,6 +14,18 @@ Data (see DESIGN.md, "Real data for accuracy"; nothing is fetched at run time):
 
 Perplexity = exp(mean NLL over every predicted token) over non-overlapping windows of ``ctx``
 tokens (each window is scored on its own, so its first token is never predicted).
+
+What is evaluated: specs such as ``int4:g64:gptq`` or ``mixed:4.5`` (grammar below, at
+:func:`parse_spec`), each a :class:`lowbit.QuantConfig` applied with
+:func:`lowbit.quantize_model` to a fresh float model. Methods that look at activations (gptq,
+awq, llm.int8, mixed precision) calibrate on a slice of the same text far from the scored tokens
+(:func:`calibration_batches`: tokens 262144.. of the stream whose first ``tokens`` are scored).
+
+Measured per spec (:class:`EvalResult`): perplexity; bits per weight and MB of the quantized
+Linear layers as stored, and MB of the whole model (float embeddings / lm_head / norms
+included); quantization time; prefill and decode tokens/s; peak resident memory of the
+quantization and of the run (:class:`MemoryMeter`). :func:`size_table` answers ``lowbit size``:
+the memory of a model of N parameters in every format, from the formats' layouts.
 """
 
 from __future__ import annotations

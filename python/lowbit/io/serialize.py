@@ -200,8 +200,8 @@ def save(model: nn.Module, path: PathLike) -> None:
     non_persistent: List[str] = []
     by_identity: Dict[tuple, str] = {}
     storages = set()
-    for name, _, _, _, persistent in _slots(model):
-        t = _slot_tensor(model, name)
+    for name, mod, attr, is_param, persistent in _slots(model):
+        t = mod._parameters[attr] if is_param else mod._buffers[attr]
         if t.device.type == "meta":
             raise ValueError(f"cannot save {name!r}: it is on the meta device (never materialised)")
         if not persistent:
@@ -224,13 +224,6 @@ def save(model: nn.Module, path: PathLike) -> None:
            "extra_state": extra, "crc32": {k: _crc32(v) for k, v in tensors.items()}}
     metadata = {"format": "pt", VERSION_KEY: str(FORMAT_VERSION), DOC_KEY: json.dumps(doc)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _slot_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    mod_name, _, attr = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    t = mod._parameters.get(attr)
-    return t if t is not None else mod._buffers[attr]
 
 
 # ---- reading the header -------------------------------------------------------------------
@@ -450,8 +443,8 @@ def load(path: PathLike, model_or_builder: Union[nn.Module, Callable[[], nn.Modu
     file_names = set(info) | set(aliases)
     slots = _slots(model)
     slot_names = {s[0] for s in slots}
-    missing = [s[0] for s in slots if s[0] not in file_names
-               and (s[4] or _slot_tensor(model, s[0]).device.type == "meta")]
+    missing = [name for name, mod, attr, is_param, persistent in slots if name not in file_names
+               and (persistent or mod._buffers[attr].device.type == "meta")]
     # A non-persistent buffer the model does not have (e.g. renamed by another transformers
     # version) is derived state, not weights: ignored rather than refused.
     unexpected = sorted(file_names - slot_names - set(doc["non_persistent"]))

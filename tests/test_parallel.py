@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import math
 import os
 import socket
 import tempfile
@@ -487,6 +486,10 @@ def _smollm_case(rank, job_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
     deadline = time.monotonic() + 600
     while not os.path.exists(os.path.join(job_dir, "ready")):
+        failed = os.path.join(job_dir, "failed")
+        if os.path.exists(failed):
+            with open(failed) as f:
+                raise RuntimeError(f"preparing the SmolLM2 shards failed:\n{f.read()}")
         if time.monotonic() > deadline:
             raise TimeoutError("the parent did not write the SmolLM2 shards within 600 s")
         time.sleep(0.2)
@@ -563,18 +566,20 @@ def dist_results():
                 os.makedirs(smollm_dir)
         # the ranks start (and import) while this process prepares the SmolLM2 shards
         ctx = mp.spawn(_worker, args=(_free_port(), d, smollm_dir), nprocs=WORLD, join=False)
-        try:
-            if smollm_dir is not None:
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)  # the two ranks have the other cores
-                try:
-                    _write_smollm_job(smollm_dir)
-                finally:
-                    torch.set_num_threads(threads)
-        except BaseException:
-            for p in ctx.processes:
-                p.terminate()
-            raise
+        if smollm_dir is not None:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # the two ranks have the other cores
+            try:
+                _write_smollm_job(smollm_dir)
+            except Exception:  # reported by the SmolLM2 test alone
+                with open(os.path.join(smollm_dir, "failed"), "w") as f:
+                    f.write(traceback.format_exc())
+            except BaseException:
+                for p in ctx.processes:
+                    p.terminate()
+                raise
+            finally:
+                torch.set_num_threads(threads)
         deadline = time.monotonic() + 900
         while not ctx.join(timeout=2):
             if time.monotonic() > deadline:

@@ -10,12 +10,13 @@ keeps ``[b_r, b_{r+1})``:
   :data:`FIELD_K_LAYOUT` and the format table (``n_groups``, ``packed_cols``, the double-quant
   chunk), so a new format only needs its layout here. A cut must keep groups and packed bytes
   whole (:func:`k_alignment`); a ragged last group stays last. ``group_size=-1`` (one scale per
-  row, e.g. int8) can be cut anywhere a byte boundary allows: every shard keeps the row's scale.
-  nf4 double quantization: each local chunk of 256 blocks must lie inside one stored chunk to
-  keep its (dq_scale, dq_offset); shards are re-chunked that way when possible, else (or with
-  ``dq_fallback="error"``, a ValueError) the shard stores its absmax values decoded to float32,
-  ``absmax' = float(c) * dq_scale + dq_offset`` exactly as the decoder computes them, so it
-  dequantizes bit for bit the same (3 more bytes per block on that shard).
+  row, int8's default) can be cut anywhere a byte boundary allows: every shard keeps the row's
+  scale. Double quantization (nf4, fp4): each local chunk of 256 blocks must lie inside one
+  stored chunk to keep its (dq_scale, dq_offset); shards are re-chunked that way when possible
+  (always when a row has at most 256 blocks, e.g. K=14336 with block 64). Otherwise the shard
+  stores its absmax values decoded to float32, ``absmax' = float(c) * dq_scale + dq_offset``
+  exactly as the decoder computes them, so it dequantizes bit for bit the same (3 more bytes per
+  block on that shard); ``dq_fallback="error"`` raises a ValueError instead.
 
 Every shard dequantizes to exactly (bit for bit) the matching slice of the unsharded weight's
 :func:`lowbit.dequantize` (tests/test_parallel.py proves it for every format).

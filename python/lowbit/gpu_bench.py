@@ -113,10 +113,22 @@ def bnb_nf4(w: torch.Tensor):
 
 
 def gemlite_int4(w: torch.Tensor, group: int = 128):
-    from gemlite.helper import A16W4  # noqa: F401
+    """GemLite A16W4 (asymmetric int4, group 128, bf16): GemLite >= 0.6 takes codes, scales and
+    zero-points (w = (q - z) * s) through A16Wn.from_weights; older releases had A16W4."""
+    import gemlite.helper as GH
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="cuda", dtype=torch.bfloat16)
     lin.weight.data.copy_(w)
-    layer = A16W4(device="cuda").from_linear(lin)
+    if hasattr(GH, "A16W4"):
+        layer = GH.A16W4(device="cuda").from_linear(lin)
+    else:
+        import lowbit
+        from lowbit import reference as R
+        qw = lowbit.quantize_weight(w.float().cpu(), "int4", group_size=group)
+        N, K = qw.shape
+        codes = R.unpack_nibbles(qw.data, K).cuda()
+        layer = GH.A16Wn(device="cuda", dtype=torch.bfloat16).from_weights(
+            codes, qw.scales.cuda().to(torch.bfloat16), qw.zeros.cuda().to(torch.bfloat16),
+            W_nbits=4, group_size=group)
     nbytes = sum(t.numel() * t.element_size() for t in layer.state_dict().values()
                  if isinstance(t, torch.Tensor))
     return (lambda x: layer(x)), nbytes

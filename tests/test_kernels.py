@@ -180,3 +180,46 @@ def test_backend_info_reports_choice():
                 "triton", "gpu_backend"):
         assert key in info
     assert info["cpu_isa"] in info["supported_isas"]
+
+
+@pytest.mark.parametrize("case", NEW_FORMAT_CASES, ids=case_id)
+def test_interop_variants_through_quantlinear_ops_and_transforms(case):
+    """The interop variants everywhere a QuantizedWeight goes: QuantLinear's state dict (bit
+    for bit, into a layer built with other settings), the custom op under autograd (which
+    rebuilds the weight from its tensors), and the optional input transforms."""
+    from torch import nn
+
+    from lowbit import QuantLinear, QuantizedWeight
+    fmt, opts = case
+    lin = nn.Linear(100, 12)
+    q = QuantLinear.from_linear(lin, fmt, **opts)
+    q2 = QuantLinear(100, 12, fmt="nf4")
+    q2.load_state_dict(q.state_dict())
+    assert q2.qweight.config() == q.qweight.config()
+    for name, t in q.qweight.tensors().items():
+        got = getattr(q2.qweight, name)
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+    x = torch.randn(3, 100)
+    assert torch.equal(q2(x), q(x))
+    assert_linear_close(q(x), R.linear(x, q.qweight, q.bias), x, q.qweight, bias=q.bias)
+    # autograd: the custom op rebuilds the weight (its zero_point from the zeros' dtype)
+    xg = x.clone().requires_grad_()
+    y = lowbit.linear(xg, q.qweight)
+    assert torch.equal(y.detach(), lowbit.linear(x, q.qweight))
+    y.sum().backward()
+    assert torch.allclose(xg.grad, R.dequantize(q.qweight).sum(0).expand(3, -1), atol=1e-5)
+    # input transforms: (x / input_scale)[..., perm] times the stored weight
+    qw = q.qweight
+    perm, scale = torch.randperm(100), torch.rand(100) + 0.5
+    qt = QuantizedWeight(qw.fmt, qw.shape, qw.data, qw.scales, qw.zeros, group_size=qw.group_size,
+                         symmetric=qw.symmetric, zero_point=qw.zero_point,
+                         double_quant=qw.double_quant, dq_scale=qw.dq_scale,
+                         dq_offset=qw.dq_offset, perm=perm, input_scale=scale)
+    ws = R.decode(qw)
+    w_in = torch.empty_like(ws)
+    w_in[:, perm] = ws / scale[perm]
+    assert torch.equal(lowbit.dequantize(qt), w_in)
+    assert_linear_close(lowbit.linear(x, qt), R.linear(x, qt), x, qt)
+    qt2 = QuantLinear(100, 12, bias=False, fmt="int4")
+    qt2.load_state_dict(QuantLinear.from_quantized(qt).state_dict())
+    assert torch.equal(qt2(x), lowbit.linear(x, qt))

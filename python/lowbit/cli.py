@@ -33,6 +33,11 @@ SELFTEST_FORMATS: Tuple[Tuple[str, str, dict], ...] = (
     ("int4-row", "int4", {"group_size": -1}),
     ("nf4-b64", "nf4", {"group_size": 64}),
     ("nf4-b64-dq", "nf4", {"group_size": 64, "double_quant": True}),
+    ("int8-g32", "int8", {"group_size": 32}),  # GGUF Q8_0
+    ("int8-asym-g128", "int8", {"group_size": 128, "symmetric": False}),  # GPTQ 8-bit
+    ("int4-min-g32", "int4", {"group_size": 32, "zero_point": "float"}),  # GGUF Q4_1 / Q4_K
+    ("fp4-b64", "fp4", {"group_size": 64}),  # bitsandbytes FP4
+    ("fp4-b64-dq", "fp4", {"group_size": 64, "double_quant": True}),
 )
 
 # (M, N, K): ragged last groups, odd K, N off any tile size, M = 1 and M > 1.

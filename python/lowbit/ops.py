@@ -6,8 +6,8 @@ CPU -> lowbit._C kernels; CUDA -> Triton kernels when present (lowbit.kernels), 
 dequantize + torch matmul. Nothing above this module knows which kernel ran.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch 2.4's custom_op schema inference needs
+# the annotations of the op functions as real types, not strings.
 from typing import Optional
 
 import torch
@@ -27,7 +27,19 @@ def _gpu_kernels():
         from . import kernels  # noqa: F401
     except ImportError:
         return None
+    except AttributeError as e:  # a Triton too old for the kernels (e.g. torch 2.4's Triton 3.0)
+        global _GPU_WARNED
+        if not _GPU_WARNED:
+            _GPU_WARNED = True
+            import warnings
+            warnings.warn(f"lowbit.kernels cannot run with this Triton ({e}); GPU calls use "
+                          "dequantize + torch matmul (upgrade triton for the fused kernels)",
+                          RuntimeWarning, stacklevel=2)
+        return None
     return kernels if getattr(kernels, "AVAILABLE", False) else None
+
+
+_GPU_WARNED = False
 
 
 def _linear_impl(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:

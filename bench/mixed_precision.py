@@ -253,7 +253,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--progress", action="store_true")
     # mixed
-    ap.add_argument("--budgets", type=float, nargs="+", default=[4.5])
+    ap.add_argument("--budgets", type=float, nargs="*", default=[4.5])
     ap.add_argument("--sensitivity", nargs="+", default=["fisher"], choices=list(M.SENSITIVITY_METHODS))
     ap.add_argument("--plan-tokens", type=int, default=M.MAX_SENSITIVITY_TOKENS)
     ap.add_argument("--skip-uniform", action="store_true")

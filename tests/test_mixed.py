@@ -111,47 +111,60 @@ def _quant_error(w, cand):
     return R.dequantize(qw) - w, 8 * qw.nbytes
 
 
-def test_hessian_and_fisher_values_match_direct_computation():
+def _direct_fisher(model, lin, calib, sampled):
+    """F_n: squared gradient of each sequence's summed NLL w.r.t. the layer output, per
+    predicted token, via a zero probe added to the output; labels from the data or drawn from
+    the model as the "fisher" method draws them."""
+    gen = torch.Generator().manual_seed(M.FISHER_SEED)
+    F = torch.zeros(lin.out_features, dtype=torch.float64)
+    count = 0
+    for kw in calib:
+        for b in range(kw["input_ids"].shape[0]):
+            ids = kw["input_ids"][b:b + 1]
+            probe = {}
+
+            def hook(m, a, out):
+                probe["z"] = torch.zeros_like(out, requires_grad=True)
+                return out + probe["z"]
+            h = lin.register_forward_hook(hook)
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            h.remove()
+            labels = ids[0, 1:]
+            if sampled:
+                labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen)[:, 0]
+            nll = nn.functional.cross_entropy(logits, labels, reduction="sum")
+            (g,) = torch.autograd.grad(nll, probe["z"])
+            F += g.reshape(-1, g.shape[-1]).double().pow(2).sum(0)
+            count += ids.shape[1] - 1
+    return F / count
+
+
+def test_proxy_values_match_direct_computation():
     model = tiny_llama()
     calib = _calib()
     targets = _targets(model)
     names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    sub = {n: targets[n] for n in names}
     cands = M.candidate_ladder(None, ["int8", {"format": "int4", "group_size": 32, "symmetric": True}])
-    hes = M.measure_sensitivity(model, {n: targets[n] for n in names}, calib, cands, "hessian")
-    fis = M.measure_sensitivity(model, {n: targets[n] for n in names}, calib, cands, "fisher")
-    assert hes.calibration_tokens == fis.calibration_tokens == 4 * 2 * 32
+    tabs = {m: M.measure_sensitivity(model, sub, calib, cands, m)
+            for m in ("hessian", "fisher", "empirical-fisher")}
+    assert {t.calibration_tokens for t in tabs.values()} == {4 * 2 * 32}
     for i, n in enumerate(names):
         lin = targets[n]
         X = _captured_inputs(model, lin, calib).double()
-        # F_n: squared gradient of each sequence's summed NLL w.r.t. the layer output, per
-        # predicted token, via an added zero probe on the output.
-        F = torch.zeros(lin.out_features, dtype=torch.float64)
-        count = 0
-        for kw in calib:
-            for b in range(kw["input_ids"].shape[0]):
-                ids = kw["input_ids"][b:b + 1]
-                probe = {}
-
-                def hook(m, a, out):
-                    probe["z"] = torch.zeros_like(out, requires_grad=True)
-                    return out + probe["z"]
-                h = lin.register_forward_hook(hook)
-                logits = model(input_ids=ids).logits[0, :-1]
-                h.remove()
-                nll = nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
-                (g,) = torch.autograd.grad(nll, probe["z"])
-                F += g.reshape(-1, g.shape[-1]).double().pow(2).sum(0)
-                count += ids.shape[1] - 1
-        F /= count
+        F = {"fisher": _direct_fisher(model, lin, calib, True),
+             "empirical-fisher": _direct_fisher(model, lin, calib, False)}
         w = lin.weight.detach().float()
         for j, c in enumerate(cands):
             dw, nbits = _quant_error(w, c)
             err = X @ dw.double().T  # per-token output error
-            assert hes.bits[i][j] == fis.bits[i][j] == nbits
-            assert hes.values[i][j] == pytest.approx(float(err.pow(2).sum(1).mean()), rel=1e-4)
-            assert fis.values[i][j] == pytest.approx(0.5 * float((F * err.pow(2).mean(0)).sum()), rel=1e-4)
-    # int8 is far less sensitive than int4 sym g32 for both layers, by both measures.
-    for t in (hes, fis):
+            assert {t.bits[i][j] for t in tabs.values()} == {nbits}
+            assert tabs["hessian"].values[i][j] == pytest.approx(float(err.pow(2).sum(1).mean()), rel=1e-4)
+            for m in F:
+                assert tabs[m].values[i][j] == pytest.approx(
+                    0.5 * float((F[m] * err.pow(2).mean(0)).sum()), rel=1e-4), m
+    # int8 is far less sensitive than int4 sym g32 for both layers, by every measure.
+    for t in tabs.values():
         assert all(row[0] < row[1] for row in t.values)
 
 

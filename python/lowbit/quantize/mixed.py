@@ -74,7 +74,9 @@ DEFAULT_LADDER: Tuple[Dict[str, Any], ...] = (
     {"format": "nf4", "group_size": 32},
     {"format": "int8"},
 )
-SENSITIVITY_METHODS = ("fisher", "hessian", "loss")
+SENSITIVITY_METHODS = ("fisher", "empirical-fisher", "hessian", "loss")
+# Seed of the labels "fisher" samples from the model (the plan is deterministic).
+FISHER_SEED = 0
 # Calibration tokens the sensitivity pass uses at most (the first ones): the per-layer
 # statistics are stable well before this, and it bounds the pass's time.
 MAX_SENSITIVITY_TOKENS = 16384
@@ -158,11 +160,14 @@ def _model_device(model: nn.Module):
     return torch.device("cpu")
 
 
-def lm_nll(model: nn.Module, kw: Dict[str, Any]) -> Tuple[torch.Tensor, int]:
+def lm_nll(model: nn.Module, kw: Dict[str, Any],
+           sample: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, int]:
     """(summed next-token NLL, number of predicted tokens) of one calibration batch.
 
     Labels are ``kw["labels"]`` when given, else ``input_ids``; position t predicts token t+1;
-    label -100 and positions where ``attention_mask`` is 0 are not counted."""
+    label -100 and positions where ``attention_mask`` is 0 are not counted. With ``sample``
+    (a generator), the counted positions' labels are instead drawn from the model's own
+    predictive distribution (for the true Fisher)."""
     out = model(**kw)
     logits = getattr(out, "logits", None)
     if logits is None:
@@ -179,6 +184,10 @@ def lm_nll(model: nn.Module, kw: Dict[str, Any]) -> Tuple[torch.Tensor, int]:
     if "labels" not in kw and isinstance(mask, torch.Tensor):
         labels = labels.masked_fill(mask[:, 1:] == 0, -100)
     logits = logits[:, :-1].float()
+    if sample is not None:
+        probs = torch.softmax(logits.detach().reshape(-1, logits.shape[-1]), dim=-1)
+        drawn = torch.multinomial(probs.cpu(), 1, generator=sample).reshape(labels.shape)
+        labels = torch.where(labels == -100, labels, drawn.to(labels.device))
     nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                       ignore_index=-100, reduction="sum")
     return nll, int((labels != -100).sum())
@@ -208,10 +217,11 @@ class _LayerStats:
         self.rows = 0
 
 
-def _collect_stats(model: nn.Module, mods: Dict[str, nn.Linear], batches, fisher: bool,
+def _collect_stats(model: nn.Module, mods: Dict[str, nn.Linear], batches, fisher: Optional[str],
                    progress: bool, desc: str) -> Dict[str, _LayerStats]:
-    """One pass over the batches: H = E[x x^T] per layer and, with ``fisher``, F_n = E[g_n^2]
-    (g: gradient of each sequence's summed NLL w.r.t. the layer output, E per predicted token)."""
+    """One pass over the batches: H = E[x x^T] per layer and, with ``fisher`` ("sampled" or
+    "data" labels), F_n = E[g_n^2] (g: gradient of each sequence's summed NLL w.r.t. the layer
+    output, E per predicted token)."""
     device = _model_device(model)
     stats = {n: _LayerStats(m.in_features, m.out_features, fisher, device) for n, m in mods.items()}
     last: Dict[str, Any] = {"x": None, "p": None, "rows": 0}
@@ -241,6 +251,7 @@ def _collect_stats(model: nn.Module, mods: Dict[str, nn.Linear], batches, fisher
     handles = [m.register_forward_hook(make_hook(n), with_kwargs=True) for n, m in mods.items()]
     params = [(p, p.requires_grad) for p in model.parameters()]
     tokens = 0
+    gen = torch.Generator().manual_seed(FISHER_SEED) if fisher == "sampled" else None
     it = batches
     if progress:
         from tqdm.auto import tqdm
@@ -250,8 +261,8 @@ def _collect_stats(model: nn.Module, mods: Dict[str, nn.Linear], batches, fisher
             p.requires_grad_(False)
         for kw in it:
             kw = _to_device(kw, device)
-            with torch.set_grad_enabled(fisher):
-                nll, n = lm_nll(model, kw)
+            with torch.set_grad_enabled(bool(fisher)):
+                nll, n = lm_nll(model, kw, gen)
                 tokens += n
                 if fisher and outs:
                     grads = torch.autograd.grad(nll, [o for _, o in outs], allow_unused=True)
@@ -346,7 +357,7 @@ def measure_sensitivity(model: nn.Module, targets: Dict[str, nn.Linear], calib,
             if pbar is not None:
                 pbar.update(1)
     else:
-        fisher = method == "fisher"
+        fisher = {"fisher": "sampled", "empirical-fisher": "data"}.get(method)
         for chunk in _stat_chunks(names, targets):
             stats = _collect_stats(model, {n: targets[n] for n in chunk}, batches, fisher,
                                    progress, f"calibration pass ({method})")
@@ -496,7 +507,7 @@ class MixedPrecisionPlan:
 
     @property
     def predicted_increase(self) -> float:
-        """Sum of the chosen sensitivities (for "fisher" and "loss": predicted increase of the
+        """Sum of the chosen sensitivities (for the Fisher methods and "loss": predicted increase of the
         calibration loss, nats per token; for "hessian": summed output MSE)."""
         return sum(l.sensitivity[l.choice] for l in self.layers)
 
@@ -517,7 +528,8 @@ class MixedPrecisionPlan:
 
     def table(self) -> str:
         from tabulate import tabulate
-        unit = {"fisher": "predicted dNLL", "loss": "measured dNLL", "hessian": "output MSE"}[self.method]
+        unit = {"fisher": "predicted dNLL", "empirical-fisher": "predicted dNLL",
+                "loss": "measured dNLL", "hessian": "output MSE"}[self.method]
         base = self.candidates[0]
         rows = [[l.name, l.params, _label(self.candidates[l.choice]),
                  f"{l.bits[l.choice] / l.params:.3f}", f"{l.sensitivity[l.choice]:.3g}",
@@ -607,7 +619,8 @@ def plan_mixed_precision(model: nn.Module, targets: Dict[str, nn.Linear], calib,
     ``targets``: name -> float nn.Linear of ``model``; ``calib``: calibration batches (dicts of
     ``model(**kw)`` arguments with ``input_ids``, or token-id tensors); ``config``: a
     QuantConfig (its format, resolved, is the first candidate). Keywords: ``candidates``
-    (replaces the default ladder), ``sensitivity`` ("fisher", "hessian" or "loss"),
+    (replaces the default ladder), ``sensitivity`` ("fisher", "empirical-fisher", "hessian"
+    or "loss"),
     ``max_tokens`` (calibration tokens used; None = all), ``progress`` (tqdm bars).
     Raises ValueError when the budget is below the cheapest candidates."""
     budget = getattr(config, "max_bits_per_weight", None)

@@ -353,9 +353,13 @@ def bench_case(K: int, N: int, M: int, impls: Iterable[str] = DEFAULT_IMPLS, *, 
             fns = [(lambda c=c: F.linear(xin, c)) for c in copies]
         else:
             try:
+                import copy
                 first, nbytes, xin = _peer_layer(impl, w, x)
-                copies = [first] + [_peer_layer(impl, w, x)[0]
-                                    for _ in range(_copies_for(nbytes, rotate_bytes) - 1)]
+                n_copies = _copies_for(nbytes, rotate_bytes)
+                try:  # copies of the built layer (quantizing again per copy is slow)
+                    copies = [first] + [copy.deepcopy(first) for _ in range(n_copies - 1)]
+                except Exception:
+                    copies = [first] + [_peer_layer(impl, w, x)[0] for _ in range(n_copies - 1)]
             except PeerUnavailable as e:
                 out.append(BenchResult(impl=impl, K=K, N=N, M=M, median_us=float("nan"),
                                        min_us=float("nan"), reps=0, copies=0, weight_bytes=0,
@@ -433,9 +437,11 @@ def machine_limits(threads: Optional[int] = None) -> Dict[str, float]:
 def run_bench(shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES, ms: Sequence[int] = DEFAULT_MS,
               impls: Sequence[str] = DEFAULT_IMPLS, *, reps: int = 20, threads: Optional[int] = None,
               max_seconds: float = 2.0, progress: bool = True, cpu_path: Optional[str] = None,
+              on_case: Optional[Callable[[List[BenchResult]], None]] = None,
               **kw) -> List[BenchResult]:
     """All (shape, M) cases; ``threads`` sets torch's and lowbit's thread count for the run,
-    ``cpu_path`` lowbit's CPU path ("fast" or "exact"; None: as configured)."""
+    ``cpu_path`` lowbit's CPU path ("fast" or "exact"; None: as configured); ``on_case`` is
+    called with each case's results as soon as they exist (e.g. to print them)."""
     from . import _backend
     impls = list(impls)
     if "torch-fp32" not in impls:
@@ -458,7 +464,10 @@ def run_bench(shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES, ms: Sequence[i
             from tqdm.auto import tqdm
             it = tqdm(cases, desc="bench", unit="case", leave=False)
         for K, N, M in it:
-            results += bench_case(K, N, M, impls, reps=reps, threads=threads, max_seconds=max_seconds, **kw)
+            case = bench_case(K, N, M, impls, reps=reps, threads=threads, max_seconds=max_seconds, **kw)
+            results += case
+            if on_case is not None:
+                on_case(case)
         path = current_cpu_path()
         for r in results:
             if r.impl in LOWBIT_IMPLS:

@@ -349,8 +349,11 @@ def cmd_bench(args) -> int:
     results = B.run_bench(shapes, ms, impls, reps=args.reps, threads=threads,
                           max_seconds=args.max_seconds, progress=not args.no_progress,
                           cpu_path=args.cpu_path, dtype=dtype,
-                          bandwidth_gbps=limits["read_gbps"] if limits else None)
-    print(B.results_table(results))
+                          bandwidth_gbps=limits["read_gbps"] if limits else None,
+                          on_case=(lambda rs: print(B.results_table(rs), flush=True))
+                          if args.stream else None)
+    if not args.stream:
+        print(B.results_table(results))
     if args.json:
         B.write_json(args.json, results, shapes=[list(s) for s in shapes], ms=list(ms),
                      machine_limits=limits, x_dtype=args.dtype)
@@ -653,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per format (--model)")
     s.add_argument("--json", metavar="PATH", help="write results as JSON")
     s.add_argument("--plot", metavar="PNG", help="draw speed-up vs M per format to this PNG")
+    s.add_argument("--stream", action="store_true",
+                   help="print each case's rows as soon as it is measured (one table per case)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_bench)
 

@@ -767,8 +767,11 @@ class EvalResult:
     quant_time_s: float  # quantize_model's wall time (calibration passes included)
     prefill_tok_s: float  # one ctx-token forward (median over the windows)
     decode_tok_s: Optional[float]  # greedy generate with the KV cache
-    quant_peak_mb: Optional[float]  # peak RSS above the pre-load baseline: load + quantize
-    run_peak_mb: Optional[float]  # peak RSS above that baseline: perplexity + decoding
+    # Peak resident memory above the baseline taken before the model was loaded (MB), during:
+    quant_peak_mb: Optional[float]  # loading the float model + quantizing it
+    run_peak_mb: Optional[float]  # scoring (the model + a ctx-token forward, whose full-vocabulary
+    #                               logits and their log-softmax dominate the activations)
+    decode_peak_mb: Optional[float]  # greedy generation with the KV cache (what serving needs)
     fake_quant: bool = False
     extra: dict = field(default_factory=dict)  # the quantization report's summary
 
@@ -807,11 +810,13 @@ def evaluate_config(spec: EvalSpec, base_loader, ids: torch.Tensor, ctx: int, *,
     size = size_stats(model)
     meter.reset_peak()
     ppl = perplexity(model, ids, ctx, progress=progress, desc=f"ppl {spec.label}")
-    cached = cache_bytes(model)
-    decode = None
-    if decode_tokens > 0:
-        decode = decode_speed(model, ids[:16], decode_tokens, pad_id=pad_id)
     run_peak = meter.peak_above_base()
+    cached = cache_bytes(model)
+    decode = decode_peak = None
+    if decode_tokens > 0:
+        meter.reset_peak()
+        decode = decode_speed(model, ids[:16], decode_tokens, pad_id=pad_id)
+        decode_peak = meter.peak_above_base()
     mb = (lambda b: None if b is None else b / 1e6)
     res = EvalResult(config=spec.label, description=describe(spec), fmt=spec.fmt,
                      options=spec.opts, method=spec.method, perplexity=ppl["perplexity"],
@@ -822,6 +827,7 @@ def evaluate_config(spec: EvalSpec, base_loader, ids: torch.Tensor, ctx: int, *,
                      n_quantized=size["n_quantized"], quant_time_s=quant_time,
                      prefill_tok_s=ctx / ppl["prefill_s"], decode_tok_s=decode,
                      quant_peak_mb=mb(quant_peak), run_peak_mb=mb(run_peak),
+                     decode_peak_mb=mb(decode_peak),
                      fake_quant=fake_quant and spec.config is not None, extra=extra)
     if keep_model:
         return res, model
@@ -988,7 +994,7 @@ def results_table(results: Sequence[dict]) -> str:
     show_cache = any(r.get("cache_mb") for r in results)
     headers = (["config", "format", "bits/w", "linear MB"] + (["+ cache MB"] if show_cache else [])
                + ["model MB", "perplexity", "vs fp32", "prefill tok/s", "decode tok/s",
-                  "quant s", "peak MB"])
+                  "quant s", "peak MB ppl", "peak MB gen"])
     rows = []
     for r in results:
         delta = ("" if base is None or r is base
@@ -996,15 +1002,18 @@ def results_table(results: Sequence[dict]) -> str:
         rows.append([r["config"], r["description"], round(r["bits_per_weight"], 2), r["linear_mb"]]
                     + ([r.get("cache_mb") or None] if show_cache else [])
                     + [r["model_mb"], f"{r['perplexity']:.2f}", delta, r["prefill_tok_s"],
-                       r["decode_tok_s"], r["quant_time_s"], r.get("run_peak_mb")])
+                       r["decode_tok_s"], r["quant_time_s"], r.get("run_peak_mb"),
+                       r.get("decode_peak_mb")])
     return format_table(rows, headers)
 
 
 TABLE_NOTE = ("bits/w, linear MB: the quantized Linear layers as stored (codes + scales + zeros "
               "+ input transforms/outliers); model MB: every tensor of the model, incl. the float "
-              "embeddings/lm_head (tied, counted once) and norms; peak MB: peak resident memory "
-              "while scoring and decoding, above the process before the model was loaded; quant s: "
-              "quantize_model's wall time (calibration passes included)")
+              "embeddings/lm_head (tied, counted once) and norms; peak MB ppl / gen: peak resident "
+              "memory above the process before the model was loaded, while scoring (a ctx-token "
+              "forward: its full-vocabulary logits add ~2 x ctx x vocab x 4 bytes) / while "
+              "generating with the KV cache; quant s: quantize_model's wall time (calibration "
+              "passes included)")
 
 
 def plot(results: Sequence[dict], path: str, title: str = "") -> None:

@@ -186,7 +186,7 @@ def lm_nll(model: nn.Module, kw: Dict[str, Any],
     logits = logits[:, :-1].float()
     if sample is not None:
         probs = torch.softmax(logits.detach().reshape(-1, logits.shape[-1]), dim=-1)
-        drawn = torch.multinomial(probs.cpu(), 1, generator=sample).reshape(labels.shape)
+        drawn = torch.multinomial(probs, 1, generator=sample).reshape(labels.shape)
         labels = torch.where(labels == -100, labels, drawn.to(labels.device))
     nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                       ignore_index=-100, reduction="sum")
@@ -251,7 +251,7 @@ def _collect_stats(model: nn.Module, mods: Dict[str, nn.Linear], batches, fisher
     handles = [m.register_forward_hook(make_hook(n), with_kwargs=True) for n, m in mods.items()]
     params = [(p, p.requires_grad) for p in model.parameters()]
     tokens = 0
-    gen = torch.Generator().manual_seed(FISHER_SEED) if fisher == "sampled" else None
+    gen = torch.Generator(device=device).manual_seed(FISHER_SEED) if fisher == "sampled" else None
     it = batches
     if progress:
         from tqdm.auto import tqdm
@@ -260,7 +260,8 @@ def _collect_stats(model: nn.Module, mods: Dict[str, nn.Linear], batches, fisher
         for p, _ in params:
             p.requires_grad_(False)
         for kw in it:
-            kw = _to_device(kw, device)
+            kw = {k: (v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v)
+                  for k, v in _to_device(kw, device).items()}
             with torch.set_grad_enabled(bool(fisher)):
                 nll, n = lm_nll(model, kw, gen)
                 tokens += n
@@ -359,8 +360,11 @@ def measure_sensitivity(model: nn.Module, targets: Dict[str, nn.Linear], calib,
     else:
         fisher = {"fisher": "sampled", "empirical-fisher": "data"}.get(method)
         for chunk in _stat_chunks(names, targets):
-            stats = _collect_stats(model, {n: targets[n] for n in chunk}, batches, fisher,
-                                   progress, f"calibration pass ({method})")
+            # inference_mode(False): a caller's torch.inference_mode() would forbid the
+            # backward and the in-place accumulation.
+            with torch.inference_mode(False):
+                stats = _collect_stats(model, {n: targets[n] for n in chunk}, batches, fisher,
+                                       progress, f"calibration pass ({method})")
             for name in chunk:
                 st = stats.pop(name)
                 w = targets[name].weight.detach().float()

@@ -21,18 +21,24 @@ Three steps:
 
        dL ~= 1/2 * sum_n F_n * (dW H dW^T)_nn,   H = E[x x^T],   F_n = E[g_n^2]
 
-   a second-order (empirical Fisher) expansion of the loss in the layer's outputs, with the
-   Fisher taken diagonal over output channels and the squared output gradient g_n^2
-   (gradient of each sequence's summed NLL, averaged per predicted token) independent of
-   the output error over positions. ``dW`` is the layer's real quantization error in the
-   candidate, ``H`` its input second moments and ``F`` its outputs' squared gradients, both
-   collected in one forward+backward pass over the calibration data (hooks; backward only to
-   the layer outputs, no parameter gradients). Alternatives: ``"hessian"`` (output MSE
-   ``tr(dW H dW^T)``, forward only, blind to how much each layer's output matters) and
-   ``"loss"`` (the measured loss increase with only that layer quantized: exact for the
-   calibration data, one forward pass per layer and candidate). :func:`measure_sensitivity`
-   gives the table; ``bench/mixed_precision.py --validate`` compares the proxies with the
-   measured loss on the bundled model.
+   the second-order term of the loss in the layer's outputs with the Fisher as curvature
+   (taken diagonal over output channels, and the squared output gradient g_n^2 independent
+   of the output error over positions). ``dW`` is the layer's real quantization error in the
+   candidate, ``H`` its input second moments and ``F_n`` the mean (per predicted token)
+   squared gradient of each sequence's summed NLL w.r.t. output channel n, both collected in
+   one forward+backward pass over the calibration data (hooks; backward only to the layer
+   outputs, no parameter gradients). "fisher" draws the labels of that backward pass from
+   the model's own predictions (fixed seed): the true Fisher, which for softmax
+   cross-entropy equals the Gauss-Newton curvature in expectation, and whose cross terms
+   between positions vanish in expectation. ``"empirical-fisher"`` uses the text's labels
+   instead. The first-order term is left out on purpose: it is the calibration set's own
+   gradient, zero in expectation, and chasing it would fit the plan to the calibration text.
+   Other measures: ``"hessian"`` (output MSE ``tr(dW H dW^T)``, forward only, blind to how
+   much each layer's output matters to the loss) and ``"loss"`` (the loss change measured
+   with only that layer quantized: exact for the calibration data but costly, one forward
+   pass per layer and candidate, and on small calibration sets dominated by the first-order
+   term). ``bench/mixed_precision.py validate`` compares the proxies with the curvature part
+   of the measured change (from the error and its mirror image, see there).
 3. **Choice**: a multiple-choice knapsack, min sum of sensitivities subject to
    sum of bits <= budget * weights, solved by dynamic programming over the budget in at most
    :data:`DP_RESOLUTION` steps (costs rounded *up* to a step, so the result always fits),
@@ -48,8 +54,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from fractions import Fraction
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np

@@ -248,8 +248,17 @@ def test_apply_spec_uses_quantize_model_and_fake_quant_matches(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
-def test_evaluate_tiny_folder_with_calibrated_method_and_save_dir(tmp_path):
+def test_evaluate_tiny_folder_with_calibrated_method_and_save_dir(tmp_path, monkeypatch):
     tok, path = _word_tokenizer_and_text(tmp_path)
+    real_apply = E.apply_spec
+
+    def apply_or_fail(model, spec, *a, **k):  # one spec breaks: the others still run
+        if spec.label == "nf4":
+            raise RuntimeError("simulated failure")
+        return real_apply(model, spec, *a, **k)
+
+    monkeypatch.setattr(E, "apply_spec", apply_or_fail)
+    seen = []
     folder = tmp_path / "tiny"
     _tiny_llama(tok).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -257,13 +266,15 @@ def test_evaluate_tiny_folder_with_calibrated_method_and_save_dir(tmp_path):
     calibrated = next(s for s, mod in (("int4:g32:gptq", "gptq"), ("int4:g32:awq", "awq"),
                                        ("mixed:6", "mixed"))
                       if importlib.util.find_spec(f"lowbit.quantize.{mod}") is not None)
-    specs = ["fp32", "int4:g32", calibrated]
+    specs = ["fp32", "nf4", "int4:g32", calibrated]
     out = E.evaluate(E.parse_specs(",".join(specs)), tokens=256, ctx=64, model_path=str(folder),
                      text_path=str(path), decode_tokens=2, progress=False, verbose=False,
                      calib_samples=4, calib_seq_len=32, cpu_path="exact",
-                     save_dir=str(tmp_path / "saved"))
+                     save_dir=str(tmp_path / "saved"), on_result=lambda r: seen.append(len(r)))
+    assert seen == [1, 2, 3, 4]
     res = {r["config"]: r for r in out["results"]}
     assert list(res) == specs
+    assert res.pop("nf4")["error"] == "RuntimeError: simulated failure"
     cal = out["meta"]["calibration"]
     assert cal["first_token"] >= out["meta"]["tokens"] and cal["samples"] == 4
     assert res["fp32"]["method"] is None and res["int4:g32"]["method"] == "rtn"
@@ -286,3 +297,7 @@ def test_evaluate_tiny_folder_with_calibrated_method_and_save_dir(tmp_path):
                         res["int4:g32"]["perplexity"], rel_tol=1e-6)
     table = E.results_table(out["results"])
     assert "int4 asym g32" in table and "peak MB" in table
+    assert "nf4 (nf4 b64): FAILED: RuntimeError: simulated failure" in table
+    if importlib.util.find_spec("matplotlib") is not None:
+        E.plot(out["results"], str(tmp_path / "p.png"))  # the failed spec is left out
+        assert (tmp_path / "p.png").stat().st_size > 0

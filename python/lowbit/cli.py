@@ -412,12 +412,25 @@ def cmd_eval(args) -> int:
     if args.model is None or args.text is None:
         E.require_extras(need_model=args.model is None, need_text=args.text is None)
     t0 = time.perf_counter()
+
+    def write_json(doc):
+        d = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(d, exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, args.json)
+
+    def partial(results):  # a long run keeps what it has measured so far
+        write_json({"meta": {"partial": True, "specs": [s.label for s in specs]},
+                    "results": results})
+
     out = E.evaluate(specs, tokens=args.tokens, ctx=args.ctx, model_path=args.model,
                      text_path=args.text, decode_tokens=args.decode_tokens,
                      fake_quant=args.fake_quant, cache=not args.no_cache,
                      cpu_path=args.cpu_path, progress=not args.no_progress,
                      calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-                     save_dir=args.save_dir)
+                     save_dir=args.save_dir, on_result=partial if args.json else None)
     wall = time.perf_counter() - t0
     out["meta"]["wall_s"] = wall
     meta = out["meta"]
@@ -439,18 +452,19 @@ def cmd_eval(args) -> int:
             print(f"\n{r['config']}: mixed-precision plan\n{plan}")
     print(f"({wall:.0f} s)")
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(out)
         print(f"wrote {args.json}")
-    if args.plot:
+    failed = [r["config"] for r in out["results"] if r.get("error")]
+    if args.plot and len(failed) < len(out["results"]):
         try:
             E.plot(out["results"], args.plot,
                    title=f"{os.path.basename(meta['model'])}: {meta['tokens']} tokens, ctx {meta['ctx']}")
             print(f"wrote {args.plot}")
         except E.MissingExtras as e:
             print(f"no plot: {e}", file=sys.stderr)
+    if failed:
+        print(f"lowbit eval: {len(failed)} spec(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

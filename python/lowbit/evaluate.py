@@ -900,12 +900,15 @@ def evaluate(specs: Sequence[EvalSpec], *, tokens: int = 16384, ctx: int = 512,
              decode_tokens: int = 32, fake_quant: bool = False, cache: bool = True,
              cpu_path: Optional[str] = None, progress: bool = True, verbose: bool = True,
              calib_samples: Optional[int] = None, calib_seq_len: Optional[int] = None,
-             save_dir: Optional[str] = None) -> dict:
+             save_dir: Optional[str] = None, keep_going: bool = True, on_result=None) -> dict:
     """Evaluate every spec; returns ``{"meta": {...}, "results": [EvalResult as dict, ...]}``.
 
     ``cpu_path``: lowbit's CPU linear path for the run, "fast" (int8 activations) or "exact"
     (float32 activations, the reference's numbers); None keeps the configured one.
     ``save_dir``: write each quantized model there (``<label>.safetensors``, lowbit.save).
+    ``keep_going``: a spec that raises is recorded as ``{"config", ..., "error"}`` and the
+    others still run (else the error propagates). ``on_result(results so far)`` is called after
+    each spec (e.g. to write partial JSON during a long run).
     """
     from . import _backend
     specs = [parse_spec(s) if isinstance(s, str) else s for s in specs]
@@ -919,7 +922,7 @@ def evaluate(specs: Sequence[EvalSpec], *, tokens: int = 16384, ctx: int = 512,
                          text_path=text_path, decode_tokens=decode_tokens, fake_quant=fake_quant,
                          cache=cache, progress=progress, verbose=verbose,
                          calib_samples=calib_samples, calib_seq_len=calib_seq_len,
-                         save_dir=save_dir)
+                         save_dir=save_dir, keep_going=keep_going, on_result=on_result)
     finally:
         if cpu_path is not None:
             _backend.set_cpu_path(old_path)
@@ -930,7 +933,8 @@ def _safe_name(label: str) -> str:
 
 
 def _evaluate(specs, *, tokens, ctx, model_path, text_path, decode_tokens, fake_quant, cache,
-              progress, verbose, calib_samples, calib_seq_len, save_dir) -> dict:
+              progress, verbose, calib_samples, calib_seq_len, save_dir, keep_going,
+              on_result) -> dict:
     if ctx < 2:
         raise ValueError("ctx must be at least 2")
     if tokens < ctx:
@@ -962,22 +966,34 @@ def _evaluate(specs, *, tokens, ctx, model_path, text_path, decode_tokens, fake_
                   f"{calib_info['first_token']} of the text (scored: tokens 0..{scored})", flush=True)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     meter = MemoryMeter()
-    results = []
+    import lowbit
+    info = lowbit.backend_info()
+    from .benchmark import current_cpu_path
+    results: List[dict] = []
     for spec in specs:
         save_path = None
         if save_dir is not None and spec.config is not None:
             save_path = os.path.join(save_dir, _safe_name(spec.label) + ".safetensors")
-        res, _ = evaluate_config(spec, loader, ids, ctx, calibration=calib,
-                                 decode_tokens=decode_tokens, pad_id=pad_id,
-                                 fake_quant=fake_quant, progress=progress, save_path=save_path,
-                                 meter=meter)
-        results.append(res)
-        if verbose:
-            print(f"  {spec.label}: perplexity {res.perplexity:.3f}, {res.bits_per_weight:.2f} bits/w, "
-                  f"quantized in {res.quant_time_s:.1f} s", flush=True)
-    import lowbit
-    info = lowbit.backend_info()
-    from .benchmark import current_cpu_path
+        try:
+            res, _ = evaluate_config(spec, loader, ids, ctx, calibration=calib,
+                                     decode_tokens=decode_tokens, pad_id=pad_id,
+                                     fake_quant=fake_quant, progress=progress,
+                                     save_path=save_path, meter=meter)
+        except Exception as e:  # one failing spec must not lose the others' (long) results
+            if not keep_going:
+                raise
+            err = f"{type(e).__name__}: {e}"
+            results.append({"config": spec.label, "description": describe(spec), "fmt": spec.fmt,
+                            "method": spec.method, "error": err})
+            if verbose:
+                print(f"  {spec.label}: FAILED ({err})", flush=True)
+        else:
+            results.append(asdict(res))
+            if verbose:
+                print(f"  {spec.label}: perplexity {res.perplexity:.3f}, {res.bits_per_weight:.2f} "
+                      f"bits/w, quantized in {res.quant_time_s:.1f} s", flush=True)
+        if on_result is not None:
+            on_result(list(results))
     meta = {"model": model_desc, "text": text_desc, "tokens": scored, "ctx": ctx,
             "cpu_isa": info.get("cpu_isa"), "num_threads": info.get("num_threads"),
             "cpu_path": "n/a (fake quantization)" if fake_quant else current_cpu_path(),
@@ -985,11 +1001,13 @@ def _evaluate(specs, *, tokens, ctx, model_path, text_path, decode_tokens, fake_
             "skip": ["lm_head"], "calibration": calib_info,
             "memory": ("peak resident memory above the baseline before the model is loaded "
                        "(Linux VmHWM)" if meter.available else "not measurable here")}
-    return {"meta": meta, "results": [asdict(r) for r in results]}
+    return {"meta": meta, "results": results}
 
 
 def results_table(results: Sequence[dict]) -> str:
     from .benchmark import format_table
+    failed = [r for r in results if r.get("error")]
+    results = [r for r in results if not r.get("error")]
     base = next((r for r in results if r["fmt"] is None), None)
     show_cache = any(r.get("cache_mb") for r in results)
     headers = (["config", "format", "bits/w", "linear MB"] + (["+ cache MB"] if show_cache else [])
@@ -1004,7 +1022,10 @@ def results_table(results: Sequence[dict]) -> str:
                     + [r["model_mb"], f"{r['perplexity']:.2f}", delta, r["prefill_tok_s"],
                        r["decode_tok_s"], r["quant_time_s"], r.get("run_peak_mb"),
                        r.get("decode_peak_mb")])
-    return format_table(rows, headers)
+    text = format_table(rows, headers)
+    for r in failed:
+        text += f"\n{r['config']} ({r['description']}): FAILED: {r['error']}"
+    return text
 
 
 TABLE_NOTE = ("bits/w, linear MB: the quantized Linear layers as stored (codes + scales + zeros "
@@ -1025,6 +1046,9 @@ def plot(results: Sequence[dict], path: str, title: str = "") -> None:
     except ImportError:
         raise MissingExtras("--plot needs matplotlib, which is not installed: pip install matplotlib "
                             f"(or {INSTALL_HINT})") from None
+    results = [r for r in results if not r.get("error")]
+    if not results:
+        raise ValueError("nothing to plot: every spec failed")
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["bits_per_weight"] for r in results]
     ys = [r["perplexity"] for r in results]

@@ -17,6 +17,7 @@ need 64-bit indexing:
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -276,8 +277,10 @@ def test_kernels_take_row_strides_beyond_2_to_the_32(variant):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_weight_with_more_than_2_to_the_31_elements(fmt):
-    """lowbit.linear on an [N, K] weight with N * K > 2^31 (exact path, and the fast path for
-    int4): rows at both ends, past element 2^31, match the reference on the same rows."""
+    """lowbit.linear on an [N, K] weight with N * K > 2^31: rows at both ends, past element
+    2^31, match the reference on the same rows. The exact path; with LOWBIT_SLOW_TESTS=1 also
+    the fast path for int8, whose packed form is then larger than 2^31 bytes (tile offsets past
+    2^31; packing 2 GiB takes 10-50 s here, too long for the default suite)."""
     K = (1 << 16) + 33  # odd, ragged last group
     N = (1 << 31) // K + 20
     assert N * K > 1 << 31
@@ -301,7 +304,7 @@ def test_weight_with_more_than_2_to_the_31_elements(fmt):
                           None if qw.zeros is None else qw.zeros[rows], group_size=qw.group_size,
                           symmetric=qw.symmetric)
     want = R.linear(x, sub)
-    paths = ("exact", "fast") if fmt == "int4" else ("exact",)
+    paths = ("exact", "fast") if fmt == "int8" and os.environ.get("LOWBIT_SLOW_TESTS") else ("exact",)
     for path in paths:
         _backend.set_cpu_path(path)
         try:

@@ -128,10 +128,13 @@ def ticks_during(call):
 
 
 def assert_gil_released(call, what):
-    for attempt in range(3):  # a loaded machine may deschedule this thread for a while
+    """With the GIL held the watcher stalls for the whole call (gap ~ duration, see the control
+    below); released, only the OS scheduler can stall it. A loaded machine may deschedule the
+    watcher for a while, hence the margin and the retries."""
+    for attempt in range(5):
         dur, gap = ticks_during(call)
         assert dur > 0.05, f"{what}: the call took only {dur:.3f} s; make it longer"
-        if gap < 0.5 * dur:
+        if gap < 0.75 * dur:
             return
     raise AssertionError(f"{what}: no other Python thread ran for {gap:.3f} s of a {dur:.3f} s "
                          "kernel call: the GIL is held")
@@ -141,9 +144,9 @@ def test_gil_measure_detects_a_held_gil():
     """The measure itself: list.sort holds the GIL for its whole C loop, so the watching thread
     stalls for (almost) the whole call."""
     rng = random.Random(0)
-    data = [rng.random() for _ in range(1_500_000)]
+    data = [rng.random() for _ in range(1_000_000)]
     dur, gap = ticks_during(lambda: sorted(data))
-    assert dur > 0.05 and gap > 0.5 * dur, (dur, gap)
+    assert dur > 0.05 and gap > 0.9 * dur, (dur, gap)
 
 
 def test_kernels_release_the_gil(monkeypatch):
@@ -156,17 +159,17 @@ def test_kernels_release_the_gil(monkeypatch):
     args = _backend._weight_args(qw)
     # one binding call that runs the kernel `repeat` times, so that the call lasts a while
     per = C.linear(*args, x.data_ptr(), 0, 16, 1024, 0, y.data_ptr(), 0, 1024, 1, "", 1)
-    rep = max(2, int(0.2 / max(per, 1e-6)))
+    rep = max(2, int(0.3 / max(per, 1e-6)))
     assert_gil_released(lambda: C.linear(*args, x.data_ptr(), 0, 16, 1024, 0, y.data_ptr(), 0, 1024, 1,
                                          "", rep), "exact linear")
     blob = _backend.packed_weight(qw)
     meta = _backend._meta(qw)
     per = C.linear_packed(blob.data_ptr(), blob.numel(), *meta, x.data_ptr(), 0, 16, 1024, 0,
                           y.data_ptr(), 0, 1024, 1, "", 1)
-    rep = max(2, int(0.2 / max(per, 1e-6)))
+    rep = max(2, int(0.3 / max(per, 1e-6)))
     assert_gil_released(lambda: C.linear_packed(blob.data_ptr(), blob.numel(), *meta, x.data_ptr(), 0, 16,
                                                 1024, 0, y.data_ptr(), 0, 1024, 1, "", rep), "fast linear")
-    big = lowbit.QuantizedWeight("nf4", (4096, 4096), torch.randint(0, 256, (4096, 2048), dtype=torch.uint8),
-                                 torch.rand(4096, 64), group_size=64)
-    assert_gil_released(lambda: [lowbit.dequantize(big) for _ in range(3)], "dequantize")
+    big = lowbit.QuantizedWeight("nf4", (2048, 4096), torch.randint(0, 256, (2048, 2048), dtype=torch.uint8),
+                                 torch.rand(2048, 64), group_size=64)
+    assert_gil_released(lambda: [lowbit.dequantize(big) for _ in range(4)], "dequantize")
     assert_gil_released(lambda: _backend._build_blob(big, C.active_isa()), "fast-path packing")

@@ -202,7 +202,7 @@ EDGE_X = [dict(lead=(0,), dtype=torch.bfloat16, layout="offset", xseed=4, scale=
 
 
 # ---- the exact CPU path, every ISA ----------------------------------------------------------------
-@settings(FUZZ, max_examples=n_examples(400))
+@settings(FUZZ, max_examples=n_examples(300))
 @seed(FUZZ_SEED)
 @given(w=weights(), a=activations(), isa=st.sampled_from(supported_isas()))
 @example(w=EDGE_W[0], a=EDGE_X[0], isa="scalar")
@@ -220,7 +220,7 @@ def test_linear_any_layout_matches_reference(w, a, isa):
     assert torch.equal(y, y_contig), f"{isa}: layout {a['layout']} changed the result"
 
 
-@settings(FUZZ, max_examples=n_examples(250))
+@settings(FUZZ, max_examples=n_examples(200))
 @seed(FUZZ_SEED)
 @given(w=weights(), dtype=st.sampled_from(DTYPES), isa=st.sampled_from(supported_isas()))
 @example(w=EDGE_W[1], dtype=torch.bfloat16, isa="scalar")
@@ -233,7 +233,7 @@ def test_dequantize_bit_exact(w, dtype, isa):
 
 
 # ---- the fast (int8-activation) CPU path ---------------------------------------------------------
-@settings(FUZZ, max_examples=n_examples(250))
+@settings(FUZZ, max_examples=n_examples(200))
 @seed(FUZZ_SEED)
 @given(w=weights(), a=activations(), isa=st.sampled_from(supported_isas()))
 @example(w=EDGE_W[2], a=EDGE_X[2], isa=supported_isas()[0])
@@ -273,7 +273,7 @@ def tiny_weights(draw):
                 weight_offset=False)
 
 
-@settings(FUZZ, max_examples=n_examples(25))
+@settings(FUZZ, max_examples=n_examples(20))
 @seed(FUZZ_SEED)
 @given(w=tiny_weights(), dtype=st.sampled_from(DTYPES), M=st.integers(0, 5),
        layout=st.sampled_from(LAYOUTS), xseed=st.integers(0, 1000))

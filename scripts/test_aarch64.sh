@@ -71,7 +71,17 @@ for cpu in $CPUS; do
   supported=$(sed -n 's/^supported ISAs: //p' "$out")
   dotprod=$(grep -o 'dotprod=[01]' "$out" | head -1 || true)
   summary=$(tail -n 1 "$out")
+  tested=" $(sed -n 's/^testing ISAs: //p' "$out" | sed 's/ (quick)//') "
   echo "aarch64 qemu -cpu $cpu: compiled ISAs [$compiled], supported ISAs [$supported], $dotprod: $summary"
+  # The CPU models must exercise what they stand for: plain NEON without dotprod on cortex-a53,
+  # the dotprod kernels on max (a qemu that stopped reporting dotprod would otherwise pass
+  # silently with the plain NEON kernels only).
+  case $cpu in
+    cortex-a53) [[ $tested == *" neon "* && $tested != *" neon_dotprod "* ]] || {
+                  echo "  -cpu cortex-a53 should test plain NEON without dotprod; tested:$tested" >&2; rc=$((rc == 0 ? 4 : rc)); } ;;
+    max) [[ $tested == *" neon_dotprod "* && $tested == *" neon "* ]] || {
+           echo "  -cpu max should test neon_dotprod and neon; tested:$tested" >&2; rc=$((rc == 0 ? 4 : rc)); } ;;
+  esac
   if [[ $rc != 0 ]]; then
     status=1
     grep -E '^FAIL|ERROR|runtime error' "$out" | head -20 >&2 || tail -20 "$out" >&2

@@ -5,7 +5,8 @@
 #   scripts/test_cpp.sh [test args, e.g. --quick, --isa avx2]
 #
 # Environment: SANITIZE=1 builds with ASan+UBSan (build/cpp-tests-asan);
-#              VALGRIND=1 runs the binary under valgrind (use with --quick).
+#              VALGRIND=1 runs the binary under valgrind memcheck (use with --quick); invalid
+#              accesses, uninitialised reads and definite leaks fail the run.
 # Quiet on success: the ISA lines and the summary; on failure, the tail of the log.
 set -euo pipefail
 
@@ -35,7 +36,7 @@ if ! cmake --build "$BUILD" --target lowbit_kernel_tests -j "$(nproc 2>/dev/null
 fi
 
 runner=()
-[[ "${VALGRIND:-0}" == 1 ]] && runner=(valgrind -q --error-exitcode=3)
+[[ "${VALGRIND:-0}" == 1 ]] && runner=(valgrind -q --error-exitcode=3 --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite)
 out=$BUILD/test_cpp.out
 rc=0
 "${runner[@]}" "$BUILD/lowbit_kernel_tests" "$@" >"$out" 2>&1 || rc=$?

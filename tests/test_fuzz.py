@@ -273,7 +273,7 @@ def tiny_weights(draw):
                 weight_offset=False)
 
 
-@settings(FUZZ, max_examples=n_examples(20))
+@settings(FUZZ, max_examples=n_examples(15))
 @seed(FUZZ_SEED)
 @given(w=tiny_weights(), dtype=st.sampled_from(DTYPES), M=st.integers(0, 5),
        layout=st.sampled_from(LAYOUTS), xseed=st.integers(0, 1000))

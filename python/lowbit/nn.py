@@ -45,7 +45,8 @@ class QuantLinear(nn.Module):
         y = linear(x with columns outlier_cols set to 0, qweight, bias)
             + x[..., outlier_cols] @ outlier_weight^T
 
-    (the second term in float32; the sum is rounded once to x's dtype). ``n_outliers`` and
+    (the second term in float32, added to the first in float32 and rounded to x's dtype, so
+    float32 inputs see one float32 sum). ``n_outliers`` and
     the extra state's ``"outliers"`` / ``"outlier_dtype"`` say how many; without outliers
     both buffers are None and the layer is exactly the plain one.
     """

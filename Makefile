@@ -8,7 +8,7 @@ NATIVE_SRCS := $(shell find csrc -name '*.cpp' -o -name '*.h') CMakeLists.txt py
 DEPS_STAMP  := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.lowbit-built
 
-.PHONY: setup demo test test-python test-cpp test-aarch64 bench clean
+.PHONY: setup demo test test-python test-cpp test-aarch64 bench clean sanitize sanitize-ci wheel sdist
 
 setup: $(BUILD_STAMP)
 
@@ -38,6 +38,23 @@ test-cpp:
 
 test-aarch64:
 	bash scripts/test_aarch64.sh
+
+# Memory safety: C++ tests under ASan+UBSan and valgrind, the Python suite's CPU part against an
+# ASan+UBSan build of the extension (scripts/sanitize.sh). sanitize-ci: CI's share, the C++
+# tests' quick shapes under ASan+UBSan and valgrind.
+sanitize: $(DEPS_STAMP)
+	bash scripts/sanitize.sh
+
+sanitize-ci:
+	bash scripts/sanitize.sh --quick --only cpp,valgrind
+
+# dist/: a manylinux wheel smoke-tested in a fresh env (and on emulated older CPUs); the sdist,
+# rebuilt from scratch into a wheel that passes the same smoke test.
+wheel: $(DEPS_STAMP)
+	bash scripts/build_wheel.sh
+
+sdist: $(DEPS_STAMP)
+	bash scripts/build_sdist.sh
 
 bench: setup
 	$(PY) bench/cpu.py

@@ -173,6 +173,14 @@ def test_eval_rejects_a_bad_spec_before_loading_anything(capsys, monkeypatch):
     assert "unknown modifier 'gtpq'" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers (pip install 'lowbit[eval]')")
+def test_eval_unknown_model_name_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("some text " * 50)
+    assert cli.main(["eval", "--model", "no-such-org/no-such-model", "--text",
+                     str(tmp_path / "t.txt"), "--tokens", "64", "--ctx", "32"]) == 2
+    assert "local Hugging Face cache" in capsys.readouterr().err
+
+
 # ---- size ---------------------------------------------------------------------------------
 def test_size_prints_every_registry_format(capsys):
     assert cli.main(["size", "--params", "70e9"]) == 0

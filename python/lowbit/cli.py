@@ -679,8 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens", type=int, default=16384, help="tokens of text to score (default 16384)")
     s.add_argument("--ctx", type=int, default=512, help="window length (default 512)")
     s.add_argument("--formats", default="fp32,int8,int4,int4-sym,nf4,nf4-dq", help=EVAL_FORMATS_HELP)
-    s.add_argument("--model", metavar="PATH", help="a .gguf file or a Hugging Face model folder "
-                   "(default: the bundled SmolLM2-135M-Instruct GGUF)")
+    s.add_argument("--model", metavar="PATH", help="a .gguf file, a Hugging Face model folder or a "
+                   "model name in the local Hugging Face cache (default: the bundled "
+                   "SmolLM2-135M-Instruct GGUF)")
     s.add_argument("--text", metavar="PATH", help="plain text file to score (default: gensim's "
                    "Wikipedia sample)")
     s.add_argument("--decode-tokens", type=int, default=32, help="tokens generated to time decoding "

@@ -325,7 +325,8 @@ def _load_hf_folder(folder: str):
 def load_model(path: Optional[str] = None, *, cache: bool = True, verbose: bool = True):
     """(model, tokenizer, description) in float32, eval mode.
 
-    ``path``: a .gguf file, a Hugging Face model folder, or None for the bundled SmolLM2 GGUF.
+    ``path``: a .gguf file, a Hugging Face model folder, a model name already in the local
+    Hugging Face cache (nothing is downloaded), or None for the bundled SmolLM2 GGUF.
     """
     need_gguf = path is None or str(path).endswith(".gguf")
     require_extras(need_model=need_gguf and path is None, need_text=False)
@@ -343,7 +344,15 @@ def load_model(path: Optional[str] = None, *, cache: bool = True, verbose: bool 
         folder, name = os.path.split(gguf_path)
     else:
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"--model: {path!r} is neither a .gguf file nor a model folder")
+            # A model name ("org/name"): only from the local Hugging Face cache (offline).
+            try:
+                tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                model = _load_hf_folder(path)
+            except (OSError, ValueError):
+                raise FileNotFoundError(
+                    f"--model: {path!r} is neither a .gguf file, a model folder, nor a model name "
+                    "in the local Hugging Face cache (nothing is downloaded)") from None
+            return model, tok, path
         model = _load_hf_folder(path)
         tok = AutoTokenizer.from_pretrained(path)
         return model, tok, os.path.abspath(path)

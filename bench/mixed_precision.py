@@ -121,22 +121,26 @@ def cmd_mixed(args):
         add(label, describe_format(opts), bits / n_w, p, nll, s)
         del model
 
-    for budget in args.budgets:
-        for method in args.sensitivity:
-            model = loader()
-            cfg = lowbit.QuantConfig(format="int4", group_size=64, max_bits_per_weight=budget)
-            t0 = time.perf_counter()
-            plan = M.plan_mixed_precision(model, targets_of(model), calib, cfg, sensitivity=method,
-                                          max_tokens=args.plan_tokens, progress=args.progress)
-            t_plan = time.perf_counter() - t0
+    # One sensitivity table per method serves every budget (the plan is the same as
+    # plan_mixed_precision's: same candidates, same measurement, same solver).
+    for method in args.sensitivity if args.budgets else []:
+        model = loader()
+        cfg = lowbit.QuantConfig(format="int4", group_size=64, max_bits_per_weight=args.budgets[0])
+        t0 = time.perf_counter()
+        table = M.measure_sensitivity(model, targets_of(model), calib, M.candidate_ladder(cfg), method,
+                                      max_tokens=args.plan_tokens, progress=args.progress)
+        t_plan = time.perf_counter() - t0
+        del model
+        for budget in args.budgets:
+            plan = M.plan_from_table(table, budget)
             print(plan.table(), flush=True)
-            doc["plans"][f"{budget}:{method}"] = plan.to_dict()
-            # The plan's own prediction for every uniform setting, to set beside the measurements.
-            pred_uniform = {describe_format(c): plan.uniform(j)[1] for j, c in enumerate(plan.candidates)}
-            doc["plans"][f"{budget}:{method}"]["predicted_uniform"] = pred_uniform
+            key = f"{budget}:{method}"
+            doc["plans"][key] = plan.to_dict()
+            # The plan's own prediction for every uniform setting, beside the measurements.
+            doc["plans"][key]["predicted_uniform"] = {describe_format(c): plan.uniform(j)[1]
+                                                      for j, c in enumerate(plan.candidates)}
+            model = loader()
             if args.real:
-                del model
-                model = loader()
                 cfg_real = lowbit.QuantConfig(format="int4", group_size=64, max_bits_per_weight=budget)
                 lowbit.quantize_model(model, cfg_real, calib, progress=False)
                 bits = model.lowbit_report.bits_per_weight()
@@ -239,28 +243,58 @@ def cmd_validate(args):
 
 
 def cmd_outliers(args):
+    """int8 vs LLM.int8. One calibration pass gives every layer's per-column max |x|
+    (lowbit.quantize.outliers.input_absmax); for each threshold the layers are then built
+    exactly as quantize_with_outliers builds them (QuantLinear.from_linear with the columns
+    above the threshold), so the sweep needs one pass, not one per threshold."""
     from tabulate import tabulate
+    from lowbit.quantize.outliers import input_absmax, outlier_columns
     loader, tok, ids, calib = setup(args)
     rows = []
-    doc = {"tokens": int(ids.numel()), "rows": rows}
+    doc = {"tokens": int(ids.numel()), "calibration_samples": args.samples, "rows": rows}
     model = loader()
-    p0, nll0, _ = ppl(model, ids, args.ctx)
-    rows.append({"config": "fp32", "perplexity": p0, "bits_per_weight": 32.0})
+    targets = targets_of(model)
+    t0 = time.perf_counter()
+    amax = input_absmax(model, targets, calib)
+    doc["absmax_seconds"] = time.perf_counter() - t0
+    n_w = sum(m.weight.numel() for m in targets.values())
+    # The packed int8 part keeps all K columns (the outlier ones as zeros); each outlier column
+    # adds its float32 weights [N] and an int64 index.
+    int8_bits = sum(8 * lowbit.quantize_weight(torch.zeros(m.out_features, m.in_features), "int8").nbytes
+                    for m in targets.values())
+    sweep = []
+    for t in sorted(set(args.sweep) | set(args.thresholds)):
+        cols = {n: outlier_columns(a, t) for n, a in amax.items()}
+        n_cols = sum(c.numel() for c in cols.values())
+        extra = sum(c.numel() * (32 * targets[n].out_features + 64) for n, c in cols.items())
+        sweep.append([f"{t:g}", n_cols, sum(1 for c in cols.values() if c.numel()),
+                      f"{n_cols / sum(m.in_features for m in targets.values()):.2%}",
+                      f"{(int8_bits + extra) / n_w:.3f}"])
+    doc["sweep"] = sweep
+    print(tabulate(sweep, headers=["threshold", "outlier columns", "layers", "of all input columns",
+                                   "bits/w"], disable_numparse=True), flush=True)
+    save(args, doc)
     del model
-    for t in [None] + args.thresholds:
+    configs = ([] if args.skip_base else [None, "int8"]) + list(args.thresholds)
+    for t in configs:
         model = loader()
         if t is None:
-            cfg = lowbit.QuantConfig(format="int8")
+            label = "fp32"
+        elif t == "int8":
             label = "int8 per-row (rtn)"
         else:
-            cfg = lowbit.QuantConfig(method="llm.int8", outlier_threshold=t)
             label = f"llm.int8 threshold {t:g}"
-        lowbit.quantize_model(model, cfg, calib, progress=False)
+        mods = dict(model.named_modules())
+        for name in targets:
+            lin = mods[name]
+            kw = {} if t in (None, "int8") else {"outlier_cols": outlier_columns(amax[name], t)}
+            if t is not None:
+                parent, _, child = name.rpartition(".")
+                setattr(mods[parent], child, lowbit.QuantLinear.from_linear(lin, "int8", **kw))
         qls = [m for m in model.modules() if isinstance(m, lowbit.QuantLinear)]
-        n_w = sum(m.in_features * m.out_features for m in qls)
-        bits = sum(m.bits_per_weight * m.in_features * m.out_features for m in qls) / n_w
-        n_cols = sum(getattr(m, "n_outliers", 0) for m in qls)
-        n_layers = sum(1 for m in qls if getattr(m, "n_outliers", 0))
+        bits = (sum(m.bits_per_weight * m.in_features * m.out_features for m in qls) / n_w) if qls else 32.0
+        n_cols = sum(m.n_outliers for m in qls)
+        n_layers = sum(1 for m in qls if m.n_outliers)
         p, nll, s = ppl(model, ids, args.ctx)
         rows.append({"config": label, "perplexity": p, "bits_per_weight": bits,
                      "outlier_columns": n_cols, "layers_with_outliers": n_layers, "seconds": s})
@@ -269,9 +303,8 @@ def cmd_outliers(args):
               flush=True)
         del model
     print(tabulate([[r["config"], f"{r['bits_per_weight']:.3f}", f"{r['perplexity']:.3f}",
-                     f"{(r['perplexity'] / p0 - 1) * 100:+.2f}%", r.get("outlier_columns", ""),
-                     r.get("layers_with_outliers", "")] for r in rows],
-                   headers=["config", "bits/w", "perplexity", "vs fp32", "outlier cols", "layers"],
+                     r["outlier_columns"], r["layers_with_outliers"]] for r in rows],
+                   headers=["config", "bits/w", "perplexity", "outlier cols", "layers"],
                    disable_numparse=True))
 
 
@@ -297,7 +330,10 @@ def main(argv=None):
                     help="format names for validate (default: int4 sym g64)")
     ap.add_argument("--val-tokens", type=int, default=2048)
     # outliers
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[6.0, 4.0])
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[6.0, 20.0])
+    ap.add_argument("--sweep", type=float, nargs="*", default=[4, 6, 8, 10, 15, 20, 30, 50, 100],
+                    help="thresholds whose outlier counts are tabulated (no perplexity)")
+    ap.add_argument("--skip-base", action="store_true", help="outliers: skip fp32 and plain int8")
     args = ap.parse_args(argv)
     if args.command == "validate" and args.candidates is None:
         args.candidates = [{"format": "int4", "group_size": 64, "symmetric": True}]

@@ -80,6 +80,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     import lowbit
+    import lowbit.quantize.awq  # noqa: F401  (import every algorithm now, not mid-run)
+    import lowbit.quantize.gptq  # noqa: F401
     from lowbit import evaluate as E
     from lowbit.quantize import calibration as C
     configs = [(s, parse(s)) for s in args.configs.split(",") if s]

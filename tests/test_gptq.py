@@ -40,6 +40,26 @@ def out_err(W, Wq, H):
     return float((D @ H.double() * D).sum())
 
 
+def test_hessian_running_mean_and_first_token_weight():
+    torch.manual_seed(0)
+    x = torch.randn(3, 10, 8)  # [batch, seq, K]
+    h = Hessian(8, "cpu")
+    h.add(x[:1])
+    h.add(x[1:])
+    rows = x.reshape(-1, 8)
+    torch.testing.assert_close(h.H, 2 * rows.T @ rows / 30)
+    # first_weight=w counts each sequence's first token w times
+    hw = Hessian(8, "cpu", first_weight=5.0)
+    hw.add(x[:2])
+    hw.add(x[2:])
+    dup = torch.cat([rows] + [x[:, 0]] * 4)
+    torch.testing.assert_close(hw.H, 2 * dup.T @ dup / dup.shape[0])
+    # 2-D inputs have no sequence axis: plain mean
+    h2 = Hessian(8, "cpu", first_weight=5.0)
+    h2.add(rows)
+    torch.testing.assert_close(h2.H, 2 * rows.T @ rows / 30)
+
+
 # ---- the slow statement -------------------------------------------------------------------
 def int4_asym_params(wg):
     """lowbit's int4 asymmetric group rule (formats.INT4's docstring), float32."""

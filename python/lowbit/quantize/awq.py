@@ -62,7 +62,8 @@ class _Group:
     # statistics over all calibration tokens
     x_abs_sum: Optional[torch.Tensor] = None
     xtx: Optional[torch.Tensor] = None
-    n: int = 0
+    n: float = 0.0  # weighted token count of xtx (first_token_weight)
+    tokens: int = 0  # token count of x_abs_sum
     # replays of the lca module on the search batches: (args, kwargs, float output)
     replays: List[Tuple[tuple, dict, torch.Tensor]] = field(default_factory=list)
     # probe: the producer's input and output on the first batch (to check a norm fold)
@@ -169,9 +170,27 @@ def _probe_groups(block: nn.Module, inp: B.BlockInput, linears: Dict[str, nn.Lin
     return groups
 
 
+def _add_stats(g: _Group, x: torch.Tensor, first_weight: float) -> None:
+    """Accumulate mean |x| per channel and X^T X (its first position of each sequence
+    counted ``first_weight`` times; see gptq.Hessian)."""
+    K = x.shape[-1]
+    rows = x.reshape(-1, K).to(torch.float32)
+    if g.xtx is None:
+        g.xtx = torch.zeros(K, K, device=x.device)
+        g.x_abs_sum = torch.zeros(K, device=x.device)
+    g.xtx.addmm_(rows.t(), rows)
+    g.x_abs_sum += rows.abs().sum(0)
+    g.tokens += rows.shape[0]
+    g.n += rows.shape[0]
+    if first_weight != 1.0 and x.dim() >= 3 and x.shape[-2] > 1:
+        x0 = x[..., 0, :].reshape(-1, K).to(torch.float32)
+        g.xtx.addmm_(x0.t(), x0, alpha=first_weight - 1.0)
+        g.n += (first_weight - 1.0) * x0.shape[0]
+
+
 @torch.no_grad()
 def _collect(block: nn.Module, inputs: List[B.BlockInput], groups: List[_Group],
-             n_search: int, need_replays: bool) -> None:
+             n_search: int, need_replays: bool, first_weight: float = 1.0) -> None:
     """Per-channel mean |x| and X^T X of each group's input over every batch; replays of
     each group's lca module over the first ``n_search`` batches."""
     state = {"batch": 0}
@@ -180,13 +199,7 @@ def _collect(block: nn.Module, inputs: List[B.BlockInput], groups: List[_Group],
         first = _sub(block, g.names[0])
 
         def stat(m, a, o, g=g):
-            x = a[0].reshape(-1, a[0].shape[-1]).to(torch.float32)
-            if g.xtx is None:
-                g.xtx = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                g.x_abs_sum = torch.zeros(x.shape[1], device=x.device)
-            g.xtx.addmm_(x.t(), x)
-            g.x_abs_sum += x.abs().sum(0)
-            g.n += x.shape[0]
+            _add_stats(g, a[0], first_weight)
         handles.append(first.register_forward_hook(stat))
         if need_replays:
             lca = _sub(block, g.lca)
@@ -231,7 +244,7 @@ def _search_scale(block: nn.Module, g: _Group, mods: Dict[str, Tuple[nn.Linear, 
     """Grid-search alpha for group g; sets g.scale / g.alpha (alpha 0: no scaling)."""
     if g.n == 0:
         return
-    x_mean = g.x_abs_sum / g.n
+    x_mean = g.x_abs_sum / g.tokens
     weights = {r: mods[r][0].weight.detach().to(torch.float32) for r in g.names}
     w_mean = _w_mean(list(weights.values()), mods[g.names[0]][1]) if config.duo_scaling else None
     use_module = objective == "module" and g.replays
@@ -251,10 +264,15 @@ def _search_scale(block: nn.Module, g: _Group, mods: Dict[str, Tuple[nn.Linear, 
             lca = _sub(block, g.lca)
             tot = 0.0
             cnt = 0
+            fw = config.first_token_weight
             for args, kwargs, ref in g.replays:
                 out = B.first_tensor(lca(*args, **kwargs)).to(torch.float32)
-                tot += float(((out - ref.to(torch.float32)) ** 2).sum())
-                cnt += ref.numel()
+                d = (out - ref.to(torch.float32)) ** 2
+                tot += float(d.sum())
+                cnt += d.numel()
+                if fw != 1.0 and d.dim() >= 3 and d.shape[-2] > 1:
+                    tot += (fw - 1.0) * float(d[..., 0, :].sum())  # the attention-sink token
+                    cnt += (fw - 1.0) * d[..., 0, :].numel()
             return tot / max(cnt, 1)
         finally:
             for r in g.names:
@@ -415,7 +433,8 @@ def run_awq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]
             if mods:
                 t0 = time.perf_counter()
                 groups = _probe_groups(block, inputs[0], {r: m for r, (m, _) in mods.items()})
-                _collect(block, inputs, groups, n_search, config.awq_objective == "module")
+                _collect(block, inputs, groups, n_search, config.awq_objective == "module",
+                         config.first_token_weight)
                 for g in groups:
                     tg = time.perf_counter()
                     _search_scale(block, g, mods, config, config.awq_objective)
@@ -440,13 +459,7 @@ def run_awq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]
             mod = rest[g.names[0]][0]
 
             def stat(m, a, o, g=g):
-                x = a[0].reshape(-1, a[0].shape[-1]).to(torch.float32)
-                if g.xtx is None:
-                    g.xtx = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                    g.x_abs_sum = torch.zeros(x.shape[1], device=x.device)
-                g.xtx.addmm_(x.t(), x)
-                g.x_abs_sum += x.abs().sum(0)
-                g.n += x.shape[0]
+                _add_stats(g, a[0], config.first_token_weight)
             g.handle = mod.register_forward_hook(stat)
         try:
             with torch.no_grad():

@@ -82,6 +82,12 @@ class AlgorithmOption:
     check: Callable[[Any], bool]
     expect: str  # what a valid value looks like (for the error message)
     doc: str
+    per_method: Optional[Dict[str, Any]] = None  # defaults that differ by method
+
+    def default_for(self, method: str):
+        if self.per_method and method in self.per_method:
+            return self.per_method[method]
+        return self.default
 
 
 ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
@@ -101,6 +107,10 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
     "true_sequential": AlgorithmOption(
         True, ("gptq",), _is_bool, "a bool",
         "inside a block, each group of layers sees the inputs of the already-quantized ones"),
+    "first_token_weight": AlgorithmOption(
+        64.0, ("gptq", "awq"), _is_float(1.0, 1e6), "a float >= 1",
+        "how many tokens the first position of each calibration sequence counts for in the "
+        "layer objectives (attention sinks: every later token reads its key and value)"),
     # AWQ
     "n_grid": AlgorithmOption(
         20, ("awq",), _is_int(1, 1000), "an int in [1, 1000]",
@@ -116,13 +126,14 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         False, ("awq",), _is_bool, "a bool",
         "s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a"),
     "clip_search": AlgorithmOption(
-        True, ("awq",), _is_bool, "a bool",
-        "after scaling, search a per-group shrink of the weight range"),
+        True, ("awq", "gptq"), _is_bool, "a bool",
+        "search a per-group shrink of the weight range: awq after scaling, on the layer's "
+        "output error; gptq when a group is reached, on sum |w - q|^2.4"),
     "clip_grid": AlgorithmOption(
-        20, ("awq",), _is_int(1, 1000), "an int in [1, 1000]",
+        20, ("awq", "gptq"), _is_int(1, 1000), "an int in [1, 1000]",
         "grid points for the clip search"),
     "clip_max_shrink": AlgorithmOption(
-        0.5, ("awq",), _is_float(0.0, 1.0, hi_open=True), "a float in [0, 1)",
+        0.5, ("awq", "gptq"), _is_float(0.0, 1.0, hi_open=True), "a float in [0, 1)",
         "the clip search tries ranges down to (1 - clip_max_shrink) of the original"),
     "clip_skip": AlgorithmOption(
         ("q_proj", "k_proj"), ("awq",), _is_names, "a tuple of module-name globs",
@@ -320,8 +331,8 @@ class QuantConfig:
                                  f"not {method!r}")
             if not row.check(v):
                 raise ValueError(f"option {k!r} must be {row.expect}, got {v!r}")
-        self.options: Dict[str, Any] = {k: row.default for k, row in ALGORITHM_OPTIONS.items()
-                                        if method in row.methods}
+        self.options: Dict[str, Any] = {k: row.default_for(method) for k, row in
+                                        ALGORITHM_OPTIONS.items() if method in row.methods}
         self.options.update(algo)
         if "clip_skip" in self.options:
             self.options["clip_skip"] = tuple(self.options["clip_skip"])
@@ -442,7 +453,8 @@ class QuantConfig:
             parts.append(f"rules={[(r.describe(), 'skip' if r.action is None else r.action) for r in self.rules]!r}")
         if self.max_bits_per_weight is not None:
             parts.append(f"max_bits_per_weight={self.max_bits_per_weight}")
-        changed = {k: v for k, v in self.options.items() if v != ALGORITHM_OPTIONS[k].default}
+        changed = {k: v for k, v in self.options.items()
+                   if v != ALGORITHM_OPTIONS[k].default_for(self.method)}
         if changed:
             parts.append(", ".join(f"{k}={v!r}" for k, v in changed.items()))
         return f"QuantConfig({', '.join(parts)})"

@@ -97,7 +97,7 @@ class _Groups:
         self.scale: List[Optional[torch.Tensor]] = [None] * self.G
         self.zero: List[Optional[torch.Tensor]] = [None] * self.G
         self.dq: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-        self.cur = -1
+        self.clip_grid, self.clip_max_shrink = 1, 0.0
         if self.family == "codebook":
             self.table = _codebook(self.fmt).to(device)
 
@@ -133,44 +133,72 @@ class _Groups:
 
     def set_group(self, g: int, wg: torch.Tensor) -> None:
         qw = R.quantize_weight(wg, self.fmt, **self._one_group_kw())
-        self.scale[g] = qw.scales[:, 0].clone()
-        self.zero[g] = None if qw.zeros is None else qw.zeros[:, 0].clone()
+        scale = qw.scales[:, 0]
+        zero = None if qw.zeros is None else qw.zeros[:, 0]
+        if self.clip_grid > 1:
+            scale, zero = self._clip(wg, scale, zero)
+        self.scale[g] = scale.clone()
+        self.zero[g] = None if zero is None else zero.clone()
+
+    def _clip(self, wg, scale, zero):
+        """Per row, the parameters of the group shrunk to r x its range (r on a grid down to
+        1 - clip_max_shrink) that minimise sum |w - q(w)|^2.4 over the group (GPTQ's "mse"
+        grid); the rest of the algorithm then works with those parameters, as stored."""
+        best_err = (wg - self.round(wg, scale[:, None], zero)[1]).abs().pow(2.4).sum(1)
+        asym = self.family in ("int4_asym", "int4_float", "int8_asym")
+        if asym:
+            lo, hi = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
+        else:
+            hi = wg.abs().amax(1, keepdim=True)
+            lo = -hi
+        for i in range(1, self.clip_grid):
+            r = 1.0 - self.clip_max_shrink * i / self.clip_grid
+            wc = torch.maximum(torch.minimum(wg, hi * r), lo * r)
+            qw = R.quantize_weight(wc, self.fmt, **self._one_group_kw())
+            s2 = qw.scales[:, 0]
+            z2 = None if qw.zeros is None else qw.zeros[:, 0]
+            err = (wg - self.round(wg, s2[:, None], z2)[1]).abs().pow(2.4).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale = torch.where(better, s2, scale)
+            if zero is not None:
+                zero = torch.where(better, z2, zero)
+        return scale, zero
+
+    def round(self, w: torch.Tensor, s: torch.Tensor, zero: Optional[torch.Tensor]):
+        """(codes, decoded values) of w with scale s (and zero-point / offset) broadcast to
+        it, by the format's reference rule."""
+        sd = _safe(s)
+        f = self.family
+        if zero is not None and zero.dim() < w.dim():
+            zero = zero[:, None]
+        if f == "codebook":
+            idx = _nearest_code(w / sd, self.fmt)
+            return idx.to(torch.int16), self.table[idx.long()] * s
+        if f == "int4_sym":
+            q = torch.clamp(torch.round(w / sd), -8, 7)
+            return (q + F.INT4_SYMMETRIC_ZERO).to(torch.int16), q * s
+        if f == "int4_asym":
+            z = zero.to(torch.float32)
+            q = torch.clamp(torch.round(w / sd) + z, 0, 15)
+            return q.to(torch.int16), (q - z) * s
+        if f == "int4_float":
+            q = torch.clamp(torch.round((w - zero) / sd), 0, 15)
+            return q.to(torch.int16), q * s + zero
+        if f == "int8_sym":
+            q = torch.clamp(torch.round(w / sd), -127, 127)
+            return q.to(torch.int16), q * s
+        if f == "int8_asym":
+            zu = zero.to(torch.float32) + 128  # stored zero is z - 128 (int16)
+            qu = torch.clamp(torch.round(w / sd) + zu, 0, 255)
+            return (qu - 128).to(torch.int16), (qu - zu) * s
+        raise AssertionError(f)
 
     def column(self, j: int, w: torch.Tensor) -> torch.Tensor:
         g = self.group_of(j)
-        s = self.scale[g]
-        if g != self.cur:
-            self.cur, self.s_div = g, _safe(s)
-        sd = self.s_div
-        f = self.family
-        if f == "codebook":
-            idx = _nearest_code(w / sd, self.fmt)
-            self.codes[:, j] = idx.to(torch.int16)
-            return self.table[idx.long()] * s
-        if f == "int4_sym":
-            q = torch.clamp(torch.round(w / sd), -8, 7)
-            self.codes[:, j] = (q + F.INT4_SYMMETRIC_ZERO).to(torch.int16)
-            return q * s
-        if f == "int4_asym":
-            z = self.zero[g].to(torch.float32)
-            q = torch.clamp(torch.round(w / sd) + z, 0, 15)
-            self.codes[:, j] = q.to(torch.int16)
-            return (q - z) * s
-        if f == "int4_float":
-            m = self.zero[g]
-            q = torch.clamp(torch.round((w - m) / sd), 0, 15)
-            self.codes[:, j] = q.to(torch.int16)
-            return q * s + m
-        if f == "int8_sym":
-            q = torch.clamp(torch.round(w / sd), -127, 127)
-            self.codes[:, j] = q.to(torch.int16)
-            return q * s
-        if f == "int8_asym":
-            zu = self.zero[g].to(torch.float32) + 128  # stored zero is z - 128 (int16)
-            qu = torch.clamp(torch.round(w / sd) + zu, 0, 255)
-            self.codes[:, j] = (qu - 128).to(torch.int16)
-            return (qu - zu) * s
-        raise AssertionError(f)
+        codes, values = self.round(w, self.scale[g], self.zero[g])
+        self.codes[:, j] = codes
+        return values
 
     def finish(self, perm: Optional[torch.Tensor]) -> QuantizedWeight:
         t = self.template
@@ -218,7 +246,8 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> Tuple[torch.Tenso
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any], *,
                   damp_percent: float = 0.01, act_order: bool = True, block_size: int = 128,
-                  static_groups: bool = False) -> Tuple[QuantizedWeight, Dict[str, Any]]:
+                  static_groups: bool = False, clip_grid: int = 1, clip_max_shrink: float = 0.0,
+                  ) -> Tuple[QuantizedWeight, Dict[str, Any]]:
     """GPTQ one weight [N, K] given its Hessian H [K, K] (``2 X^T X / n``) and resolved format
     options. Returns the QuantizedWeight (with ``perm`` when act_order) and details:
     ``out_err`` (relative output error tr(D H D^T) / tr(W H W^T)), ``damp``."""
@@ -245,6 +274,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any]
     del U64
 
     groups = _Groups(options, N, K, device)
+    groups.clip_grid, groups.clip_max_shrink = clip_grid, clip_max_shrink
     if static_groups or groups.double_quant:
         groups.set_static(W)
     else:
@@ -303,22 +333,35 @@ def split_rows(qw: QuantizedWeight, a: int, b: int) -> QuantizedWeight:
 
 
 class Hessian:
-    """Running ``2 X^T X / n`` of a layer's inputs (float32 accumulation, rescaled per batch)."""
+    """Running ``2 X^T X / n`` of a layer's inputs (float32 accumulation, rescaled per batch).
 
-    def __init__(self, K: int, device):
+    ``first_weight``: how many tokens the first position of each sequence counts for (inputs
+    shaped [..., seq, K]). Attention heads park most of their weight on that first token (the
+    "attention sink"), so its keys and values, and the hidden states that produce them, matter
+    far more than one token's share: plain GPTQ trades the sink's accuracy for the average
+    and loses perplexity. Weighting it in the Hessian fixes that."""
+
+    def __init__(self, K: int, device, first_weight: float = 1.0):
         self.H = torch.zeros(K, K, dtype=torch.float32, device=device)
-        self.n = 0
+        self.n = 0.0
+        self.first_weight = float(first_weight)
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        m = x.shape[0]
+        K = x.shape[-1]
+        rows = x.reshape(-1, K).to(torch.float32)
+        m = float(rows.shape[0])
         if m == 0:
             return
+        x0 = None
+        if self.first_weight != 1.0 and x.dim() >= 3 and x.shape[-2] > 1:
+            x0 = x[..., 0, :].reshape(-1, K).to(torch.float32)
+            m += (self.first_weight - 1.0) * x0.shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
-        x = x * math.sqrt(2.0 / self.n)
-        self.H.addmm_(x.t(), x)
+        self.H.addmm_(rows.t(), rows, alpha=2.0 / self.n)
+        if x0 is not None:
+            self.H.addmm_(x0.t(), x0, alpha=2.0 * (self.first_weight - 1.0) / self.n)
 
 
 # ---- the model-level driver ---------------------------------------------------------------
@@ -330,7 +373,9 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
     from . import blocks as B
 
     opts = dict(damp_percent=config.damp_percent, act_order=config.act_order,
-                block_size=config.block_size, static_groups=config.static_groups)
+                block_size=config.block_size, static_groups=config.static_groups,
+                clip_grid=config.clip_grid if config.clip_search else 1,
+                clip_max_shrink=config.clip_max_shrink)
     for name, (_, fmt) in targets.items():
         if not gptq_supports(fmt):
             raise ValueError(f"GPTQ cannot quantize {name!r} to {fmt['format']!r}")
@@ -389,10 +434,12 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
                 if config.true_sequential:
                     for grp in groups:
                         # grp[-1] is the group's last call: the pass can stop there.
-                        Hs = _collect(block, inputs, [grp], mine, stop_after=grp[-1])
+                        Hs = _collect(block, inputs, [grp], mine, stop_after=grp[-1],
+                                      first_weight=config.first_token_weight)
                         quantize_group({r: mine[r] for r in grp}, Hs[0], full)
                 else:
-                    Hs = _collect(block, inputs, groups, mine, stop_after=None)
+                    Hs = _collect(block, inputs, groups, mine, stop_after=None,
+                                  first_weight=config.first_token_weight)
                     for grp, H in zip(groups, Hs):
                         quantize_group({r: mine[r] for r in grp}, H, full)
             inputs = B.run_block(block, inputs)
@@ -403,7 +450,8 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
     if rest:
         # Layers outside the block list (or every layer, for a model without one): one pass of
         # the whole (partly quantized) model with hooks, then GPTQ each.
-        hs = {n: Hessian(m.in_features, m.weight.device) for n, (m, _) in rest.items()}
+        hs = {n: Hessian(m.in_features, m.weight.device, config.first_token_weight)
+              for n, (m, _) in rest.items()}
         handles = [m.register_forward_hook(lambda mod, a, o, n=n: hs[n].add(a[0]))
                    for n, (m, _) in rest.items()]
         try:
@@ -421,11 +469,13 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
 
 
 @torch.no_grad()
-def _collect(block, inputs, groups: List[List[str]], mine, stop_after: Optional[str]) -> List[Hessian]:
+def _collect(block, inputs, groups: List[List[str]], mine, stop_after: Optional[str],
+             first_weight: float = 1.0) -> List[Hessian]:
     """One Hessian per group (its members share the input), from a pass over every batch."""
     from . import blocks as B
     first = {grp[0]: i for i, grp in enumerate(groups)}
-    Hs = [Hessian(mine[grp[0]][0].in_features, mine[grp[0]][0].weight.device) for grp in groups]
+    Hs = [Hessian(mine[grp[0]][0].in_features, mine[grp[0]][0].weight.device, first_weight)
+          for grp in groups]
     hooked = {r: mine[r][0] for grp in groups for r in grp}
 
     def fn(name, x, b):

@@ -112,6 +112,11 @@ def cmd_mixed(args):
     add("fp32", "fp32", 32.0, p, nll0, s)
     del model
     uniform = [] if args.skip_uniform else UNIFORM + [{"format": "int8"}] + ([TRAP] if args.trap else [])
+    if args.uniform:
+        uniform = []
+        for text in args.uniform:
+            c = E.parse_config(text)
+            uniform.append({"format": c.fmt, **c.opts})
     for opts in uniform:
         opts = resolve_format(opts)
         model = loader()
@@ -322,6 +327,8 @@ def main(argv=None):
     ap.add_argument("--sensitivity", nargs="+", default=["fisher"], choices=list(M.SENSITIVITY_METHODS))
     ap.add_argument("--plan-tokens", type=int, default=M.MAX_SENSITIVITY_TOKENS)
     ap.add_argument("--skip-uniform", action="store_true")
+    ap.add_argument("--uniform", nargs="*", default=None,
+                    help="only these uniform settings (lowbit eval syntax, e.g. int4:g32:sym nf4:g64:dq)")
     ap.add_argument("--trap", action="store_true", help="also print int4 asym g32 (exact on this model)")
     ap.add_argument("--real", action="store_true", help="QuantLinear via quantize_model, not fake quantization")
     # validate

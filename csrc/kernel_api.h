@@ -124,10 +124,12 @@ using PackedSizeFn = int64_t (*)(const QWeight& w);
 // Packed layout ("tiles"), the same for every ISA up to the tile height T = KernelTable::qtile:
 //  - rows are taken T at a time (rows past N are zero); tile t is tile_bytes consecutive bytes
 //    at t * tile_bytes;
-//  - inside a tile, groups of K in order; group g holds
+//  - a tile is its heads, then its codes. Heads: for each group g of K in order
 //      float32 s[T]   per-row scale (int8: row scale; int4: group scale; nf4: absmax / 8128)
 //      uint8   z[T]   int4 only: the zero-point (8 for the symmetric variant)
-//      then, for each chunk c of kQChunk = 32 columns inside the group, the codes of T rows:
+//    zero-padded to a multiple of 64 bytes (qpack::heads_bytes: the codes start on a cache
+//    line). Codes: for each chunk c of kQChunk = 32 columns of K in order (a group's chunks
+//    are consecutive), the codes of T rows:
 //        int8:  8 "quads" of T x 4 bytes: quad j, byte 4r + i = w[r, 32c + 4j + i]
 //        4-bit: 4 vectors of T x 4 bytes: vector j, byte 4r + i holds the code of column
 //               32c + 4j + i in its low nibble and of column 32c + 16 + 4j + i in its high

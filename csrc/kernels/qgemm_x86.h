@@ -50,6 +50,10 @@ constexpr int code_offset() {
   else return 0;
 }
 
+// M = 1 reads each tile once, as a sequential stream: software prefetch this far ahead of the
+// chunk being multiplied (the hardware prefetchers follow NT streams per thread less eagerly).
+constexpr int64_t kPrefetchBytes = 2048;
+
 // The int32 dots of activation block h of the chunk at p[t] (not advanced): quads
 // h * kQuadsPerBlock + j (for 4-bit: quad q is vector q % 4, low nibbles for q < 4, high
 // nibbles above), with the MR activation rows' block (xb[m] = its first code), into iacc.
@@ -176,29 +180,40 @@ __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t
     xd[m] = x.d + (m0 + m) * x.nblocks;
     xg[m] = x.gsum + (m0 + m) * G;
   }
-  const uint8_t* p[NT];
-  for (int t = 0; t < NT; ++t) p[t] = tile0 + t * tb;
+  const uint8_t* hp[NT];  // the tiles' group heads
+  const uint8_t* p[NT];   // and their codes
+  for (int t = 0; t < NT; ++t) {
+    hp[t] = tile0 + t * tb;
+    p[t] = hp[t] + qpack::heads_bytes(w, T);
+  }
   Fv acc[MR][NT];
   for (int m = 0; m < MR; ++m)
     for (int t = 0; t < NT; ++t) acc[m][t] = V::zerof();
+  // group accumulators where registers allow (always at MR = 1: NT tiles x 2 accumulators)
+  constexpr bool kGacc = V::kGacc || MR == 1;
   // The codes' offset against the float32 sums: dots are taken of (c + off) (int4: c = q - z
   // becomes q with off = -z), so zoff * s * gsum is subtracted once per group.
   constexpr int kOff = code_offset<V, F>();
 
   int64_t c = 0;
   for (int64_t g = 0; g < G; ++g) {
-    Fv s[NT], zs[NT];
+    const uint8_t* hd[NT];  // the group's head: T scales (and T zero-points for int4)
     for (int t = 0; t < NT; ++t) {
-      s[t] = V::loadf(reinterpret_cast<const float*>(p[t]));
-      if constexpr (F == kInt4) zs[t] = V::mul(V::load_u8f(p[t] + 4 * T), s[t]);
-      else if constexpr (kOff != 0) zs[t] = V::mul(V::set1f(float(kOff)), s[t]);
-      p[t] += head;
+      hd[t] = hp[t];
+      hp[t] += head;
     }
-    Fv gacc[MR][NT];  // V::kGacc: sum over the group's blocks of d * dot
-    if constexpr (V::kGacc)
+    Fv gacc[MR][NT];  // kGacc: sum over the group's blocks of d * dot
+    if constexpr (kGacc)
       for (int m = 0; m < MR; ++m)
         for (int t = 0; t < NT; ++t) gacc[m][t] = V::zerof();
+    Fv s[NT];
+    if constexpr (!kGacc)
+      for (int t = 0; t < NT; ++t) s[t] = V::loadf(reinterpret_cast<const float*>(hd[t]));
     for (const int64_t e = c + qpack::group_chunks(w, g); c < e; ++c) {
+      if constexpr (MR == 1 && kPrefetchBytes > 0)
+        for (int t = 0; t < NT; ++t)
+          for (int64_t o = 0; o < cb; o += 64)  // prefetches never fault (past the end included)
+            _mm_prefetch(reinterpret_cast<const char*>(p[t] + kPrefetchBytes + o), _MM_HINT_T0);
       for (int h = 0; h < kBlocksPerChunk<F>; ++h) {
         const int64_t b = kBlocksPerChunk<F> * c + h;
         const int8_t* xb[MR];
@@ -208,18 +223,21 @@ __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t
         for (int m = 0; m < MR; ++m) {
           const Fv vd = V::set1f(xd[m][b]);
           for (int t = 0; t < NT; ++t) {
-            if constexpr (V::kGacc) gacc[m][t] = V::fma(V::cvt(iacc[m][t]), vd, gacc[m][t]);
+            if constexpr (kGacc) gacc[m][t] = V::fma(V::cvt(iacc[m][t]), vd, gacc[m][t]);
             else acc[m][t] = V::fma(V::cvt(iacc[m][t]), V::mul(vd, s[t]), acc[m][t]);
           }
         }
       }
       for (int t = 0; t < NT; ++t) p[t] += cb;
     }
-    for (int m = 0; m < MR; ++m) {
-      const Fv cm = V::set1f(xg[m][g]);
-      for (int t = 0; t < NT; ++t) {
-        if constexpr (V::kGacc) acc[m][t] = V::fma(s[t], gacc[m][t], acc[m][t]);
-        if constexpr (F == kInt4 || kOff != 0) acc[m][t] = V::fnma(zs[t], cm, acc[m][t]);
+    for (int t = 0; t < NT; ++t) {
+      const Fv st = V::loadf(reinterpret_cast<const float*>(hd[t]));
+      Fv zs = st;  // the offset times the scale
+      if constexpr (F == kInt4) zs = V::mul(V::load_u8f(hd[t] + 4 * T), st);
+      else if constexpr (kOff != 0) zs = V::mul(V::set1f(float(kOff)), st);
+      for (int m = 0; m < MR; ++m) {
+        if constexpr (kGacc) acc[m][t] = V::fma(st, gacc[m][t], acc[m][t]);
+        if constexpr (F == kInt4 || kOff != 0) acc[m][t] = V::fnma(zs, V::set1f(xg[m][g]), acc[m][t]);
       }
     }
   }

@@ -44,8 +44,15 @@ static inline int64_t group_head_bytes(const QWeight& w, int64_t T) {
   return T * 4 + (w.fmt == kInt4 ? T : 0);
 }
 
+// Bytes of a tile's heads region: every group's head, padded to a multiple of 64 bytes so
+// that the codes after it start on a cache line (with a 64-byte aligned tile, every code
+// vector of T >= 4 rows then lies within cache lines: no split loads).
+static inline int64_t heads_bytes(const QWeight& w, int64_t T) {
+  return ceil_div(w.n_groups * group_head_bytes(w, T), 64) * 64;
+}
+
 static inline int64_t tile_bytes(const QWeight& w, int64_t T) {
-  return w.n_groups * group_head_bytes(w, T) + nchunks(w) * chunk_bytes(w, T);
+  return heads_bytes(w, T) + nchunks(w) * chunk_bytes(w, T);
 }
 
 static inline int64_t packed_size(const QWeight& w, int64_t T) {
@@ -96,17 +103,18 @@ static inline bool block_scale(uint32_t amax, float& d, float& inv) {
 static inline void pack_tiles(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst, int64_t T) {
   const int64_t K = w.K, G = w.n_groups, tb = tile_bytes(w, T), cb = chunk_bytes(w, T);
   for (int64_t t = n0 / T; t * T < n1; ++t) {
-    uint8_t* p = dst + t * tb;
-    std::memset(p, 0, size_t(tb));  // rows past N and codes past K stay 0
+    uint8_t* hp = dst + t * tb;  // group heads
+    std::memset(hp, 0, size_t(tb));  // rows past N, codes past K and the heads' padding stay 0
+    uint8_t* p = hp + heads_bytes(w, T);  // codes
     const int64_t rows = min64(T, w.N - t * T);
     int64_t c = 0;  // global chunk index
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t r = 0; r < rows; ++r) {
         const float s = fast_scale(w, t * T + r, g);
-        std::memcpy(p + 4 * r, &s, 4);
-        if (w.fmt == kInt4) p[4 * T + r] = uint8_t(group_zero(w, t * T + r, g));
+        std::memcpy(hp + 4 * r, &s, 4);
+        if (w.fmt == kInt4) hp[4 * T + r] = uint8_t(group_zero(w, t * T + r, g));
       }
-      p += group_head_bytes(w, T);
+      hp += group_head_bytes(w, T);
       for (int64_t e = c + group_chunks(w, g); c < e; ++c, p += cb) {
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t n = t * T + r;

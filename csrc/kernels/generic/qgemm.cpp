@@ -57,14 +57,15 @@ static void qgemm_any(const QWeight& w, const uint8_t* packed, const QActs& x, i
       const int8_t* q = x.q + m * x.ldq;
       const float* d = x.d + m * x.nblocks;
       const int32_t* qs = x.sum + m * x.nblocks;
-      const uint8_t* p = packed + n * tb;
+      const uint8_t* hp = packed + n * tb;  // the group heads, then the codes
+      const uint8_t* p = hp + qpack::heads_bytes(w, kTile);
       float acc = 0.0f;
       int64_t c = 0;
       for (int64_t g = 0; g < G; ++g) {
         float s;
-        std::memcpy(&s, p, 4);
-        const int z = w.fmt == kInt4 ? p[4] : 0;
-        p += qpack::group_head_bytes(w, kTile);
+        std::memcpy(&s, hp, 4);
+        const int z = w.fmt == kInt4 ? hp[4] : 0;
+        hp += qpack::group_head_bytes(w, kTile);
         float dots = 0.0f, sums = 0.0f;  // sum_b d * dot, sum_b d * sum(q)
         for (int64_t e = c + qpack::group_chunks(w, g); c < e; ++c, p += cb) {
           const int64_t B = x.block, bpc = kQChunk / B;  // the chunk's activation blocks

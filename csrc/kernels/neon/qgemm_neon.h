@@ -69,8 +69,12 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
     xq[m] = x.q + (m0 + m) * x.ldq;
     xd[m] = x.d + (m0 + m) * x.nblocks;
   }
-  const uint8_t* p[NT];
-  for (int t = 0; t < NT; ++t) p[t] = tile0 + t * tb;
+  const uint8_t* hp[NT];  // the tiles' group heads
+  const uint8_t* p[NT];   // and their codes
+  for (int t = 0; t < NT; ++t) {
+    hp[t] = tile0 + t * tb;
+    p[t] = hp[t] + qpack::heads_bytes(w, T);
+  }
   float32x4_t acc[MR][NT];
   for (int m = 0; m < MR; ++m)
     for (int t = 0; t < NT; ++t) acc[m][t] = vdupq_n_f32(0.0f);
@@ -81,13 +85,13 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
   for (int64_t g = 0; g < G; ++g) {
     float32x4_t s[NT], zs[NT];
     for (int t = 0; t < NT; ++t) {
-      s[t] = vld1q_f32(reinterpret_cast<const float*>(p[t]));
+      s[t] = vld1q_f32(reinterpret_cast<const float*>(hp[t]));
       if constexpr (F == kInt4) {
-        const uint8_t* z = p[t] + 4 * T;
+        const uint8_t* z = hp[t] + 4 * T;
         const float zf[4] = {float(z[0]), float(z[1]), float(z[2]), float(z[3])};
         zs[t] = vmulq_f32(vld1q_f32(zf), s[t]);
       }
-      p[t] += head;
+      hp[t] += head;
     }
     for (const int64_t e = c + qpack::group_chunks(w, g); c < e; ++c) {
       LOWBIT_QUNROLL

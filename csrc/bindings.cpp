@@ -193,6 +193,38 @@ PYBIND11_MODULE(_C, m) {
       py::arg("y_dtype"), py::arg("ldy"), py::arg("n_threads"), py::arg("isa") = "",
       py::arg("repeat") = 1, py::arg("float_offset") = false,
       "The fast path on a packed weight. Returns the seconds per run (repeat runs).");
+  // A packed weight bound once (the per-call Python path, lowbit._backend.linear): the
+  // weight's meta and ISA table are resolved at construction, so a call converts 9 arguments.
+  // The blob's header is still checked on every call (linear_packed), and the caller keeps the
+  // blob alive as long as the handle (lowbit._backend._Blob holds both).
+  struct PackedLinear {
+    QWeight w;
+    const KernelTable* table;
+    const uint8_t* packed;
+    int64_t bytes;
+  };
+  py::class_<PackedLinear>(m, "PackedLinear")
+      .def(py::init([](uint64_t packed, int64_t packed_bytes, int fmt, int64_t N, int64_t K, int64_t group,
+                       bool symmetric, bool double_quant, const std::string& isa, bool float_offset) {
+             if (!packed) throw std::invalid_argument("null packed weight");
+             return PackedLinear{make_meta(fmt, N, K, group, symmetric, double_quant, float_offset),
+                                 &(isa.empty() ? active_table() : table_for(isa)), ptr<uint8_t>(packed),
+                                 packed_bytes};
+           }),
+           py::arg("packed"), py::arg("packed_bytes"), py::arg("fmt"), py::arg("N"), py::arg("K"),
+           py::arg("group"), py::arg("symmetric"), py::arg("double_quant"), py::arg("isa"),
+           py::arg("float_offset") = false)
+      .def(
+          "__call__",
+          [](const PackedLinear& h, uint64_t x, int x_dtype, int64_t M, int64_t ldx, uint64_t bias, uint64_t y,
+             int y_dtype, int64_t ldy, int n_threads) {
+            const LinearArgs a = make_args(h.w, x, x_dtype, M, ldx, bias, y, y_dtype, ldy, n_threads);
+            py::gil_scoped_release nogil;
+            lowbit::linear_packed(a, h.packed, h.bytes, h.table);
+          },
+          py::arg("x"), py::arg("x_dtype"), py::arg("M"), py::arg("ldx"), py::arg("bias"), py::arg("y"),
+          py::arg("y_dtype"), py::arg("ldy"), py::arg("n_threads"),
+          "linear_packed on the bound weight: y = x @ W^T + bias.");
   m.def(
       "quantize_activations",
       [](uint64_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t block, uint64_t q,

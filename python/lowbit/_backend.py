@@ -50,9 +50,25 @@ def ext():
     return _C
 
 
+# os.environ.get encodes the key and decodes the value on every call (~1 us, a tenth of a small
+# layer's kernel time); on POSIX CPython os.environ keeps its bytes-keyed dict in ``_data``, which
+# every os.environ / monkeypatch update goes through, so reading it directly sees the same values.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENV_DATA, dict):
+    _ENV_DATA = None
+
+
+def _getenv(name: str, key: bytes) -> Optional[str]:
+    """os.environ.get(name) (key = name encoded), without the per-call encoding where possible."""
+    if _ENV_DATA is None:
+        return os.environ.get(name)
+    v = _ENV_DATA.get(key)
+    return None if v is None else os.fsdecode(v)
+
+
 def num_threads() -> int:
     """LOWBIT_NUM_THREADS if set, else torch.get_num_threads()."""
-    env = os.environ.get("LOWBIT_NUM_THREADS")
+    env = _getenv("LOWBIT_NUM_THREADS", b"LOWBIT_NUM_THREADS")
     if env:
         try:
             n = int(env)
@@ -101,7 +117,7 @@ def cpu_path() -> str:
     """The CPU path in use: set_cpu_path's choice, else LOWBIT_CPU_PATH, else "exact"."""
     if _path_override is not None:
         return _path_override
-    env = os.environ.get("LOWBIT_CPU_PATH")
+    env = _getenv("LOWBIT_CPU_PATH", b"LOWBIT_CPU_PATH")
     if not env:
         return _DEFAULT_PATH
     if env not in CPU_PATHS:
@@ -114,13 +130,17 @@ class _Blob:
     """A weight's packed form for one ISA (``tensor`` None: that ISA's fast path does not
     support the weight, e.g. a group size that is not a multiple of 32)."""
 
-    __slots__ = ("tensor", "ptr", "nbytes", "meta")
+    __slots__ = ("tensor", "ptr", "nbytes", "meta", "run")
 
-    def __init__(self, tensor: Optional[torch.Tensor], meta):
+    def __init__(self, tensor: Optional[torch.Tensor], meta, isa: str = "", float_offset: bool = False):
         self.tensor = tensor
         self.ptr = 0 if tensor is None else tensor.data_ptr()
         self.nbytes = 0 if tensor is None else tensor.numel()
         self.meta = meta
+        # the C++ handle bound to this blob (kept alive by self.tensor): run(x, x_dtype, M, ldx,
+        # bias, y, y_dtype, ldy, n_threads), linear_packed with fewer arguments to convert
+        self.run = None if tensor is None else ext().PackedLinear(
+            self.ptr, self.nbytes, *meta, isa, float_offset=float_offset)
 
 
 def _versions(qw: QuantizedWeight):
@@ -135,20 +155,28 @@ class _Entry:
     """qw.cache's entry: the blob, valid while qw's tensors are the same objects (held here)
     at the same versions (an in-place update such as load_state_dict's copy_ bumps them)."""
 
-    __slots__ = ("blob", "src", "versions", "tracked")
+    __slots__ = ("blob", "src", "versions", "tracked", "present")
 
     def __init__(self, qw: QuantizedWeight, blob: _Blob, versions):
         self.blob = blob
         self.src = (qw.data, qw.scales, qw.zeros, qw.dq_scale, qw.dq_offset)
         self.versions = versions
         self.tracked = -1 not in versions
+        self.present = tuple(t for t in self.src if t is not None)  # the tensors `versions` is of
 
     def valid_for(self, qw: QuantizedWeight) -> bool:
         src = self.src
         if not (qw.data is src[0] and qw.scales is src[1] and qw.zeros is src[2]
                 and qw.dq_scale is src[3] and qw.dq_offset is src[4]):
             return False
-        return not self.tracked or _versions(qw) == self.versions
+        if not self.tracked:
+            return True
+        # the same tensors as at packing (checked above), none of them an inference tensor
+        v = self.versions
+        for i, t in enumerate(self.present):
+            if t._version != v[i]:
+                return False
+        return True
 
 
 # Packed forms also kept by the identity of the weight's data tensor, for callers that build a
@@ -211,7 +239,7 @@ def _build_blob(qw: QuantizedWeight, isa: str) -> _Blob:
         return _Blob(None, meta)
     blob = torch.empty(size, dtype=torch.uint8)
     C.pack(*_weight_args(qw), blob.data_ptr(), size, num_threads(), isa, float_offset=fo)
-    return _Blob(blob, meta)
+    return _Blob(blob, meta, isa, fo)
 
 
 def linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
@@ -220,20 +248,23 @@ def linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
 
     ``isa`` forces one ISA for this call ("" = the active one); ``path`` forces "fast" or
     "exact" for this call (default: :func:`cpu_path`)."""
-    if x2d.stride(1) != 1 and x2d.shape[1] > 1:
-        x2d = x2d.contiguous()
     M, K = x2d.shape
-    ldx = x2d.stride(0) if M > 1 else K
-    ldy = out.stride(0) if out.shape[0] > 1 else out.shape[1]
+    sx = x2d.stride()
+    if sx[1] != 1 and K > 1:
+        x2d = x2d.contiguous()
+        sx = x2d.stride()
+    ldx = sx[0] if M > 1 else K
+    N = out.shape[1]
+    ldy = out.stride(0) if M > 1 else N
     C = _C if _C is not None else ext()
     if (path or cpu_path()) == "fast":
         name = isa or C.active_isa()
         e = qw.cache.get("cpu_packed:" + name)
         b = e.blob if e is not None and e.valid_for(qw) else _packed(qw, name)
-        if b.tensor is not None:
-            C.linear_packed(b.ptr, b.nbytes, *b.meta, x2d.data_ptr(), _DTYPE_IDS[x2d.dtype], M,
-                            max(ldx, K), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-                            _DTYPE_IDS[out.dtype], ldy, num_threads(), isa)
+        if b.run is not None:
+            b.run(x2d.data_ptr(), _DTYPE_IDS[x2d.dtype], M, max(ldx, K),
+                  0 if bias is None else bias.data_ptr(), out.data_ptr(), _DTYPE_IDS[out.dtype], ldy,
+                  num_threads())
             return out
     C.linear(*_weight_args(qw), x2d.data_ptr(), _DTYPE_IDS[x2d.dtype], M, max(ldx, K),
              0 if bias is None else bias.data_ptr(), out.data_ptr(), _DTYPE_IDS[out.dtype],

@@ -44,13 +44,15 @@ _GPU_WARNED = False
 
 def _linear_impl(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     N, K = qw.shape
-    lead = x.shape[:-1]
-    if x.device.type == "cpu":
-        x2d = x.reshape(-1, K)
-        out = torch.empty((x2d.shape[0], N), dtype=x.dtype)
+    if x.is_cpu:
+        # (a small layer's kernel takes microseconds: no reshape or conversion that is not needed)
+        two_d = x.dim() == 2
+        x2d = x if two_d else x.reshape(-1, K)
+        out = x2d.new_empty(x2d.shape[0], N)  # x's dtype, on the CPU (the quickest allocation)
         b = None if bias is None else bias.to(torch.float32).contiguous()
         _backend.linear(x2d, qw, b, out)
-        return out.reshape(*lead, N)
+        return out if two_d else out.reshape(*x.shape[:-1], N)
+    lead = x.shape[:-1]
     kernels = _gpu_kernels() if x.device.type == "cuda" else None
     if kernels is not None:
         return kernels.linear(x, qw, bias)
@@ -150,7 +152,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
     N, K = qw.shape
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"x's last dimension must equal in_features={K}, got shape {tuple(x.shape)}")
-    if x.device != qw.device:
+    if not (x.is_cpu and qw.data.is_cpu) and x.device != qw.device:  # (is_cpu: no device object)
         raise ValueError(f"x is on {x.device} but the weight is on {qw.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dtype not in _FLOAT_DTYPES:

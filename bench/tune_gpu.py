@@ -50,11 +50,12 @@ def candidates(M, N, K, fmt, sms):
     out = [heuristic(M, N, K, fmt, 128, torch.bfloat16, sms)]
 
     def splits(programs, steps):
-        """1 and the divisors of the K steps nearest to 1, 2 and 4 waves of programs (a
-        divisor keeps every split full, so the kernel needs no K masks)."""
+        """1 and the divisors of the K steps nearest to 1, 2, 4, 8 and 16 programs per SM (a
+        divisor keeps every split full, so the kernel needs no K masks). Small programs run
+        many per SM: the M = 1 GEMV was fastest at 8-16 per SM on an H200 (kernels/NOTES.md)."""
         divs = [d for d in range(1, min(steps, 32) + 1) if steps % d == 0]
         s = {1}
-        for waves in (1, 2, 4):
+        for waves in (1, 2, 4, 8, 16):
             want = waves * sms / max(1, programs)
             if want > 1.5:
                 s.add(min(divs, key=lambda d: abs(math.log(d / want))))

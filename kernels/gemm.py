@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_BLOCK_W, SCALE_PLANE, SCALE_ROW,
+                      codebook_values,
                       TWO23, cast_out, decode_absmax, hi_shift, interpreting, launch, codebook_lut,
                       plane_value, rne_bf16, splitk_reduce, tl_dtype)
 from .layout import GPUWeight, group_const
@@ -66,6 +67,7 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                  FULL_TILE: tl.constexpr,  # one [BN, BK] tile and one dot per step, not per plane
                  DOT_DTYPE: tl.constexpr,  # tl.float16 / tl.bfloat16
                  DOT_F32: tl.constexpr,  # interpreter only (see module docstring)
+                 LUT_GATHER: tl.constexpr,  # codebook formats: _common.codebook_values
                  STEPS_CONST: tl.constexpr,  # interpreter only: steps_per_split as a constexpr
                  ):
     P: tl.constexpr = 32 // BITS  # codes per word = planes per block
@@ -97,6 +99,10 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if FMT >= 2 and LUT_GATHER:
+        lut16 = tl.load(lut_ptr + tl.arange(0, 16))
+    else:
+        lut16 = 0.0
     if SCALE_MODE == 0:
         if HAS_ZEROS:
             z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
@@ -140,7 +146,7 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
             codes = tl.reshape((words.reshape([BN, CB, 1, 16]) >> shifts[None, None, :, None]) & MASK,
                                [BN, BKF])
             if FMT >= 2:  # codebook (nf4, fp4)
-                v = tl.load(lut_ptr + codes)
+                v = codebook_values(lut_ptr, lut16, codes, BN * BKF, LUT_GATHER)
             elif SCALE_MODE == 2:
                 v = (codes | magic).to(tl.float32, bitcast=True) - TWO23
             elif SCALE_MODE == 0:
@@ -214,7 +220,8 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                     s_i = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
                 s_i = tl.reshape(tl.broadcast_to(s_i[:, :, None], [BN, CB, 16]), [BN, W])
                 if FMT >= 2:  # codebook (nf4, fp4)
-                    v = tl.load(lut_ptr + ((words >> (BITS * i)) & MASK))
+                    v = codebook_values(lut_ptr, lut16, (words >> (BITS * i)) & MASK, BN * W,
+                                        LUT_GATHER)
                 elif HAS_ZEROS:
                     z_i = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
                     z_i = tl.reshape(tl.broadcast_to(z_i[:, :, None], [BN, CB, 16]), [BN, W])
@@ -224,7 +231,8 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                 wf = v * s_i  # the decoded weight, as reference.dequantize computes it
             elif SCALE_MODE == 3:
                 if FMT >= 2:  # codebook (nf4, fp4)
-                    v = tl.load(lut_ptr + ((words >> (BITS * i)) & MASK))
+                    v = codebook_values(lut_ptr, lut16, (words >> (BITS * i)) & MASK, BN * W,
+                                        LUT_GATHER)
                 else:
                     v = plane_value(words, hi, z_s, magic, i, BITS)
                 wf = v * s_g[:, None]  # the decoded weight, as reference.dequantize computes it
@@ -299,7 +307,7 @@ def gemm_scale_mode(gw: GPUWeight, BK: int, exact: bool = True) -> int:
 def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, BN: int, CB: int,
          SPLIT_K: int = 1, GROUP_M: int = 8, SWAP: bool = False, EXACT: bool = True,
          FULL_TILE: bool = False,
-         num_warps: int = 4, num_stages: int = 3, dot_f32: bool = False,
+         num_warps: int = 4, num_stages: int = 3, dot_f32: bool = False, LUT_GATHER: bool = True,
          **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias); x2d float16/bfloat16 with unit stride along K."""
     M, K = x2d.shape
@@ -328,6 +336,7 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
         GROUP=group_const(gw), HAS_BIAS=bias is not None and SPLIT_K == 1, USE_WS=SPLIT_K > 1,
         K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0, BM=BM, BN=BN, CB=CB,
         GROUP_M=GROUP_M, SWAP=bool(SWAP), FULL_TILE=bool(FULL_TILE), DOT_DTYPE=tl_dtype(x2d.dtype), DOT_F32=bool(dot_f32),
+        LUT_GATHER=bool(LUT_GATHER) and FMT_IDS[gw.fmt] >= 2,
         STEPS_CONST=steps if interpreting() else 0)
     launch(_gemm_kernel, grid, args, consts, num_warps, num_stages)
     if SPLIT_K > 1:

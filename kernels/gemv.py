@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, cast_out,
+from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, cast_out, codebook_values,
                       decode_absmax, emulate_bf16, hi_shift, interpreting, launch, codebook_lut,
                       plane_value, split_counters, splitk_reduce)
 from .layout import GPUWeight, group_const
@@ -39,6 +39,7 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                  FIXUP: tl.constexpr,  # split K: the last program of a tile sums the partials
                  K_EXACT: tl.constexpr,  # every step is full and inside K: no K masks
                  PREFETCH: tl.constexpr,  # load the next step's words before using this one's
+                 LUT_GATHER: tl.constexpr,  # codebook formats: tl.gather from registers, not a load
                  BN: tl.constexpr,  # weight rows per program
                  CB: tl.constexpr,  # layout blocks (16 words each) per K step
                  EMULATE_BF16: tl.constexpr,  # interpreter only (_common.rne_bf16)
@@ -61,6 +62,10 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     w_rows = codes_ptr + offs_n.to(tl.int64)[:, None, None] * KW
     acc = tl.zeros([BN, CB, 16], dtype=tl.float32)
+    if FMT >= 2 and LUT_GATHER:
+        lut16 = tl.load(lut_ptr + tl.arange(0, 16))
+    else:
+        lut16 = 0.0
     if SCALE_MODE == 0:  # one group per row: zero point per row, scale applied at the end
         if HAS_ZEROS:
             z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None, None]
@@ -124,7 +129,8 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                 else:
                     s_i = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
                 if FMT >= 2:  # codebook (nf4, fp4)
-                    v = tl.load(lut_ptr + ((words >> (BITS * i)) & MASK))
+                    v = codebook_values(lut_ptr, lut16, (words >> (BITS * i)) & MASK, BN * CB * 16,
+                                        LUT_GATHER)
                 else:
                     if HAS_ZEROS:
                         z_i = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
@@ -134,7 +140,8 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                 acc += (v * xi) * s_i[:, :, None]
             else:
                 if FMT >= 2:  # codebook (nf4, fp4)
-                    v = tl.load(lut_ptr + ((words >> (BITS * i)) & MASK))
+                    v = codebook_values(lut_ptr, lut16, (words >> (BITS * i)) & MASK, BN * CB * 16,
+                                        LUT_GATHER)
                 elif SCALE_MODE == 1:
                     v = plane_value(words, hi, z_blk, magic, i, BITS)
                 else:
@@ -194,7 +201,7 @@ def zero_const(gw: GPUWeight) -> int:
 
 def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, CB: int,
          SPLIT_K: int = 1, num_warps: int = 4, num_stages: int = 1, PREFETCH: bool = True,
-         FIXUP: bool = True, **_ignored) -> torch.Tensor:
+         FIXUP: bool = True, LUT_GATHER: bool = True, **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias) for x2d with unit stride along K."""
     M, K = x2d.shape
     N = gw.shape[0]
@@ -223,7 +230,7 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
         DQ=gw.double_quant, SCALE_MODE=mode, GROUP=group_const(gw),
         HAS_BIAS=bias is not None and (SPLIT_K == 1 or cnt is not None), USE_WS=SPLIT_K > 1,
         FIXUP=cnt is not None, K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0,
-        PREFETCH=bool(PREFETCH), BN=BN, CB=CB,
+        PREFETCH=bool(PREFETCH), LUT_GATHER=bool(LUT_GATHER) and FMT_IDS[gw.fmt] >= 2, BN=BN, CB=CB,
         EMULATE_BF16=emulate_bf16(out.dtype), STEPS_CONST=steps if interpreting() else 0,
         SPLIT_CONST=SPLIT_K if interpreting() else 0)
     launch(_gemv_kernel, grid, args, consts, num_warps, num_stages)

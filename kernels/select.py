@@ -120,33 +120,30 @@ def card_name(device: torch.device) -> str:
 
 
 # ---- heuristics ---------------------------------------------------------------------------
-def _split_for(programs: int, k_steps: int, sms: int) -> int:
-    """Split K until about two waves of programs run, keeping >= 4 K steps per split; a divisor
-    of the step count, so every split is full (no K masks in the kernel)."""
-    if programs >= 2 * sms:
+def _split_for(programs: int, k_steps: int, sms: int, per_sm: int = 2) -> int:
+    """Split K until about ``per_sm`` programs per SM run, keeping >= 4 K steps per split; a
+    divisor of the step count, so every split is full (no K masks in the kernel)."""
+    if programs >= per_sm * sms:
         return 1
-    want = min(math.ceil(2 * sms / max(1, programs)), max(1, k_steps // 4), 16)
+    want = min(math.ceil(per_sm * sms / max(1, programs)), max(1, k_steps // 4), 16)
     return max(d for d in range(1, want + 1) if k_steps % d == 0)
 
 
 def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
               sms: int = 132) -> Choice:
     """Untuned shapes and cards. Shaped after the H200 tuning (configs/NVIDIA_H200.json): the
-    GEMV up to M = 2, the per-plane SWAP GEMM up to 64, the full-tile GEMM to 128, then
+    GEMV up to M = 2 (8 for float32 activations), the per-plane SWAP GEMM up to 64, the full-tile GEMM to 128, then
     dequantize + cuBLAS (the fused GEMM did not beat it at M >= 256 for 4-bit weights)."""
     bits = 8 if fmt == "int8" else 4
     kb = 16 * (32 // bits)  # elements per layout block
     nblk = -(-K // kb)
+    if M <= (8 if dtype == torch.float32 else 2):
+        # small programs, many per SM (about 8: the H200 optimum at M = 1, kernels/NOTES.md)
+        BN, CB = 32, (1 if fmt == "int4" else 2)
+        return Choice("gemv", {"BN": BN, "CB": CB, "num_warps": 2, "num_stages": 1,
+                               "SPLIT_K": _split_for(M * -(-N // BN), max(1, nblk // CB), sms, 8)})
     if dtype == torch.float32:
-        if M <= 8:
-            BN = 64
-            return Choice("gemv", {"BN": BN, "CB": 1, "num_warps": 4, "num_stages": 1,
-                                   "SPLIT_K": _split_for(M * -(-N // BN), nblk, sms)})
         return Choice("dequant_mm")
-    if M <= 2:
-        BN = 64
-        return Choice("gemv", {"BN": BN, "CB": 1, "num_warps": 4, "num_stages": 1,
-                               "SPLIT_K": _split_for(M * -(-N // BN), nblk, sms)})
     if M <= 64:
         BM = max(16, 1 << (M - 1).bit_length())
         programs = -(-M // BM) * -(-N // 128)

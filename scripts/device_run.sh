@@ -3,7 +3,7 @@
 # sizes, the GPU benchmark (with bitsandbytes / GemLite when carried), the C++ kernel tests on
 # the host CPU (AVX-512 there), and the CPU benchmark pinned to 2 cores with the peers.
 #
-#   scripts/device_run.sh SECTIONS OUT      SECTIONS: comma list of gpu-tests,gpu-bench,tune,
+#   scripts/device_run.sh SECTIONS OUT      SECTIONS: comma list of gpu-tests,gpu-bench,tune,lab,
 #                                           cpu-tests,cpu-bench,decode,tp
 # Peers travel as wheels (.whl/, see the device tool's README) and GemLite's pure-Python source
 # (.devrun/peers/gemlite); both are optional.
@@ -39,6 +39,10 @@ if has gpu-tests; then
   stamp "GPU tests at real sizes"
   LOWBIT_TEST_REAL_GPU=1 timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 \
     tests/test_gpu_kernels.py -x 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+fi
+if has lab; then
+  stamp "kernel lab: bench/gpu_lab.py ${LAB_ARGS:-}"
+  timeout ${LAB_TIMEOUT:-400} python3 bench/gpu_lab.py ${LAB_ARGS:-} --json "$OUT/lab.json" 2>&1 | grep -v -i warn | tee "$OUT/lab.log" | tail -60
 fi
 if has tune; then
   stamp tune

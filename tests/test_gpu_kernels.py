@@ -207,6 +207,28 @@ def test_odd_group_sizes():
             assert_linear_close(out, R.linear(x, qw), x, qw, rtol=gemm_rtol(qw, gw, K, x.dtype, 128))
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_codebook_gather_matches_load(fmt):
+    """Codebook values by tl.gather from registers (the default) and by a load from the table in
+    memory give the same values, hence bit-identical outputs, in the GEMV and the GEMM; both
+    against the reference."""
+    N, K = (1000, 4096) if REAL_GPU else (17, 300)
+    qw = quantized(N, K, fmt, {"group_size": 64, "double_quant": fmt == "nf4"}, seed=11)
+    gw = layout.gpu_weight(qw)
+    for M, dt in ((1, torch.bfloat16), (2, torch.float32)):
+        x = make_x(M, K, dt, seed=12)
+        outs = [gemv(x, gw, None, poisoned(M, N, dt), BN=16, CB=2, SPLIT_K=2, LUT_GATHER=g)
+                for g in (True, False)]
+        assert torch.equal(outs[0], outs[1])
+        assert_linear_close(outs[0], R.linear(x, qw), x, qw, msg=f"gemv {fmt} M={M} {dt}")
+    x = make_x(3, K, torch.float16, seed=13)
+    for full in (False, True):
+        outs = [gemm(x, gw, None, poisoned(3, N, x.dtype), BM=16, BN=16 if not REAL_GPU else 64,
+                     CB=1, FULL_TILE=full, LUT_GATHER=g) for g in (True, False)]
+        assert torch.equal(outs[0], outs[1])
+        assert_linear_close(outs[0], R.linear(x, qw), x, qw, rtol=gemm_rtol(qw, gw, K, x.dtype, 128))
+
+
 # ---- public entry point (select + run) ----------------------------------------------------
 def test_linear_routes_every_kernel():
     """lowbit.kernels.linear through select(): gemv, gemm and dequant_mm, leading dims, bias."""

@@ -352,6 +352,31 @@ def test_packed_weight_cached_per_isa_and_rebuilt_on_change():
     assert torch.equal(lowbit.linear(x[:, :64], qw16), run("", x[:, :64], qw16, path="exact"))
 
 
+def test_packed_linear_handle_matches_and_checks():
+    """The per-call handle (_Blob.run, C.PackedLinear) computes what linear_packed does and keeps
+    its checks: a null blob, a blob of another weight, a bad stride are refused."""
+    C = _backend.ext()
+    qw = lowbit.quantize_weight(torch.randn(40, 256), "int4", group_size=64)
+    x = torch.randn(3, 256)
+    y = lowbit.linear(x, qw)
+    isa = C.active_isa()
+    b = qw.cache["cpu_packed:" + isa].blob
+    ref = torch.empty(3, 40)
+    C.linear_packed(b.ptr, b.nbytes, *b.meta, x.data_ptr(), 0, 3, 256, 0, ref.data_ptr(), 0, 40, 1, isa)
+    assert torch.equal(y, ref)
+    out = torch.empty(3, 40)
+    b.run(x.data_ptr(), 0, 3, 256, 0, out.data_ptr(), 0, 40, 2)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="null packed"):
+        C.PackedLinear(0, b.nbytes, *b.meta, isa)
+    fmt, N, K, group, sym, dq = b.meta
+    wrong = C.PackedLinear(b.ptr, b.nbytes, fmt, N, K, 128, sym, dq, isa)  # group 128, blob of 64
+    with pytest.raises(ValueError, match="packed weight"):
+        wrong(x.data_ptr(), 0, 3, 256, 0, out.data_ptr(), 0, 40, 1)
+    with pytest.raises(ValueError, match="row stride"):
+        b.run(x.data_ptr(), 0, 3, 100, 0, out.data_ptr(), 0, 40, 1)
+
+
 def test_autograd_and_compile_use_the_fast_path():
     lin = torch.nn.Linear(64, 32)
     q = lowbit.QuantLinear.from_linear(lin, "int4", group_size=32)

@@ -18,14 +18,15 @@
 // nf4 codes are 14-bit (kNF4CodebookI16): two int8 terms c = 128 hi + lo looked up with
 // vpshufb, two dots per quad.
 // Each block's int32 dots are converted once and scaled: by d[m, b] * s[n, g] into the output
-// accumulator, or (V::kGacc, where registers allow) by d[m, b] into a group accumulator that is
+// accumulator, or (V::kGacc, and always at M = 1) by d[m, b] into a group accumulator that is
 // scaled by s once per group. Offsets (int4's zero-point z, the + 128 that makes int8 codes
 // unsigned, ...) come out once per group: off * s * gsum[m, g] with gsum = sum_b d * sum(q)
 // computed once per call (QActs::gsum), so a block costs no scalar work.
 //
 // Register blocking: MR activation rows x NT tiles per call of tile_block (M = 1: 1 x kNT1;
 // M > 1: kMR x 1), chosen so that the block accumulators, the float accumulators and the
-// decoded quads fit the register file.
+// decoded quads fit the register file. At M = 1 each tile is one sequential stream of its heads
+// and then its codes (64-byte aligned: qpack::heads_bytes), prefetched kPrefetchBytes ahead.
 #pragma once
 #include <immintrin.h>
 

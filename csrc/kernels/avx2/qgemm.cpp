@@ -17,7 +17,7 @@ struct V {
   static constexpr bool kVnni = false;
   static constexpr int kNT1 = 2;  // tiles per call at M = 1
   static constexpr int kMR = 4;   // activation rows per call at M > 1
-  static constexpr bool kGacc = false;  // 16 registers: no room for group accumulators
+  static constexpr bool kGacc = true;  // group accumulators (one scale multiply per group): measured faster at M >= 8 too
   static inline I loadi(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static inline I bcast4(const int8_t* p) {
     int32_t v;

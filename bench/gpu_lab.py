@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="2,4")
     ap.add_argument("--warps", default="4")
     ap.add_argument("--waves", default="1,8", help="split K until about this many programs per SM")
+    ap.add_argument("--prefetch", default="1", help="PREFETCH values to try (0: rely on num_stages)")
     ap.add_argument("--gather", default="1", help="codebook formats: LUT_GATHER values to try")
     ap.add_argument("--rep-ms", type=float, default=20)
     ap.add_argument("--json", default=None)
@@ -73,13 +74,13 @@ def main(argv=None) -> int:
                 ch = plan(x, qw, M)
                 cur = graph_time_us(lambda: run_choice(ch, x, qw, None, out), a.rep_ms)
                 best = None
-                for BN, CB, st, nw, waves, gather in itertools.product(
+                for BN, CB, st, nw, waves, gather, pf in itertools.product(
                         ints(a.bn), ints(a.cb), ints(a.stages), ints(a.warps),
-                        [float(v) for v in a.waves.split(",")], ints(a.gather)):
+                        [float(v) for v in a.waves.split(",")], ints(a.gather), ints(a.prefetch)):
                     nblk = gw.words_per_row // 16
                     steps = max(1, nblk // CB)
                     sk = split_for(M * -(-N // BN), steps, sms, waves)
-                    p = dict(BN=BN, CB=CB, SPLIT_K=sk, num_warps=nw, num_stages=st)
+                    p = dict(BN=BN, CB=CB, SPLIT_K=sk, num_warps=nw, num_stages=st, PREFETCH=bool(pf))
                     try:
                         fn = lambda: gemv(x, gw, None, out, LUT_GATHER=bool(gather), **p)  # noqa: E731
                         out.fill_(float("nan"))

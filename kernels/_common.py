@@ -168,7 +168,8 @@ _STAGES: dict = {}
 # same configuration call that kernel's launcher directly. "Same configuration" is everything
 # Triton specializes on: the kernel, the constexpr values, num_warps / num_stages, the device,
 # and for each run-time argument its kind: a tensor's dtype and 16-byte alignment, an int's
-# width, divisibility by 16 and equality to 1 (_arg_spec). Launch hooks (profilers) and the
+# width, divisibility by 16 and equality to 1 (_arg_spec). Kernels are keyed by id() (they are
+# module-level objects; JITFunction's own hash costs ~2 us). Launch hooks (profilers) and the
 # interpreter always take Triton's path. LOWBIT_TRITON_FAST_LAUNCH=0 turns this off.
 _FAST: dict = {}
 _FAST_ON = os.environ.get("LOWBIT_TRITON_FAST_LAUNCH", "1") not in ("0", "")
@@ -188,18 +189,29 @@ def _arg_spec(a):
 def _fast_entry(kernel, constexprs: dict):
     """(template of every parameter's value in signature order, positions of the run-time
     arguments) for this kernel and these constexpr values."""
-    names = kernel.arg_names
-    tmpl = [constexprs.get(n) for n in names]
+    if any(p.is_constexpr and p.name not in constexprs for p in kernel.params):
+        return None, []  # a constexpr left to its default: keep Triton's path
+    tmpl = [constexprs.get(n) for n in kernel.arg_names]
     pos = [i for i, p in enumerate(kernel.params) if not p.is_constexpr]
     return tmpl, pos
 
 
+try:
+    from triton import knobs as _knobs
+except ImportError:  # an older Triton: never take the direct path
+    _knobs = None
+
+
+def _hook_active(h) -> bool:
+    calls = getattr(h, "calls", None)  # Triton >= 3.5: a HookChain, empty when unused
+    return bool(calls) if calls is not None else h is not None
+
+
 def _launch_hooks_set() -> bool:
-    try:
-        from triton import knobs
-        return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
-    except Exception:  # an older Triton without knobs: never take the direct path
+    if _knobs is None:
         return True
+    rt = _knobs.runtime
+    return _hook_active(rt.launch_enter_hook) or _hook_active(rt.launch_exit_hook)
 
 
 def launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int):
@@ -214,7 +226,7 @@ def launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int
     if fast:
         from triton.runtime.driver import driver
         dev = driver.active.get_current_device()
-        fkey = (kernel, dev, num_warps, num_stages, tuple(constexprs.items()),
+        fkey = (id(kernel), dev, num_warps, num_stages, tuple(constexprs.items()),
                 tuple(map(_arg_spec, args)))
         entry = _FAST.get(fkey)
         if entry is not None and not _launch_hooks_set():
@@ -243,8 +255,7 @@ def launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int
     if fast and compiled is not None and hasattr(compiled, "run") and len(_FAST) < 4096:
         tmpl, pos = _fast_entry(kernel, constexprs)
         if len(pos) == len(args):
-            _FAST[(kernel, dev, num_warps, num_stages, tuple(constexprs.items()),
-                   tuple(map(_arg_spec, args)))] = (compiled, tmpl, pos)
+            _FAST[fkey] = (compiled, tmpl, pos)
     return compiled
 
 

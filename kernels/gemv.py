@@ -199,41 +199,63 @@ def zero_const(gw: GPUWeight) -> int:
     return 128 if gw.fmt == "int8" else (8 if gw.fmt == "int4" else 0)
 
 
+MAX_PLANS = 64  # launch plans kept per weight (one per call shape and parameter set)
+
+
 def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, CB: int,
          SPLIT_K: int = 1, num_warps: int = 4, num_stages: int = 1, PREFETCH: bool = True,
          FIXUP: bool = True, LUT_GATHER: bool = True, **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias) for x2d with unit stride along K."""
     M, K = x2d.shape
     N = gw.shape[0]
-    KW = gw.words_per_row
-    nblk = KW // 16
+    dev = x2d.device
+    key = ("gemv", M, K, dev, out.dtype, bias is None, BN, CB, SPLIT_K, num_warps, num_stages,
+           PREFETCH, FIXUP, LUT_GATHER)
+    plan = gw.plans.get(key)
+    if plan is None:
+        if len(gw.plans) >= MAX_PLANS:
+            gw.plans.clear()
+        plan = gw.plans[key] = _gemv_plan(gw, M, K, dev, out.dtype, bias is not None, BN, CB,
+                                          SPLIT_K, PREFETCH, LUT_GATHER)
+    split_k, grid, steps, lut, consts = plan
+    dummy = gw.scales
+    ws = torch.empty((split_k, M, N), dtype=torch.float32, device=dev) if split_k > 1 else out
+    cnt = split_counters(dev, M * grid[1]) if (split_k > 1 and FIXUP) else None
+    args = (x2d, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
+            gw.dq_scale if gw.dq_scale is not None else dummy,
+            gw.dq_offset if gw.dq_offset is not None else dummy, lut,
+            bias if bias is not None else dummy, out, ws, cnt if cnt is not None else dummy,
+            M, N, K, gw.words_per_row, gw.n_groups, x2d.stride(0), out.stride(0), steps, split_k,
+            0.0, MAGIC_BITS)
+    launch(_gemv_kernel, grid, args, consts[cnt is not None], num_warps, num_stages)
+    if split_k > 1 and cnt is None:
+        splitk_reduce(ws, bias, out)
+    return out
+
+
+def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN: int, CB: int,
+               SPLIT_K: int, PREFETCH: bool, LUT_GATHER: bool):
+    """(split_k, grid, steps per split, codebook table, constexprs by 'split-K counters
+    available') for one call shape: everything gemv() launches with but the tensors."""
+    N = gw.shape[0]
+    nblk = gw.words_per_row // 16
     CB = max(1, min(CB, triton.next_power_of_2(nblk)))
     SPLIT_K = max(1, min(SPLIT_K, triton.cdiv(nblk, CB)))
     steps = triton.cdiv(triton.cdiv(nblk, CB), SPLIT_K)
     blocks_per_split = steps * CB
     SPLIT_K = triton.cdiv(nblk, blocks_per_split)
-    mode = scale_mode(gw, gw.block)
     fmt = FMT_IDS[gw.fmt]
-    lut = codebook_lut(x2d.device, gw.fmt) if FMT_IDS[gw.fmt] >= 2 else gw.scales
-    dummy = gw.scales
-    ws = torch.empty((SPLIT_K, M, N), dtype=torch.float32, device=x2d.device) if SPLIT_K > 1 else out
+    lut = codebook_lut(dev, gw.fmt) if fmt >= 2 else gw.scales
     grid = (M, triton.cdiv(N, BN), SPLIT_K)
-    cnt = split_counters(x2d.device, M * grid[1]) if (SPLIT_K > 1 and FIXUP) else None
-    args = (x2d, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
-            gw.dq_scale if gw.dq_scale is not None else dummy,
-            gw.dq_offset if gw.dq_offset is not None else dummy, lut,
-            bias if bias is not None else dummy, out, ws, cnt if cnt is not None else dummy,
-            M, N, K, KW, gw.n_groups, x2d.stride(0), out.stride(0), steps, SPLIT_K, 0.0,
-            MAGIC_BITS)
-    consts = dict(
-        FMT=fmt, BITS=gw.bits, HAS_ZEROS=gw.zeros is not None, ZERO_CONST=zero_const(gw),
-        DQ=gw.double_quant, SCALE_MODE=mode, GROUP=group_const(gw),
-        HAS_BIAS=bias is not None and (SPLIT_K == 1 or cnt is not None), USE_WS=SPLIT_K > 1,
-        FIXUP=cnt is not None, K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0,
-        PREFETCH=bool(PREFETCH), LUT_GATHER=bool(LUT_GATHER) and FMT_IDS[gw.fmt] >= 2, BN=BN, CB=CB,
-        EMULATE_BF16=emulate_bf16(out.dtype), STEPS_CONST=steps if interpreting() else 0,
-        SPLIT_CONST=SPLIT_K if interpreting() else 0)
-    launch(_gemv_kernel, grid, args, consts, num_warps, num_stages)
-    if SPLIT_K > 1 and cnt is None:
-        splitk_reduce(ws, bias, out)
-    return out
+    interp = interpreting()
+    consts = {}
+    for fixup in (False, True):
+        consts[fixup] = dict(
+            FMT=fmt, BITS=gw.bits, HAS_ZEROS=gw.zeros is not None, ZERO_CONST=zero_const(gw),
+            DQ=gw.double_quant, SCALE_MODE=scale_mode(gw, gw.block), GROUP=group_const(gw),
+            HAS_BIAS=has_bias and (SPLIT_K == 1 or fixup), USE_WS=SPLIT_K > 1, FIXUP=fixup,
+            K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0, PREFETCH=bool(PREFETCH),
+            LUT_GATHER=bool(LUT_GATHER) and fmt >= 2, BN=BN, CB=CB,
+            EMULATE_BF16=emulate_bf16(out_dtype), STEPS_CONST=steps if interp else 0,
+            SPLIT_CONST=SPLIT_K if interp else 0)
+    return SPLIT_K, grid, steps, lut, consts

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -70,6 +70,9 @@ class GPUWeight:
     zeros: Optional[torch.Tensor]  # uint8 [G, N] or None
     dq_scale: Optional[torch.Tensor]  # float32 [C, N] or None
     dq_offset: Optional[torch.Tensor]
+    # launch plans of the matmul wrappers (grid, constexprs, ...) per call shape, so a repeated
+    # call does no per-call arithmetic beyond a dict lookup (kernels/gemv.py); bounded
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def per_word(self) -> int:

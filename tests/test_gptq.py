@@ -72,11 +72,12 @@ def int4_asym_params(wg):
     return s, s_div, z
 
 
-def slow_gptq(W, H, group, damp=0.01, act_order=False):
+def slow_gptq(W, H, group, damp=0.01, act_order=False, group_map=False):
     """Optimal Brain Quantization one column at a time in float64: quantize column j, spread its
     error over the columns not yet quantized with the inverse Hessian of those columns, then
     remove j from that inverse (Gaussian elimination). Group parameters come from the group's
-    weights as they stand when its first column is reached."""
+    weights as they stand when its first column is reached. ``group_map``: groups are
+    consecutive input features whatever the processing order."""
     W = W.double().clone()
     H = H.double().clone()
     K = W.shape[1]
@@ -89,8 +90,15 @@ def slow_gptq(W, H, group, damp=0.01, act_order=False):
     Hinv = torch.linalg.inv(H)
     Q = torch.zeros_like(W)
     codes = torch.zeros(W.shape, dtype=torch.uint8)
+    params = {}
     for j in range(K):
-        if j % group == 0:
+        if group_map:
+            g = int(order[j]) // group
+            if g not in params:  # its members' positions in processing order
+                members = [p for p in range(K) if int(order[p]) // group == g]
+                params[g] = int4_asym_params(W[:, members])
+            s, s_div, z = params[g]
+        elif j % group == 0:
             s, s_div, z = int4_asym_params(W[:, j:j + group])
         q = torch.clamp(torch.round(W[:, j].float() / s_div) + z, 0, 15)
         Q[:, j] = ((q - z) * s).double()
@@ -105,21 +113,25 @@ def slow_gptq(W, H, group, damp=0.01, act_order=False):
     return out.float(), out_codes
 
 
-@pytest.mark.parametrize("K,group,block,act_order", [(128, 32, 64, False), (96, 32, 32, True),
-                                                      (112, 64, 48, False)])
-def test_gptq_matches_slow_column_by_column_statement(K, group, block, act_order):
+@pytest.mark.parametrize("K,group,block,act_order,act_groups", [
+    (128, 32, 64, False, "input"), (96, 32, 32, True, "order"), (112, 64, 48, False, "input"),
+    (96, 32, 40, True, "input"), (112, 32, 128, True, "input")])
+def test_gptq_matches_slow_column_by_column_statement(K, group, block, act_order, act_groups):
     torch.manual_seed(1)
     N = 24
     W = torch.randn(N, K)
     H = hessian(correlated_inputs(1024, K))
     qw, info = gptq_quantize(W, H, {"format": "int4", "group_size": group, "symmetric": False,
                                     "double_quant": False},
-                             damp_percent=0.01, act_order=act_order, block_size=block)
+                             damp_percent=0.01, act_order=act_order, block_size=block,
+                             act_groups=act_groups)
+    group_map = act_order and act_groups == "input"
+    assert (qw.perm is not None) == (act_order and not group_map)
     got = reference.dequantize(qw)
     got_codes = reference.unpack_nibbles(qw.data, K)
     if qw.perm is not None:
         got_codes = torch.empty_like(got_codes).index_copy_(1, qw.perm, got_codes)
-    want, want_codes = slow_gptq(W, H, group, act_order=act_order)
+    want, want_codes = slow_gptq(W, H, group, act_order=act_order, group_map=group_map)
     # Same algorithm, different arithmetic (float32 Cholesky with lazy block updates vs
     # float64 elimination): scales differ in their last bits, and a weight that lands within
     # rounding noise of a code boundary may round the other way (its error then propagates);
@@ -140,8 +152,8 @@ def test_gptq_matches_slow_column_by_column_statement(K, group, block, act_order
     {"format": "nf4", "group_size": 64},
     {"format": "nf4", "group_size": 32, "double_quant": True},
 ])
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_output_error_below_rtn(fmt, act_order):
+@pytest.mark.parametrize("act_order,act_groups", [(False, "input"), (True, "input"), (True, "order")])
+def test_gptq_output_error_below_rtn(fmt, act_order, act_groups):
     from lowbit.quantize.config import resolve_format
     fmt = resolve_format(fmt)
     torch.manual_seed(2)
@@ -150,7 +162,7 @@ def test_gptq_output_error_below_rtn(fmt, act_order):
     H = hessian(correlated_inputs(2048, K, seed=3))
     kw = {k: v for k, v in fmt.items() if k != "format"}
     rtn = reference.dequantize(lowbit.quantize_weight(W, fmt["format"], **kw))
-    qw, info = gptq_quantize(W, H, fmt, act_order=act_order)
+    qw, info = gptq_quantize(W, H, fmt, act_order=act_order, act_groups=act_groups)
     got = reference.dequantize(qw)
     e_rtn, e_gptq = out_err(W, rtn, H), out_err(W, got, H)
     assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
@@ -167,7 +179,7 @@ def test_act_order_perm_and_linear_exact(exact_cpu_path):
     W = torch.randn(N, K)
     H = hessian(correlated_inputs(1024, K, seed=4))
     fmt = {"format": "int4", "group_size": 32, "symmetric": False, "double_quant": False}
-    qw, _ = gptq_quantize(W, H, fmt, act_order=True)
+    qw, _ = gptq_quantize(W, H, fmt, act_order=True, act_groups="order")
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
     assert torch.equal(qw.perm, perm)
     # Stored column j is input feature perm[j]: GPTQ on the pre-permuted problem without
@@ -223,7 +235,8 @@ def test_gptq_tiny_llama_beats_rtn_and_generates():
     quantize_model(q, QuantConfig(method="gptq", format="int4", group_size=32), calibration=calib,
                    progress=False)
     lin = q.model.layers[1].mlp.down_proj
-    assert isinstance(lin, QuantLinear) and lin.qweight.perm is not None
+    # act-order by default, over groups of input features (a group map): no stored perm
+    assert isinstance(lin, QuantLinear) and lin.qweight.perm is None
     assert type(q.lm_head) is nn.Linear
     rep = {r.name: r for r in q.lowbit_report.layers}
     assert rep["model.layers.0.self_attn.q_proj"].method == "gptq"

@@ -204,3 +204,29 @@ def test_mixed_rules_in_one_model():
     assert L0.mlp.down_proj.fmt == "int4" and L1.mlp.down_proj.fmt == "int8"
     assert type(L0.self_attn.o_proj) is nn.Linear and type(L1.self_attn.o_proj) is nn.Linear
     assert L1.self_attn.q_proj.qweight.group_size == 32
+
+
+def test_run_hooked_stop_before_sees_input_and_skips_the_module():
+    from torch import nn
+    from lowbit.quantize import blocks as B
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    m = Two()
+    calls = []
+    m.b.register_forward_hook(lambda mod, a, o: calls.append("b ran"))
+    xs = [torch.randn(3, 8), torch.randn(2, 8)]
+    seen = []
+    B.run_hooked(m, [B.BlockInput((x,), {}) for x in xs], {"a": m.a, "b": m.b, "c": m.c},
+                 lambda name, x, i: seen.append((name, i, x.clone())), stop_before="b")
+    assert calls == [] and [(n, i) for n, i, _ in seen] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    with torch.no_grad():
+        torch.testing.assert_close(seen[1][2], m.a(xs[0]))
+        torch.testing.assert_close(seen[3][2], m.a(xs[1]))

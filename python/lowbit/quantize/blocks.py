@@ -136,12 +136,21 @@ def run_block(block: nn.Module, inputs: Sequence[BlockInput]) -> List[BlockInput
 
 @torch.no_grad()
 def run_hooked(block: nn.Module, inputs: Sequence[BlockInput], modules: Dict[str, nn.Module],
-               fn: Callable[[str, torch.Tensor, int], None], stop_after: Optional[str] = None) -> None:
+               fn: Callable[[str, torch.Tensor, int], None], stop_after: Optional[str] = None,
+               stop_before: Optional[str] = None) -> None:
     """Run ``block`` on every batch calling ``fn(name, x, batch_index)`` with the input of each
-    module in ``modules`` as it is called; stop a batch's forward once ``stop_after`` ran."""
+    module in ``modules`` as it is called; stop a batch's forward once ``stop_after`` ran, or
+    as soon as ``stop_before`` is called (after ``fn`` saw its input, before it computes)."""
     state = {"batch": 0}
     handles = []
     for name, mod in modules.items():
+        if name == stop_before:
+            def pre(module, args, name=name):
+                fn(name, args[0], state["batch"])
+                raise StopForward
+            handles.append(mod.register_forward_pre_hook(pre))
+            continue
+
         def hook(module, args, output, name=name):
             fn(name, args[0], state["batch"])
             if name == stop_after:

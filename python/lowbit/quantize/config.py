@@ -98,6 +98,10 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
     "act_order": AlgorithmOption(
         True, ("gptq",), _is_bool, "a bool",
         "quantize columns by decreasing Hessian diagonal (stored as the weight's perm)"),
+    "act_groups": AlgorithmOption(
+        "input", ("gptq",), _is_choice("input", "order"), "'input' or 'order'",
+        "with act_order, what a group is: consecutive input features (a group map; the stored "
+        "weight keeps the usual layout) or consecutive columns in act order (stored with perm)"),
     "block_size": AlgorithmOption(
         128, ("gptq",), _is_int(1), "an int >= 1",
         "columns per lazy-update block"),

@@ -100,9 +100,20 @@ class _Groups:
         self.clip_grid, self.clip_max_shrink = 1, 0.0
         if self.family == "codebook":
             self.table = _codebook(self.fmt).to(device)
+        # Processing position j -> stored column (and so its group): the identity, or with
+        # act-order over groups of input features (a group map) the input feature perm[j].
+        self.store: Optional[List[int]] = None
+
+    def use_group_map(self, perm: torch.Tensor) -> None:
+        """Columns are processed in the order ``perm`` but stored (and grouped) in input
+        order: position j is input feature perm[j], in group perm[j] // group_size."""
+        self.store = [int(v) for v in perm.tolist()]
+
+    def stored(self, j: int) -> int:
+        return j if self.store is None else self.store[j]
 
     def group_of(self, j: int) -> int:
-        return j // self.group
+        return self.stored(j) // self.group
 
     def group_cols(self, g: int) -> Tuple[int, int]:
         return g * self.group, min((g + 1) * self.group, self.K)
@@ -197,7 +208,7 @@ class _Groups:
     def column(self, j: int, w: torch.Tensor) -> torch.Tensor:
         g = self.group_of(j)
         codes, values = self.round(w, self.scale[g], self.zero[g])
-        self.codes[:, j] = codes
+        self.codes[:, self.stored(j)] = codes
         return values
 
     def finish(self, perm: Optional[torch.Tensor]) -> QuantizedWeight:
@@ -247,13 +258,22 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> Tuple[torch.Tenso
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any], *,
                   damp_percent: float = 0.01, act_order: bool = True, block_size: int = 128,
                   static_groups: bool = False, clip_grid: int = 1, clip_max_shrink: float = 0.0,
-                  ) -> Tuple[QuantizedWeight, Dict[str, Any]]:
+                  act_groups: str = "input") -> Tuple[QuantizedWeight, Dict[str, Any]]:
     """GPTQ one weight [N, K] given its Hessian H [K, K] (``2 X^T X / n``) and resolved format
-    options. Returns the QuantizedWeight (with ``perm`` when act_order) and details:
-    ``out_err`` (relative output error tr(D H D^T) / tr(W H W^T)), ``damp``."""
+    options. Returns the QuantizedWeight and details: ``out_err`` (relative output error
+    tr(D H D^T) / tr(W H W^T)), ``damp``.
+
+    With ``act_order`` the columns are processed by decreasing H diagonal, and
+    ``act_groups`` says what a group is: ``"input"`` (groups of consecutive input features,
+    the usual layout, through a group map: the stored weight has no ``perm``; a group's
+    parameters are fixed when its first column is reached, from all its columns as they
+    stand then) or ``"order"`` (groups of consecutive columns in processing order, stored
+    with ``perm``)."""
     N, K = weight.shape
     if H.shape != (K, K):
         raise ValueError(f"Hessian must be [{K}, {K}], got {tuple(H.shape)}")
+    if act_groups not in ("input", "order"):
+        raise ValueError(f"act_groups must be 'input' or 'order', got {act_groups!r}")
     device = weight.device
     W = weight.detach().to(torch.float32).clone()
     H = H.to(device=device, dtype=torch.float32).clone()
@@ -275,8 +295,13 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any]
 
     groups = _Groups(options, N, K, device)
     groups.clip_grid, groups.clip_max_shrink = clip_grid, clip_max_shrink
+    group_map = perm is not None and act_groups == "input"
+    pos_of = None  # stored column -> processing position (group map only)
+    if group_map:
+        groups.use_group_map(perm)
+        pos_of = torch.argsort(perm)
     if static_groups or groups.double_quant:
-        groups.set_static(W)
+        groups.set_static(weight.detach().to(torch.float32) if group_map else W)
     else:
         groups.static = False
     W0 = W.clone()
@@ -287,7 +312,22 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any]
         Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             j = i1 + i
-            if not groups.static and j % groups.group == 0:
+            if group_map and not groups.static:
+                g = groups.group_of(j)
+                if groups.scale[g] is None:
+                    # First column of group g reached: its columns (none processed yet) as
+                    # they stand now, those past this block with its pending updates.
+                    a, b = groups.group_cols(g)
+                    pos = pos_of[a:b]
+                    inside = pos < i2
+                    wg = torch.empty(N, b - a, dtype=W.dtype, device=device)
+                    if bool(inside.any()):
+                        wg[:, inside] = W1[:, pos[inside] - i1]
+                    if not bool(inside.all()):
+                        p = pos[~inside]
+                        wg[:, ~inside] = W[:, p] - Err1[:, :i] @ U[i1:j][:, p]
+                    groups.set_group(g, wg)
+            elif not groups.static and j % groups.group == 0:
                 g = groups.group_of(j)
                 a, b = groups.group_cols(g)
                 # The group's current weights: this block's updated columns, then (for a group
@@ -304,6 +344,12 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any]
             W1[:, i:] -= err.unsqueeze(1) * U[j, j:i2].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    if group_map:
+        # Back to input order: the stored weight needs no perm.
+        W0 = weight.detach().to(torch.float32)
+        Q = torch.empty_like(Q).index_copy_(1, perm, Q)
+        H_orig = H_orig[pos_of][:, pos_of]
+        perm = None
     qw = groups.finish(perm)
     stored = R.decode(qw, torch.float32)
     if not torch.equal(stored, Q):
@@ -375,7 +421,7 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
     opts = dict(damp_percent=config.damp_percent, act_order=config.act_order,
                 block_size=config.block_size, static_groups=config.static_groups,
                 clip_grid=config.clip_grid if config.clip_search else 1,
-                clip_max_shrink=config.clip_max_shrink)
+                clip_max_shrink=config.clip_max_shrink, act_groups=config.act_groups)
     for name, (_, fmt) in targets.items():
         if not gptq_supports(fmt):
             raise ValueError(f"GPTQ cannot quantize {name!r} to {fmt['format']!r}")
@@ -433,12 +479,12 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
                 groups = B.linear_groups(block, inputs[0], {r: m for r, (m, _) in mine.items()})
                 if config.true_sequential:
                     for grp in groups:
-                        # grp[-1] is the group's last call: the pass can stop there.
-                        Hs = _collect(block, inputs, [grp], mine, stop_after=grp[-1],
+                        # The group shares one input: the pass stops as grp[0] is called.
+                        Hs = _collect(block, inputs, [grp], mine, stop_before=grp[0],
                                       first_weight=config.first_token_weight)
                         quantize_group({r: mine[r] for r in grp}, Hs[0], full)
                 else:
-                    Hs = _collect(block, inputs, groups, mine, stop_after=None,
+                    Hs = _collect(block, inputs, groups, mine,
                                   first_weight=config.first_token_weight)
                     for grp, H in zip(groups, Hs):
                         quantize_group({r: mine[r] for r in grp}, H, full)
@@ -469,21 +515,22 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
 
 
 @torch.no_grad()
-def _collect(block, inputs, groups: List[List[str]], mine, stop_after: Optional[str],
+def _collect(block, inputs, groups: List[List[str]], mine, stop_before: Optional[str] = None,
              first_weight: float = 1.0) -> List[Hessian]:
-    """One Hessian per group (its members share the input), from a pass over every batch."""
+    """One Hessian per group (its members share the input: the first one's is used), from a
+    pass over every batch (cut short as ``stop_before`` is called)."""
     from . import blocks as B
     first = {grp[0]: i for i, grp in enumerate(groups)}
     Hs = [Hessian(mine[grp[0]][0].in_features, mine[grp[0]][0].weight.device, first_weight)
           for grp in groups]
-    hooked = {r: mine[r][0] for grp in groups for r in grp}
+    hooked = {grp[0]: mine[grp[0]][0] for grp in groups}
 
     def fn(name, x, b):
         i = first.get(name)
         if i is not None:
             Hs[i].add(x)
 
-    B.run_hooked(block, inputs, hooked, fn, stop_after=stop_after)
+    B.run_hooked(block, inputs, hooked, fn, stop_before=stop_before)
     return Hs
 
 

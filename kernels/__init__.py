@@ -82,7 +82,7 @@ def plan(x: torch.Tensor, qw, M: Optional[int] = None):
 
 
 def run_choice(choice, x2d: torch.Tensor, qw, bias: Optional[torch.Tensor],
-               out: torch.Tensor) -> torch.Tensor:
+               out: torch.Tensor, bind: Optional[list] = None) -> torch.Tensor:
     """Run one select() choice: out[M, N] = x2d @ W^T (+ bias). For tools (tune, bench, tests)."""
     if choice.kernel == "dequant_mm":
         w = _dequant.dequantize(qw, x2d.dtype)
@@ -96,7 +96,7 @@ def run_choice(choice, x2d: torch.Tensor, qw, bias: Optional[torch.Tensor],
     gw = gpu_weight(qw)
     params = dict(choice.params)
     if choice.kernel == "gemv":
-        return _gemv.gemv(x2d, gw, bias, out, **params)
+        return _gemv.gemv(x2d, gw, bias, out, bind=bind, **params)
     if choice.kernel == "gemm":
         if x2d.dtype == torch.float32:
             raise ValueError("the tensor-core GEMM takes float16/bfloat16 activations")
@@ -119,8 +119,114 @@ def linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None) -> torch.Te
         return out.reshape(*lead, N)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    run_choice(plan(x, qw, M), x2d, qw, bias, out)
+    choice = plan(x, qw, M)
+    if (choice.kernel == "gemv" and x.dim() == 2 and x2d.data_ptr() == x.data_ptr()
+            and (M == 1 or x2d.stride() == x.stride()) and _bindable(qw)):
+        rec: list = []
+        run_choice(choice, x2d, qw, bias, out, bind=rec)
+        if rec:
+            _bind(qw, x, bias, rec[0])
+        return out
+    run_choice(choice, x2d, qw, bias, out)
     return out.reshape(*lead, N)
+
+
+# ---- bound calls ------------------------------------------------------------------------------
+# Decoding one token runs every linear layer at M = 1, where the GEMV takes 5-40 us on an H200
+# and the host-side path above (argument checks, select(), the launch) takes several times
+# that in Python. A 2-D call that ran the GEMV as a single kernel is therefore bound once per
+# layer and call signature: fast_linear() then checks only what could differ between two calls
+# with the same signature (the weight's tensors changed in place; launch hooks; autograd;
+# torch.compile tracing) and calls the compiled kernel's launcher with the new x / output
+# pointers. The signature is everything the bound launch depends on: x's shape, strides,
+# dtype, device and 16-byte alignment, and the bias's presence, dtype and alignment.
+_BOUND = "triton_bound_calls"
+MAX_BOUND = 16  # signatures kept per weight
+BOUND_CALLS = [0]  # calls served by a bound launch (tests check it is used)
+
+
+def _bindable(qw) -> bool:
+    # weights with input transforms are excluded: their x arrives here already transformed
+    from ._common import _FAST_ON, interpreting
+    return (_FAST_ON and not interpreting() and getattr(qw, "cache", None) is not None
+            and not qw.has_input_transform)
+
+
+def _signature(x: torch.Tensor, bias: Optional[torch.Tensor]):
+    if bias is None:
+        b = None
+    else:
+        b = (bias.dtype, bias.data_ptr() & 15, bias.stride(), bias.get_device())
+    return (x.shape, x.stride(), x.dtype, x.get_device(), x.data_ptr() & 15, b)
+
+
+class _Bound:
+    __slots__ = ("ver", "compiled", "vals", "grid", "ix", "iout", "ibias", "iws", "out_shape",
+                 "ws_shape", "dtype", "device")
+
+
+def _bind(qw, x: torch.Tensor, bias, rec) -> None:
+    compiled, args, grid, consts, split_k = rec
+    from ._common import _fast_entry
+    kernel = _gemv._gemv_kernel
+    tmpl, pos = _fast_entry(kernel, consts)
+    if len(pos) != len(args) or not hasattr(compiled, "run") or compiled.function is None:
+        return
+    b = _Bound()
+    b.ver = _layout._versions(qw)
+    b.compiled = compiled
+    vals = list(tmpl)
+    for i, a in zip(pos, args):
+        vals[i] = a
+    for j in (0, 7, 8, 9):  # x, bias, out, workspace: set per call (no reference kept)
+        vals[pos[j]] = None
+    b.vals = vals
+    b.grid = (grid[0], grid[1], grid[2])
+    # argument order of _gemv_kernel: x, codes, s, z, dqs, dqo, lut, bias, out, ws, cnt, ...
+    b.ix, b.ibias, b.iout, b.iws = pos[0], pos[7], pos[8], pos[9]
+    if bias is None:
+        b.ibias = -1
+    b.out_shape = (x.shape[0], qw.shape[0])
+    b.ws_shape = (split_k, x.shape[0], qw.shape[0]) if split_k > 1 else None
+    b.dtype = x.dtype
+    b.device = x.device
+    calls = qw.cache.setdefault(_BOUND, {})
+    if len(calls) >= MAX_BOUND:
+        calls.clear()
+    calls[_signature(x, bias)] = b
+
+
+def fast_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The result of ``linear(x, qw, bias)`` through a bound launch (see above), or None when
+    this call has none (the caller then takes the full path, which binds it for next time)."""
+    cache = getattr(qw, "cache", None)
+    calls = cache.get(_BOUND) if cache is not None else None
+    if not calls:
+        return None
+    b = calls.get(_signature(x, bias))
+    if b is None:
+        return None
+    if (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))) \
+            or torch.compiler.is_compiling():
+        return None
+    from ._common import _launch_hooks_set
+    if _launch_hooks_set() or b.ver != _layout._versions(qw):
+        calls.clear()
+        return None
+    out = torch.empty(b.out_shape, dtype=b.dtype, device=b.device)
+    vals = list(b.vals)
+    vals[b.ix] = x
+    vals[b.iout] = out
+    if b.ibias >= 0:
+        vals[b.ibias] = bias
+    if b.ws_shape is not None:
+        vals[b.iws] = torch.empty(b.ws_shape, dtype=torch.float32, device=b.device)
+    from triton.runtime.driver import driver
+    c = b.compiled
+    c.run(b.grid[0], b.grid[1], b.grid[2], driver.active.get_current_stream(b.device.index),
+          c.function, c.packed_metadata, None, None, None, *vals)
+    BOUND_CALLS[0] += 1
+    return out
 
 
 def dequantize(qw, dtype: torch.dtype = torch.float32) -> torch.Tensor:

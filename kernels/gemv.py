@@ -17,6 +17,8 @@ Everything is float32: x is upcast on load, so float32 activations are exact pro
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -204,8 +206,11 @@ MAX_PLANS = 64  # launch plans kept per weight (one per call shape and parameter
 
 def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, CB: int,
          SPLIT_K: int = 1, num_warps: int = 4, num_stages: int = 1, PREFETCH: bool = True,
-         FIXUP: bool = True, LUT_GATHER: bool = True, **_ignored) -> torch.Tensor:
-    """out[M, N] = x2d[M, K] @ W^T (+ bias) for x2d with unit stride along K."""
+         FIXUP: bool = True, LUT_GATHER: bool = True, bind: Optional[list] = None,
+         **_ignored) -> torch.Tensor:
+    """out[M, N] = x2d[M, K] @ W^T (+ bias) for x2d with unit stride along K. ``bind``: a list
+    that receives (compiled kernel, args, grid, constexprs, split_k) of a single-kernel launch
+    (lowbit.kernels binds repeated calls to it)."""
     M, K = x2d.shape
     N = gw.shape[0]
     dev = x2d.device
@@ -227,9 +232,11 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
             bias if bias is not None else dummy, out, ws, cnt if cnt is not None else dummy,
             M, N, K, gw.words_per_row, gw.n_groups, x2d.stride(0), out.stride(0), steps, split_k,
             0.0, MAGIC_BITS)
-    launch(_gemv_kernel, grid, args, consts[cnt is not None], num_warps, num_stages)
+    compiled = launch(_gemv_kernel, grid, args, consts[cnt is not None], num_warps, num_stages)
     if split_k > 1 and cnt is None:
         splitk_reduce(ws, bias, out)
+    elif bind is not None:
+        bind.append((compiled, args, grid, consts[cnt is not None], split_k))
     return out
 
 

@@ -262,6 +262,45 @@ def test_fast_launch_matches_triton_launch():
         assert_linear_close(slow[0], R.linear(x, qw), x, qw)
 
 
+@pytest.mark.skipif(not REAL_GPU, reason="bound launches are for compiled kernels only")
+def test_bound_calls_match_full_path():
+    """Repeated M = 1 calls of a layer go through its bound launch (lowbit.kernels.fast_linear)
+    and give what the full path gives; in-place weight changes, another alignment of x, a
+    bias, autograd and input transforms are all honoured."""
+    torch.manual_seed(31)
+    N, K = 1000, 4096
+    lin = torch.nn.Linear(K, N).to(DEV)
+    ql = lowbit.QuantLinear.from_linear(lin, "int4", group_size=128).to(DEV)
+    buf = torch.randn(2 * K + 8, device=DEV).to(torch.bfloat16)
+    xb = buf[:2 * K].view(2, K)
+    with torch.no_grad():
+        for x in (xb[:1], buf[1:K + 1].view(1, K), xb[1:]):  # aligned, a 2-byte offset, a row view
+            before = LK.BOUND_CALLS[0]
+            ys = [ql(x) for _ in range(3)]
+            assert LK.BOUND_CALLS[0] >= before + 2
+            for y in ys:
+                assert torch.equal(y, ys[0])
+            assert_linear_close(ys[0], R.linear(x, ql.qweight, ql.bias), x, ql.qweight,
+                                bias=ql.bias)
+        x = xb[:1, :K]
+        ql.weight_scales.mul_(2)  # in place: the bound call must see it
+        y = ql(x)
+        assert_linear_close(y, R.linear(x, ql.qweight, ql.bias), x, ql.qweight, bias=ql.bias)
+    xg = xb[:1, :K].clone().requires_grad_(True)  # autograd: the full path (custom op)
+    y = ql(xg)
+    y.float().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    qw = ql.qweight
+    perm = torch.randperm(K, device=DEV)
+    qp = lowbit.QuantizedWeight(qw.fmt, qw.shape, qw.data, qw.scales, qw.zeros,
+                                group_size=qw.group_size, symmetric=qw.symmetric, perm=perm)
+    x = xb[:1, :K]
+    with torch.no_grad():
+        outs = [lowbit.linear(x, qp) for _ in range(3)]
+    for o in outs:
+        assert_linear_close(o, R.linear(x, qp), x, qp)
+
+
 # ---- public entry point (select + run) ----------------------------------------------------
 def test_linear_routes_every_kernel():
     """lowbit.kernels.linear through select(): gemv, gemm and dequant_mm, leading dims, bias."""

@@ -282,6 +282,12 @@ def test_bound_calls_match_full_path():
                 assert torch.equal(y, ys[0])
             assert_linear_close(ys[0], R.linear(x, ql.qweight, ql.bias), x, ql.qweight,
                                 bias=ql.bias)
+        y2 = ql(xb[:1])
+        before = LK.BOUND_CALLS[0]
+        y3 = [ql(xb[:1].view(1, 1, K)) for _ in range(2)]  # 3-D input: bound as its 2-D view
+        assert LK.BOUND_CALLS[0] >= before + 2
+        for y in y3:
+            assert y.shape == (1, 1, N) and torch.equal(y.view(1, N), y2)
         x = xb[:1, :K]
         ql.weight_scales.mul_(2)  # in place: the bound call must see it
         y = ql(x)

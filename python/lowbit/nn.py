@@ -180,6 +180,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cols = self._buffers.get("outlier_cols")
         if cols is None:
+            if isinstance(x, torch.Tensor) and x.dim() > 2 and x.is_cuda:
+                # [batch, seq, K] -> [batch * seq, K]: the 2-D calls that lowbit.kernels binds
+                # for repeated launches (decoding calls every layer with the same shape)
+                y = linear(x.reshape(-1, x.shape[-1]), self.qweight, self.bias)
+                return y.view(*x.shape[:-1], y.shape[-1])
             return linear(x, self.qweight, self.bias)
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != self.in_features:
             return linear(x, self.qweight, self.bias)  # raises the usual clear error

@@ -235,8 +235,8 @@ def test_gptq_tiny_llama_beats_rtn_and_generates():
     quantize_model(q, QuantConfig(method="gptq", format="int4", group_size=32), calibration=calib,
                    progress=False)
     lin = q.model.layers[1].mlp.down_proj
-    # act-order by default, over groups of input features (a group map): no stored perm
-    assert isinstance(lin, QuantLinear) and lin.qweight.perm is None
+    # act-order by default, groups consecutive in that order: stored with perm
+    assert isinstance(lin, QuantLinear) and lin.qweight.perm is not None
     assert type(q.lm_head) is nn.Linear
     rep = {r.name: r for r in q.lowbit_report.layers}
     assert rep["model.layers.0.self_attn.q_proj"].method == "gptq"

@@ -54,7 +54,7 @@ def test_config_defaults_and_attributes():
     assert QuantConfig(method="llm.int8").format == "int8"
     g = QuantConfig(method="gptq", format="int4", group_size=64, act_order=False)
     assert (g.damp_percent, g.act_order, g.block_size) == (0.01, False, 128)
-    assert g.first_token_weight == 64.0 and g.clip_search is True
+    assert g.first_token_weight == 512.0 and g.clip_search is True and g.act_groups == "order"
     with pytest.raises(AttributeError, match="does not apply to method 'gptq'"):
         g.n_grid
     a = QuantConfig(method="awq", format="nf4")

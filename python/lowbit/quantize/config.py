@@ -99,9 +99,10 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         True, ("gptq",), _is_bool, "a bool",
         "quantize columns by decreasing Hessian diagonal (stored as the weight's perm)"),
     "act_groups": AlgorithmOption(
-        "input", ("gptq",), _is_choice("input", "order"), "'input' or 'order'",
-        "with act_order, what a group is: consecutive input features (a group map; the stored "
-        "weight keeps the usual layout) or consecutive columns in act order (stored with perm)"),
+        "order", ("gptq",), _is_choice("input", "order"), "'input' or 'order'",
+        "with act_order, what a group is: consecutive columns in act order (stored with perm; "
+        "measured better on SmolLM2) or consecutive input features (a group map; the stored "
+        "weight keeps the usual layout, no perm)"),
     "block_size": AlgorithmOption(
         128, ("gptq",), _is_int(1), "an int >= 1",
         "columns per lazy-update block"),
@@ -114,7 +115,8 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
     "first_token_weight": AlgorithmOption(
         64.0, ("gptq", "awq"), _is_float(1.0, 1e6), "a float >= 1",
         "how many tokens the first position of each calibration sequence counts for in the "
-        "layer objectives (attention sinks: every later token reads its key and value)"),
+        "layer objectives (attention sinks: every later token reads its key and value)",
+        per_method={"gptq": 512.0}),
     # AWQ
     "n_grid": AlgorithmOption(
         20, ("awq",), _is_int(1, 1000), "an int in [1, 1000]",

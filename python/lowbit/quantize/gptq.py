@@ -258,7 +258,7 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> Tuple[torch.Tenso
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any], *,
                   damp_percent: float = 0.01, act_order: bool = True, block_size: int = 128,
                   static_groups: bool = False, clip_grid: int = 1, clip_max_shrink: float = 0.0,
-                  act_groups: str = "input") -> Tuple[QuantizedWeight, Dict[str, Any]]:
+                  act_groups: str = "order") -> Tuple[QuantizedWeight, Dict[str, Any]]:
     """GPTQ one weight [N, K] given its Hessian H [K, K] (``2 X^T X / n``) and resolved format
     options. Returns the QuantizedWeight and details: ``out_err`` (relative output error
     tr(D H D^T) / tr(W H W^T)), ``damp``.

@@ -307,6 +307,40 @@ def test_quantize_model_with_a_budget_installs_the_plan():
         assert torch.isfinite(model(calib[0]["input_ids"]).logits).all()
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_budget_with_a_calibrated_method(method):
+    """The plan's formats, quantized by GPTQ / AWQ instead of RTN: same formats and bits (no
+    perm, no input_scale beyond the plan's budget), the method's own numbers (GPTQ's closer to
+    the float model than the RTN plan's; this random tiny model has no activation outliers
+    for AWQ to exploit)."""
+    import copy
+    model = tiny_llama()
+    calib = _calib()
+    ids = token_batches(n=1, batch=2, seq=32, seed=7)[0]
+    with torch.no_grad():
+        ref = model(ids).logits
+    rtn = copy.deepcopy(model)
+    lowbit.quantize_model(rtn, lowbit.QuantConfig(format="int4", group_size=64, max_bits_per_weight=4.75),
+                          calib, progress=False)
+    cfg = lowbit.QuantConfig(format="int4", group_size=64, max_bits_per_weight=4.75, method=method)
+    lowbit.quantize_model(model, cfg, calib, progress=False)
+    rep = model.lowbit_report
+    want = {r.name: r.format for r in rtn.lowbit_report.quantized}
+    assert {r.name: r.format for r in rep.quantized} == want  # the same plan
+    assert {r.method for r in rep.quantized} == {method}
+    assert rep.bits_per_weight() == rtn.lowbit_report.bits_per_weight() <= 4.75
+    with torch.no_grad():
+        err = float((model(ids).logits - ref).pow(2).mean())
+        err_rtn = float((rtn(ids).logits - ref).pow(2).mean())
+    assert err > 0
+    if method == "gptq":
+        assert err < err_rtn, (err, err_rtn)  # act-order through the group map: no perm, the plan's bits exactly
+        assert cfg.act_groups == "input"
+        assert all(m.qweight.perm is None for m in model.modules() if isinstance(m, lowbit.QuantLinear))
+        with pytest.raises(ValueError, match="act_groups='order' stores a perm"):
+            lowbit.QuantConfig(method="gptq", max_bits_per_weight=4.5, act_groups="order")
+
+
 def test_bad_inputs():
     model = tiny_llama()
     targets = _targets(model)

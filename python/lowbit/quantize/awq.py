@@ -292,15 +292,16 @@ def _search_scale(block: nn.Module, g: _Group, mods: Dict[str, Tuple[nn.Linear, 
 
 
 @torch.no_grad()
-def _apply_scale(block: nn.Module, g: _Group, mods) -> None:
+def _apply_scale(block: nn.Module, g: _Group, mods, allow_input_scale: bool = True) -> None:
     """Scale the group's weights by s and fold 1/s into the producer (checked), else leave it
-    for input_scale. The group's statistics are moved to the scaled input x / s."""
+    for input_scale; without ``allow_input_scale`` (a bits budget that counts no input_scale)
+    such a group stays unscaled. The group's statistics are moved to the scaled input x / s."""
     s = g.scale
     if s is None:
         return
-    for r in g.names:
-        w = mods[r][0].weight
-        w.copy_((w.to(torch.float32) * s).to(w.dtype))
+    if g.producer is None and not allow_input_scale:
+        g.scale, g.alpha, g.loss_gain = None, 0.0, 0.0
+        return
     if g.producer is not None:
         kind, pname = g.producer
         p = _sub(block, pname)
@@ -326,6 +327,12 @@ def _apply_scale(block: nn.Module, g: _Group, mods) -> None:
             if p.bias is not None:
                 p.bias.copy_((p.bias.to(torch.float32) / s).to(p.bias.dtype))
             g.folded = True
+    if not g.folded and not allow_input_scale:
+        g.scale, g.alpha, g.loss_gain = None, 0.0, 0.0
+        return
+    for r in g.names:
+        w = mods[r][0].weight
+        w.copy_((w.to(torch.float32) * s).to(w.dtype))
     g.xtx = g.xtx / s[:, None] / s[None, :]
     g.x_abs_sum = g.x_abs_sum / s
 
@@ -438,7 +445,7 @@ def run_awq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]
                 for g in groups:
                     tg = time.perf_counter()
                     _search_scale(block, g, mods, config, config.awq_objective)
-                    _apply_scale(block, g, mods)
+                    _apply_scale(block, g, mods, config.max_bits_per_weight is None)
                     g.replays.clear()
                     g.probe_in = g.probe_out = None
                     g.t = time.perf_counter() - tg
@@ -471,7 +478,7 @@ def run_awq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]
         for g in groups:
             tg = time.perf_counter()
             _search_scale(model, g, rest, config, "layer")
-            _apply_scale(model, g, rest)
+            _apply_scale(model, g, rest, config.max_bits_per_weight is None)
             _finish_group(g, rest, config, {n: n for n in rest}, sink, time.perf_counter() - tg)
             if bar is not None:
                 bar.update(1)

@@ -100,9 +100,10 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         "quantize columns by decreasing Hessian diagonal (stored as the weight's perm)"),
     "act_groups": AlgorithmOption(
         "order", ("gptq",), _is_choice("input", "order"), "'input' or 'order'",
-        "with act_order, what a group is: consecutive columns in act order (stored with perm; "
-        "measured better on SmolLM2) or consecutive input features (a group map; the stored "
-        "weight keeps the usual layout, no perm)"),
+        "with act_order, what a group is: consecutive columns in act order (stored with perm, "
+        "int64 per input feature, counted in bits per weight; measured better on SmolLM2) or "
+        "consecutive input features (a group map; the stored weight keeps the usual layout, "
+        "no perm; always used under max_bits_per_weight, whose plan counts no perm)"),
     "block_size": AlgorithmOption(
         128, ("gptq",), _is_int(1), "an int >= 1",
         "columns per lazy-update block"),
@@ -363,6 +364,14 @@ class QuantConfig:
                 raise ValueError("max_bits_per_weight (mixed precision) works with methods rtn, gptq "
                                  "and awq, not llm.int8")
             max_bits_per_weight = float(max_bits_per_weight)
+            if method == "gptq" and self.options.get("act_order"):
+                # A perm (act-order groups in processing order) costs 64 bits per input
+                # feature, which the plan's budget does not count: use the group map.
+                if algo.get("act_groups") == "order":
+                    raise ValueError("act_groups='order' stores a perm whose bits the "
+                                     "max_bits_per_weight plan does not count; use "
+                                     "act_groups='input' (the default under a budget)")
+                self.options["act_groups"] = "input"
         self.max_bits_per_weight = max_bits_per_weight
 
         if method == "llm.int8":

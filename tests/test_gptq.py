@@ -58,6 +58,27 @@ def test_hessian_running_mean_and_first_token_weight():
     h2 = Hessian(8, "cpu", first_weight=5.0)
     h2.add(rows)
     torch.testing.assert_close(h2.H, 2 * rows.T @ rows / 30)
+    # the unweighted mean diagonal (what damp_ref='tokens' dampens against)
+    plain = float(torch.diagonal(2 * rows.T @ rows / 30).mean())
+    assert hw.plain_mean_diag == pytest.approx(plain, rel=1e-6)
+    assert h.plain_mean_diag == pytest.approx(float(torch.diagonal(h.H).mean()), rel=1e-5)
+
+
+def test_damp_ref_is_the_dampening_base():
+    torch.manual_seed(7)
+    N, K = 16, 64
+    W = torch.randn(N, K)
+    H = hessian(correlated_inputs(512, K, seed=8))
+    fmt = {"format": "int4", "group_size": 32, "symmetric": False, "double_quant": False}
+    m = float(torch.diagonal(H.double()).mean())  # as gptq_quantize computes it
+    a, ia = gptq_quantize(W, H, fmt, damp_percent=0.01, damp_ref=3 * m)
+    b, ib = gptq_quantize(W, H, fmt, damp_percent=0.03)
+    assert ia["damp"] == 0.01 and ib["damp"] == 0.03
+    ca, cb = reference.unpack_nibbles(a.data, K), reference.unpack_nibbles(b.data, K)
+    assert (ca == cb).float().mean() > 0.99 and torch.equal(a.perm, b.perm)
+    c, _ = gptq_quantize(W, H, fmt, damp_percent=0.01, damp_ref=m)
+    d, _ = gptq_quantize(W, H, fmt, damp_percent=0.01)
+    assert torch.equal(c.data, d.data) and torch.equal(c.scales, d.scales)
 
 
 # ---- the slow statement -------------------------------------------------------------------

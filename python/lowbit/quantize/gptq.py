@@ -7,8 +7,19 @@ then updates the remaining columns by ``-err_j * U[j, j:] `` where U is the uppe
 factor of H^-1 and ``err_j = (w_j - q_j) / U[j, j]``; updates are applied lazily per block of
 columns. Group parameters (scale / zero / absmax) are chosen from the current (updated)
 weights when a group is reached. With ``act_order`` columns are processed by decreasing H
-diagonal; the groups are contiguous in that order and the order is stored as the weight's
-``perm`` (QuantizedWeight), so no group index map is needed.
+diagonal, and ``act_groups`` chooses the groups: ``"order"`` (the default), groups contiguous
+in that order, the order stored as the weight's ``perm`` (QuantizedWeight; 64 bits per input
+feature, counted in bits per weight), or ``"input"``, the usual groups of consecutive input
+features through a group map (each group's parameters fixed when its first column is reached,
+from all its columns as they stand then, pending block updates included), stored without perm.
+
+Attention sinks: the first token of every sequence carries activations far larger than the
+rest, and every later token reads its key and value, so errors on it cost far more perplexity
+than one token's share of H says; ``first_token_weight`` (default 512 for GPTQ) counts it that
+many times in H. Act-order matters most here: the sink's large channels come first, so no
+other column's error is pushed onto them. Measured on SmolLM2-135M (16 calibration sequences,
+4k scored tokens, g64, RTN 26.81): plain GPTQ 28.75, act-order 25.85, act-order + sink weight
+512 25.30, with groups in act order 24.77.
 
 The codes are chosen with the formulas of the format's reference quantizer (its group
 parameters come from :func:`lowbit.reference.quantize_weight` on the group's columns), and
@@ -234,11 +245,15 @@ class _Groups:
                                dq_offset=dq_offset, perm=perm, **extra)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> Tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp I)^-1 in float64, raising the dampening tenfold (up
-    to 1.0 x mean diag) if H is not numerically positive definite."""
+def _inverse_cholesky(H: torch.Tensor, damp_percent: float,
+                      damp_ref: Optional[float] = None) -> Tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp I)^-1 in float64, damp = damp_percent x ``damp_ref``
+    (default: H's mean diagonal), raising it tenfold (up to 1.0 x) if H is not numerically
+    positive definite."""
     Hd = H.to(torch.float64)
-    mean_diag = float(torch.diagonal(Hd).mean())
+    mean_diag = float(torch.diagonal(Hd).mean()) if damp_ref is None else float(damp_ref)
+    if not mean_diag > 0:
+        mean_diag = float(torch.diagonal(Hd).mean())
     damp = damp_percent
     eye = torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
     while True:
@@ -258,7 +273,8 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> Tuple[torch.Tenso
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any], *,
                   damp_percent: float = 0.01, act_order: bool = True, block_size: int = 128,
                   static_groups: bool = False, clip_grid: int = 1, clip_max_shrink: float = 0.0,
-                  act_groups: str = "order") -> Tuple[QuantizedWeight, Dict[str, Any]]:
+                  act_groups: str = "order", damp_ref: Optional[float] = None,
+                  ) -> Tuple[QuantizedWeight, Dict[str, Any]]:
     """GPTQ one weight [N, K] given its Hessian H [K, K] (``2 X^T X / n``) and resolved format
     options. Returns the QuantizedWeight and details: ``out_err`` (relative output error
     tr(D H D^T) / tr(W H W^T)), ``damp``.
@@ -268,7 +284,11 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any]
     the usual layout, through a group map: the stored weight has no ``perm``; a group's
     parameters are fixed when its first column is reached, from all its columns as they
     stand then) or ``"order"`` (groups of consecutive columns in processing order, stored
-    with ``perm``)."""
+    with ``perm``).
+
+    ``damp_ref``: what ``damp_percent`` is a fraction of (default: H's mean diagonal). With
+    the first token weighted up in H, the model driver passes the plain token mean's
+    diagonal, so the weight does not also raise the dampening of every other column."""
     N, K = weight.shape
     if H.shape != (K, K):
         raise ValueError(f"Hessian must be [{K}, {K}], got {tuple(H.shape)}")
@@ -289,7 +309,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any]
         W = W[:, perm]
         H = H[perm][:, perm]
     H_orig = H
-    U64, damp = _inverse_cholesky(H, damp_percent)
+    U64, damp = _inverse_cholesky(H, damp_percent, damp_ref)
     U = U64.to(torch.float32)
     del U64
 
@@ -391,6 +411,13 @@ class Hessian:
         self.H = torch.zeros(K, K, dtype=torch.float32, device=device)
         self.n = 0.0
         self.first_weight = float(first_weight)
+        self.sq_sum = 0.0  # sum of |x|^2 over all rows, unweighted
+        self.rows = 0
+
+    @property
+    def plain_mean_diag(self) -> float:
+        """Mean diagonal of the unweighted ``2 X^T X / n`` (every token counted once)."""
+        return 2.0 * self.sq_sum / (self.rows * self.H.shape[0]) if self.rows else 0.0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -403,6 +430,8 @@ class Hessian:
         if self.first_weight != 1.0 and x.dim() >= 3 and x.shape[-2] > 1:
             x0 = x[..., 0, :].reshape(-1, K).to(torch.float32)
             m += (self.first_weight - 1.0) * x0.shape[0]
+        self.sq_sum += float(rows.double().pow(2).sum())
+        self.rows += rows.shape[0]
         self.H *= self.n / (self.n + m)
         self.n += m
         self.H.addmm_(rows.t(), rows, alpha=2.0 / self.n)
@@ -446,7 +475,8 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
                 qw = quantize_weight(W, f, **kw)
                 info = {"note": "never called on calibration data: rtn"}
             else:
-                qw, info = gptq_quantize(W, H.H, fmt, **opts)
+                qw, info = gptq_quantize(W, H.H, fmt, damp_ref=H.plain_mean_diag if
+                                         config.damp_ref == "tokens" else None, **opts)
             row_num, row_den = info.pop("row_err", None), info.pop("row_norm", None)
             secs = (time.perf_counter() - t0) / len(rels)
             a = 0

@@ -55,6 +55,7 @@ def test_config_defaults_and_attributes():
     g = QuantConfig(method="gptq", format="int4", group_size=64, act_order=False)
     assert (g.damp_percent, g.act_order, g.block_size) == (0.01, False, 128)
     assert g.first_token_weight == 512.0 and g.clip_search is True and g.act_groups == "order"
+    assert g.damp_ref == "tokens"
     with pytest.raises(AttributeError, match="does not apply to method 'gptq'"):
         g.n_grid
     a = QuantConfig(method="awq", format="nf4")

@@ -96,9 +96,9 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         0.01, ("gptq",), _is_float(0.0, 1.0, lo_open=True), "a float in (0, 1]",
         "dampening added to the Hessian diagonal, as a fraction of its mean"),
     "damp_ref": AlgorithmOption(
-        "hessian", ("gptq",), _is_choice("hessian", "tokens"), "'hessian' or 'tokens'",
-        "what damp_percent is a fraction of: the mean diagonal of H as weighted "
-        "(first_token_weight included) or of the plain mean over tokens"),
+        "tokens", ("gptq",), _is_choice("hessian", "tokens"), "'hessian' or 'tokens'",
+        "what damp_percent is a fraction of: the mean diagonal of the plain mean over tokens "
+        "(SmolLM2 g128: 26.48 vs 29.52) or of H as weighted (first_token_weight included)"),
     "act_order": AlgorithmOption(
         True, ("gptq",), _is_bool, "a bool",
         "quantize columns by decreasing Hessian diagonal (stored as the weight's perm)"),

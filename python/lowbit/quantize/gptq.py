@@ -19,7 +19,9 @@ than one token's share of H says; ``first_token_weight`` (default 512 for GPTQ) 
 many times in H. Act-order matters most here: the sink's large channels come first, so no
 other column's error is pushed onto them. Measured on SmolLM2-135M (16 calibration sequences,
 4k scored tokens, g64, RTN 26.81): plain GPTQ 28.75, act-order 25.85, act-order + sink weight
-512 25.30, with groups in act order 24.77.
+512 25.30, with groups in act order 24.77. The dampening is then taken against the plain
+token mean's diagonal (``damp_ref="tokens"``), not the sink-weighted H's, whose larger
+diagonal would dampen every other column too: at 16k tokens, g128, 29.52 -> 26.48.
 
 The codes are chosen with the formulas of the format's reference quantizer (its group
 parameters come from :func:`lowbit.reference.quantize_weight` on the group's columns), and

@@ -58,6 +58,7 @@ if triton is not None:
     from . import select as _select
     from . import layout as _layout
     from .layout import forget, gpu_weight, prepare  # noqa: F401
+    from ._common import _FAST_ON, _launch_hooks_set, interpreting
 
 __all__ = ["AVAILABLE", "linear", "dequantize", "prepare", "forget", "plan"]
 
@@ -147,7 +148,6 @@ BOUND_CALLS = [0]  # calls served by a bound launch (tests check it is used)
 
 def _bindable(qw) -> bool:
     # weights with input transforms are excluded: their x arrives here already transformed
-    from ._common import _FAST_ON, interpreting
     return (_FAST_ON and not interpreting() and getattr(qw, "cache", None) is not None
             and not qw.has_input_transform)
 
@@ -160,32 +160,29 @@ def _signature(x: torch.Tensor, bias: Optional[torch.Tensor]):
     return (x.shape, x.stride(), x.dtype, x.get_device(), x.data_ptr() & 15, b)
 
 
+# positions of the per-call arguments in gemv's argument tuple (_gemv_kernel's order: x, codes,
+# s, z, dqs, dqo, lut, bias, out, ws, cnt, ...)
+_GEMV_X, _GEMV_BIAS, _GEMV_OUT, _GEMV_WS = 0, 7, 8, 9
+
+
 class _Bound:
-    __slots__ = ("ver", "compiled", "vals", "grid", "ix", "iout", "ibias", "iws", "out_shape",
+    __slots__ = ("ver", "launcher", "vals", "grid", "ix", "ibias", "iout", "iws", "out_shape",
                  "ws_shape", "dtype", "device")
 
 
 def _bind(qw, x: torch.Tensor, bias, rec) -> None:
-    compiled, args, grid, consts, split_k = rec
-    from ._common import _fast_entry
-    kernel = _gemv._gemv_kernel
-    tmpl, pos = _fast_entry(kernel, consts)
-    if len(pos) != len(args) or not hasattr(compiled, "run") or compiled.function is None:
-        return
+    launcher, args, grid, split_k = rec
     b = _Bound()
     b.ver = _layout._versions(qw)
-    b.compiled = compiled
-    vals = list(tmpl)
-    for i, a in zip(pos, args):
-        vals[i] = a
-    for j in (0, 7, 8, 9):  # x, bias, out, workspace: set per call (no reference kept)
-        vals[pos[j]] = None
-    b.vals = vals
-    b.grid = (grid[0], grid[1], grid[2])
-    # argument order of _gemv_kernel: x, codes, s, z, dqs, dqo, lut, bias, out, ws, cnt, ...
-    b.ix, b.ibias, b.iout, b.iws = pos[0], pos[7], pos[8], pos[9]
-    if bias is None:
-        b.ibias = -1
+    b.launcher = launcher
+    b.vals = launcher.values(args)
+    pos = launcher.pos
+    b.ix, b.iout, b.iws = pos[_GEMV_X], pos[_GEMV_OUT], pos[_GEMV_WS]
+    b.ibias = pos[_GEMV_BIAS] if bias is not None else -1  # (else the dummy stays bound)
+    for i in (b.ix, b.iout, b.iws, b.ibias):  # set per call: no reference kept to this call's
+        if i >= 0:
+            b.vals[i] = None
+    b.grid = grid
     b.out_shape = (x.shape[0], qw.shape[0])
     b.ws_shape = (split_k, x.shape[0], qw.shape[0]) if split_k > 1 else None
     b.dtype = x.dtype
@@ -209,7 +206,6 @@ def fast_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor]) -> Optional[t
     if (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))) \
             or torch.compiler.is_compiling():
         return None
-    from ._common import _launch_hooks_set
     if _launch_hooks_set() or b.ver != _layout._versions(qw):
         calls.clear()
         return None
@@ -219,12 +215,10 @@ def fast_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor]) -> Optional[t
     vals[b.iout] = out
     if b.ibias >= 0:
         vals[b.ibias] = bias
-    if b.ws_shape is not None:
-        vals[b.iws] = torch.empty(b.ws_shape, dtype=torch.float32, device=b.device)
-    from triton.runtime.driver import driver
-    c = b.compiled
-    c.run(b.grid[0], b.grid[1], b.grid[2], driver.active.get_current_stream(b.device.index),
-          c.function, c.packed_metadata, None, None, None, *vals)
+    # split K: a fresh float32 workspace; else the kernel's unused workspace argument is out
+    vals[b.iws] = out if b.ws_shape is None else torch.empty(b.ws_shape, dtype=torch.float32,
+                                                              device=b.device)
+    b.launcher(b.grid, vals)
     BOUND_CALLS[0] += 1
     return out
 

@@ -186,15 +186,43 @@ def _arg_spec(a):
     return type(a)
 
 
-def _fast_entry(kernel, constexprs: dict):
-    """(template of every parameter's value in signature order, positions of the run-time
-    arguments) for this kernel and these constexpr values."""
-    if any(p.is_constexpr and p.name not in constexprs for p in kernel.params):
-        return None, []  # a constexpr left to its default: keep Triton's path
-    tmpl = [constexprs.get(n) for n in kernel.arg_names]
-    pos = [i for i, p in enumerate(kernel.params) if not p.is_constexpr]
-    return tmpl, pos
+class Launcher:
+    """A compiled kernel with its parameter list bound except for the run-time arguments:
+    ``launcher(grid, launcher.values(args))`` launches it without Triton's binder."""
 
+    __slots__ = ("compiled", "tmpl", "pos")
+
+    def __init__(self, compiled, tmpl, pos):
+        self.compiled, self.tmpl, self.pos = compiled, tmpl, pos
+
+    @classmethod
+    def make(cls, kernel, compiled, constexprs: dict, n_args: int):
+        """The launcher of ``compiled`` (``kernel`` with these constexprs), or None when the
+        direct path can't take it (a constexpr left to its default, another Triton)."""
+        if compiled is None or not hasattr(compiled, "run") or compiled.function is None:
+            return None
+        if any(p.is_constexpr and p.name not in constexprs for p in kernel.params):
+            return None
+        pos = [i for i, p in enumerate(kernel.params) if not p.is_constexpr]
+        if len(pos) != n_args:
+            return None
+        return cls(compiled, [constexprs.get(n) for n in kernel.arg_names], pos)
+
+    def values(self, args) -> list:
+        """Every parameter's value in signature order, with ``args`` as the run-time ones."""
+        vals = list(self.tmpl)
+        for i, a in zip(self.pos, args):
+            vals[i] = a
+        return vals
+
+    def __call__(self, grid, vals) -> None:
+        c = self.compiled
+        c.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+              _driver.active.get_current_stream(_driver.active.get_current_device()),
+              c.function, c.packed_metadata, None, None, None, *vals)
+
+
+from triton.runtime.driver import driver as _driver
 
 try:
     from triton import knobs as _knobs
@@ -217,30 +245,21 @@ def _launch_hooks_set() -> bool:
 def launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int):
     """kernel[grid](*args, **constexprs, ...) (directly through the compiled kernel's launcher
     once this configuration has run; see above), retrying with fewer pipeline stages when the
-    config needs more shared memory than this GPU has (remembered per config)."""
+    config needs more shared memory than this GPU has (remembered per config). Returns the
+    configuration's Launcher (None where the direct path does not apply)."""
     key = None
     if _STAGES:  # some config needed fewer stages: look this one up (rare, so keyed lazily)
         key = _stage_key(kernel, constexprs, num_warps, num_stages)
         num_stages = _STAGES.get(key, num_stages)
     fast = _FAST_ON and not interpreting()
     if fast:
-        from triton.runtime.driver import driver
-        dev = driver.active.get_current_device()
-        fkey = (id(kernel), dev, num_warps, num_stages, tuple(constexprs.items()),
-                tuple(map(_arg_spec, args)))
-        entry = _FAST.get(fkey)
-        if entry is not None and not _launch_hooks_set():
-            compiled, tmpl, pos = entry
-            vals = list(tmpl)
-            for i, a in zip(pos, args):
-                vals[i] = a
-            g0 = grid[0]
-            g1 = grid[1] if len(grid) > 1 else 1
-            g2 = grid[2] if len(grid) > 2 else 1
-            compiled.run(g0, g1, g2, driver.active.get_current_stream(dev), compiled.function,
-                         compiled.packed_metadata, None, None, None, *vals)
+        fkey = (id(kernel), _driver.active.get_current_device(), num_warps, num_stages,
+                tuple(constexprs.items()), tuple(map(_arg_spec, args)))
+        launcher = _FAST.get(fkey)
+        if launcher is not None and not _launch_hooks_set():
+            launcher(grid, launcher.values(args))
             FAST_LAUNCHES[0] += 1
-            return compiled
+            return launcher
     while True:
         try:
             compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
@@ -252,11 +271,12 @@ def launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int
                 key = _stage_key(kernel, constexprs, num_warps, num_stages)
             num_stages -= 1
             _STAGES[key] = num_stages
-    if fast and compiled is not None and hasattr(compiled, "run") and len(_FAST) < 4096:
-        tmpl, pos = _fast_entry(kernel, constexprs)
-        if len(pos) == len(args):
-            _FAST[fkey] = (compiled, tmpl, pos)
-    return compiled
+    if not fast:
+        return None
+    launcher = Launcher.make(kernel, compiled, constexprs, len(args))
+    if launcher is not None and len(_FAST) < 4096:
+        _FAST[fkey] = launcher
+    return launcher
 
 
 def _stage_key(kernel, constexprs, num_warps, num_stages):

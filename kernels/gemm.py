@@ -36,9 +36,8 @@ import triton
 import triton.language as tl
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_BLOCK_W, SCALE_PLANE, SCALE_ROW,
-                      codebook_values,
-                      TWO23, cast_out, decode_absmax, hi_shift, interpreting, launch, codebook_lut,
-                      plane_value, rne_bf16, splitk_reduce, tl_dtype)
+                      TWO23, cast_out, codebook_lut, codebook_values, decode_absmax, hi_shift,
+                      interpreting, launch, plane_value, rne_bf16, splitk_reduce, tl_dtype)
 from .layout import GPUWeight, group_const
 
 
@@ -335,7 +334,8 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
         ZERO_CONST=128 if gw.fmt == "int8" else 8, DQ=gw.double_quant, SCALE_MODE=mode,
         GROUP=group_const(gw), HAS_BIAS=bias is not None and SPLIT_K == 1, USE_WS=SPLIT_K > 1,
         K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0, BM=BM, BN=BN, CB=CB,
-        GROUP_M=GROUP_M, SWAP=bool(SWAP), FULL_TILE=bool(FULL_TILE), DOT_DTYPE=tl_dtype(x2d.dtype), DOT_F32=bool(dot_f32),
+        GROUP_M=GROUP_M, SWAP=bool(SWAP), FULL_TILE=bool(FULL_TILE),
+        DOT_DTYPE=tl_dtype(x2d.dtype), DOT_F32=bool(dot_f32),
         LUT_GATHER=bool(LUT_GATHER) and FMT_IDS[gw.fmt] >= 2,
         STEPS_CONST=steps if interpreting() else 0)
     launch(_gemm_kernel, grid, args, consts, num_warps, num_stages)

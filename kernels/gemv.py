@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, cast_out, codebook_values,
-                      decode_absmax, emulate_bf16, hi_shift, interpreting, launch, codebook_lut,
-                      plane_value, split_counters, splitk_reduce)
+from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, cast_out,
+                      codebook_lut, codebook_values, decode_absmax, emulate_bf16, hi_shift,
+                      interpreting, launch, plane_value, split_counters, splitk_reduce)
 from .layout import GPUWeight, group_const
 
 
@@ -209,8 +209,8 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
          FIXUP: bool = True, LUT_GATHER: bool = True, bind: Optional[list] = None,
          **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias) for x2d with unit stride along K. ``bind``: a list
-    that receives (compiled kernel, args, grid, constexprs, split_k) of a single-kernel launch
-    (lowbit.kernels binds repeated calls to it)."""
+    that receives (_common.Launcher, args, grid, split_k) of a single-kernel launch that can be
+    repeated directly (lowbit.kernels binds repeated calls to it)."""
     M, K = x2d.shape
     N = gw.shape[0]
     dev = x2d.device
@@ -232,11 +232,11 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
             bias if bias is not None else dummy, out, ws, cnt if cnt is not None else dummy,
             M, N, K, gw.words_per_row, gw.n_groups, x2d.stride(0), out.stride(0), steps, split_k,
             0.0, MAGIC_BITS)
-    compiled = launch(_gemv_kernel, grid, args, consts[cnt is not None], num_warps, num_stages)
+    launcher = launch(_gemv_kernel, grid, args, consts[cnt is not None], num_warps, num_stages)
     if split_k > 1 and cnt is None:
         splitk_reduce(ws, bias, out)
-    elif bind is not None:
-        bind.append((compiled, args, grid, consts[cnt is not None], split_k))
+    elif bind is not None and launcher is not None:
+        bind.append((launcher, args, grid, split_k))
     return out
 
 

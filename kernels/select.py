@@ -132,16 +132,18 @@ def _split_for(programs: int, k_steps: int, sms: int, per_sm: int = 2) -> int:
 def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
               sms: int = 132) -> Choice:
     """Untuned shapes and cards. Shaped after the H200 tuning (configs/NVIDIA_H200.json): the
-    GEMV up to M = 2 (8 for float32 activations), the per-plane SWAP GEMM up to 64, the full-tile GEMM to 128, then
-    dequantize + cuBLAS (the fused GEMM did not beat it at M >= 256 for 4-bit weights)."""
+    GEMV up to M = 2 (8 for float32 activations), the per-plane SWAP GEMM up to 64, the
+    full-tile GEMM to 128, then dequantize + cuBLAS (the fused GEMM did not beat it at
+    M >= 256 for 4-bit weights)."""
     bits = 8 if fmt == "int8" else 4
     kb = 16 * (32 // bits)  # elements per layout block
     nblk = -(-K // kb)
     if M <= (8 if dtype == torch.float32 else 2):
         # small programs, many per SM (about 8: the H200 optimum at M = 1, kernels/NOTES.md)
         BN, CB = 32, (1 if fmt == "int4" else 2)
+        split = _split_for(M * -(-N // BN), max(1, nblk // CB), sms, 8)
         return Choice("gemv", {"BN": BN, "CB": CB, "num_warps": 2, "num_stages": 1,
-                               "SPLIT_K": _split_for(M * -(-N // BN), max(1, nblk // CB), sms, 8)})
+                               "SPLIT_K": split})
     if dtype == torch.float32:
         return Choice("dequant_mm")
     if M <= 64:

@@ -307,6 +307,67 @@ def test_bound_calls_match_full_path():
         assert_linear_close(o, R.linear(x, qp), x, qp)
 
 
+def test_launcher_direct_path_assembles_the_arguments(monkeypatch):
+    """_common.launch without a GPU, on a stand-in kernel: the first launch of a configuration
+    goes through kernel[grid] and later ones through the compiled launcher with every parameter
+    in signature order (constexprs bound, run-time arguments replaced); another argument
+    specialization (alignment) or a launch hook takes Triton's path again."""
+    from types import SimpleNamespace
+    from lowbit.kernels import _common as C
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def __init__(self):
+            self.calls = []
+
+        def run(self, *a):
+            self.calls.append(a)
+
+    class Kernel:
+        params = [SimpleNamespace(name=n, is_constexpr=c)
+                  for n, c in (("x", False), ("A", True), ("n", False), ("B", True))]
+        arg_names = ["x", "A", "n", "B"]
+
+        def __init__(self):
+            self.slow = 0
+
+        def __getitem__(self, grid):
+            def go(*args, **kw):
+                self.slow += 1
+                return compiled
+            return go
+
+    compiled, kernel = Compiled(), Kernel()
+    monkeypatch.setattr(C, "interpreting", lambda: False)
+    monkeypatch.setattr(C, "_FAST_ON", True)
+    monkeypatch.setattr(C, "_FAST", {})
+    streams = []
+    monkeypatch.setattr(C, "_driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda d: streams.append(d) or 77)))
+    x = torch.zeros(8)
+    consts = {"A": 3, "B": "b"}
+    assert C.launch(kernel, (5,), (x, 32), consts, 4, 1) is not None
+    assert kernel.slow == 1 and compiled.calls == []
+    x2 = torch.ones(8)
+    C.launch(kernel, (5, 2), (x2, 48), consts, 4, 1)
+    assert kernel.slow == 1
+    assert compiled.calls == [(5, 2, 1, 77, "fn", "meta", None, None, None, x2, 3, 48, "b")]
+    C.launch(kernel, (5,), (x2[1:], 48), consts, 4, 1)  # 4-byte offset: another specialization
+    assert kernel.slow == 2 and len(compiled.calls) == 1
+    C.launch(kernel, (5,), (x2, 7), consts, 4, 1)  # 7 is not a multiple of 16: another one
+    assert kernel.slow == 3
+    hooks = C._knobs.runtime.launch_enter_hook if C._knobs is not None else None
+    if hooks is not None and hasattr(hooks, "add"):
+        hook = lambda *a: None  # noqa: E731
+        hooks.add(hook)
+        try:
+            C.launch(kernel, (5,), (x2, 48), consts, 4, 1)
+            assert kernel.slow == 4  # a profiler hook: Triton's own path
+        finally:
+            hooks.remove(hook)
+
+
 # ---- public entry point (select + run) ----------------------------------------------------
 def test_linear_routes_every_kernel():
     """lowbit.kernels.linear through select(): gemv, gemm and dequant_mm, leading dims, bias."""

@@ -22,7 +22,9 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ---- device routing -----------------------------------------------------------------------
 def _gpu_kernels():
-    """lowbit.kernels (Triton) if importable on this machine, else None."""
+    """lowbit.kernels (Triton) if importable on this machine, else None (found once)."""
+    if _GPU:
+        return _GPU[0]
     try:
         from . import kernels  # noqa: F401
     except ImportError:
@@ -36,11 +38,14 @@ def _gpu_kernels():
                           "dequantize + torch matmul (upgrade triton for the fused kernels)",
                           RuntimeWarning, stacklevel=2)
         return None
-    return kernels if getattr(kernels, "AVAILABLE", False) else None
+    if not getattr(kernels, "AVAILABLE", False):
+        return None
+    _GPU.append(kernels)
+    return kernels
 
 
 _GPU_WARNED = False
-_GPU: list = []  # lowbit.kernels once found usable (the eager fast path's lookup)
+_GPU: list = []  # lowbit.kernels once found usable (_gpu_kernels' memo)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not tensor subclasses (fake, distributed, ...)
 
 
@@ -149,10 +154,8 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
     if (type(x) in _PLAIN and x.is_cuda and (bias is None or type(bias) in _PLAIN)
             and not torch.compiler.is_compiling()):
         # a call with the signature of an earlier checked one: its bound launch (lowbit.kernels)
-        k = _GPU[0] if _GPU else _gpu_kernels()
+        k = _gpu_kernels()
         if k is not None:
-            if not _GPU:
-                _GPU.append(k)
             y = k.fast_linear(x, qw, bias)
             if y is not None:
                 return y

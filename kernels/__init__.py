@@ -146,6 +146,10 @@ MAX_BOUND = 16  # signatures kept per weight
 BOUND_CALLS = [0]  # calls served by a bound launch (tests check it is used)
 
 
+# the current CUDA stream of a device index as an integer (what Triton's launcher gets too)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _bindable(qw) -> bool:
     # weights with input transforms are excluded: their x arrives here already transformed
     return (_FAST_ON and not interpreting() and getattr(qw, "cache", None) is not None
@@ -167,7 +171,7 @@ _GEMV_X, _GEMV_BIAS, _GEMV_OUT, _GEMV_WS = 0, 7, 8, 9
 
 class _Bound:
     __slots__ = ("ver", "launcher", "vals", "grid", "ix", "ibias", "iout", "iws", "out_shape",
-                 "ws_shape", "dtype", "device")
+                 "ws_shape", "dtype", "device", "raw", "fixed", "keep", "dev_index")
 
 
 def _bind(qw, x: torch.Tensor, bias, rec) -> None:
@@ -182,7 +186,17 @@ def _bind(qw, x: torch.Tensor, bias, rec) -> None:
     for i in (b.ix, b.iout, b.iws, b.ibias):  # set per call: no reference kept to this call's
         if i >= 0:
             b.vals[i] = None
-    b.grid = grid
+    b.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    b.raw, b.fixed, b.keep = None, None, None
+    direct = launcher.raw() if _raw_stream is not None else None
+    if direct is not None:
+        # The C launch function directly, every pointer as an integer: the weight's tensors
+        # (kept alive here, and their versions checked per call) once, x / out / bias / the
+        # workspace per call. This skips, per pointer, a data_ptr() call and a driver query.
+        b.raw, b.fixed = direct
+        b.keep = [v for v in b.vals if isinstance(v, torch.Tensor)]
+        b.vals = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in b.vals]
+    b.dev_index = x.get_device()
     b.out_shape = (x.shape[0], qw.shape[0])
     b.ws_shape = (split_k, x.shape[0], qw.shape[0]) if split_k > 1 else None
     b.dtype = x.dtype
@@ -211,14 +225,24 @@ def fast_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor]) -> Optional[t
         return None
     out = torch.empty(b.out_shape, dtype=b.dtype, device=b.device)
     vals = list(b.vals)
-    vals[b.ix] = x
-    vals[b.iout] = out
-    if b.ibias >= 0:
-        vals[b.ibias] = bias
     # split K: a fresh float32 workspace; else the kernel's unused workspace argument is out
-    vals[b.iws] = out if b.ws_shape is None else torch.empty(b.ws_shape, dtype=torch.float32,
-                                                              device=b.device)
-    b.launcher(b.grid, vals)
+    ws = out if b.ws_shape is None else torch.empty(b.ws_shape, dtype=torch.float32,
+                                                    device=b.device)
+    if b.raw is not None:
+        vals[b.ix] = x.data_ptr()
+        vals[b.iout] = out.data_ptr()
+        vals[b.iws] = ws.data_ptr()
+        if b.ibias >= 0:
+            vals[b.ibias] = bias.data_ptr()
+        g = b.grid
+        b.raw(g[0], g[1], g[2], _raw_stream(b.dev_index), *b.fixed, *vals)
+    else:
+        vals[b.ix] = x
+        vals[b.iout] = out
+        vals[b.iws] = ws
+        if b.ibias >= 0:
+            vals[b.ibias] = bias
+        b.launcher(b.grid, vals)
     BOUND_CALLS[0] += 1
     return out
 

@@ -221,6 +221,23 @@ class Launcher:
               _driver.active.get_current_stream(_driver.active.get_current_device()),
               c.function, c.packed_metadata, None, None, None, *vals)
 
+    def raw(self):
+        """``(launch, fixed)`` to call the compiled kernel's C launch function without Triton's
+        Python launcher, as ``launch(gx, gy, gz, stream, *fixed, *vals)``, where the kernel
+        needs no scratch memory (that launcher would allocate it per call); else None.
+        Pointer parameters may then be passed as plain integers (device addresses), which the
+        C function takes without calling ``data_ptr()`` and ``cuPointerGetAttribute``."""
+        run = self.compiled.run
+        fn = getattr(run, "launch", None)
+        coop = getattr(run, "launch_cooperative_grid", None)
+        pdl = getattr(run, "launch_pdl", None)
+        if (not callable(fn) or coop is None or pdl is None
+                or getattr(run, "global_scratch_size", 1) != 0
+                or getattr(run, "profile_scratch_size", 1) != 0):
+            return None
+        return fn, (self.compiled.function, coop, pdl, None, None, self.compiled.packed_metadata,
+                    None, None, None)
+
 
 from triton.runtime.driver import driver as _driver
 

@@ -368,6 +368,28 @@ def test_launcher_direct_path_assembles_the_arguments(monkeypatch):
             hooks.remove(hook)
 
 
+def test_launcher_raw_entry_only_without_scratch():
+    """Launcher.raw(): the C launch function with the fixed arguments that Triton's Python
+    launcher would pass (no scratch memory), or None where that launcher does more."""
+    from types import SimpleNamespace
+    from lowbit.kernels import _common as C
+
+    def compiled(**run_attrs):
+        run = SimpleNamespace(launch=lambda *a: a, launch_cooperative_grid=False, launch_pdl=True,
+                              global_scratch_size=0, profile_scratch_size=0)
+        for k, v in run_attrs.items():
+            setattr(run, k, v)
+        return SimpleNamespace(run=run, function="fn", packed_metadata="meta")
+
+    fn, fixed = C.Launcher(compiled(), [], []).raw()
+    assert fixed == ("fn", False, True, None, None, "meta", None, None, None)
+    assert fn(1, 2, 3, 77, *fixed, 5) == (1, 2, 3, 77) + fixed + (5,)
+    assert C.Launcher(compiled(global_scratch_size=64), [], []).raw() is None
+    assert C.Launcher(compiled(profile_scratch_size=8), [], []).raw() is None
+    assert C.Launcher(compiled(launch=None), [], []).raw() is None
+    assert C.Launcher(compiled(launch_pdl=None), [], []).raw() is None
+
+
 # ---- public entry point (select + run) ----------------------------------------------------
 def test_linear_routes_every_kernel():
     """lowbit.kernels.linear through select(): gemv, gemm and dequant_mm, leading dims, bias."""

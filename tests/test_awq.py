@@ -77,7 +77,13 @@ def test_awq_beats_rtn_with_outlier_channels_and_generates(fmt):
     rep = {r.name: r for r in q.lowbit_report.layers}
     qproj = rep["model.layers.0.self_attn.q_proj"]
     assert qproj.method == "awq" and qproj.info["alpha"] > 0 and qproj.info["scale"] == "folded"
-    assert "clip" not in qproj.info and "clip" in rep["model.layers.0.mlp.up_proj"].info
+    assert "clip" in qproj.info and "clip" in rep["model.layers.0.mlp.up_proj"].info
+    q2 = copy.deepcopy(model)  # clip_skip: named layers keep their full range
+    quantize_model(q2, QuantConfig(method="awq", clip_skip=("q_proj", "k_proj"), **fmt),
+                   calibration=calib, progress=False)
+    rep2 = {r.name: r for r in q2.lowbit_report.layers}
+    assert "clip" not in rep2["model.layers.1.self_attn.k_proj"].info
+    assert "clip" in rep2["model.layers.1.self_attn.v_proj"].info
     assert q.model.layers[0].mlp.up_proj.fmt == fmt["format"]
     out = q.generate(ids[:1, :6], attention_mask=torch.ones(1, 6, dtype=torch.long),
                      max_new_tokens=4, do_sample=False)
@@ -178,3 +184,21 @@ def test_clip_search_never_worse_than_no_clip():
         D = W - A.fake_quant(Wx, fmt)
         return float((D @ H * D).sum())
     assert err(Wc) <= err(W) + 1e-6
+    # asymmetric: the two ends of the range are searched apart too, never worse than joint
+    fa = {"format": "int4", "group_size": 32, "symmetric": False, "double_quant": False}
+    Wp = W.clone()
+    Wp[:, 40] = Wp[:, 40].abs() * 6  # one end of some groups far out: skewed ranges
+    Wa, _ = A.clip_search(Wp, H, fa, n_grid=20, max_shrink=0.5)
+    assert not torch.equal(Wa, Wp)
+
+    blocks = torch.block_diag(*[torch.ones(32, 32)] * 3)
+    Hb = H * blocks  # the search's objective: each group's block of H (exact guarantees)
+
+    def err_a(Wx):
+        D = Wp - A.fake_quant(Wx, fa)
+        return float((D @ Hb * D).sum())
+    lo, hi = Wp.reshape(32, 3, 32).amin(2), Wp.reshape(32, 3, 32).amax(2)
+    best_joint = min(err_a(torch.maximum(torch.minimum(Wp.reshape(32, 3, 32), hi[..., None] * r),
+                                         lo[..., None] * r).reshape(32, 96))
+                     for r in [1 - 0.5 * i / 20 for i in range(20)])
+    assert err_a(Wa) <= best_joint + 1e-6 and err_a(Wa) <= err_a(Wp)

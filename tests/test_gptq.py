@@ -268,6 +268,41 @@ def test_gptq_tiny_llama_beats_rtn_and_generates():
     assert out.shape == (1, 13)
 
 
+def test_gptq_with_awq_scales_folds_and_keeps_the_float_model():
+    """awq_scales: AWQ's scales folded into the norms / up_proj before GPTQ; folding alone
+    leaves the float model's outputs unchanged, and the quantized model still beats RTN."""
+    from lowbit.quantize.awq import scale_block, search_config
+    from lowbit.quantize import blocks as B
+    model = tiny_llama(layers=2, hidden=128, inter=256)
+    calib = token_batches(n=4, batch=4, seq=64)
+    ids = token_batches(n=1, batch=2, seq=64, seed=9)[0]
+    with torch.no_grad():
+        ref = model(ids).logits
+    # the fold on its own, on block 0 of a copy
+    f = copy.deepcopy(model)
+    cfg = QuantConfig(method="gptq", format="int4", group_size=32, awq_scales=True)
+    block = f.model.layers[0]
+    targets = cfg.targets(f)
+    mine = {n[len("model.layers.0."):]: t for n, t in targets.items() if n.startswith("model.layers.0.")}
+    norm_before = block.input_layernorm.weight.detach().clone()
+    inputs = B.capture_block_inputs(f, block, [{"input_ids": c} for c in calib])
+    info = scale_block(block, inputs, mine, search_config(cfg))
+    assert set(info) == set(mine)
+    assert info["self_attn.o_proj"]["awq_scale"] == "none"  # GQA: v_proj's rows are too few
+    assert any(v["awq_alpha"] > 0 for v in info.values())
+    if info["self_attn.q_proj"]["awq_alpha"] > 0:
+        assert not torch.equal(block.input_layernorm.weight, norm_before)
+    with torch.no_grad():
+        torch.testing.assert_close(f(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    rtn = copy.deepcopy(model)
+    quantize_model(rtn, QuantConfig(format="int4", group_size=32), progress=False)
+    q = copy.deepcopy(model)
+    quantize_model(q, cfg, calibration=calib, progress=False)
+    rep = {r.name: r for r in q.lowbit_report.layers}
+    assert "awq_alpha" in rep["model.layers.1.mlp.down_proj"].info
+    assert logits_err(q, ref, ids) < 0.75 * logits_err(rtn, ref, ids)
+
+
 def test_gptq_options_and_lm_head_rule():
     model = tiny_llama(layers=1)
     calib = token_batches(n=2)

@@ -108,6 +108,10 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         "int64 per input feature, counted in bits per weight; measured better on SmolLM2) or "
         "consecutive input features (a group map; the stored weight keeps the usual layout, "
         "no perm; always used under max_bits_per_weight, whose plan counts no perm)"),
+    "awq_scales": AlgorithmOption(
+        False, ("gptq",), _is_bool, "a bool",
+        "before GPTQ, AWQ's per-channel scale search on each block (AWQ's default options), "
+        "scales folded into the producing norm / linear where possible (no input_scale)"),
     "block_size": AlgorithmOption(
         128, ("gptq",), _is_int(1), "an int >= 1",
         "columns per lazy-update block"),
@@ -134,8 +138,9 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         4096, ("awq",), _is_int(1), "an int >= 1",
         "calibration tokens the 'module' objective replays per grid point"),
     "duo_scaling": AlgorithmOption(
-        False, ("awq",), _is_bool, "a bool",
-        "s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a"),
+        True, ("awq",), _is_bool, "a bool",
+        "s = mean|x|^a / mean|w|^(1-a) instead of mean|x|^a (SmolLM2 g128, 4k tokens: "
+        "25.38 vs 26.06)"),
     "clip_search": AlgorithmOption(
         True, ("awq", "gptq"), _is_bool, "a bool",
         "search a per-group shrink of the weight range: awq after scaling, on the layer's "
@@ -147,8 +152,9 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         0.5, ("awq", "gptq"), _is_float(0.0, 1.0, hi_open=True), "a float in [0, 1)",
         "the clip search tries ranges down to (1 - clip_max_shrink) of the original"),
     "clip_skip": AlgorithmOption(
-        ("q_proj", "k_proj"), ("awq",), _is_names, "a tuple of module-name globs",
-        "layers the clip search leaves alone (query/key: their errors multiply)"),
+        (), ("awq",), _is_names, "a tuple of module-name globs",
+        "layers the clip search leaves alone (e.g. ('q_proj', 'k_proj'), AutoAWQ's choice; "
+        "clipping them too measured better on SmolLM2: 24.94 vs 25.38 at g128, 4k tokens)"),
     # LLM.int8
     "outlier_threshold": AlgorithmOption(
         6.0, ("llm.int8",), _is_float(0.0, math.inf, lo_open=True, hi_open=True),

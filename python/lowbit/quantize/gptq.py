@@ -460,6 +460,8 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
     found = B.find_block_list(model, targets)
     done = set()
 
+    awq_info: Dict[str, Dict[str, Any]] = {}
+
     def quantize_group(mods: Dict[str, Tuple[nn.Linear, Dict[str, Any]]], H: Hessian, full_names):
         # Layers reading the same input share H, and GPTQ treats rows independently: layers
         # with the same format run as one stacked weight (one column loop instead of several).
@@ -487,6 +489,7 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
                 b = a + mod.out_features
                 part = split_rows(qw, a, b) if len(rels) > 1 else qw
                 linfo = dict(info)
+                linfo.update(awq_info.get(full_names[rel], {}))
                 if row_num is not None:
                     den = float(row_den[a:b].sum())
                     linfo["out_err"] = float(row_num[a:b].sum()) / den if den > 0 else 0.0
@@ -507,6 +510,10 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
             prefix = f"{list_name}.{bi}."
             mine = {n[len(prefix):]: targets[n] for n in targets if n.startswith(prefix)}
             full = {rel: prefix + rel for rel in mine}
+            if mine and config.awq_scales:
+                from .awq import scale_block, search_config
+                got = scale_block(block, inputs, mine, search_config(config))
+                awq_info.update({full[r]: v for r, v in got.items()})
             if mine:
                 groups = B.linear_groups(block, inputs[0], {r: m for r, (m, _) in mine.items()})
                 if config.true_sequential:

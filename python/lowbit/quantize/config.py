@@ -111,7 +111,8 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
     "awq_scales": AlgorithmOption(
         False, ("gptq",), _is_bool, "a bool",
         "before GPTQ, AWQ's per-channel scale search on each block (AWQ's default options), "
-        "scales folded into the producing norm / linear where possible (no input_scale)"),
+        "scales folded into the producing norm / linear where possible (no input_scale); "
+        "SmolLM2 int4 g64, 16k tokens: 26.49 against GPTQ alone 25.64, so off by default"),
     "block_size": AlgorithmOption(
         128, ("gptq",), _is_int(1), "an int >= 1",
         "columns per lazy-update block"),

@@ -23,6 +23,12 @@ other column's error is pushed onto them. Measured on SmolLM2-135M (16 calibrati
 token mean's diagonal (``damp_ref="tokens"``), not the sink-weighted H's, whose larger
 diagonal would dampen every other column too: at 16k tokens, g128, 29.52 -> 26.48.
 
+With ``awq_scales`` each block first gets AWQ's per-channel scale search
+(:func:`lowbit.quantize.awq.scale_block`, AWQ's default options), the scales folded into the
+producing norm or linear (groups with nothing to fold into stay unscaled), and GPTQ then
+quantizes the scaled weights with Hessians of the scaled inputs. Layers outside the model's
+block list are quantized without it.
+
 The codes are chosen with the formulas of the format's reference quantizer (its group
 parameters come from :func:`lowbit.reference.quantize_weight` on the group's columns), and
 the finished QuantizedWeight is checked to decode to exactly the values GPTQ worked with.

@@ -238,6 +238,35 @@ def test_dead_inputs_and_degenerate_hessian():
                                              "symmetric": True, "double_quant": False})
 
 
+def test_group_clip_search_moves_each_end_of_an_asymmetric_range():
+    """GPTQ's per-group clip search: never worse than the full range, and for asymmetric int4
+    at least as good as the best single ratio for both ends (each end is also searched on
+    its own), measured by its own objective sum |w - q|^2.4."""
+    from lowbit.quantize.config import resolve_format
+    from lowbit.quantize.gptq import _Groups
+    torch.manual_seed(3)
+    wg = torch.randn(64, 32)
+    wg[:, 3] = wg[:, 3].abs() * 6  # one far-out upper end: skewed groups
+    fmt = resolve_format({"format": "int4", "group_size": 32})
+    grp = _Groups(fmt, 64, 32, "cpu")
+    grp.clip_grid, grp.clip_max_shrink = 20, 0.5
+
+    def err(s, z):
+        return (wg - grp.round(wg, s[:, None], z)[1]).abs().pow(2.4).sum(1)
+
+    def params(w):
+        qw = reference.quantize_weight(w, "int4", group_size=-1, symmetric=False)
+        return qw.scales[:, 0], qw.zeros[:, 0]
+    s0, z0 = params(wg)
+    s, z = grp._clip(wg, s0.clone(), z0.clone())
+    lo, hi = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
+    joint = torch.stack([err(*params(torch.maximum(torch.minimum(wg, hi * r), lo * r)))
+                         for r in [1 - 0.5 * i / 20 for i in range(20)]]).amin(0)
+    got = err(s, z)
+    assert (got <= err(s0, z0) + 1e-6).all() and (got <= joint + 1e-6).all()
+    assert (got < joint - 1e-6).any()  # the separate ends win somewhere
+
+
 # ---- whole models -------------------------------------------------------------------------
 def logits_err(model, ref, ids):
     with torch.no_grad():

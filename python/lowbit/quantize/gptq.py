@@ -171,9 +171,12 @@ class _Groups:
         self.zero[g] = None if zero is None else zero.clone()
 
     def _clip(self, wg, scale, zero):
-        """Per row, the parameters of the group shrunk to r x its range (r on a grid down to
-        1 - clip_max_shrink) that minimise sum |w - q(w)|^2.4 over the group (GPTQ's "mse"
-        grid); the rest of the algorithm then works with those parameters, as stored."""
+        """Per row, the parameters of the group shrunk to a range that minimises
+        sum |w - q(w)|^2.4 over the group (GPTQ's "mse" grid): both ends scaled by r (r on a
+        grid down to 1 - clip_max_shrink), then, for asymmetric formats, the upper and the
+        lower end each on its own with the other held at its best (a skewed group's ends
+        need not shrink alike); the rest of the algorithm then works with those parameters,
+        as stored. A row keeps its current parameters unless a candidate lowers its error."""
         best_err = (wg - self.round(wg, scale[:, None], zero)[1]).abs().pow(2.4).sum(1)
         asym = self.family in ("int4_asym", "int4_float", "int8_asym")
         if asym:
@@ -181,18 +184,26 @@ class _Groups:
         else:
             hi = wg.abs().amax(1, keepdim=True)
             lo = -hi
-        for i in range(1, self.clip_grid):
-            r = 1.0 - self.clip_max_shrink * i / self.clip_grid
-            wc = torch.maximum(torch.minimum(wg, hi * r), lo * r)
-            qw = R.quantize_weight(wc, self.fmt, **self._one_group_kw())
-            s2 = qw.scales[:, 0]
-            z2 = None if qw.zeros is None else qw.zeros[:, 0]
-            err = (wg - self.round(wg, s2[:, None], z2)[1]).abs().pow(2.4).sum(1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            scale = torch.where(better, s2, scale)
-            if zero is not None:
-                zero = torch.where(better, z2, zero)
+        r_hi = torch.ones_like(hi)
+        r_lo = torch.ones_like(lo)
+        ratios = [1.0 - self.clip_max_shrink * i / self.clip_grid for i in range(self.clip_grid)]
+        passes = [(True, True)] + ([(True, False), (False, True)] if asym else [])
+        for move_hi, move_lo in passes:
+            for r in ratios[1:] if (move_hi and move_lo) else ratios:
+                c_hi = torch.full_like(r_hi, r) if move_hi else r_hi
+                c_lo = torch.full_like(r_lo, r) if move_lo else r_lo
+                wc = torch.maximum(torch.minimum(wg, hi * c_hi), lo * c_lo)
+                qw = R.quantize_weight(wc, self.fmt, **self._one_group_kw())
+                s2 = qw.scales[:, 0]
+                z2 = None if qw.zeros is None else qw.zeros[:, 0]
+                err = (wg - self.round(wg, s2[:, None], z2)[1]).abs().pow(2.4).sum(1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                scale = torch.where(better, s2, scale)
+                if zero is not None:
+                    zero = torch.where(better, z2, zero)
+                r_hi = torch.where(better[:, None], c_hi, r_hi)
+                r_lo = torch.where(better[:, None], c_lo, r_lo)
         return scale, zero
 
     def round(self, w: torch.Tensor, s: torch.Tensor, zero: Optional[torch.Tensor]):

@@ -171,7 +171,7 @@ _GEMV_X, _GEMV_BIAS, _GEMV_OUT, _GEMV_WS = 0, 7, 8, 9
 
 class _Bound:
     __slots__ = ("ver", "launcher", "vals", "grid", "ix", "ibias", "iout", "iws", "out_shape",
-                 "ws_shape", "dtype", "device", "raw", "fixed", "keep", "dev_index")
+                 "ws_shape", "dtype", "device", "raw", "fixed", "keep")
 
 
 def _bind(qw, x: torch.Tensor, bias, rec) -> None:
@@ -196,7 +196,6 @@ def _bind(qw, x: torch.Tensor, bias, rec) -> None:
         b.raw, b.fixed = direct
         b.keep = [v for v in b.vals if isinstance(v, torch.Tensor)]
         b.vals = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in b.vals]
-    b.dev_index = x.get_device()
     b.out_shape = (x.shape[0], qw.shape[0])
     b.ws_shape = (split_k, x.shape[0], qw.shape[0]) if split_k > 1 else None
     b.dtype = x.dtype
@@ -235,7 +234,7 @@ def fast_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor]) -> Optional[t
         if b.ibias >= 0:
             vals[b.ibias] = bias.data_ptr()
         g = b.grid
-        b.raw(g[0], g[1], g[2], _raw_stream(b.dev_index), *b.fixed, *vals)
+        b.raw(g[0], g[1], g[2], _raw_stream(b.device.index), *b.fixed, *vals)
     else:
         vals[b.ix] = x
         vals[b.iout] = out

@@ -273,7 +273,8 @@ def logits_err(model, ref, ids):
         return float((model(ids).logits - ref).pow(2).mean())
 
 
-def test_gptq_tiny_llama_beats_rtn_and_generates():
+def tiny_model_and_rtn():
+    """(model, calibration, scored ids, float logits, the int4 g32 RTN copy)."""
     model = tiny_llama(layers=2, hidden=128, inter=256)
     calib = token_batches(n=4, batch=4, seq=64)
     ids = token_batches(n=1, batch=2, seq=64, seed=9)[0]
@@ -281,6 +282,11 @@ def test_gptq_tiny_llama_beats_rtn_and_generates():
         ref = model(ids).logits
     rtn = copy.deepcopy(model)
     quantize_model(rtn, QuantConfig(format="int4", group_size=32), progress=False)
+    return model, calib, ids, ref, rtn
+
+
+def test_gptq_tiny_llama_beats_rtn_and_generates():
+    model, calib, ids, ref, rtn = tiny_model_and_rtn()
     q = copy.deepcopy(model)
     quantize_model(q, QuantConfig(method="gptq", format="int4", group_size=32), calibration=calib,
                    progress=False)
@@ -302,29 +308,25 @@ def test_gptq_with_awq_scales_folds_and_keeps_the_float_model():
     leaves the float model's outputs unchanged, and the quantized model still beats RTN."""
     from lowbit.quantize.awq import scale_block, search_config
     from lowbit.quantize import blocks as B
-    model = tiny_llama(layers=2, hidden=128, inter=256)
-    calib = token_batches(n=4, batch=4, seq=64)
-    ids = token_batches(n=1, batch=2, seq=64, seed=9)[0]
-    with torch.no_grad():
-        ref = model(ids).logits
+    model, calib, ids, ref, rtn = tiny_model_and_rtn()
     # the fold on its own, on block 0 of a copy
     f = copy.deepcopy(model)
     cfg = QuantConfig(method="gptq", format="int4", group_size=32, awq_scales=True)
     block = f.model.layers[0]
     targets = cfg.targets(f)
     mine = {n[len("model.layers.0."):]: t for n, t in targets.items() if n.startswith("model.layers.0.")}
-    norm_before = block.input_layernorm.weight.detach().clone()
+    before = {k: v.clone() for k, v in block.state_dict().items()}
     inputs = B.capture_block_inputs(f, block, [{"input_ids": c} for c in calib])
     info = scale_block(block, inputs, mine, search_config(cfg))
     assert set(info) == set(mine)
     assert info["self_attn.o_proj"]["awq_scale"] == "none"  # GQA: v_proj's rows are too few
-    assert any(v["awq_alpha"] > 0 for v in info.values())
-    if info["self_attn.q_proj"]["awq_alpha"] > 0:
-        assert not torch.equal(block.input_layernorm.weight, norm_before)
+    folded = {v["awq_scale"][len("folded into "):] for v in info.values()
+              if v["awq_scale"].startswith("folded into ")}
+    assert folded  # some group found a scale and folded it
+    for producer in folded:  # ... into its producer's weight
+        assert not torch.equal(block.state_dict()[producer + ".weight"], before[producer + ".weight"])
     with torch.no_grad():
         torch.testing.assert_close(f(ids).logits, ref, rtol=1e-4, atol=1e-4)
-    rtn = copy.deepcopy(model)
-    quantize_model(rtn, QuantConfig(format="int4", group_size=32), progress=False)
     q = copy.deepcopy(model)
     quantize_model(q, cfg, calibration=calib, progress=False)
     rep = {r.name: r for r in q.lowbit_report.layers}

@@ -45,6 +45,7 @@ from ..ops import quantize_weight
 from ..qweight import QuantizedWeight
 from . import blocks as B
 from .config import format_kwargs
+from .gptq import clip_candidates
 
 # A consumer linear's name -> (producer sibling, sibling that must also exist): scaling the
 # producer's output row c by 1/s_c scales the consumer's input channel c by 1/s_c. In a
@@ -382,22 +383,18 @@ def clip_search(W: torch.Tensor, H: torch.Tensor, fmt: Dict[str, Any], n_grid: i
         D = torch.nn.functional.pad(W - Q, (0, pad)).reshape(N, G, g)
         return torch.einsum("ngi,gij,ngj->ng", D, C, D)
 
-    ratios = [1.0 - max_shrink * i / n_grid for i in range(n_grid)]
     best_hi = torch.ones(N, G, 1, device=W.device)
     best_lo = torch.ones(N, G, 1, device=W.device)
     best_err = error(best_hi, best_lo)
-    # (which end moves): both together, then (asymmetric formats) the upper, then the lower
-    passes = [(True, True)] + ([(True, False), (False, True)] if asym else [])
-    for move_hi, move_lo in passes:
-        for r in ratios[1:] if (move_hi and move_lo) else ratios:
-            full = torch.full_like(best_hi, r)
-            cand_hi = full if move_hi else best_hi
-            cand_lo = full if move_lo else best_lo
-            err = error(cand_hi, cand_lo)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_hi = torch.where(better[..., None], cand_hi, best_hi)
-            best_lo = torch.where(better[..., None], cand_lo, best_lo)
+    for r, move_hi, move_lo in clip_candidates(n_grid, max_shrink, asym):
+        full = torch.full_like(best_hi, r)
+        cand_hi = full if move_hi else best_hi
+        cand_lo = full if move_lo else best_lo
+        err = error(cand_hi, cand_lo)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_hi = torch.where(better[..., None], cand_hi, best_hi)
+        best_lo = torch.where(better[..., None], cand_lo, best_lo)
     Wc = torch.maximum(torch.minimum(Wg, hi * best_hi), lo * best_lo)
     return Wc.reshape(N, G * g)[:, :K].contiguous(), float((best_hi.mean() + best_lo.mean()) / 2)
 
@@ -457,26 +454,34 @@ def search_config(config) -> Any:
 
 
 @torch.no_grad()
+def _scale_groups(block: nn.Module, inputs: List[B.BlockInput], mods, config, n_search: int,
+                  allow_input_scale: bool) -> List[_Group]:
+    """The block's groups with their statistics, each group's scale searched and applied
+    (see _apply_scale); g.t is each group's search time."""
+    groups = _probe_groups(block, inputs[0], {r: m for r, (m, _) in mods.items()})
+    _collect(block, inputs, groups, n_search, config.awq_objective == "module",
+             config.first_token_weight)
+    for g in groups:
+        tg = time.perf_counter()
+        _search_scale(block, g, mods, config, config.awq_objective)
+        _apply_scale(block, g, mods, allow_input_scale)
+        g.replays.clear()
+        g.probe_in = g.probe_out = None
+        g.t = time.perf_counter() - tg
+    return groups
+
+
 def scale_block(block: nn.Module, inputs: List[B.BlockInput],
                 mods: Dict[str, Tuple[nn.Linear, Dict[str, Any]]], config) -> Dict[str, Dict[str, Any]]:
     """AWQ's scale search on one block whose layers another method quantizes afterwards
     (GPTQ with ``awq_scales``): each group's chosen scale is folded into its producer and
     the weights are left in float; a group with nothing to fold into stays unscaled (no
     input_scale). ``config``: see :func:`search_config`. Returns each layer's alpha and fold."""
-    groups = _probe_groups(block, inputs[0], {r: m for r, (m, _) in mods.items()})
-    n_search = _n_search_batches(inputs, config.search_tokens)
-    _collect(block, inputs, groups, n_search, config.awq_objective == "module",
-             config.first_token_weight)
-    info: Dict[str, Dict[str, Any]] = {}
-    for g in groups:
-        _search_scale(block, g, mods, config, config.awq_objective)
-        _apply_scale(block, g, mods, allow_input_scale=False)
-        g.replays.clear()
-        g.probe_in = g.probe_out = None
-        for r in g.names:
-            info[r] = {"awq_alpha": g.alpha, "awq_scale": f"folded into {g.producer[1]}"
-                       if g.folded else "none"}
-    return info
+    groups = _scale_groups(block, inputs, mods, config,
+                           _n_search_batches(inputs, config.search_tokens), False)
+    return {r: {"awq_alpha": g.alpha,
+                "awq_scale": f"folded into {g.producer[1]}" if g.folded else "none"}
+            for g in groups for r in g.names}
 
 
 def run_awq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]]], calib,
@@ -496,17 +501,8 @@ def run_awq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]
             mods = {n[len(prefix):]: targets[n] for n in targets if n.startswith(prefix)}
             full = {rel: prefix + rel for rel in mods}
             if mods:
-                t0 = time.perf_counter()
-                groups = _probe_groups(block, inputs[0], {r: m for r, (m, _) in mods.items()})
-                _collect(block, inputs, groups, n_search, config.awq_objective == "module",
-                         config.first_token_weight)
-                for g in groups:
-                    tg = time.perf_counter()
-                    _search_scale(block, g, mods, config, config.awq_objective)
-                    _apply_scale(block, g, mods, config.max_bits_per_weight is None)
-                    g.replays.clear()
-                    g.probe_in = g.probe_out = None
-                    g.t = time.perf_counter() - tg
+                groups = _scale_groups(block, inputs, mods, config, n_search,
+                                       config.max_bits_per_weight is None)
                 for g in groups:
                     _finish_group(g, mods, config, full, sink, g.t)
                     if bar is not None:

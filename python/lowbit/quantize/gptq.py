@@ -92,6 +92,22 @@ def gptq_supports(options: Dict[str, Any]) -> bool:
     return True
 
 
+def clip_candidates(n_grid: int, max_shrink: float, asym: bool):
+    """The clip searches' candidates (GPTQ's per group, AWQ's clip_search), in order, as
+    ``(ratio, move_hi, move_lo)``: both ends of the range scaled by each ratio of a grid of
+    n_grid in (1 - max_shrink, 1); then, for asymmetric formats, the upper end alone and the
+    lower end alone over the whole grid, the other end held at its best so far (the two ends
+    of a skewed group need not shrink alike). A search keeps a candidate only where it lowers
+    the error, so the full range (ratio 1) is its starting point."""
+    ratios = [1.0 - max_shrink * i / n_grid for i in range(n_grid)]
+    for r in ratios[1:]:
+        yield r, True, True
+    if asym:
+        for move_hi, move_lo in ((True, False), (False, True)):
+            for r in ratios:
+                yield r, move_hi, move_lo
+
+
 class _Groups:
     """Group parameters and per-column rounding for one weight, in the format's own formulas.
 
@@ -186,24 +202,21 @@ class _Groups:
             lo = -hi
         r_hi = torch.ones_like(hi)
         r_lo = torch.ones_like(lo)
-        ratios = [1.0 - self.clip_max_shrink * i / self.clip_grid for i in range(self.clip_grid)]
-        passes = [(True, True)] + ([(True, False), (False, True)] if asym else [])
-        for move_hi, move_lo in passes:
-            for r in ratios[1:] if (move_hi and move_lo) else ratios:
-                c_hi = torch.full_like(r_hi, r) if move_hi else r_hi
-                c_lo = torch.full_like(r_lo, r) if move_lo else r_lo
-                wc = torch.maximum(torch.minimum(wg, hi * c_hi), lo * c_lo)
-                qw = R.quantize_weight(wc, self.fmt, **self._one_group_kw())
-                s2 = qw.scales[:, 0]
-                z2 = None if qw.zeros is None else qw.zeros[:, 0]
-                err = (wg - self.round(wg, s2[:, None], z2)[1]).abs().pow(2.4).sum(1)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                scale = torch.where(better, s2, scale)
-                if zero is not None:
-                    zero = torch.where(better, z2, zero)
-                r_hi = torch.where(better[:, None], c_hi, r_hi)
-                r_lo = torch.where(better[:, None], c_lo, r_lo)
+        for r, move_hi, move_lo in clip_candidates(self.clip_grid, self.clip_max_shrink, asym):
+            c_hi = torch.full_like(r_hi, r) if move_hi else r_hi
+            c_lo = torch.full_like(r_lo, r) if move_lo else r_lo
+            wc = torch.maximum(torch.minimum(wg, hi * c_hi), lo * c_lo)
+            qw = R.quantize_weight(wc, self.fmt, **self._one_group_kw())
+            s2 = qw.scales[:, 0]
+            z2 = None if qw.zeros is None else qw.zeros[:, 0]
+            err = (wg - self.round(wg, s2[:, None], z2)[1]).abs().pow(2.4).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale = torch.where(better, s2, scale)
+            if zero is not None:
+                zero = torch.where(better, z2, zero)
+            r_hi = torch.where(better[:, None], c_hi, r_hi)
+            r_lo = torch.where(better[:, None], c_lo, r_lo)
         return scale, zero
 
     def round(self, w: torch.Tensor, s: torch.Tensor, zero: Optional[torch.Tensor]):

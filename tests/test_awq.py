@@ -208,3 +208,12 @@ def test_clip_search_never_worse_than_no_clip():
     got = group_errs(Wa)
     assert (got <= joint + 1e-6).all() and (got < joint - 1e-6).any()
     assert err_a(Wa) <= err_a(Wp)
+    # separate_ends=False (AWQ's default): one ratio per group for both ends, the joint grid's
+    # best group by group
+    Wj, _ = A.clip_search(Wp, H, fa, n_grid=20, max_shrink=0.5, separate_ends=False)
+    Wjg = Wj.reshape(32, 3, 32)
+    r_hi = Wjg.amax(2) / hi[..., 0].clamp(min=1e-12)
+    r_lo = Wjg.amin(2) / lo[..., 0].clamp(max=-1e-12)
+    both = (hi[..., 0] > 1e-6) & (lo[..., 0] < -1e-6)
+    torch.testing.assert_close(r_hi[both], r_lo[both], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(group_errs(Wj), joint, rtol=1e-5, atol=1e-6)

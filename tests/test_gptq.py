@@ -265,6 +265,9 @@ def test_group_clip_search_moves_each_end_of_an_asymmetric_range():
     got = err(s, z)
     assert (got <= err(s0, z0) + 1e-6).all() and (got <= joint + 1e-6).all()
     assert (got < joint - 1e-6).any()  # the separate ends win somewhere
+    grp.clip_separate_ends = False  # the joint ratio only: its best, row by row
+    torch.testing.assert_close(err(*grp._clip(wg, s0.clone(), z0.clone())),
+                               joint, rtol=1e-5, atol=1e-5)
 
 
 # ---- whole models -------------------------------------------------------------------------

@@ -153,10 +153,10 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         0.5, ("awq", "gptq"), _is_float(0.0, 1.0, hi_open=True), "a float in [0, 1)",
         "the clip search tries ranges down to (1 - clip_max_shrink) of the original"),
     "clip_separate_ends": AlgorithmOption(
-        True, ("awq",), _is_bool, "a bool",
+        True, ("awq", "gptq"), _is_bool, "a bool",
         "asymmetric formats: after the joint ratio, also search each end of a group's range "
-        "on its own, the other held at its best (SmolLM2 int4 g128, 16k tokens: 27.53 with, "
-        "27.86 without)"),
+        "on its own, the other held at its best (AWQ on SmolLM2 int4 g128, 16k tokens: 27.53 "
+        "with, 27.86 without)"),
     "clip_skip": AlgorithmOption(
         (), ("awq",), _is_names, "a tuple of module-name globs",
         "layers the clip search leaves alone (e.g. ('q_proj', 'k_proj'), AutoAWQ's choice; "

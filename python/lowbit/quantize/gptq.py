@@ -132,7 +132,7 @@ class _Groups:
         self.scale: List[Optional[torch.Tensor]] = [None] * self.G
         self.zero: List[Optional[torch.Tensor]] = [None] * self.G
         self.dq: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-        self.clip_grid, self.clip_max_shrink = 1, 0.0
+        self.clip_grid, self.clip_max_shrink, self.clip_separate_ends = 1, 0.0, True
         if self.family == "codebook":
             self.table = _codebook(self.fmt).to(device)
         # Processing position j -> stored column (and so its group): the identity, or with
@@ -189,8 +189,8 @@ class _Groups:
     def _clip(self, wg, scale, zero):
         """Per row, the parameters of the group shrunk to a range that minimises
         sum |w - q(w)|^2.4 over the group (GPTQ's "mse" grid): both ends scaled by r (r on a
-        grid down to 1 - clip_max_shrink), then, for asymmetric formats, the upper and the
-        lower end each on its own with the other held at its best (a skewed group's ends
+        grid down to 1 - clip_max_shrink), then, for asymmetric formats (unless
+        clip_separate_ends is off), the upper and the lower end each on its own with the other held at its best (a skewed group's ends
         need not shrink alike); the rest of the algorithm then works with those parameters,
         as stored. A row keeps its current parameters unless a candidate lowers its error."""
         best_err = (wg - self.round(wg, scale[:, None], zero)[1]).abs().pow(2.4).sum(1)
@@ -202,7 +202,8 @@ class _Groups:
             lo = -hi
         r_hi = torch.ones_like(hi)
         r_lo = torch.ones_like(lo)
-        for r, move_hi, move_lo in clip_candidates(self.clip_grid, self.clip_max_shrink, asym):
+        for r, move_hi, move_lo in clip_candidates(self.clip_grid, self.clip_max_shrink,
+                                                   asym and self.clip_separate_ends):
             c_hi = torch.full_like(r_hi, r) if move_hi else r_hi
             c_lo = torch.full_like(r_lo, r) if move_lo else r_lo
             wc = torch.maximum(torch.minimum(wg, hi * c_hi), lo * c_lo)
@@ -305,7 +306,8 @@ def _inverse_cholesky(H: torch.Tensor, damp_percent: float,
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any], *,
                   damp_percent: float = 0.01, act_order: bool = True, block_size: int = 128,
                   static_groups: bool = False, clip_grid: int = 1, clip_max_shrink: float = 0.0,
-                  act_groups: str = "order", damp_ref: Optional[float] = None,
+                  clip_separate_ends: bool = True, act_groups: str = "order",
+                  damp_ref: Optional[float] = None,
                   ) -> Tuple[QuantizedWeight, Dict[str, Any]]:
     """GPTQ one weight [N, K] given its Hessian H [K, K] (``2 X^T X / n``) and resolved format
     options. Returns the QuantizedWeight and details: ``out_err`` (relative output error
@@ -347,6 +349,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, options: Dict[str, Any]
 
     groups = _Groups(options, N, K, device)
     groups.clip_grid, groups.clip_max_shrink = clip_grid, clip_max_shrink
+    groups.clip_separate_ends = clip_separate_ends
     group_map = perm is not None and act_groups == "input"
     pos_of = None  # stored column -> processing position (group map only)
     if group_map:
@@ -482,7 +485,8 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
     opts = dict(damp_percent=config.damp_percent, act_order=config.act_order,
                 block_size=config.block_size, static_groups=config.static_groups,
                 clip_grid=config.clip_grid if config.clip_search else 1,
-                clip_max_shrink=config.clip_max_shrink, act_groups=config.act_groups)
+                clip_max_shrink=config.clip_max_shrink,
+                clip_separate_ends=config.clip_separate_ends, act_groups=config.act_groups)
     for name, (_, fmt) in targets.items():
         if not gptq_supports(fmt):
             raise ValueError(f"GPTQ cannot quantize {name!r} to {fmt['format']!r}")

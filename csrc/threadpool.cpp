@@ -58,16 +58,20 @@ class Pool {
       for (int64_t i = 0; i < n_tasks; ++i) fn(i);
       return;
     }
-    const int helpers = int(std::min<int64_t>(n_threads, n_tasks)) - 1;
+    const int helpers = int(std::min<int64_t>(std::min(n_threads, kMaxThreads), n_tasks)) - 1;
     grow(helpers);
     fn_ = &fn;
     n_tasks_ = n_tasks;
     next_.store(0, std::memory_order_relaxed);
-    wanted_.store(helpers, std::memory_order_relaxed);
     active_.store(helpers, std::memory_order_relaxed);
-    // Publish the call. Sleeping workers need the mutex + notify (a worker checks the
-    // generation under mu_ before it waits); spinning ones see the new generation directly.
-    generation_.fetch_add(1, std::memory_order_seq_cst);
+    // Publish the call: its number and its helper count in one word, so a worker always sees
+    // the two together. (With separate words, a worker that woke late for the previous call,
+    // which it had no part in, could read this call's helper count, run this call's tasks
+    // under the old number and then again under the new one: one completion counted twice,
+    // the caller returning early or waiting forever.) Sleeping workers need the mutex + notify
+    // (a worker checks the word under mu_ before it waits); spinning ones see it directly.
+    ++calls_;
+    call_.store(calls_ << kWantedBits | uint64_t(helpers), std::memory_order_seq_cst);
     if (sleeping_.load(std::memory_order_seq_cst) > 0) {
       { std::lock_guard<std::mutex> lk(mu_); }
       cv_.notify_all();
@@ -118,13 +122,13 @@ class Pool {
   }
 
   void loop(int id) {
-    uint64_t seen = 0;
+    uint64_t seen = 0;  // the number of the last call this worker looked at
     for (;;) {
       // wait for a new call: poll for spin_time(), then sleep on the condition variable
-      uint64_t gen = generation_.load(std::memory_order_acquire);
-      if (gen == seen) {
+      uint64_t call = call_.load(std::memory_order_acquire);
+      if (call >> kWantedBits == seen) {
         const auto t0 = Clock::now();
-        for (int i = 0; (gen = generation_.load(std::memory_order_acquire)) == seen; ++i) {
+        for (int i = 0; (call = call_.load(std::memory_order_acquire)) >> kWantedBits == seen; ++i) {
           if (stop_.load(std::memory_order_relaxed)) return;
           // pause first; then yield, so that other runnable threads (torch's own pool between
           // our calls, on a machine with as many threads as cores) get the core
@@ -134,17 +138,19 @@ class Pool {
             std::unique_lock<std::mutex> lk(mu_);
             sleeping_.fetch_add(1, std::memory_order_seq_cst);
             cv_.wait(lk, [&] {
-              return stop_.load() || generation_.load(std::memory_order_seq_cst) != seen;
+              return stop_.load() || call_.load(std::memory_order_seq_cst) >> kWantedBits != seen;
             });
             sleeping_.fetch_sub(1, std::memory_order_relaxed);
             if (stop_.load()) return;
           }
         }
       }
-      seen = gen;
-      // Only the first `wanted_` workers join a call, so a call asking for fewer threads
-      // than the pool holds gets exactly that many.
-      if (id >= wanted_.load(std::memory_order_relaxed)) continue;
+      seen = call >> kWantedBits;
+      // Only the first `wanted` workers join a call, so a call asking for fewer threads than
+      // the pool holds gets exactly that many. A worker that joins is counted in active_, so
+      // the call it read cannot end, nor a newer one start, before it has finished: what it
+      // reads below belongs to that call.
+      if (uint64_t(id) >= (call & kWantedMask)) continue;
       work();
       if (active_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
           caller_sleeping_.load(std::memory_order_seq_cst)) {
@@ -162,10 +168,14 @@ class Pool {
   int64_t n_tasks_ = 0;
   std::atomic<int64_t> next_{0};
   std::atomic<int> active_{0};
-  std::atomic<int> wanted_{0};
   std::atomic<int> sleeping_{0};
   std::atomic<bool> caller_sleeping_{false};
-  std::atomic<uint64_t> generation_{0};
+  // The current call: its number (counting from 1) << kWantedBits | its helper count.
+  static constexpr int kWantedBits = 24;
+  static constexpr int kMaxThreads = 4096;  // per call; more are not started
+  static constexpr uint64_t kWantedMask = (uint64_t(1) << kWantedBits) - 1;
+  std::atomic<uint64_t> call_{0};
+  uint64_t calls_ = 0;  // calls published so far (written by the caller holding busy_ only)
   std::atomic<bool> stop_{false};
 };
 

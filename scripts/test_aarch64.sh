@@ -5,7 +5,8 @@
 #   scripts/test_aarch64.sh [test args, e.g. --quick]
 #
 # Environment: SANITIZE=1 builds with ASan+UBSan (build/aarch64-asan);
-#              QEMU_CPUS="cortex-a53 max" picks the CPU models.
+#              QEMU_CPUS="cortex-a53 max" picks the CPU models;
+#              TEST_TIMEOUT (seconds, default 1200) stops a run per CPU that hangs.
 # Installs g++-aarch64-linux-gnu and qemu-user if missing. Quiet on success: one summary
 # line per CPU; on failure, the tail of the log.
 set -euo pipefail
@@ -66,7 +67,11 @@ status=0
 for cpu in $CPUS; do
   out=$BUILD/test_aarch64.$cpu.out
   rc=0
-  qemu-aarch64 -L "$SYSROOT" -cpu "$cpu" "$BIN" "$@" >"$out" 2>&1 || rc=$?
+  timeout "${TEST_TIMEOUT:-1200}" qemu-aarch64 -L "$SYSROOT" -cpu "$cpu" "$BIN" "$@" >"$out" 2>&1 || rc=$?
+  if [[ $rc == 124 ]]; then
+    echo "aarch64 qemu -cpu $cpu: no result within ${TEST_TIMEOUT:-1200} s (a hang?); last lines:" >&2
+    tail -5 "$out" >&2
+  fi
   compiled=$(sed -n 's/^compiled ISAs: //p' "$out")
   supported=$(sed -n 's/^supported ISAs: //p' "$out")
   dotprod=$(grep -o 'dotprod=[01]' "$out" | head -1 || true)

@@ -6,7 +6,8 @@
 #
 # Environment: SANITIZE=1 builds with ASan+UBSan (build/cpp-tests-asan);
 #              VALGRIND=1 runs the binary under valgrind memcheck (use with --quick); invalid
-#              accesses, uninitialised reads and definite leaks fail the run.
+#              accesses, uninitialised reads and definite leaks fail the run;
+#              TEST_TIMEOUT (seconds, default 1800) stops a run that hangs.
 # Quiet on success: the ISA lines and the summary; on failure, the tail of the log.
 set -euo pipefail
 
@@ -39,7 +40,8 @@ runner=()
 [[ "${VALGRIND:-0}" == 1 ]] && runner=(valgrind -q --error-exitcode=3 --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite)
 out=$BUILD/test_cpp.out
 rc=0
-"${runner[@]}" "$BUILD/lowbit_kernel_tests" "$@" >"$out" 2>&1 || rc=$?
+timeout "${TEST_TIMEOUT:-1800}" "${runner[@]}" "$BUILD/lowbit_kernel_tests" "$@" >"$out" 2>&1 || rc=$?
+[[ $rc == 124 ]] && echo "test_cpp: no result within ${TEST_TIMEOUT:-1800} s (a hang?)" >&2
 compiled=$(sed -n 's/^compiled ISAs: //p' "$out")
 supported=$(sed -n 's/^supported ISAs: //p' "$out")
 echo "native $(uname -m): compiled ISAs [$compiled], supported ISAs [$supported]: $(tail -n 1 "$out")"

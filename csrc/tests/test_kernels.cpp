@@ -14,6 +14,8 @@
 // Usage: lowbit_kernel_tests [--quick] [--isa NAME] [--verbose]
 // Last line: "<passed> passed, <failed> failed"; exit status non-zero on any failure.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -22,6 +24,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -29,6 +32,7 @@
 #include "dispatch.h"
 #include "formats.h"
 #include "kernel_api.h"
+#include "threadpool.h"
 
 using namespace lowbit;
 
@@ -1436,6 +1440,41 @@ static std::string join(const std::vector<std::string>& v) {
   return s;
 }
 
+// The fork-join pool: many back-to-back calls whose thread counts and task counts change from
+// call to call (so a call can want fewer helpers than the pool holds, and a helper that was
+// descheduled meets a later call), from one caller and from two callers at once. Every task
+// must run exactly once per call; a lost or repeated task, or a hang (caught by the scripts'
+// timeout), is a pool bug.
+static void test_threadpool(const Config& cfg) {
+  g_ctx = "threadpool";
+  const int calls = cfg.quick ? 20000 : 100000;
+  auto hammer = [&](uint64_t seed, int64_t* bad_calls) {
+    Rng rng(seed);
+    std::vector<std::atomic<int>> hits(16);
+    for (int c = 0; c < calls; ++c) {
+      const int64_t n_tasks = 1 + rng.below(12);
+      const int n_threads = 1 + int(rng.below(6));
+      for (int64_t i = 0; i < n_tasks; ++i) hits[i].store(0, std::memory_order_relaxed);
+      parallel_for(n_tasks, n_threads, [&](int64_t i) {
+        if (i < 0 || i >= n_tasks) std::abort();
+        hits[i].fetch_add(1, std::memory_order_relaxed);
+      });
+      bool ok = true;
+      for (int64_t i = 0; i < n_tasks; ++i) ok = ok && hits[i].load(std::memory_order_relaxed) == 1;
+      if (!ok) ++*bad_calls;
+    }
+  };
+  int64_t bad = 0;
+  hammer(1234, &bad);
+  check(bad == 0, "parallel_for, one caller: %lld of %d calls ran a task other than once", (long long)bad, calls);
+  int64_t bad1 = 0, bad2 = 0;
+  std::thread other([&] { hammer(99, &bad2); });
+  hammer(7, &bad1);
+  other.join();
+  check(bad1 == 0 && bad2 == 0, "parallel_for, two callers at once: %lld + %lld of %d calls each ran a task other than once",
+        (long long)bad1, (long long)bad2, calls);
+}
+
 int main(int argc, char** argv) {
   Config cfg;
   std::vector<std::string> only;
@@ -1493,6 +1532,7 @@ int main(int argc, char** argv) {
   for (const KernelTable* t : tabs) tested.push_back(t->isa);
   std::printf("testing ISAs: %s%s\n", join(tested).c_str(), cfg.quick ? " (quick)" : "");
 
+  test_threadpool(cfg);
   test_conversions(tabs, cfg);
   for (const KernelTable* t : tabs) test_validate(*t);
   test_quantize_rows(tabs, cfg);

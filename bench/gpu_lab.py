@@ -1,8 +1,12 @@
-"""Kernel lab: time candidate launch parameters of the GEMV against cuBLAS bf16 and the currently
-selected kernel, with a correctness check of every candidate (GPU only). A quicker, wider probe
-than bench/tune_gpu.py for one family (kernels/NOTES.md records what it found).
+"""Kernel lab: time candidate launch parameters of the GEMV (or, with --kernel gemm, the
+tensor-core GEMM) against cuBLAS bf16 and the currently selected kernel, with a correctness
+check of every candidate (GPU only). A quicker, wider probe than bench/tune_gpu.py for one
+family (kernels/NOTES.md records what it found). Each candidate's line of the JSON also
+carries the compiler's report: registers per thread, spilled registers, shared memory.
 
     python bench/gpu_lab.py --formats int4:128,int8:-1,nf4:64 --m 1 --waves 1,8,16
+    python bench/gpu_lab.py --kernel gemm --formats int4:128 --m 64,256 --bm 64,128 --bn 128 \
+        --cb 1,2 --warps 4,8 --stages 3,4 --full 0,1 --swap 0 --waves 1,2
 
 Kernel time = median CUDA-graph replay with L2 flushed (lowbit.gpu_bench.graph_time_us), as in
 the GPU benchmark. Prints one line per (shape, format, M) with the best candidate, its speed-up
@@ -33,6 +37,34 @@ def split_for(programs: int, steps: int, sms: int, waves: float) -> int:
     return max(d for d in range(1, want + 1) if steps % d == 0)
 
 
+def _compiled(kernel) -> dict:
+    """id -> compiled kernel, for every compilation of this @triton.jit function so far
+    (Triton keeps them per device; the structure differs between versions)."""
+    found = {}
+    try:
+        for entry in kernel.device_caches.values():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            for ck in cache.values():
+                found[id(ck)] = ck
+    except Exception:
+        pass
+    return found
+
+
+def _report(ck) -> dict:
+    """The compiler's report of one compiled kernel: registers, spills, shared memory."""
+    out = {}
+    for key, attr in (("regs", "n_regs"), ("spills", "n_spills")):
+        v = getattr(ck, attr, None)
+        if v is not None:
+            out[key] = int(v)
+    md = getattr(ck, "metadata", None)
+    smem = getattr(md, "shared", None)
+    if smem is not None:
+        out["smem"] = int(smem)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="int4:128,int8:-1,nf4:64")
@@ -45,11 +77,18 @@ def main(argv=None) -> int:
     ap.add_argument("--waves", default="1,8", help="split K until about this many programs per SM")
     ap.add_argument("--prefetch", default="1", help="PREFETCH values to try (0: rely on num_stages)")
     ap.add_argument("--gather", default="1", help="codebook formats: LUT_GATHER values to try")
+    ap.add_argument("--kernel", default="gemv", choices=("gemv", "gemm"))
+    ap.add_argument("--bm", default="64,128", help="gemm: rows of x per program")
+    ap.add_argument("--full", default="0,1", help="gemm: FULL_TILE values to try")
+    ap.add_argument("--swap", default="0", help="gemm: SWAP values to try")
+    ap.add_argument("--exact", default="1", help="gemm: EXACT values to try (int4)")
+    ap.add_argument("--verbose", action="store_true", help="print every candidate")
     ap.add_argument("--rep-ms", type=float, default=20)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     from lowbit.kernels import layout, plan, run_choice
-    from lowbit.kernels.gemv import gemv
+    from lowbit.kernels.gemm import _gemm_kernel, gemm
+    from lowbit.kernels.gemv import _gemv_kernel, gemv
     from lowbit.kernels.select import sm_count
     dev = torch.device("cuda")
     sms = sm_count(dev)
@@ -74,26 +113,47 @@ def main(argv=None) -> int:
                 ch = plan(x, qw, M)
                 cur = graph_time_us(lambda: run_choice(ch, x, qw, None, out), a.rep_ms)
                 best = None
-                for BN, CB, st, nw, waves, gather, pf in itertools.product(
-                        ints(a.bn), ints(a.cb), ints(a.stages), ints(a.warps),
-                        [float(v) for v in a.waves.split(",")], ints(a.gather), ints(a.prefetch)):
+                if a.kernel == "gemv":
+                    space = [dict(BN=BN, CB=CB, num_warps=nw, num_stages=st, PREFETCH=bool(pf),
+                                  _waves=waves, _gather=gather)
+                             for BN, CB, st, nw, waves, gather, pf in itertools.product(
+                                 ints(a.bn), ints(a.cb), ints(a.stages), ints(a.warps),
+                                 [float(v) for v in a.waves.split(",")], ints(a.gather),
+                                 ints(a.prefetch))]
+                else:
+                    space = [dict(BM=BM, BN=BN, CB=CB, num_warps=nw, num_stages=st, FULL_TILE=bool(fu),
+                                  SWAP=bool(sw), EXACT=bool(ex), GROUP_M=8, _waves=waves, _gather=gather)
+                             for BM, BN, CB, st, nw, fu, sw, ex, waves, gather in itertools.product(
+                                 ints(a.bm), ints(a.bn), ints(a.cb), ints(a.stages), ints(a.warps),
+                                 ints(a.full), ints(a.swap), ints(a.exact),
+                                 [float(v) for v in a.waves.split(",")], ints(a.gather))]
+                for p in space:
+                    waves, gather = p.pop("_waves"), p.pop("_gather")
                     nblk = gw.words_per_row // 16
-                    steps = max(1, nblk // CB)
-                    sk = split_for(M * -(-N // BN), steps, sms, waves)
-                    p = dict(BN=BN, CB=CB, SPLIT_K=sk, num_warps=nw, num_stages=st, PREFETCH=bool(pf))
+                    steps = max(1, nblk // p["CB"])
+                    progs = M * -(-N // p["BN"]) if a.kernel == "gemv" else \
+                        -(-M // p["BM"]) * -(-N // p["BN"])
+                    p["SPLIT_K"] = split_for(progs, steps, sms, waves)
+                    kern, call = (_gemv_kernel, gemv) if a.kernel == "gemv" else (_gemm_kernel, gemm)
                     try:
-                        fn = lambda: gemv(x, gw, None, out, LUT_GATHER=bool(gather), **p)  # noqa: E731
+                        fn = lambda: call(x, gw, None, out, LUT_GATHER=bool(gather), **p)  # noqa: E731
+                        before = _compiled(kern)
                         out.fill_(float("nan"))
                         fn()
+                        new_k = [k for i, k in _compiled(kern).items() if i not in before]
                         err = rel_err(out, ref)
                         us = graph_time_us(fn, a.rep_ms)
                     except Exception as e:  # a config that does not compile / fit
                         print(f"  fail {fmt} {N}x{K} M={M} {p} gather={gather}: {type(e).__name__}: "
                               f"{str(e)[:300]}", flush=True)
                         continue
-                    rec = dict(N=N, K=K, fmt=fmt, group=int(g), M=M, params=p, gather=gather, us=us,
-                               err=err, bf16_us=base, cur_us=cur, cur=dict(kernel=ch.kernel, **ch.params))
+                    rep = _report(new_k[0]) if len(new_k) == 1 else {}
+                    rec = dict(N=N, K=K, fmt=fmt, group=int(g), M=M, kernel=a.kernel, params=p,
+                               gather=gather, us=us, err=err, bf16_us=base, cur_us=cur,
+                               cur=dict(kernel=ch.kernel, **ch.params), **rep)
                     records.append(rec)
+                    if a.verbose:
+                        print(f"    {us:8.2f} us ({base / us:4.2f}x) {p} {rep}", flush=True)
                     if err > 1e-2 or not math.isfinite(err):
                         print(f"  WRONG {fmt} {N}x{K} M={M} {p} gather={gather} err={err:.3g}", flush=True)
                         continue
@@ -103,6 +163,7 @@ def main(argv=None) -> int:
                     print(f"{N}x{K} {fmt:5s} M={M:3d}  bf16 {base:7.2f}  cur {cur:7.2f} "
                           f"({base / cur:4.2f}x)  best {best['us']:7.2f} ({base / best['us']:4.2f}x, "
                           f"{cur / best['us']:4.2f}x cur) {best['params']} gather={best['gather']} "
+                          f"regs={best.get('regs')} spills={best.get('spills')} "
                           f"err={best['err']:.2g}", flush=True)
             layout.forget(qw)
     if a.json:

@@ -153,9 +153,12 @@ def splitk_reduce(ws: torch.Tensor, bias, out: torch.Tensor) -> None:
     split_k, M, N = ws.shape
     BLOCK = 1024
     grid = (triton.cdiv(M * N, BLOCK),)
-    _splitk_reduce_kernel[grid](ws, bias if bias is not None else ws, out, M, N, out.stride(0),
-                                SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=BLOCK,
-                                EMULATE_BF16=emulate_bf16(out.dtype), num_warps=4)
+    # through launch() (defined below): Triton's own launch path would cost more host time
+    # than the reduction itself takes on the GPU
+    launch(_splitk_reduce_kernel, grid,
+           (ws, bias if bias is not None else ws, out, M, N, out.stride(0)),
+           dict(SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=BLOCK,
+                EMULATE_BF16=emulate_bf16(out.dtype)), 4, 3)
 
 
 _STAGES: dict = {}

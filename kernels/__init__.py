@@ -102,7 +102,7 @@ def run_choice(choice, x2d: torch.Tensor, qw, bias: Optional[torch.Tensor],
         if x2d.dtype == torch.float32:
             raise ValueError("the tensor-core GEMM takes float16/bfloat16 activations")
         params.setdefault("dot_f32", _interpreting() and x2d.dtype == torch.bfloat16)
-        return _gemm.gemm(x2d, gw, bias, out, **params)
+        return _gemm.gemm(x2d, gw, bias, out, bind=bind, **params)
     raise ValueError(f"unknown kernel {choice.kernel!r}")
 
 
@@ -121,13 +121,16 @@ def linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None) -> torch.Te
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     choice = plan(x, qw, M)
-    if (choice.kernel == "gemv" and x.dim() == 2 and x2d.data_ptr() == x.data_ptr()
-            and (M == 1 or x2d.stride() == x.stride()) and _bindable(qw)):
+    # x2d must be x's own memory (no copy made above): 2-D as it came, or any contiguous x
+    if (choice.kernel in ("gemv", "gemm") and x2d.data_ptr() == x.data_ptr()
+            and ((x.dim() == 2 and (M == 1 or x2d.stride() == x.stride()))
+                 or (x.dim() > 2 and x.is_contiguous()))
+            and _bindable(qw)):
         rec: list = []
         run_choice(choice, x2d, qw, bias, out, bind=rec)
         if rec:
             _bind(qw, x, bias, rec[0])
-        return out
+        return out.reshape(*lead, N)
     run_choice(choice, x2d, qw, bias, out)
     return out.reshape(*lead, N)
 
@@ -135,8 +138,9 @@ def linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None) -> torch.Te
 # ---- bound calls ------------------------------------------------------------------------------
 # Decoding one token runs every linear layer at M = 1, where the GEMV takes 5-40 us on an H200
 # and the host-side path above (argument checks, select(), the launch) takes several times
-# that in Python. A 2-D call that ran the GEMV as a single kernel is therefore bound once per
-# layer and call signature: fast_linear() then checks only what could differ between two calls
+# that in Python; a short prompt or a small batch (the GEMM at M = 2-64) is in the same range.
+# A call that ran the GEMV or the GEMM as a single kernel on x's own memory (2-D, or any
+# contiguous x) is therefore bound once per layer and call signature: fast_linear() then checks only what could differ between two calls
 # with the same signature (the weight's tensors changed in place; launch hooks; autograd;
 # torch.compile tracing) and calls the compiled kernel's launcher with the new x / output
 # pointers. The signature is everything the bound launch depends on: x's shape, strides,
@@ -164,8 +168,8 @@ def _signature(x: torch.Tensor, bias: Optional[torch.Tensor]):
     return (x.shape, x.stride(), x.dtype, x.get_device(), x.data_ptr() & 15, b)
 
 
-# positions of the per-call arguments in gemv's argument tuple (_gemv_kernel's order: x, codes,
-# s, z, dqs, dqo, lut, bias, out, ws, cnt, ...)
+# positions of the per-call arguments in the argument tuples of gemv and gemm (both kernels
+# start x, codes, s, z, dqs, dqo, lut, bias, out, ws, ...)
 _GEMV_X, _GEMV_BIAS, _GEMV_OUT, _GEMV_WS = 0, 7, 8, 9
 
 
@@ -196,8 +200,9 @@ def _bind(qw, x: torch.Tensor, bias, rec) -> None:
         b.raw, b.fixed = direct
         b.keep = [v for v in b.vals if isinstance(v, torch.Tensor)]
         b.vals = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in b.vals]
-    b.out_shape = (x.shape[0], qw.shape[0])
-    b.ws_shape = (split_k, x.shape[0], qw.shape[0]) if split_k > 1 else None
+    N, K = qw.shape
+    b.out_shape = (*x.shape[:-1], N)
+    b.ws_shape = (split_k, x.numel() // K, N) if split_k > 1 else None
     b.dtype = x.dtype
     b.device = x.device
     calls = qw.cache.setdefault(_BOUND, {})

@@ -307,8 +307,9 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
          SPLIT_K: int = 1, GROUP_M: int = 8, SWAP: bool = False, EXACT: bool = True,
          FULL_TILE: bool = False,
          num_warps: int = 4, num_stages: int = 3, dot_f32: bool = False, LUT_GATHER: bool = True,
-         **_ignored) -> torch.Tensor:
-    """out[M, N] = x2d[M, K] @ W^T (+ bias); x2d float16/bfloat16 with unit stride along K."""
+         bind=None, **_ignored) -> torch.Tensor:
+    """out[M, N] = x2d[M, K] @ W^T (+ bias); x2d float16/bfloat16 with unit stride along K.
+    ``bind``: as for gemv(), receives the launch when it is a single kernel (no split K)."""
     M, K = x2d.shape
     N = gw.shape[0]
     KW = gw.words_per_row
@@ -338,7 +339,9 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
         DOT_DTYPE=tl_dtype(x2d.dtype), DOT_F32=bool(dot_f32),
         LUT_GATHER=bool(LUT_GATHER) and FMT_IDS[gw.fmt] >= 2,
         STEPS_CONST=steps if interpreting() else 0)
-    launch(_gemm_kernel, grid, args, consts, num_warps, num_stages)
+    launcher = launch(_gemm_kernel, grid, args, consts, num_warps, num_stages)
     if SPLIT_K > 1:
         splitk_reduce(ws, bias, out)
+    elif bind is not None and launcher is not None:
+        bind.append((launcher, args, grid, 1))
     return out

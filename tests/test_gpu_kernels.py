@@ -307,6 +307,38 @@ def test_bound_calls_match_full_path():
         assert_linear_close(o, R.linear(x, qp), x, qp)
 
 
+@pytest.mark.skipif(not REAL_GPU, reason="bound launches are for compiled kernels only")
+@pytest.mark.parametrize("M", [4, 16, 64])
+def test_bound_gemm_calls_match_full_path(M):
+    """Repeated calls at M > 1 (a short prompt, a small batch) are bound too when they run one
+    kernel (the GEMM without split K, or the GEMV), 2-D or any contiguous N-D x, and give
+    exactly what the full path gives."""
+    from lowbit.kernels import _common as C
+    torch.manual_seed(37 + M)
+    N, K = 3072, 1024
+    lin = torch.nn.Linear(K, N).to(DEV)
+    ql = lowbit.QuantLinear.from_linear(lin, "int4", group_size=128).to(DEV)
+    qw = ql.qweight
+    for shape in ((M, K), (2, M, K)):
+        x = torch.randn(*shape, device=DEV).to(torch.bfloat16)
+        ch = LK.plan(x, qw, x.numel() // K)
+        single = ch.kernel == "gemv" or (ch.kernel == "gemm" and ch.params.get("SPLIT_K", 1) == 1)
+        with torch.no_grad():
+            C._FAST_ON = False
+            try:
+                full = lowbit.linear(x, qw, ql.bias)
+            finally:
+                C._FAST_ON = True
+            before = LK.BOUND_CALLS[0]
+            ys = [lowbit.linear(x, qw, ql.bias) for _ in range(3)]
+        if single:
+            assert LK.BOUND_CALLS[0] >= before + 2, (shape, ch)
+        for y in ys:
+            assert y.shape == (*shape[:-1], N)
+            assert torch.equal(y, full), (shape, ch)
+        assert_linear_close(full, R.linear(x, qw, ql.bias), x, qw, bias=ql.bias)
+
+
 def test_launcher_direct_path_assembles_the_arguments(monkeypatch):
     """_common.launch without a GPU, on a stand-in kernel: the first launch of a configuration
     goes through kernel[grid] and later ones through the compiled launcher with every parameter

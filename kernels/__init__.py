@@ -169,37 +169,60 @@ def _signature(x: torch.Tensor, bias: Optional[torch.Tensor]):
 
 
 # positions of the per-call arguments in the argument tuples of gemv and gemm (both kernels
-# start x, codes, s, z, dqs, dqo, lut, bias, out, ws, ...)
-_GEMV_X, _GEMV_BIAS, _GEMV_OUT, _GEMV_WS = 0, 7, 8, 9
+# start x, codes, s, z, dqs, dqo, lut, bias, out, ws, ...) and of the split-K reduction
+# (ws, bias or ws, out, ...); what each takes per call: x, out, the workspace, the bias
+_MAIN_SLOTS = ((0, "x"), (7, "bias"), (8, "out"), (9, "ws"))
+_REDUCE_SLOTS = ((0, "ws"), (1, "bias_or_ws"), (2, "out"))
+
+
+class _Launch:
+    """One bound kernel launch: its argument values with the per-call slots left open."""
+    __slots__ = ("launcher", "vals", "grid", "slots", "raw", "fixed", "keep")
+
+    def __init__(self, launcher, args, grid, slots, has_bias: bool):
+        self.launcher = launcher
+        self.vals = launcher.values(args)
+        pos = launcher.pos
+        # (a bias slot without a bias keeps its bound dummy)
+        self.slots = tuple((pos[i], src) for i, src in slots if src != "bias" or has_bias)
+        for i, _ in self.slots:  # set per call: no reference kept to this call's tensors
+            self.vals[i] = None
+        self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self.raw, self.fixed, self.keep = None, None, None
+        direct = launcher.raw() if _raw_stream is not None else None
+        if direct is not None:
+            # The C launch function directly, every pointer as an integer: the weight's tensors
+            # (kept alive here, and their versions checked per call) once, x / out / bias / the
+            # workspace per call. This skips, per pointer, a data_ptr() call and a driver query.
+            self.raw, self.fixed = direct
+            self.keep = [v for v in self.vals if isinstance(v, torch.Tensor)]
+            self.vals = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in self.vals]
+
+    def __call__(self, t: dict, stream) -> None:
+        vals = list(self.vals)
+        if self.raw is not None:
+            for i, src in self.slots:
+                vals[i] = t[src].data_ptr()
+            g = self.grid
+            self.raw(g[0], g[1], g[2], stream, *self.fixed, *vals)
+        else:
+            for i, src in self.slots:
+                vals[i] = t[src]
+            self.launcher(self.grid, vals)
 
 
 class _Bound:
-    __slots__ = ("ver", "launcher", "vals", "grid", "ix", "ibias", "iout", "iws", "out_shape",
-                 "ws_shape", "dtype", "device", "raw", "fixed", "keep")
+    __slots__ = ("ver", "launches", "out_shape", "ws_shape", "dtype", "device")
 
 
 def _bind(qw, x: torch.Tensor, bias, rec) -> None:
-    launcher, args, grid, split_k = rec
+    launcher, args, grid, split_k = rec[:4]
+    post = rec[4] if len(rec) > 4 else None  # the split-K reduction, when it is a launch of its own
     b = _Bound()
     b.ver = _layout._versions(qw)
-    b.launcher = launcher
-    b.vals = launcher.values(args)
-    pos = launcher.pos
-    b.ix, b.iout, b.iws = pos[_GEMV_X], pos[_GEMV_OUT], pos[_GEMV_WS]
-    b.ibias = pos[_GEMV_BIAS] if bias is not None else -1  # (else the dummy stays bound)
-    for i in (b.ix, b.iout, b.iws, b.ibias):  # set per call: no reference kept to this call's
-        if i >= 0:
-            b.vals[i] = None
-    b.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-    b.raw, b.fixed, b.keep = None, None, None
-    direct = launcher.raw() if _raw_stream is not None else None
-    if direct is not None:
-        # The C launch function directly, every pointer as an integer: the weight's tensors
-        # (kept alive here, and their versions checked per call) once, x / out / bias / the
-        # workspace per call. This skips, per pointer, a data_ptr() call and a driver query.
-        b.raw, b.fixed = direct
-        b.keep = [v for v in b.vals if isinstance(v, torch.Tensor)]
-        b.vals = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in b.vals]
+    b.launches = [_Launch(launcher, args, grid, _MAIN_SLOTS, bias is not None)]
+    if post is not None:
+        b.launches.append(_Launch(post[0], post[1], post[2], _REDUCE_SLOTS, bias is not None))
     N, K = qw.shape
     b.out_shape = (*x.shape[:-1], N)
     b.ws_shape = (split_k, x.numel() // K, N) if split_k > 1 else None
@@ -228,25 +251,13 @@ def fast_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor]) -> Optional[t
         calls.clear()
         return None
     out = torch.empty(b.out_shape, dtype=b.dtype, device=b.device)
-    vals = list(b.vals)
     # split K: a fresh float32 workspace; else the kernel's unused workspace argument is out
     ws = out if b.ws_shape is None else torch.empty(b.ws_shape, dtype=torch.float32,
                                                     device=b.device)
-    if b.raw is not None:
-        vals[b.ix] = x.data_ptr()
-        vals[b.iout] = out.data_ptr()
-        vals[b.iws] = ws.data_ptr()
-        if b.ibias >= 0:
-            vals[b.ibias] = bias.data_ptr()
-        g = b.grid
-        b.raw(g[0], g[1], g[2], _raw_stream(b.device.index), *b.fixed, *vals)
-    else:
-        vals[b.ix] = x
-        vals[b.iout] = out
-        vals[b.iws] = ws
-        if b.ibias >= 0:
-            vals[b.ibias] = bias
-        b.launcher(b.grid, vals)
+    t = {"x": x, "out": out, "ws": ws, "bias": bias, "bias_or_ws": bias if bias is not None else ws}
+    stream = _raw_stream(b.device.index) if _raw_stream is not None else None
+    for launch_ in b.launches:
+        launch_(t, stream)
     BOUND_CALLS[0] += 1
     return out
 

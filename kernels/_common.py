@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -149,16 +151,20 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
              mask=mask)
 
 
-def splitk_reduce(ws: torch.Tensor, bias, out: torch.Tensor) -> None:
+def splitk_reduce(ws: torch.Tensor, bias, out: torch.Tensor, bind: Optional[list] = None) -> None:
+    """out = sum of ws over its first dimension (+ bias), in out's dtype. ``bind``: receives
+    (Launcher, args, grid) of the launch (its argument order: ws, bias or ws, out, ...)."""
     split_k, M, N = ws.shape
     BLOCK = 1024
     grid = (triton.cdiv(M * N, BLOCK),)
     # through launch() (defined below): Triton's own launch path would cost more host time
     # than the reduction itself takes on the GPU
-    launch(_splitk_reduce_kernel, grid,
-           (ws, bias if bias is not None else ws, out, M, N, out.stride(0)),
-           dict(SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=BLOCK,
-                EMULATE_BF16=emulate_bf16(out.dtype)), 4, 3)
+    args = (ws, bias if bias is not None else ws, out, M, N, out.stride(0))
+    launcher = launch(_splitk_reduce_kernel, grid, args,
+                      dict(SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=BLOCK,
+                           EMULATE_BF16=emulate_bf16(out.dtype)), 4, 3)
+    if bind is not None and launcher is not None:
+        bind.append((launcher, args, grid))
 
 
 _STAGES: dict = {}

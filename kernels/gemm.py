@@ -309,7 +309,7 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
          num_warps: int = 4, num_stages: int = 3, dot_f32: bool = False, LUT_GATHER: bool = True,
          bind=None, **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias); x2d float16/bfloat16 with unit stride along K.
-    ``bind``: as for gemv(), receives the launch when it is a single kernel (no split K)."""
+    ``bind``: as for gemv(), plus the split-K reduction's (Launcher, args, grid) or None."""
     M, K = x2d.shape
     N = gw.shape[0]
     KW = gw.words_per_row
@@ -340,8 +340,9 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
         LUT_GATHER=bool(LUT_GATHER) and FMT_IDS[gw.fmt] >= 2,
         STEPS_CONST=steps if interpreting() else 0)
     launcher = launch(_gemm_kernel, grid, args, consts, num_warps, num_stages)
+    post: list = []
     if SPLIT_K > 1:
-        splitk_reduce(ws, bias, out)
-    elif bind is not None and launcher is not None:
-        bind.append((launcher, args, grid, 1))
+        splitk_reduce(ws, bias, out, bind=post if bind is not None else None)
+    if bind is not None and launcher is not None and (SPLIT_K == 1 or post):
+        bind.append((launcher, args, grid, SPLIT_K, post[0] if post else None))
     return out

@@ -33,7 +33,8 @@ import lowbit
 from lowbit import _backend
 from lowbit import formats as F
 from lowbit import reference as R
-from lowbit.testing import assert_linear_close, output_eps
+from lowbit import testing as T
+from lowbit.testing import assert_linear_close
 
 from conftest import FORMAT_CASES, NEW_FORMAT_CASES, case_id
 
@@ -41,10 +42,13 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KS = (1, 7, 31, 32, 33, 63, 64, 65, 127, 128, 129, 257, 576, 1000)
 NS = (1, 3, 17, 40)
 MS = (1, 2, 3, 5, 9)
-# activation block per weight format (fp4 has no fast path: its entry is never used)
-QBLOCK = {"int8": 16, "int4": 8, "nf4": 8, "fp4": 8}
-QCHUNK = 32  # weight-code chunk: groups must be whole chunks, or one group per row
+# The spec in torch and its bound live in lowbit.testing (`lowbit selftest` checks the fast path
+# with them on a user's machine); these tests hold the kernels to them.
+QBLOCK = T.FAST_QBLOCK  # activation block per weight format (fp4 has no fast path)
+QCHUNK = T.FAST_QCHUNK  # weight-code chunk: groups must be whole chunks, or one group per row
 NF4_I16 = [round(8128 * v) for v in F.NF4_CODEBOOK]  # nf4's fast-path codes (127 * 64 = 8128)
+quantize_activations = T.fast_quantize_activations
+fast_tolerance = T.fast_linear_tolerance
 
 
 @pytest.fixture(autouse=True)
@@ -62,71 +66,6 @@ def supported(qw) -> bool:
     K = qw.shape[1]
     g = F.effective_group(qw.group_size, K)
     return qw.n_groups == 1 or g % QCHUNK == 0
-
-
-# ---- the spec, in torch ----------------------------------------------------------------------
-def quantize_activations(x2d: torch.Tensor, block: int):
-    """q int8 [M, ldq], d float32 [M, nb], sum int32 [M, nb] (the kernel_api.h statement):
-    the row zero-padded to ldq = ceil(K / 32) * 32 columns, nb = ldq / block blocks."""
-    x = x2d.float()
-    M, K = x.shape
-    ldq = -(-K // QCHUNK) * QCHUNK
-    nb = ldq // block
-    xp = torch.nn.functional.pad(x, (0, ldq - K)).reshape(M, nb, block)
-    amax_bits = (xp.view(torch.int32) & 0x7FFFFFFF).amax(-1)
-    a = amax_bits.view(torch.float32)
-    nonfinite = amax_bits >= 0x7F800000
-    zero = amax_bits < 0x03800000
-    d = a / torch.full_like(a, 127.0)
-    inv = torch.full_like(a, 127.0) / a  # a true division (127.0 / a would use a reciprocal)
-    q = torch.round(xp * inv[..., None])  # round half to even
-    q = torch.where((nonfinite | zero)[..., None], torch.zeros_like(q), q)
-    d = torch.where(zero, torch.zeros_like(d), d)
-    d = torch.where(nonfinite, torch.full_like(d, math.nan), d)
-    return q.to(torch.int8).reshape(M, nb * block), d, q.sum(-1).to(torch.int32)
-
-
-def fast_tolerance(x, qw, expected, bias=None, out_dtype=None, magnitude_only=False):
-    """Elementwise bound on |fast - reference| (module docstring); magnitude_only: just the
-    float32 accumulation term 1e-5 * sum |terms| (two fast paths differ by no more)."""
-    N, K = qw.shape
-    x2 = x.reshape(-1, K).float()
-    B = QBLOCK[qw.fmt]
-    q, d, _ = quantize_activations(x2, B)
-    d_el = d.repeat_interleave(B, dim=1)[:, :K].double()
-    xh = q[:, :K].double() * d_el
-    w = R.dequantize(qw).double()
-    x64 = x2.double()
-    tol = (0.5 * d_el + 1e-6 * x64.abs()) @ w.abs().T
-    g = F.effective_group(qw.group_size, K)
-    # the magnitude of the terms the kernels sum: codes, zero-points and the largest constant an
-    # ISA adds to the codes to make them unsigned (int8 + 128, nf4 + 128 * 129), taken back out
-    # in float32 with the activations' block sums
-    if qw.fmt == "int8":
-        wmag = w.abs() + 128 * qw.scales.double().abs()
-    elif qw.fmt == "int4":
-        c = R.unpack_nibbles(qw.data, K).double()
-        z = torch.full_like(qw.scales, 8.0) if qw.zeros is None else qw.zeros.double()
-        wmag = (c + R.per_element(z, g, K).double()) * R.per_element(qw.scales, g, K).double().abs()
-    else:
-        absmax = R.dequantize(lowbit.QuantizedWeight(  # absmax per element: decode code 15 (1.0)
-            "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
-            double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
-        e_cb = max(abs(i / 8128 - v) for i, v in zip(NF4_I16, F.NF4_CODEBOOK))
-        tol = tol + xh.abs() @ (absmax * (e_cb + 1e-6)).T
-        c = R.unpack_nibbles(qw.data, K).long()
-        wmag = (torch.tensor(NF4_I16, dtype=torch.float64).abs()[c] + 128 * 129) * absmax / 8128
-    mag = x64.abs() @ w.abs().T + xh.abs() @ wmag.T
-    if bias is not None:
-        mag = mag + bias.double().abs()
-    tol = tol + 1e-5 * mag
-    if magnitude_only:
-        return (1e-5 * mag).reshape(*expected.shape)
-    out_dtype = out_dtype or expected.dtype
-    eps = output_eps(out_dtype)
-    floor = float(torch.finfo(out_dtype).smallest_normal * torch.finfo(out_dtype).eps)
-    tol = tol + eps * (expected.reshape(-1, N).double().abs() + tol) + floor
-    return tol.reshape(*expected.shape).float()
 
 
 def assert_fast_close(got, expected, x, qw, bias=None, msg=""):

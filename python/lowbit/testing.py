@@ -146,19 +146,34 @@ def assert_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: torch.T
 # ---- the activation-quantized CPU fast path ----------------------------------------------------
 # The statement and the bound are those of tests/test_fast_path.py (and csrc/kernel_api.h), kept
 # here so that `lowbit selftest` can check the fast path on a user's machine too.
-FAST_QBLOCK = 32  # activations are quantized per row in blocks of this many columns
-_NF4_I8 = None
+# Activations are quantized per row in blocks of this many columns, by weight format (fp4 has
+# no fast path: its entry is never used); the extension's own table is lowbit._backend's
+# C.QBLOCK (tests check they agree).
+FAST_QBLOCK = {"int8": 16, "int4": 8, "nf4": 8, "fp4": 8}
+FAST_QCHUNK = 32  # the quantized row is zero-padded to a multiple of this many columns
+# nf4's fast-path codes: the codebook rounded to 14 bits, round(8128 * value) (127 * 64 = 8128)
+FAST_NF4_I16 = None
 
 
-def fast_quantize_activations(x2d: torch.Tensor):
-    """The fast path's activation quantizer, in torch: ``x [M, K]`` -> ``q int8 [M, nb*32]``,
-    ``d float32 [M, nb]``, ``sum int32 [M, nb]`` with nb = ceil(K / 32):
-    a = max |x| over the block, d = a / 127, q = round_half_even(x * (127 / a)); a block with
-    a < 2^-120 gives d = 0, q = 0; a non-finite block gives d = NaN, q = 0."""
+def _nf4_i16():
+    global FAST_NF4_I16
+    if FAST_NF4_I16 is None:
+        from . import formats as F
+        FAST_NF4_I16 = [round(8128 * v) for v in F.NF4_CODEBOOK]
+    return FAST_NF4_I16
+
+
+def fast_quantize_activations(x2d: torch.Tensor, block: int):
+    """The fast path's activation quantizer, in torch (csrc/kernel_api.h): ``x [M, K]`` ->
+    ``q int8 [M, ldq]``, ``d float32 [M, nb]``, ``sum int32 [M, nb]``, the row zero-padded to
+    ldq = ceil(K / 32) * 32 columns, nb = ldq / block blocks: a = max |x| over the block,
+    d = a / 127, q = round_half_even(x * (127 / a)); a block with a < 2^-120 gives d = 0,
+    q = 0; a non-finite block gives d = NaN, q = 0."""
     x = x2d.float()
     M, K = x.shape
-    nb = -(-K // FAST_QBLOCK)
-    xp = torch.nn.functional.pad(x, (0, nb * FAST_QBLOCK - K)).reshape(M, nb, FAST_QBLOCK)
+    ldq = -(-K // FAST_QCHUNK) * FAST_QCHUNK
+    nb = ldq // block
+    xp = torch.nn.functional.pad(x, (0, ldq - K)).reshape(M, nb, block)
     amax_bits = (xp.view(torch.int32) & 0x7FFFFFFF).amax(-1)
     a = amax_bits.view(torch.float32)
     nonfinite = amax_bits >= 0x7F800000
@@ -169,40 +184,43 @@ def fast_quantize_activations(x2d: torch.Tensor):
     q = torch.where((nonfinite | zero)[..., None], torch.zeros_like(q), q)
     d = torch.where(zero, torch.zeros_like(d), d)
     d = torch.where(nonfinite, torch.full_like(d, math.nan), d)
-    return q.to(torch.int8).reshape(M, nb * FAST_QBLOCK), d, q.sum(-1).to(torch.int32)
+    return q.to(torch.int8).reshape(M, nb * block), d, q.sum(-1).to(torch.int32)
 
 
 def fast_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
                           bias: Optional[torch.Tensor] = None,
-                          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                          out_dtype: Optional[torch.dtype] = None,
+                          magnitude_only: bool = False) -> torch.Tensor:
     """Elementwise bound on |fast path - reference| for ``linear(x, qw, bias)`` (float32,
     the shape of ``expected``), derived from the activation quantization, not fitted::
 
-        sum_k |w_k| (d_k / 2 + 1e-6 |x_k|)               activation rounding (half a code)
-      + sum_k |x_hat_k| absmax_k (e_cb + 1e-6)           nf4 only: its codebook rounded to int8
-      + 1e-5 (sum_k |w_k x_k| + sum_k |x_hat_k| |c_k + z_k| |s_k|)   float32 sums, zero-points apart
+        sum_k |w_k| (d_k / 2 + 1e-6 |x_k|)                  activation rounding (half a code)
+      + sum_k |x_hat_k| absmax_k (e_cb + 1e-6)              nf4 only: its 14-bit codebook
+      + 1e-5 (sum_k |w_k x_k| + sum_k |x_hat_k| |terms_k|)  float32 sums of the kernels' terms
       + the bf16/f16 output's ulp, as in :func:`linear_tolerance`
 
-    d_k the scale of x_k's block, x_hat = q * d, e_cb = max |round(127 cb) / 127 - cb|.
-    A worst case (all errors aligned); the typical error is far smaller.
+    d_k the scale of x_k's block (:data:`FAST_QBLOCK`), x_hat = q * d, e_cb = max_i
+    |round(8128 cb_i) / 8128 - cb_i|; the terms are the codes, zero-points and the largest
+    constant an ISA adds to the codes to make them unsigned (int8 + 128, nf4 + 128 * 129),
+    taken back out in float32 with the activations' block sums. A worst case (all errors
+    aligned); the typical error is far smaller. ``magnitude_only``: just the float32 term
+    1e-5 * sum |terms| (two fast paths differ by no more).
     """
     from . import formats as F
     from . import reference as R
     from .qweight import QuantizedWeight
-    global _NF4_I8
-    if _NF4_I8 is None:
-        _NF4_I8 = [round(127 * v) for v in F.NF4_CODEBOOK]
     N, K = qw.shape
     x2 = x.reshape(-1, K).float()
-    q, d, _ = fast_quantize_activations(x2)
-    d_el = d.repeat_interleave(FAST_QBLOCK, dim=1)[:, :K].double()
+    B = FAST_QBLOCK[qw.fmt]
+    q, d, _ = fast_quantize_activations(x2, B)
+    d_el = d.repeat_interleave(B, dim=1)[:, :K].double()
     xh = q[:, :K].double() * d_el
     w = R.dequantize(qw).double()
     x64 = x2.double()
     tol = (0.5 * d_el + 1e-6 * x64.abs()) @ w.abs().T
     g = F.effective_group(qw.group_size, K)
     if qw.fmt == "int8":
-        wmag = w.abs()
+        wmag = w.abs() + 128 * R.per_element(qw.scales, g, K).double().abs()
     elif qw.fmt == "int4":
         c = R.unpack_nibbles(qw.data, K).double()
         z = torch.full_like(qw.scales, 8.0) if qw.zeros is None else qw.zeros.double()
@@ -211,13 +229,16 @@ def fast_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
         absmax = R.dequantize(QuantizedWeight(
             "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
             double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
-        e_cb = max(abs(i / 127 - v) for i, v in zip(_NF4_I8, F.NF4_CODEBOOK))
+        i16 = _nf4_i16()
+        e_cb = max(abs(i / 8128 - v) for i, v in zip(i16, F.NF4_CODEBOOK))
         tol = tol + xh.abs() @ (absmax * (e_cb + 1e-6)).T
         c = R.unpack_nibbles(qw.data, K).long()
-        wmag = torch.tensor(_NF4_I8, dtype=torch.float64).abs()[c] * absmax / 127
+        wmag = (torch.tensor(i16, dtype=torch.float64).abs()[c] + 128 * 129) * absmax / 8128
     mag = x64.abs() @ w.abs().T + xh.abs() @ wmag.T
     if bias is not None:
         mag = mag + bias.double().abs()
+    if magnitude_only:
+        return (1e-5 * mag).reshape(*expected.shape).float()
     tol = tol + 1e-5 * mag
     out_dtype = out_dtype or expected.dtype
     eps = output_eps(out_dtype)

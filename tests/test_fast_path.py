@@ -34,7 +34,6 @@ from lowbit import _backend
 from lowbit import formats as F
 from lowbit import reference as R
 from lowbit import testing as T
-from lowbit.testing import assert_linear_close
 
 from conftest import FORMAT_CASES, NEW_FORMAT_CASES, case_id
 

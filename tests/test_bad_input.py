@@ -106,6 +106,65 @@ def test_non_contiguous_weight_tensors_refused_by_the_cpu_backend(field):
         lowbit.dequantize(bad)
 
 
+# Fields reassigned after the weight was built (and used): the kernels trust the layout, so
+# lowbit.linear / dequantize must refuse what validate() refuses, never read past a tensor
+# (a group size of 7 with two scales per row read far past them and crashed the process).
+MUTATIONS = {
+    "group_size 7": lambda qw: setattr(qw, "group_size", 7),
+    "group_size 16 (more groups than scales)": lambda qw: setattr(qw, "group_size", 16),
+    "scales truncated": lambda qw: setattr(qw, "scales", qw.scales[:, :1].contiguous()),
+    "scales float64": lambda qw: setattr(qw, "scales", qw.scales.double()),
+    "data one row short": lambda qw: setattr(qw, "data", qw.data[:-1].contiguous()),
+    "shape one row more": lambda qw: setattr(qw, "shape", (qw.shape[0] + 1, qw.shape[1])),
+    "input_scale negative": lambda qw: setattr(qw, "input_scale", -torch.ones(qw.shape[1])),
+    "perm not a permutation": lambda qw: setattr(qw, "perm", torch.zeros(qw.shape[1], dtype=torch.long)),
+}
+
+
+@pytest.mark.parametrize("path", ["exact", "fast"])
+@pytest.mark.parametrize("what", list(MUTATIONS))
+@pytest.mark.parametrize("fmt", ["int8", "int4", "nf4"])
+def test_fields_reassigned_after_use_are_validated_again(fmt, what, path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CPU_PATH", path)
+    _backend.set_cpu_path(None)
+    kw = {"symmetric": False} if fmt != "nf4" else {}
+    qw = lowbit.quantize_weight(torch.randn(3, 64), fmt, group_size=32, **kw)
+    x = torch.randn(5, 64, dtype=torch.float16)
+    lowbit.linear(x, qw)  # caches a repacked layout and the validity stamp
+    lowbit.dequantize(qw)
+    MUTATIONS[what](qw)
+    with pytest.raises(ValueError):
+        qw.validate()
+    with pytest.raises(ValueError):
+        lowbit.linear(x, qw)
+    with pytest.raises(ValueError):
+        lowbit.dequantize(qw)
+
+
+def test_public_ops_validate_their_tensors():
+    """torch.ops.lowbit.linear / dequantize are public: a scales tensor of the wrong size is a
+    ValueError, not an out-of-bounds read."""
+    qw = lowbit.quantize_weight(torch.randn(3, 64), "int4", group_size=32)
+    x = torch.randn(2, 64)
+    short = qw.scales[:, :1].contiguous()
+    with pytest.raises(ValueError, match="scales"):
+        torch.ops.lowbit.linear(x, qw.data, short, qw.zeros, None, None, None, "int4", 64, 32, False)
+    with pytest.raises(ValueError, match="scales"):
+        torch.ops.lowbit.dequantize(qw.data, short, qw.zeros, None, None, "int4", 64, 32, False,
+                                    torch.float32)
+
+
+def test_quantlinear_sees_a_replaced_buffer():
+    """Replacing a QuantLinear buffer (not in place) rebuilds its packed weight: no stale
+    scales from an earlier call."""
+    lin = torch.nn.Linear(64, 8)
+    ql = lowbit.QuantLinear.from_linear(lin, "int4", group_size=32)
+    x = torch.randn(2, 64)
+    y = ql(x)
+    ql.weight_scales = ql.weight_scales * 2  # a new tensor, registered as the buffer
+    assert torch.allclose(ql(x) - ql.bias, 2 * (y - ql.bias), rtol=1e-5, atol=1e-5)
+
+
 def test_bias_must_be_a_tensor():
     qw = lowbit.quantize_weight(torch.randn(8, 64), "int8")
     with pytest.raises(TypeError, match="bias"):

@@ -142,7 +142,11 @@ class QuantLinear(nn.Module):
         """The packed weight (one object kept across calls, so backends can cache a repacked
         layout on it; rebuilt whenever the buffers change: .to(), load_state_dict)."""
         qw = self.__dict__.get("_qw")
-        if qw is None or qw.data is not self.weight_data:
+        b = self._buffers
+        if (qw is None or qw.data is not b.get("weight_data") or qw.scales is not b.get("weight_scales")
+                or qw.zeros is not b.get("weight_zeros") or qw.dq_scale is not b.get("weight_dq_scale")
+                or qw.dq_offset is not b.get("weight_dq_offset") or qw.perm is not b.get("weight_perm")
+                or qw.input_scale is not b.get("weight_input_scale")):
             qw = self._make_qweight()
             self.__dict__["_qw"] = qw
         return qw

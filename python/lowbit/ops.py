@@ -79,11 +79,12 @@ def _dequantize_impl(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 def _qw_from(data, scales, zeros, dq_scale, dq_offset, fmt, in_features, group_size, symmetric):
     # zero_point="float" is the one variant whose zeros are float32 (QuantizedWeight).
+    # Validated: the ops are public (torch.ops.lowbit.*) and the kernels trust the layout.
     zp = "float" if zeros is not None and zeros.dtype == torch.float32 else "int"
     return QuantizedWeight(fmt, (data.shape[0], in_features), data, scales, zeros,
                            group_size=group_size, symmetric=symmetric,
                            double_quant=dq_scale is not None, dq_scale=dq_scale,
-                           dq_offset=dq_offset, zero_point=zp, validate=False)
+                           dq_offset=dq_offset, zero_point=zp, validate=True)
 
 
 # ---- custom ops ---------------------------------------------------------------------------
@@ -160,6 +161,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
             if y is not None:
                 return y
     _check_qw(qw)
+    qw.ensure_valid()
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -200,6 +202,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     """The float weight [N, K] in ``dtype`` (float32, bfloat16 or float16); bit-exact against
     :func:`lowbit.reference.dequantize`."""
     _check_qw(qw)
+    qw.ensure_valid()
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if qw.has_input_transform:

@@ -74,6 +74,23 @@ class QuantizedWeight:
         if validate:
             self.validate()
 
+    def __setattr__(self, name, value):
+        # Reassigning a field (qw.scales = ..., qw.group_size = ...) makes every derived form
+        # and the validity stamp stale (in-place tensor updates are caught by versions).
+        object.__setattr__(self, name, value)
+        if name != "cache":
+            c = getattr(self, "cache", None)
+            if c:
+                c.clear()
+
+    def ensure_valid(self) -> None:
+        """:meth:`validate` once for the current fields (lowbit.linear / dequantize call it on
+        every use: the kernels trust the layout). The stamp lives in :attr:`cache`, which
+        reassigning any field clears."""
+        if "valid" not in self.cache:
+            self.validate()
+            self.cache["valid"] = True
+
     # ---- layout -------------------------------------------------------------------------
     @property
     def spec(self) -> F.FormatSpec:

@@ -109,6 +109,7 @@ def run_choice(choice, x2d: torch.Tensor, qw, bias: Optional[torch.Tensor],
 def linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W = qw, float32 accumulation, output in x's dtype."""
     _require()
+    qw.ensure_valid()  # (once per set of fields: the kernels trust the layout)
     N, K = qw.shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K)
@@ -265,4 +266,5 @@ def fast_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor]) -> Optional[t
 def dequantize(qw, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [N, K] in ``dtype``, bit-exact against lowbit.reference.dequantize."""
     _require()
+    qw.ensure_valid()
     return _dequant.dequantize(qw, dtype)

@@ -235,7 +235,10 @@ def gpu_weight(qw: QuantizedWeight) -> GPUWeight:
 
 def prepare(qw: QuantizedWeight) -> Optional[GPUWeight]:
     """Repack ``qw`` for the GPU now (e.g. right after moving a model to CUDA); None for the
-    weights the fused kernels do not take (:func:`supports_fused`), which need no layout."""
+    weights the fused kernels do not take (:func:`supports_fused`), which need no layout.
+    Also validates the weight (once; lowbit.linear would do it on its first call, which may
+    then be inside a CUDA-graph capture)."""
+    qw.ensure_valid()
     return gpu_weight(qw) if supports_fused(qw) else None
 
 

@@ -161,7 +161,8 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
             if y is not None:
                 return y
     _check_qw(qw)
-    qw.ensure_valid()
+    if not torch.compiler.is_compiling():  # (traced: the op validates its tensors at run time)
+        qw.ensure_valid()
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -202,7 +203,8 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     """The float weight [N, K] in ``dtype`` (float32, bfloat16 or float16); bit-exact against
     :func:`lowbit.reference.dequantize`."""
     _check_qw(qw)
-    qw.ensure_valid()
+    if not torch.compiler.is_compiling():
+        qw.ensure_valid()
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if qw.has_input_transform:

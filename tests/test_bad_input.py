@@ -165,6 +165,24 @@ def test_quantlinear_sees_a_replaced_buffer():
     assert torch.allclose(ql(x) - ql.bias, 2 * (y - ql.bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["exact", "fast"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=vid)
+def test_expanded_activations_with_row_stride_zero(variant, path, monkeypatch):
+    """x = row.expand(M, K) (row stride 0, one row of storage), 2-D and 3-D: the result equals
+    that of the same values laid out contiguously (the kernels used to step rows by K and read
+    past the storage: non-finite garbage)."""
+    monkeypatch.setenv("LOWBIT_CPU_PATH", path)
+    _backend.set_cpu_path(None)
+    fmt, kw = variant
+    K = 96
+    qw = lowbit.quantize_weight(torch.randn(24, K), fmt, **kw)
+    row = torch.randn(1, K)
+    for x in (row.expand(5, K), row.view(1, 1, K).expand(2, 3, K)):
+        assert x.stride()[-2] == 0
+        y = lowbit.linear(x, qw)
+        assert torch.equal(y, lowbit.linear(x.contiguous(), qw))
+
+
 def test_bias_must_be_a_tensor():
     qw = lowbit.quantize_weight(torch.randn(8, 64), "int8")
     with pytest.raises(TypeError, match="bias"):

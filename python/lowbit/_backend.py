@@ -250,7 +250,9 @@ def linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
     "exact" for this call (default: :func:`cpu_path`)."""
     M, K = x2d.shape
     sx = x2d.stride()
-    if sx[1] != 1 and K > 1:
+    # unit inner stride, and rows that do not overlap (an expanded x has row stride 0: the
+    # kernels step rows by max(ldx, K) and would read past its storage)
+    if (sx[1] != 1 and K > 1) or (M > 1 and sx[0] < K):
         x2d = x2d.contiguous()
         sx = x2d.stride()
     ldx = sx[0] if M > 1 else K

@@ -183,6 +183,23 @@ def test_expanded_activations_with_row_stride_zero(variant, path, monkeypatch):
         assert torch.equal(y, lowbit.linear(x.contiguous(), qw))
 
 
+@pytest.mark.parametrize("variant", VARIANTS + [("int4", {"group_size": -1}), ("int8", {"group_size": 32})],
+                         ids=VARIANT_IDS + ["int4-per-row", "int8-g32"])
+def test_quantize_a_transposed_weight(variant):
+    """A non-contiguous weight (e.g. a transposed [in, out] Conv1D weight viewed as [out, in])
+    quantizes to contiguous tensors that every path takes, equal to quantizing a copy."""
+    fmt, kw = variant
+    w = torch.randn(96, 40).t()
+    qw = lowbit.quantize_weight(w, fmt, **kw)
+    ref = lowbit.quantize_weight(w.contiguous(), fmt, **kw)
+    for name, t in qw.tensors().items():
+        assert t.is_contiguous(), name
+        assert torch.equal(t, ref.tensors()[name]), name
+    x = torch.randn(3, 96)
+    assert torch.equal(lowbit.linear(x, qw), lowbit.linear(x, ref))
+    assert torch.equal(lowbit.dequantize(qw), lowbit.dequantize(ref))
+
+
 def test_bias_must_be_a_tensor():
     qw = lowbit.quantize_weight(torch.randn(8, 64), "int8")
     with pytest.raises(TypeError, match="bias"):

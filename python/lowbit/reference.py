@@ -209,7 +209,9 @@ def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[
     symmetric, zero_point = resolve_options(spec, symmetric, zero_point)
     if double_quant and not spec.has_codebook:
         raise ValueError(f"double_quant applies to the codebook formats (nf4, fp4), not {spec.name}")
-    w = w.detach().to(torch.float32)
+    # contiguous: elementwise results follow w's memory layout, and a transposed w would give
+    # codes the kernels cannot take
+    w = w.detach().to(torch.float32).contiguous()
     _check_finite(w)
     N, K = w.shape
     group = F.effective_group(group_size, K)

@@ -151,6 +151,22 @@ def test_bench_rejects_a_bad_shape(capsys):
     assert "KxN" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [
+    ["bench", "--threads", "0"], ["bench", "--reps", "-1"], ["bench", "--max-seconds", "nan"],
+    ["bench", "--model", "--decode-tokens", "0"], ["eval", "--tokens", "0"],
+    ["eval", "--calib-samples", "0"], ["eval", "--calib-seq-len", "-5"],
+    ["eval", "--decode-tokens", "-4"], ["size", "--params", "7e9", "--hidden", "0"],
+    ["demo", "--reps", "0"]])
+def test_counts_must_be_positive(args, capsys):
+    """A count of 0 or less (or NaN seconds) is a usage error naming the option, before any
+    work (an --calib-samples of 0 used to fall back to the default silently)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert args[-2] in err and "expected a" in err
+
+
 # ---- eval: configs and helpers (no model needed) ------------------------------------------
 def test_parse_format_configs():
     # the old names still parse; the grammar itself is tested in test_eval.py

@@ -653,9 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run torch's int8/int4 CPU ops, dynamic int8 and bitsandbytes")
     s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="activation dtype (default fp32)")
-    s.add_argument("--threads", type=int, help="threads for torch and lowbit (default: all cores)")
-    s.add_argument("--reps", type=int, default=20, help="timed calls per case (median reported)")
-    s.add_argument("--max-seconds", type=float, default=2.0,
+    s.add_argument("--threads", type=_positive_int, help="threads for torch and lowbit (default: all cores)")
+    s.add_argument("--reps", type=_positive_int, default=20, help="timed calls per case (median reported)")
+    s.add_argument("--max-seconds", type=_positive_float, default=2.0,
                    help="time budget per case; stops early after at least 3 calls")
     s.add_argument("--cpu-path", choices=("fast", "exact"),
                    help="lowbit's CPU path: fast (int8 activations) or exact (float32); "
@@ -667,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and peak memory per format")
     s.add_argument("--model-formats", default="fp32,bf16,int8,int4,nf4",
                    help="formats for --model (default fp32,bf16,int8,int4,nf4)")
-    s.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per format (--model)")
+    s.add_argument("--decode-tokens", type=_positive_int, default=64,
+                   help="tokens generated per format (--model)")
     s.add_argument("--json", metavar="PATH", help="write results as JSON")
     s.add_argument("--plot", metavar="PNG", help="draw speed-up vs M per format to this PNG")
     s.add_argument("--stream", action="store_true",
@@ -676,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("eval", help="perplexity / size / speed / memory of a model quantized with lowbit")
-    s.add_argument("--tokens", type=int, default=16384, help="tokens of text to score (default 16384)")
+    s.add_argument("--tokens", type=_positive_int, default=16384,
+                   help="tokens of text to score (default 16384)")
     s.add_argument("--ctx", type=int, default=512, help="window length (default 512)")
     s.add_argument("--formats", default="fp32,int8,int4,int4-sym,nf4,nf4-dq", help=EVAL_FORMATS_HELP)
     s.add_argument("--model", metavar="PATH", help="a .gguf file, a Hugging Face model folder or a "
@@ -684,11 +686,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "SmolLM2-135M-Instruct GGUF)")
     s.add_argument("--text", metavar="PATH", help="plain text file to score (default: gensim's "
                    "Wikipedia sample)")
-    s.add_argument("--decode-tokens", type=int, default=32, help="tokens generated to time decoding "
-                   "(0: skip)")
-    s.add_argument("--calib-samples", type=int, help="calibration sequences for gptq/awq/llm.int8/"
+    s.add_argument("--decode-tokens", type=_nonnegative_int, default=32,
+                   help="tokens generated to time decoding (0: skip)")
+    s.add_argument("--calib-samples", type=_positive_int, help="calibration sequences for gptq/awq/llm.int8/"
                    "mixed (default 64)")
-    s.add_argument("--calib-seq-len", type=int, help="tokens per calibration sequence (default 512)")
+    s.add_argument("--calib-seq-len", type=_positive_int,
+                   help="tokens per calibration sequence (default 512)")
     s.add_argument("--fake-quant", action="store_true", help="cross-check: keep nn.Linear with "
                    "dequantized weights (torch matmul) instead of lowbit kernels (rtn only)")
     s.add_argument("--cpu-path", choices=("fast", "exact"),
@@ -704,10 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("size", help="memory of a model of N parameters in every format, exactly")
     s.add_argument("--params", required=True, help="parameter count: 70e9, 70B, 8b, 135M")
-    s.add_argument("--hidden", type=int, default=8192, help="hidden size of the Llama-style layer "
+    s.add_argument("--hidden", type=_positive_int, default=8192, help="hidden size of the Llama-style layer "
                    "mix the bits/weight are averaged over (default 8192: Llama-70B)")
-    s.add_argument("--intermediate", type=int, default=28672, help="MLP size (default 28672)")
-    s.add_argument("--kv-dim", type=int, default=1024, help="key/value projection width "
+    s.add_argument("--intermediate", type=_positive_int, default=28672, help="MLP size (default 28672)")
+    s.add_argument("--kv-dim", type=_positive_int, default=1024, help="key/value projection width "
                    "(KV heads x head dim; default 1024)")
     s.add_argument("--shapes", help="instead of the Llama mix: comma-separated KxN Linear shapes "
                    "(in x out), e.g. 4096x4096,4096x11008,11008x4096")
@@ -719,17 +722,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_size)
 
     s = sub.add_parser("demo", help="selftest, a short benchmark, and SmolLM2 quantized to int8/int4/nf4")
-    s.add_argument("--tokens", type=int, default=None,
+    s.add_argument("--tokens", type=_positive_int, default=None,
                    help="tokens scored per format (default 4096; 1024 with the scalar kernels only)")
-    s.add_argument("--ctx", type=int, default=512)
-    s.add_argument("--reps", type=int, default=10, help="timed calls per benchmark case")
-    s.add_argument("--decode-tokens", type=int, default=16, help="tokens generated to time decoding")
+    s.add_argument("--ctx", type=_positive_int, default=512)
+    s.add_argument("--reps", type=_positive_int, default=10, help="timed calls per benchmark case")
+    s.add_argument("--decode-tokens", type=_positive_int, default=16, help="tokens generated to time decoding")
     s.add_argument("--prompt", default="Explain in one sentence what a CPU cache is.")
-    s.add_argument("--new-tokens", type=int, default=24, help="tokens to generate from the prompt")
+    s.add_argument("--new-tokens", type=_positive_int, default=24, help="tokens to generate from the prompt")
     s.add_argument("--skip-model", action="store_true", help="only the selftest and the benchmark")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_demo)
     return p
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -72,7 +72,9 @@ def normalize_calibration(calibration) -> List[Dict[str, Any]]:
 
 def _token_batch(t: torch.Tensor, where: str) -> torch.Tensor:
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{where}: token ids must be an integer tensor, got {t.dtype}")
+        raise TypeError(f"{where}: token ids must be an integer tensor, got {t.dtype} (a bare "
+                        f"tensor is passed as model(input_ids=...); for a model that takes other "
+                        f"inputs, give dicts of keyword arguments, e.g. {{'x': tensor}})")
     if t.dim() == 1:
         t = t.unsqueeze(0)
     if t.dim() != 2 or t.numel() == 0:

@@ -70,8 +70,9 @@ class Pool {
     // under the old number and then again under the new one: one completion counted twice,
     // the caller returning early or waiting forever.) Sleeping workers need the mutex + notify
     // (a worker checks the word under mu_ before it waits); spinning ones see it directly.
-    ++calls_;
-    call_.store(calls_ << kWantedBits | uint64_t(helpers), std::memory_order_seq_cst);
+    // (only the caller holding busy_ writes call_, so its own last value is current)
+    const uint64_t number = (call_.load(std::memory_order_relaxed) >> kWantedBits) + 1;
+    call_.store(number << kWantedBits | uint64_t(helpers), std::memory_order_seq_cst);
     if (sleeping_.load(std::memory_order_seq_cst) > 0) {
       { std::lock_guard<std::mutex> lk(mu_); }
       cv_.notify_all();
@@ -175,7 +176,6 @@ class Pool {
   static constexpr int kMaxThreads = 4096;  // per call; more are not started
   static constexpr uint64_t kWantedMask = (uint64_t(1) << kWantedBits) - 1;
   std::atomic<uint64_t> call_{0};
-  uint64_t calls_ = 0;  // calls published so far (written by the caller holding busy_ only)
   std::atomic<bool> stop_{false};
 };
 

@@ -140,11 +140,11 @@ def linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor] = None) -> torch.Te
 # Decoding one token runs every linear layer at M = 1, where the GEMV takes 5-40 us on an H200
 # and the host-side path above (argument checks, select(), the launch) takes several times
 # that in Python; a short prompt or a small batch (the GEMM at M = 2-64) is in the same range.
-# A call that ran the GEMV or the GEMM as a single kernel on x's own memory (2-D, or any
-# contiguous x) is therefore bound once per layer and call signature: fast_linear() then checks only what could differ between two calls
-# with the same signature (the weight's tensors changed in place; launch hooks; autograd;
-# torch.compile tracing) and calls the compiled kernel's launcher with the new x / output
-# pointers. The signature is everything the bound launch depends on: x's shape, strides,
+# A call that ran the GEMV or the GEMM on x's own memory (2-D, or any contiguous x) is
+# therefore bound once per layer and call signature: fast_linear() then checks only what could
+# differ between two calls with the same signature (the weight's tensors changed in place;
+# launch hooks; autograd; torch.compile tracing) and calls the compiled kernels' launchers with
+# the new x / output pointers. The signature is everything the bound launch depends on: x's shape, strides,
 # dtype, device and 16-byte alignment, and the bias's presence, dtype and alignment.
 _BOUND = "triton_bound_calls"
 MAX_BOUND = 16  # signatures kept per weight
@@ -217,8 +217,8 @@ class _Bound:
 
 
 def _bind(qw, x: torch.Tensor, bias, rec) -> None:
-    launcher, args, grid, split_k = rec[:4]
-    post = rec[4] if len(rec) > 4 else None  # the split-K reduction, when it is a launch of its own
+    # post: the split-K reduction's (launcher, args, grid) when it is a launch of its own
+    launcher, args, grid, split_k, post = rec
     b = _Bound()
     b.ver = _layout._versions(qw)
     b.launches = [_Launch(launcher, args, grid, _MAIN_SLOTS, bias is not None)]

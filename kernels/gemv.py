@@ -209,8 +209,9 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
          FIXUP: bool = True, LUT_GATHER: bool = True, bind: Optional[list] = None,
          **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias) for x2d with unit stride along K. ``bind``: a list
-    that receives (_common.Launcher, args, grid, split_k) of a single-kernel launch that can be
-    repeated directly (lowbit.kernels binds repeated calls to it)."""
+    that receives (_common.Launcher, args, grid, split_k, None) of a single-kernel launch that
+    can be repeated directly (lowbit.kernels binds repeated calls to it; None: no second
+    launch)."""
     M, K = x2d.shape
     N = gw.shape[0]
     dev = x2d.device
@@ -236,7 +237,7 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
     if split_k > 1 and cnt is None:
         splitk_reduce(ws, bias, out)
     elif bind is not None and launcher is not None:
-        bind.append((launcher, args, grid, split_k))
+        bind.append((launcher, args, grid, split_k, None))
     return out
 
 

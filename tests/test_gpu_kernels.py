@@ -309,7 +309,7 @@ def test_bound_calls_match_full_path():
 
 @pytest.mark.skipif(not REAL_GPU, reason="bound launches are for compiled kernels only")
 @pytest.mark.parametrize("M", [4, 16, 64])
-def test_bound_gemm_calls_match_full_path(M):
+def test_bound_gemm_calls_match_full_path(M, monkeypatch):
     """Repeated calls at M > 1 (a short prompt, a small batch) are bound too when they run the
     GEMV or the GEMM (with split K: the GEMM and its reduction), 2-D or any contiguous N-D x,
     with and without a bias, and give exactly what the full path gives."""
@@ -322,26 +322,20 @@ def test_bound_gemm_calls_match_full_path(M):
     for shape, bias, split in (((M, K), ql.bias, None), ((2, M, K), None, None),
                                ((M, K), ql.bias, 4), ((M, K), None, 4)):
         x = torch.randn(*shape, device=DEV).to(torch.bfloat16)
-        if qw.cache is not None:
-            qw.cache.pop(LK._BOUND, None)  # (a shape bound in an earlier round)
+        qw.cache.pop(LK._BOUND, None)  # (a shape bound in an earlier round)
         ch = LK.plan(x, qw, x.numel() // K)
         if split is not None:  # force the GEMM with split K (its own reduction launch)
             ch = S.Choice("gemm", dict(BM=16, BN=64, CB=1, SWAP=True, SPLIT_K=split), "test")
-        orig = LK.plan
-        LK.plan = lambda *a, **k: ch
-        try:
-            with torch.no_grad():
-                C._FAST_ON = False
-                try:
-                    full = lowbit.linear(x, qw, bias)
-                finally:
-                    C._FAST_ON = True
-                before = LK.BOUND_CALLS[0]
-                ys = [lowbit.linear(x, qw, bias) for _ in range(3)]
-        finally:
-            LK.plan = orig
-        if ch.kernel in ("gemv", "gemm") and qw.cache is not None:
-            assert LK.BOUND_CALLS[0] >= before + 2, (shape, ch)
+        assert ch.kernel in ("gemv", "gemm"), ch
+        monkeypatch.setattr(LK, "plan", lambda *a, **k: ch)
+        with torch.no_grad():
+            monkeypatch.setattr(C, "_FAST_ON", False)  # the full path: Triton's own launches
+            full = lowbit.linear(x, qw, bias)
+            monkeypatch.setattr(C, "_FAST_ON", True)
+            before = LK.BOUND_CALLS[0]
+            ys = [lowbit.linear(x, qw, bias) for _ in range(3)]
+        monkeypatch.undo()
+        assert LK.BOUND_CALLS[0] >= before + 2, (shape, ch)
         for y in ys:
             assert y.shape == (*shape[:-1], N)
             assert torch.equal(y, full), (shape, ch)

@@ -12,6 +12,9 @@ from .ops import linear, quantize_weight
 from .qweight import TENSOR_FIELDS, QuantizedWeight
 from .reference import resolve_options
 
+# each QuantizedWeight field and the QuantLinear buffer that holds it
+_FIELD_BUFFERS = tuple((name, "weight_" + name) for name in TENSOR_FIELDS)
+
 
 def _probe(cfg: Dict[str, Any]) -> QuantizedWeight:
     """An empty QuantizedWeight with the settings of ``cfg`` (QuantizedWeight.config()), whose
@@ -143,10 +146,7 @@ class QuantLinear(nn.Module):
         layout on it; rebuilt whenever the buffers change: .to(), load_state_dict)."""
         qw = self.__dict__.get("_qw")
         b = self._buffers
-        if (qw is None or qw.data is not b.get("weight_data") or qw.scales is not b.get("weight_scales")
-                or qw.zeros is not b.get("weight_zeros") or qw.dq_scale is not b.get("weight_dq_scale")
-                or qw.dq_offset is not b.get("weight_dq_offset") or qw.perm is not b.get("weight_perm")
-                or qw.input_scale is not b.get("weight_input_scale")):
+        if qw is None or any(getattr(qw, f) is not b.get(buf) for f, buf in _FIELD_BUFFERS):
             qw = self._make_qweight()
             self.__dict__["_qw"] = qw
         return qw

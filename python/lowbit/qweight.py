@@ -72,7 +72,7 @@ class QuantizedWeight:
         # saved; copies made by .to()/.contiguous() start empty.
         self.cache: Dict[str, object] = {}
         if validate:
-            self.validate()
+            self.ensure_valid()
 
     def __setattr__(self, name, value):
         # Reassigning a field (qw.scales = ..., qw.group_size = ...) makes every derived form

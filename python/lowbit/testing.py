@@ -36,8 +36,9 @@ in float32 (float64 for ``mag``).
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -151,16 +152,11 @@ def assert_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: torch.T
 # C.QBLOCK (tests check they agree).
 FAST_QBLOCK = {"int8": 16, "int4": 8, "nf4": 8, "fp4": 8}
 FAST_QCHUNK = 32  # the quantized row is zero-padded to a multiple of this many columns
-# nf4's fast-path codes: the codebook rounded to 14 bits, round(8128 * value) (127 * 64 = 8128)
-FAST_NF4_I16 = None
-
-
-def _nf4_i16():
-    global FAST_NF4_I16
-    if FAST_NF4_I16 is None:
-        from . import formats as F
-        FAST_NF4_I16 = [round(8128 * v) for v in F.NF4_CODEBOOK]
-    return FAST_NF4_I16
+@functools.lru_cache(maxsize=None)
+def fast_nf4_codes() -> Tuple[int, ...]:
+    """nf4's fast-path codes: the codebook rounded to 14 bits, round(8128 * value) (127 * 64)."""
+    from . import formats as F
+    return tuple(round(8128 * v) for v in F.NF4_CODEBOOK)
 
 
 def fast_quantize_activations(x2d: torch.Tensor, block: int):
@@ -229,7 +225,7 @@ def fast_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
         absmax = R.dequantize(QuantizedWeight(
             "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
             double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
-        i16 = _nf4_i16()
+        i16 = fast_nf4_codes()
         e_cb = max(abs(i / 8128 - v) for i, v in zip(i16, F.NF4_CODEBOOK))
         tol = tol + xh.abs() @ (absmax * (e_cb + 1e-6)).T
         c = R.unpack_nibbles(qw.data, K).long()

@@ -367,7 +367,8 @@ def clip_search(W: torch.Tensor, H: torch.Tensor, fmt: Dict[str, Any], n_grid: i
     upper end and the lower end are searched each on its own (unless ``separate_ends`` is
     False), the other held at its best, as the two ends of a skewed group need not shrink
     alike. Every step keeps a group's current range unless a candidate lowers its error, so
-    the result is never worse than the unclipped weight. Returns the clipped weight and the mean shrink chosen (both ends)."""
+    the result is never worse than the unclipped weight. Returns the clipped weight and the
+    mean shrink chosen (both ends)."""
     from .. import formats as F
     f, kw = format_kwargs(fmt)
     spec = F.get_format(f)

@@ -190,8 +190,8 @@ class _Groups:
         """Per row, the parameters of the group shrunk to a range that minimises
         sum |w - q(w)|^2.4 over the group (GPTQ's "mse" grid): both ends scaled by r (r on a
         grid down to 1 - clip_max_shrink), then, for asymmetric formats (unless
-        clip_separate_ends is off), the upper and the lower end each on its own with the other held at its best (a skewed group's ends
-        need not shrink alike); the rest of the algorithm then works with those parameters,
+        clip_separate_ends is off), the upper and the lower end each on its own with the other
+        held at its best (a skewed group's ends need not shrink alike); the rest of the algorithm then works with those parameters,
         as stored. A row keeps its current parameters unless a candidate lowers its error."""
         best_err = (wg - self.round(wg, scale[:, None], zero)[1]).abs().pow(2.4).sum(1)
         asym = self.family in ("int4_asym", "int4_float", "int8_asym")

@@ -41,6 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from .nn import is_linear_like, linear_weight
 
 EVAL_EXTRAS = ("transformers", "gguf", "accelerate", "gensim")
 INSTALL_HINT = "pip install 'lowbit[eval]'"
@@ -448,7 +449,7 @@ def quantize_linears(model: nn.Module, fmt: str, skip: Sequence[str] = ("lm_head
     """
     from .nn import QuantLinear
     targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and not _skipped(name, skip)]
+               if is_linear_like(mod) and not _skipped(name, skip)]
     it = targets
     if progress:
         from tqdm.auto import tqdm
@@ -470,15 +471,16 @@ def fake_quantize_linears(model: nn.Module, fmt: str, skip: Sequence[str] = ("lm
     from . import reference
     from .ops import quantize_weight
     targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and not _skipped(name, skip)]
+               if is_linear_like(mod) and not _skipped(name, skip)]
     it = targets
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(targets, desc=f"fake-quantize {fmt}", unit="layer", leave=False)
     for name, mod in it:
-        qw = quantize_weight(mod.weight.detach(), fmt, **opts)
+        w = linear_weight(mod)
+        qw = quantize_weight(w.detach(), fmt, **opts)
         with torch.no_grad():
-            mod.weight.copy_(reference.dequantize(qw, mod.weight.dtype))
+            w.copy_(reference.dequantize(qw, w.dtype))
         mod._lowbit_qbytes = qw.nbytes  # for size accounting
     return [n for n, _ in targets]
 
@@ -499,9 +501,10 @@ def fake_quantize_config(model: nn.Module, config, progress: bool = False) -> Li
         it = tqdm(targets, desc="fake-quantize", unit="layer", leave=False)
     for name, (mod, opts) in it:
         fmt, kw = format_kwargs(opts)
-        qw = quantize_weight(mod.weight.detach(), fmt, **kw)
+        w = linear_weight(mod)
+        qw = quantize_weight(w.detach(), fmt, **kw)
         with torch.no_grad():
-            mod.weight.copy_(reference.dequantize(qw, mod.weight.dtype))
+            w.copy_(reference.dequantize(qw, w.dtype))
         mod._lowbit_qbytes = qw.nbytes
     return [n for n, _ in targets]
 
@@ -562,7 +565,7 @@ def size_stats(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict:
             lin_weights += mod.in_features * mod.out_features
             n_quant += 1
             counted.append(name)
-        elif isinstance(mod, nn.Linear):
+        elif is_linear_like(mod):
             lin_bytes += getattr(mod, "_lowbit_qbytes", _tensor_bytes(mod.weight))
             lin_weights += mod.weight.numel()
             n_quant += hasattr(mod, "_lowbit_qbytes")

@@ -16,6 +16,52 @@ from .reference import resolve_options
 _FIELD_BUFFERS = tuple((name, "weight_" + name) for name in TENSOR_FIELDS)
 
 
+def is_conv1d(mod: nn.Module) -> bool:
+    """Whether ``mod`` is a transformers ``Conv1D`` (GPT-2 and the models built on its code): a
+    linear layer that stores its weight transposed, ``[in, out]``, and computes
+    ``x @ weight + bias``. Recognised by its class name and attributes, so transformers is not
+    imported."""
+    if type(mod).__name__ != "Conv1D" or isinstance(mod, nn.Linear):
+        return False
+    w = getattr(mod, "weight", None)
+    nf = getattr(mod, "nf", None)
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and isinstance(nf, int)
+            and w.shape[1] == nf)
+
+
+def is_linear_like(mod: nn.Module) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D``: the layers lowbit quantizes."""
+    return isinstance(mod, nn.Linear) or is_conv1d(mod)
+
+
+def linear_weight(mod: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of an nn.Linear or a Conv1D (a transposed view for Conv1D)."""
+    return mod.weight.t() if is_conv1d(mod) else mod.weight
+
+
+def conv1d_to_linear(mod: nn.Module) -> nn.Linear:
+    """An nn.Linear computing what the Conv1D ``mod`` computes (its weight transposed into a
+    contiguous ``[out, in]`` copy; the bias shared)."""
+    K, N = mod.weight.shape
+    lin = nn.Linear(K, N, bias=mod.bias is not None, device="meta")
+    lin.weight = nn.Parameter(mod.weight.detach().t().contiguous(),
+                              requires_grad=mod.weight.requires_grad)
+    if mod.bias is not None:
+        lin.bias = mod.bias
+    lin.train(mod.training)
+    return lin
+
+
+def linear_to_conv1d(lin: nn.Linear, like: nn.Module) -> nn.Module:
+    """The Conv1D ``like`` again, with the (possibly modified) weight of ``lin``, the
+    nn.Linear that :func:`conv1d_to_linear` made of it."""
+    with torch.no_grad():
+        like.weight.data = lin.weight.detach().t().contiguous()
+    if lin.bias is not None:
+        like.bias = lin.bias
+    return like
+
+
 def _probe(cfg: Dict[str, Any]) -> QuantizedWeight:
     """An empty QuantizedWeight with the settings of ``cfg`` (QuantizedWeight.config()), whose
     expected_layout() gives the buffers a layer with those settings holds."""
@@ -84,14 +130,16 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str = "int4", *,
                     outlier_cols: Optional[torch.Tensor] = None, **format_options) -> "QuantLinear":
-        """Quantize an nn.Linear (its weight is read, never kept).
+        """Quantize an nn.Linear (its weight is read, never kept), or a transformers Conv1D
+        (GPT-2 style, weight stored ``[in, out]``: the layer computes the same function).
 
         ``outlier_cols``: input columns to keep in float (their original values, in the
         weight's dtype); the rest is quantized with those columns set to 0, so the scales
         ignore them. An empty tensor or None gives the plain layer."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach()
+        if not is_linear_like(linear):
+            raise TypeError("from_linear expects an nn.Linear (or a transformers Conv1D), got "
+                            f"{type(linear).__name__}")
+        w = linear_weight(linear).detach()
         cols = (None if outlier_cols is None
                 else _check_outlier_cols(outlier_cols, w.shape[1], w.device, sort=False))
         if cols is None or cols.numel() == 0:

@@ -355,7 +355,7 @@ def _build(model_or_builder) -> nn.Module:
 
 def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
     """Replace every layer the file records as quantized by an empty one of that format."""
-    from ..nn import QuantLinear
+    from ..nn import QuantLinear, is_linear_like, linear_weight
     classes = _layer_classes()
     for name, layer in doc["layers"].items():
         try:
@@ -373,11 +373,12 @@ def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
             raise CheckpointError(f"{path}: layer {name!r} has no valid shape in its state") from None
         if isinstance(mod, cls):
             target = mod
-        elif isinstance(mod, nn.Linear):
-            if [mod.out_features, mod.in_features] != shape:
+        elif is_linear_like(mod):  # an nn.Linear, or a transformers Conv1D (weight [in, out])
+            out_f, in_f = linear_weight(mod).shape
+            if [out_f, in_f] != shape:
                 raise CheckpointError(
                     f"{path}: layer {name!r} is [out={shape[0]}, in={shape[1]}] in the checkpoint "
-                    f"but [out={mod.out_features}, in={mod.in_features}] in the model")
+                    f"but [out={out_f}, in={in_f}] in the model")
             if (mod.bias is not None) != layer["bias"]:
                 raise CheckpointError(f"{path}: layer {name!r} has {'a' if layer['bias'] else 'no'} "
                                       f"bias in the checkpoint but {'a' if mod.bias is not None else 'no'} "
@@ -396,7 +397,8 @@ def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
             setattr(parent, child, target)
         else:
             raise CheckpointError(f"{path}: the checkpoint has a quantized layer at {name!r} but the "
-                                  f"model has a {type(mod).__name__} there, not an nn.Linear")
+                                  f"model has a {type(mod).__name__} there, not an nn.Linear "
+                                  "(or Conv1D)")
         try:
             target.set_extra_state(state)
         except ValueError as e:

@@ -311,24 +311,43 @@ def _search_scale(block: nn.Module, g: _Group, mods: Dict[str, Tuple[nn.Linear, 
     g.loss_gain = (base - best) / base if base > 0 else 0.0
 
 
+def _block_out(block: nn.Module, inp: B.BlockInput) -> torch.Tensor:
+    return B.first_tensor(block(*inp.args, **inp.kwargs)).to(torch.float32)
+
+
 @torch.no_grad()
-def _apply_scale(block: nn.Module, g: _Group, mods, allow_input_scale: bool = True) -> None:
+def _apply_scale(block: nn.Module, g: _Group, mods, allow_input_scale: bool = True,
+                 check_inp: Optional[B.BlockInput] = None) -> None:
     """Scale the group's weights by s and fold 1/s into the producer (checked), else leave it
     for input_scale; without ``allow_input_scale`` (a bits budget that counts no input_scale)
-    such a group stays unscaled. The group's statistics are moved to the scaled input x / s."""
+    such a group stays unscaled. The group's statistics are moved to the scaled input x / s.
+
+    A fold is kept only if the block computes the same function afterwards: the norm must
+    be of the form y = weight * f(x) (+ bias) (checked on the probe), and, with
+    ``check_inp`` (a block input), the block's float output on it must not move. That catches
+    a producer whose output also reaches something else, e.g. the residual stream of a
+    post-norm block (BERT's attention LayerNorm feeds both the MLP and the residual add)."""
     s = g.scale
     if s is None:
         return
     if g.producer is None and not allow_input_scale:
         g.scale, g.alpha, g.loss_gain = None, 0.0, 0.0
         return
+    originals = {r: mods[r][0].weight.data.clone() for r in g.names}
+
+    def scale_weights():
+        for r in g.names:
+            w = mods[r][0].weight
+            w.copy_((originals[r].to(torch.float32) * s).to(w.dtype))
+
     if g.producer is not None:
         kind, pname = g.producer
         p = _sub(block, pname)
+        ref = _block_out(block, check_inp) if check_inp is not None else None
+        old_w = p.weight.data.clone()
+        old_b = getattr(p, "bias", None)
+        old_b = old_b.data.clone() if isinstance(old_b, torch.Tensor) else None
         if kind == "norm":
-            old_w = p.weight.data.clone()
-            old_b = getattr(p, "bias", None)
-            old_b = old_b.data.clone() if isinstance(old_b, torch.Tensor) else None
             p.weight.copy_((p.weight.to(torch.float32) / s).to(p.weight.dtype))
             if old_b is not None:
                 p.bias.copy_((p.bias.to(torch.float32) / s).to(p.bias.dtype))
@@ -336,23 +355,29 @@ def _apply_scale(block: nn.Module, g: _Group, mods, allow_input_scale: bool = Tr
             got = p(g.probe_in).to(torch.float32)
             want = g.probe_out.to(torch.float32) / s
             tol = 1e-3 if p.weight.dtype != torch.float32 else 1e-5
-            if torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())):
-                g.folded = True
-            else:
-                p.weight.copy_(old_w)
-                if old_b is not None:
-                    p.bias.copy_(old_b)
+            g.folded = torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max()))
         else:
             p.weight.copy_((p.weight.to(torch.float32) / s[:, None]).to(p.weight.dtype))
             if p.bias is not None:
                 p.bias.copy_((p.bias.to(torch.float32) / s).to(p.bias.dtype))
             g.folded = True
+        if g.folded and ref is not None:
+            scale_weights()
+            got = _block_out(block, check_inp)
+            tol = 1e-4 if p.weight.dtype == torch.float32 else 2e-2
+            err = float((got - ref).norm()) / max(float(ref.norm()), 1e-30)
+            g.folded = err <= tol
+            if not g.folded:
+                for r in g.names:
+                    mods[r][0].weight.copy_(originals[r])
+        if not g.folded:
+            p.weight.copy_(old_w)
+            if old_b is not None:
+                p.bias.copy_(old_b)
     if not g.folded and not allow_input_scale:
         g.scale, g.alpha, g.loss_gain = None, 0.0, 0.0
         return
-    for r in g.names:
-        w = mods[r][0].weight
-        w.copy_((w.to(torch.float32) * s).to(w.dtype))
+    scale_weights()
     g.xtx = g.xtx / s[:, None] / s[None, :]
     g.x_abs_sum = g.x_abs_sum / s
 
@@ -475,7 +500,7 @@ def _scale_groups(block: nn.Module, inputs: List[B.BlockInput], mods, config, n_
     for g in groups:
         tg = time.perf_counter()
         _search_scale(block, g, mods, config, config.awq_objective)
-        _apply_scale(block, g, mods, allow_input_scale)
+        _apply_scale(block, g, mods, allow_input_scale, inputs[0])
         g.replays.clear()
         g.probe_in = g.probe_out = None
         g.t = time.perf_counter() - tg

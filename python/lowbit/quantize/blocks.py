@@ -47,7 +47,21 @@ def call_model(model: nn.Module, kw: Dict[str, Any]):
             params = {}
         if "use_cache" in params:
             kw["use_cache"] = False
-    return model(**kw)
+    try:
+        return model(**kw)
+    except (TypeError, ValueError) as e:
+        given = ", ".join(f"{k}={_describe(v)}" for k, v in kw.items() if k != "use_cache")
+        raise ValueError(
+            f"the model failed on a calibration batch, called as model({given}): {e}. A "
+            "token-id tensor is passed as input_ids; a model that needs other inputs (e.g. "
+            "decoder_input_ids for an encoder-decoder model) takes calibration batches as dicts "
+            "of keyword arguments") from e
+
+
+def _describe(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"<{str(v.dtype).replace('torch.', '')} tensor {list(v.shape)}>"
+    return type(v).__name__
 
 
 def find_block_list(model: nn.Module, target_names: Iterable[str]) -> Optional[Tuple[str, nn.ModuleList]]:

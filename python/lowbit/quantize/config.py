@@ -451,12 +451,13 @@ class QuantConfig:
         return self.match(name)[0]
 
     def targets(self, model: nn.Module) -> Dict[str, Tuple[nn.Linear, Dict[str, Any]]]:
-        """``{name: (module, format options)}`` for every nn.Linear of ``model`` that the rules
-        do not skip, in module order (exact nn.Linear subclasses included; already quantized
-        layers are not nn.Linear and are left alone)."""
+        """``{name: (module, format options)}`` for every nn.Linear (or transformers Conv1D) of
+        ``model`` that the rules do not skip, in module order (nn.Linear subclasses included;
+        already quantized layers are not nn.Linear and are left alone)."""
+        from ..nn import is_linear_like
         out = {}
         for name, mod in model.named_modules():
-            if isinstance(mod, nn.Linear):
+            if is_linear_like(mod):
                 opts = self.layer_options(name)
                 if opts is not None:
                     out[name] = (mod, opts)

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .blocks import call_model
 from .config import describe_format, format_kwargs, resolve_format
 
 # The default candidate formats, cheapest 4-bit to int8 (the config's format goes first).
@@ -174,7 +175,7 @@ def lm_nll(model: nn.Module, kw: Dict[str, Any],
     label -100 and positions where ``attention_mask`` is 0 are not counted. With ``sample``
     (a generator), the counted positions' labels are instead drawn from the model's own
     predictive distribution (for the true Fisher)."""
-    out = model(**kw)
+    out = call_model(model, kw)
     logits = getattr(out, "logits", None)
     if logits is None:
         logits = out[0] if isinstance(out, (tuple, list)) else out
@@ -185,6 +186,13 @@ def lm_nll(model: nn.Module, kw: Dict[str, Any],
     if not isinstance(labels, torch.Tensor):
         raise ValueError("mixed precision measures the next-token loss: calibration batches need "
                          "input_ids (or labels)")
+    if labels.dim() != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            "mixed precision measures a causal LM's next-token loss: the logits cover "
+            f"{tuple(logits.shape[:2])} [batch, seq] positions but the labels "
+            f"({'labels' if 'labels' in kw else 'input_ids'}) are {tuple(labels.shape)} "
+            "(an encoder-decoder or other non-causal model is not supported; set formats "
+            "with rules instead)")
     labels = labels[:, 1:]
     mask = kw.get("attention_mask")
     if "labels" not in kw and isinstance(mask, torch.Tensor):

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..nn import QuantLinear
+from ..nn import QuantLinear, conv1d_to_linear, is_conv1d, is_linear_like, linear_to_conv1d
 from ..qweight import QuantizedWeight
 from .blocks import replace_module
 from .calibration import calibration_tokens, normalize_calibration
@@ -57,6 +57,22 @@ def _module_bits(mod: nn.Module, n_weights: int) -> float:
     return 8.0 * nbytes / max(n_weights, 1)
 
 
+def _keep_in_float_patterns(model: nn.Module) -> List[str]:
+    """The module-name fragments a transformers model says must stay in float32
+    (``_keep_in_fp32_modules``, e.g. T5's ``wo``, whose forward reads ``wo.weight.dtype``)."""
+    out: List[str] = []
+    for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+        v = getattr(model, attr, None)
+        if isinstance(v, (list, tuple, set)):
+            out += [p for p in v if isinstance(p, str) and p]
+    return sorted(set(out))
+
+
+def _keeps_float(name: str, patterns: List[str]) -> bool:
+    """Whether one of ``patterns`` is a run of whole components of the dotted ``name``."""
+    return any(f".{p}." in f".{name}." for p in patterns)
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calibration=None,
                    progress: bool = True) -> nn.Module:
@@ -101,15 +117,26 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     report.calibration_tokens = calibration_tokens(calib) if calib else 0
     rules: Dict[str, str] = {}
     targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]]] = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
+    keep_float = _keep_in_float_patterns(model)
+    conv1d: Dict[str, nn.Module] = {}  # transformers Conv1D layers, by name, while converted
+    for name, mod in list(model.named_modules()):
+        if not is_linear_like(mod):
             continue
         fmt, rule = config.match(name)
+        if fmt is not None and rule == "default" and _keeps_float(name, keep_float):
+            fmt, rule = None, "the model's _keep_in_fp32_modules"
         rules[name] = rule
         if fmt is None:
             report.layers.append(LayerReport(name, "skip", None, 8.0 * mod.weight.element_size(),
                                              0.0, rule, {"weights": mod.weight.numel()}))
         else:
+            if is_conv1d(mod):
+                # One layer type for every method: the Conv1D becomes the nn.Linear it
+                # computes (one layer's transposed copy at a time); any that ends up not
+                # quantized is turned back into a Conv1D below.
+                conv1d[name] = mod
+                mod = conv1d_to_linear(mod)
+                replace_module(model, name, mod)
             targets[name] = (mod, fmt)
     if not targets:
         report.notes.append("no Linear layer to quantize (every one skipped by the rules, or none)")
@@ -148,6 +175,10 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
             raise RuntimeError(f"layers quantized but never installed: {sorted(sink.pending)}")
     finally:
         model.train(was_training)
+        for name, orig in conv1d.items():
+            mod = model.get_submodule(name)
+            if isinstance(mod, nn.Linear):
+                replace_module(model, name, linear_to_conv1d(mod, orig))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda r: order.get(r.name, len(order)))
     report.seconds = time.perf_counter() - t_start

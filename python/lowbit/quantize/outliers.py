@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..nn import QuantLinear
+from .blocks import call_model
 
 DEFAULT_THRESHOLD = 6.0
 
@@ -55,12 +56,11 @@ def input_absmax(model: nn.Module, targets: Dict[str, nn.Linear], calib) -> Dict
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in targets.items()]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
     try:
         for kw in batches:
-            model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+            call_model(model, kw)
     finally:
         model.train(was_training)
         for h in handles:

@@ -26,7 +26,10 @@ lscpu | grep -E "Model name|^CPU\(s\)" | tr -s ' '
 SITE=/tmp/site
 mkdir -p $SITE
 if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE "$ROOT"/.whl/*.whl
+  # wheels for this Python only (the folder may hold several versions' builds of a package)
+  PYTAG=cp$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+  WHEELS=$(ls "$ROOT"/.whl/*.whl | grep -E -- "-(py3-none|py2.py3-none|[a-z0-9]+-abi3|$PYTAG-$PYTAG)-" )
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $WHEELS
 fi
 [[ -d "$ROOT/.devrun/peers" ]] && export PYTHONPATH=$ROOT/.devrun/peers${PYTHONPATH:+:$PYTHONPATH}
 stamp "build lowbit (extension + kernels) into $SITE"

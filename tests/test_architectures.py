@@ -175,3 +175,14 @@ def test_t5_calibration_errors_name_the_way_out():
     with pytest.raises(ValueError, match="causal LM"):
         quantize_model(tiny_t5(), QuantConfig(format="int4", group_size=32, max_bits_per_weight=5.0),
                        calibration=calib, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_quantized_gpt2_on_cuda_matches_cpu(exact_cpu_path):
+    model = tiny_gpt2()
+    quantize_model(model, QuantConfig(format="int4", group_size=32), progress=False)
+    ids = token_batches(vocab=V)[0]
+    cpu = model(ids).logits
+    model.to("cuda")
+    torch.testing.assert_close(model(ids.cuda()).logits.cpu(), cpu, rtol=1e-3, atol=1e-3)

@@ -19,6 +19,7 @@ from .qweight import QuantizedWeight  # noqa: F401
 # safetensors or torch.distributed until needed).
 _LAZY = {
     "QuantConfig": "lowbit.quantize",
+    "QuantExperts": "lowbit.moe",
     "quantize_model": "lowbit.quantize",
     "save": "lowbit.io",
     "load": "lowbit.io",

@@ -180,9 +180,13 @@ def save(model: nn.Module, path: PathLike) -> None:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
+    from ..moe import QuantExperts
     layers: Dict[str, dict] = {}
+    experts: Dict[str, dict] = {}
     extra: Dict[str, object] = {}
     for name, mod in model.named_modules():
+        if isinstance(mod, QuantExperts):
+            experts[name] = {"class": "QuantExperts", "num_experts": mod.num_experts}
         if _is_lowbit_layer(mod):
             layers[name] = {"class": _class_key(mod), "bias": mod.bias is not None,
                             "state": mod.get_extra_state()}
@@ -220,7 +224,7 @@ def save(model: nn.Module, path: PathLike) -> None:
             storages.add(c.untyped_storage().data_ptr())
         tensors[name] = c
     doc = {"format_version": FORMAT_VERSION, "lowbit_version": lowbit.__version__,
-           "layers": layers, "aliases": aliases, "non_persistent": non_persistent,
+           "layers": layers, "experts": experts, "aliases": aliases, "non_persistent": non_persistent,
            "extra_state": extra, "crc32": {k: _crc32(v) for k, v in tensors.items()}}
     metadata = {"format": "pt", VERSION_KEY: str(FORMAT_VERSION), DOC_KEY: json.dumps(doc)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -353,6 +357,35 @@ def _build(model_or_builder) -> nn.Module:
     return model
 
 
+def _install_experts(model: nn.Module, doc: dict, path: str) -> None:
+    """Replace every fused-experts module the file records as quantized by an empty
+    QuantExperts (its QuantLinear layers are then filled like any other)."""
+    from ..moe import QuantExperts, is_fused_experts
+    recorded = doc.get("experts", {})
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{path}: malformed 'experts' record in the header")
+    for name, rec in recorded.items():
+        if not isinstance(rec, dict) or rec.get("class") != "QuantExperts":
+            raise CheckpointError(f"{path}: experts module {name!r}: unknown record {rec!r}")
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: the checkpoint has quantized experts {name!r} but the "
+                                  "model has no module of that name (a different architecture?)") from None
+        if isinstance(mod, QuantExperts):
+            continue
+        if not is_fused_experts(mod):
+            raise CheckpointError(f"{path}: the checkpoint has quantized experts at {name!r} but the "
+                                  f"model has a {type(mod).__name__} there, not fused experts")
+        qe = QuantExperts(mod, device="meta")
+        if qe.num_experts != rec.get("num_experts"):
+            raise CheckpointError(f"{path}: {name!r} has {rec.get('num_experts')} experts in the "
+                                  f"checkpoint but {qe.num_experts} in the model")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, qe)
+
+
 def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
     """Replace every layer the file records as quantized by an empty one of that format."""
     from ..nn import QuantLinear, is_linear_like, linear_weight
@@ -438,6 +471,7 @@ def load(path: PathLike, model_or_builder: Union[nn.Module, Callable[[], nn.Modu
     path = os.fspath(path)
     doc, info = read_header(path)
     model = _build(model_or_builder)
+    _install_experts(model, doc, path)
     _install_layers(model, doc, path)
 
     aliases: Dict[str, str] = doc["aliases"]

@@ -138,8 +138,10 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
                 mod = conv1d_to_linear(mod)
                 replace_module(model, name, mod)
             targets[name] = (mod, fmt)
+    n_experts = _quantize_fused_experts(model, config, keep_float, report, rules)
     if not targets:
-        report.notes.append("no Linear layer to quantize (every one skipped by the rules, or none)")
+        if not n_experts:
+            report.notes.append("no Linear layer to quantize (every one skipped by the rules, or none)")
         report.seconds = time.perf_counter() - t_start
         model.lowbit_report = report
         return model
@@ -184,6 +186,51 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     report.seconds = time.perf_counter() - t_start
     model.lowbit_report = report
     return model
+
+
+def _quantize_fused_experts(model: nn.Module, config: QuantConfig, keep_float: List[str],
+                            report: QuantReport, rules: Dict[str, str]) -> int:
+    """Replace each transformers fused-experts module (3-D expert weights, not nn.Linear; see
+    lowbit.moe) by a QuantExperts, round-to-nearest per expert, before the method runs (so the
+    calibration passes see them quantized and their float weights are freed first). Returns
+    how many were replaced."""
+    from ..moe import QuantExperts, check_layout, is_fused_experts
+    from .config import format_kwargs
+    found = [(n, m) for n, m in model.named_modules() if n and is_fused_experts(m)]
+    done = 0
+    for name, mod in found:
+        n_w = sum(p.numel() for n, p in mod.named_parameters(recurse=False)
+                  if p.dim() == 3)
+        fmt, rule = config.match(name)
+        if fmt is not None and rule == "default" and _keeps_float(name, keep_float):
+            fmt, rule = None, "the model's _keep_in_fp32_modules"
+        rules[name] = rule
+        if fmt is None:
+            report.layers.append(LayerReport(name, "skip", None, 8.0 * next(mod.parameters()).element_size(),
+                                             0.0, rule, {"weights": n_w, "experts": "fused"}))
+            continue
+        ok, why = check_layout(mod)
+        if not ok:
+            report.layers.append(LayerReport(name, "skip", None, 8.0 * next(mod.parameters()).element_size(),
+                                             0.0, rule, {"weights": n_w, "experts": "fused",
+                                                         "note": f"left in float: {why}"}))
+            report.notes.append(f"{name}: fused experts left in float ({why})")
+            continue
+        t0 = time.perf_counter()
+        f, kw = format_kwargs(fmt)
+        qe = QuantExperts.from_experts(mod, f, **kw)
+        replace_module(model, name, qe)
+        info = {"weights": qe.n_weights, "experts": qe.num_experts}
+        if config.method != "rtn" or config.max_bits_per_weight is not None:
+            info["note"] = "fused experts: round-to-nearest, outside the method"
+        report.layers.append(LayerReport(name, "rtn", fmt, qe.bits_per_weight,
+                                         time.perf_counter() - t0, rule, info))
+        done += 1
+    if done and (config.method != "rtn" or config.max_bits_per_weight is not None):
+        report.notes.append(f"{done} fused MoE expert module(s) quantized by round-to-nearest in "
+                            f"the default format ({config.method} and mixed precision apply to "
+                            "the nn.Linear layers)")
+    return done
 
 
 def _run_rtn(targets, progress: bool, sink: _Sink) -> None:

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import lowbit
 from lowbit import QuantLinear, reference
 from lowbit.quantize import QuantConfig, quantize_model
 from lowbit.quantize import awq as A

@@ -184,3 +184,17 @@ def test_quantized_moe_model_on_cuda_matches_cpu(exact_cpu_path):
     torch.testing.assert_close(got, cpu, rtol=1e-3, atol=1e-3)
     model.to(torch.bfloat16)
     assert torch.isfinite(model(ids.cuda()).logits).all()
+
+
+def test_size_stats_count_the_experts_before_and_after():
+    from lowbit import evaluate as E
+    model = tiny_moe("mixtral")
+    n_experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)
+    n_linear = sum(m.weight.numel() for n, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and not n.endswith("lm_head"))
+    before = E.size_stats(model)
+    assert before["linear_weights"] == n_experts + n_linear
+    quantize_model(model, QuantConfig(format="int8"), progress=False)
+    after = E.size_stats(model)
+    assert after["linear_weights"] == before["linear_weights"]
+    assert 8.0 < 8 * after["linear_bytes"] / after["linear_weights"] < 9.0

@@ -3,7 +3,6 @@ stored weight, lowbit.linear applies the transforms, dequantize undoes them."""
 
 import pytest
 import torch
-from torch import nn
 
 import lowbit
 from lowbit import QuantLinear, QuantizedWeight

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .qweight import TENSOR_FIELDS, QuantizedWeight
+from .qweight import QuantizedWeight
 
 try:
     from . import _C  # noqa: F401

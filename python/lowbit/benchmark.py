@@ -576,8 +576,6 @@ def _decode_one(fmt: str, new_tokens: int, threads: Optional[int], model_path: O
     if threads:
         torch.set_num_threads(threads)
         os.environ["LOWBIT_NUM_THREADS"] = str(threads)
-    from torch import nn
-
     import lowbit
     from lowbit import evaluate as E
     model, tok, desc = E.load_model(model_path, verbose=False)
@@ -585,12 +583,10 @@ def _decode_one(fmt: str, new_tokens: int, threads: Optional[int], model_path: O
     if fmt == "bf16":
         model = model.to(torch.bfloat16)
     elif DECODE_FORMATS.get(fmt) is not None:
+        # round-to-nearest through quantize_model: every Linear / Conv1D / fused MoE expert
+        # module but lm_head (and the model's _keep_in_fp32_modules)
         f, opts = DECODE_FORMATS[fmt]
-        for name, mod in list(model.named_modules()):
-            for cname, child in list(mod.named_children()):
-                full = f"{name}.{cname}" if name else cname
-                if isinstance(child, nn.Linear) and not full.endswith("lm_head"):
-                    setattr(mod, cname, lowbit.QuantLinear.from_linear(child, f, **opts))
+        lowbit.quantize_model(model, lowbit.QuantConfig(format=f, **opts), progress=False)
     prep_s = time.perf_counter() - t0
     import gc
     gc.collect()

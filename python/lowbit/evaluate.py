@@ -41,6 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from .moe import is_fused_experts
 from .nn import is_linear_like, linear_weight
 
 EVAL_EXTRAS = ("transformers", "gguf", "accelerate", "gensim")
@@ -542,8 +543,8 @@ def _is_quantized_layer(mod: nn.Module) -> bool:
 def size_stats(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict:
     """Sizes, in bytes:
 
-    * ``linear_bytes``: the Linear layers' weights (those not in ``skip``) as stored: a
-      quantized layer's every tensor but its bias (codes, scales, zeros, input transforms,
+    * ``linear_bytes``: the Linear layers' weights (those not in ``skip``; Conv1D and fused
+      MoE expert weights included) as stored: a quantized layer's every tensor but its bias (codes, scales, zeros, input transforms,
       outlier columns), a float layer's weight; ``linear_weights`` their weight count and
       ``bits_per_weight`` = 8 * linear_bytes / linear_weights;
     * ``model_bytes``: every parameter and buffer of the model, tied ones once (embeddings,
@@ -569,6 +570,10 @@ def size_stats(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict:
             lin_bytes += getattr(mod, "_lowbit_qbytes", _tensor_bytes(mod.weight))
             lin_weights += mod.weight.numel()
             n_quant += hasattr(mod, "_lowbit_qbytes")
+        elif is_fused_experts(mod):  # float MoE experts: their 3-D weight tensors
+            w3 = [p for p in mod.parameters(recurse=False) if p.dim() == 3]
+            lin_bytes += sum(_tensor_bytes(p) for p in w3)
+            lin_weights += sum(p.numel() for p in w3)
     seen = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):

@@ -24,10 +24,7 @@ bitsandbytes NF4 (``bnb.matmul_4bit``), GemLite int4 (A16W4, group 128).
 from __future__ import annotations
 
 import json
-import math
-import os
 import platform
-import statistics
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch

@@ -59,7 +59,6 @@ def _linear_impl(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tens
         b = None if bias is None else bias.to(torch.float32).contiguous()
         _backend.linear(x2d, qw, b, out)
         return out if two_d else out.reshape(*x.shape[:-1], N)
-    lead = x.shape[:-1]
     kernels = _gpu_kernels() if x.device.type == "cuda" else None
     if kernels is not None:
         return kernels.linear(x, qw, bias)

@@ -45,7 +45,7 @@ import json
 import os
 import tempfile
 import zlib
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Tuple, Union
 
 import torch
 from torch import nn

@@ -51,7 +51,6 @@ from torch import nn
 
 from .. import reference as R
 from ..ops import quantize_weight
-from ..qweight import QuantizedWeight
 from . import blocks as B
 from .config import format_kwargs
 from .gptq import clip_candidates

@@ -36,7 +36,6 @@ the finished QuantizedWeight is checked to decode to exactly the values GPTQ wor
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Dict, List, Optional, Tuple
 

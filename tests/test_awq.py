@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import lowbit
 from lowbit import QuantLinear, reference
 from lowbit.quantize import QuantConfig, quantize_model
 from lowbit.quantize import awq as A
@@ -105,7 +106,8 @@ def test_awq_input_scale_fallback_is_exact(exact_cpu_path):
     x = torch.randn(3, 64)
     w = reference.dequantize(qw)
     torch.testing.assert_close(w, reference.decode(qw) / qw.input_scale)
-    torch.testing.assert_close(o(x), x @ w.T, rtol=1e-5, atol=1e-5)
+    b = 0.0 if o.bias is None else o.bias  # bias_correction's mean shift, when on
+    torch.testing.assert_close(o(x), x @ w.T + b, rtol=1e-5, atol=1e-5)
 
 
 class OnePlusNorm(nn.Module):
@@ -216,3 +218,52 @@ def test_clip_search_never_worse_than_no_clip():
     both = (hi[..., 0] > 1e-6) & (lo[..., 0] < -1e-6)
     torch.testing.assert_close(r_hi[both], r_lo[both], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(group_errs(Wj), joint, rtol=1e-5, atol=1e-6)
+
+
+class _EmbedLinear(nn.Module):
+    """input_ids -> embedding -> one Linear (no block list: AWQ's per-layer path)."""
+
+    def __init__(self, V=64, K=64, N=48, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = nn.Embedding(V, K)
+        self.proj = nn.Linear(K, N, bias=False)
+        with torch.no_grad():
+            # a nonzero mean per channel, as post-norm activations of trained LLMs have
+            self.emb.weight.copy_(torch.randn(V, K, generator=g) + 2.0 * torch.rand(K, generator=g))
+            self.proj.weight.copy_(torch.randn(N, K, generator=g) * 0.1)
+
+    def forward(self, input_ids):
+        return self.proj(self.emb(input_ids))
+
+
+@torch.no_grad()
+def test_bias_correction_removes_the_mean_output_error(exact_cpu_path):
+    calib = token_batches(vocab=64, n=4, batch=4, seq=32)
+    ids = torch.cat([c[:, 1:] for c in calib]).reshape(-1)  # the counted positions
+    errs = {}
+    for bc in (False, True):
+        model = _EmbedLinear()
+        w = model.proj.weight.clone()
+        quantize_model(model, QuantConfig(method="awq", format="int4", group_size=32,
+                                          bias_correction=bc), calibration=calib, progress=False)
+        x = model.emb(ids)
+        err = (x @ w.T - model.proj(x)).mean(0)  # mean output error per channel
+        errs[bc] = float(err.abs().max())
+        assert (model.proj.bias is not None) == bc
+    assert errs[True] < 1e-4 and errs[False] > 100 * errs[True]
+
+
+def test_bias_corrected_model_reloads_into_a_bias_free_float_model(tmp_path):
+    model = tiny_llama(layers=2)
+    calib = token_batches(n=2, batch=2, seq=32)
+    quantize_model(model, QuantConfig(method="awq", format="int4", group_size=32,
+                                      bias_correction=True), calibration=calib, progress=False)
+    assert model.model.layers[0].mlp.down_proj.bias is not None
+    ids = token_batches(n=1, batch=2, seq=16, seed=5)[0]
+    with torch.no_grad():
+        want = model(ids).logits
+    lowbit.save(model, tmp_path / "m.lowbit")
+    again = lowbit.load(tmp_path / "m.lowbit", lambda: tiny_llama(layers=2, seed=3))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)

@@ -412,7 +412,9 @@ def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
                 raise CheckpointError(
                     f"{path}: layer {name!r} is [out={shape[0]}, in={shape[1]}] in the checkpoint "
                     f"but [out={out_f}, in={in_f}] in the model")
-            if (mod.bias is not None) != layer["bias"]:
+            # A quantizer may add a bias (AWQ's bias_correction): a checkpoint layer with a
+            # bias fits a float layer without one; the other way round is a mismatch.
+            if mod.bias is not None and not layer["bias"]:
                 raise CheckpointError(f"{path}: layer {name!r} has {'a' if layer['bias'] else 'no'} "
                                       f"bias in the checkpoint but {'a' if mod.bias is not None else 'no'} "
                                       "bias in the model")

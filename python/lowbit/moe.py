@@ -122,13 +122,19 @@ class QuantExperts(nn.Module):
         if fl is None:
             raise TypeError(f"{type(base).__name__} is not a fused-experts module this version "
                             "of lowbit understands")
-        self._fl = fl
         E, H, I2, I = fl["E"], fl["hidden"], fl["up_out"], fl["inter"]
-        self.num_experts = E
-        self.up = nn.ModuleList(QuantLinear(H, I2, bias=False, fmt=fmt, device=device, **format_options)
-                                for _ in range(E))
-        self.down = nn.ModuleList(QuantLinear(I, H, bias=False, fmt=fmt, device=device, **format_options)
-                                  for _ in range(E))
+        self._assemble(fl, base,
+                       [QuantLinear(H, I2, bias=False, fmt=fmt, device=device, **format_options)
+                        for _ in range(E)],
+                       [QuantLinear(I, H, bias=False, fmt=fmt, device=device, **format_options)
+                        for _ in range(E)])
+
+    def _assemble(self, fl: Dict[str, Any], base: nn.Module, up, down) -> None:
+        """Install the experts' layers; ``base`` loses its two weight parameters."""
+        self._fl = fl
+        self.num_experts = fl["E"]
+        self.up = nn.ModuleList(up)
+        self.down = nn.ModuleList(down)
         for n in (fl["up_name"], "down_proj"):
             del base._parameters[n]
         self.base = base
@@ -141,20 +147,15 @@ class QuantExperts(nn.Module):
         fl = _flags(mod)
         if fl is None:
             raise TypeError(f"{type(mod).__name__} is not a fused-experts module")
-        up_p, down_p = mod._parameters[fl["up_name"]], mod._parameters["down_proj"]
+        def packed(p: torch.Tensor):
+            return [QuantLinear.from_quantized(quantize_weight(
+                _expert_matrix(p, e, fl["transposed"]).detach(), fmt, **format_options))
+                for e in range(fl["E"])]
+
         qe = cls.__new__(cls)
         nn.Module.__init__(qe)
-        qe._fl = fl
-        qe.num_experts = fl["E"]
-        qe.up = nn.ModuleList(QuantLinear.from_quantized(quantize_weight(
-            _expert_matrix(up_p, e, fl["transposed"]).detach(), fmt, **format_options))
-            for e in range(fl["E"]))
-        qe.down = nn.ModuleList(QuantLinear.from_quantized(quantize_weight(
-            _expert_matrix(down_p, e, fl["transposed"]).detach(), fmt, **format_options))
-            for e in range(fl["E"]))
-        for n in (fl["up_name"], "down_proj"):
-            del mod._parameters[n]
-        qe.base = mod
+        qe._assemble(fl, mod, packed(mod._parameters[fl["up_name"]]),
+                     packed(mod._parameters["down_proj"]))
         return qe
 
     @property

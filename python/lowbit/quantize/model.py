@@ -205,16 +205,14 @@ def _quantize_fused_experts(model: nn.Module, config: QuantConfig, keep_float: L
         if fmt is not None and rule == "default" and _keeps_float(name, keep_float):
             fmt, rule = None, "the model's _keep_in_fp32_modules"
         rules[name] = rule
-        if fmt is None:
+        ok, why = (True, "") if fmt is None else check_layout(mod)
+        if fmt is None or not ok:
+            info = {"weights": n_w, "experts": "fused"}
+            if not ok:
+                info["note"] = f"left in float: {why}"
+                report.notes.append(f"{name}: fused experts left in float ({why})")
             report.layers.append(LayerReport(name, "skip", None, 8.0 * next(mod.parameters()).element_size(),
-                                             0.0, rule, {"weights": n_w, "experts": "fused"}))
-            continue
-        ok, why = check_layout(mod)
-        if not ok:
-            report.layers.append(LayerReport(name, "skip", None, 8.0 * next(mod.parameters()).element_size(),
-                                             0.0, rule, {"weights": n_w, "experts": "fused",
-                                                         "note": f"left in float: {why}"}))
-            report.notes.append(f"{name}: fused experts left in float ({why})")
+                                             0.0, rule, info))
             continue
         t0 = time.perf_counter()
         f, kw = format_kwargs(fmt)

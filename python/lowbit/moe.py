@@ -78,18 +78,35 @@ def _run(base: nn.Module, fl: Dict[str, Any], hidden_states: torch.Tensor,
          top_k_index: torch.Tensor, top_k_weights: torch.Tensor, up_fn, down_fn) -> torch.Tensor:
     """The experts' output: for each routed expert e, its tokens through up_fn(e, x) (+ bias),
     the gate / activation, down_fn(e, h) (+ bias) and the post-expert norm, weighted by the
-    routing weights and summed per token in hidden_states' dtype."""
+    routing weights and summed per token in hidden_states' dtype.
+
+    The (token, expert) pairs are sorted by expert once, so each expert reads one contiguous
+    slice and the host waits on the device once per call (for the per-expert counts), not
+    once per expert; ids outside [0, E) (expert-parallel sentinels) are skipped."""
     E = fl["E"]
+    T = hidden_states.shape[0]
     out = torch.zeros_like(hidden_states)
-    if top_k_index.numel() == 0:
+    if top_k_index.numel() == 0 or T == 0:
         return out
-    idx = top_k_index.reshape(hidden_states.shape[0], -1)
-    wts = top_k_weights.reshape(idx.shape)
-    for e in torch.unique(idx).tolist():
-        if not 0 <= e < E:  # expert-parallel sentinels and the like: not this rank's
+    flat = top_k_index.reshape(-1)
+    k = flat.numel() // T
+    wts = top_k_weights.reshape(-1)
+    ids = torch.where((flat >= 0) & (flat < E), flat, torch.full_like(flat, E))
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=E + 1)[:E].tolist()
+    n = sum(counts)
+    order = order[:n]
+    tok = order // k
+    xs = hidden_states[tok]
+    ws = wts[order]
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
             continue
-        tok, pos = torch.where(idx == e)
-        h = up_fn(e, hidden_states[tok])
+        seg = slice(start, start + c)
+        start += c
+        h = up_fn(e, xs[seg])
         if fl["has_bias"]:
             h = h + base._parameters[fl["up_name"] + "_bias"][e]
         if not fl["gated"]:
@@ -104,8 +121,9 @@ def _run(base: nn.Module, fl: Dict[str, Any], hidden_states: torch.Tensor,
             h = h + base._parameters["down_proj_bias"][e]
         if fl["post_norm"]:
             h = base.post_expert_norm(h)
-        h = h * wts[tok, pos, None]
-        out.index_add_(0, tok, h.to(out.dtype))
+        ys[seg] = (h * ws[seg, None]).to(ys.dtype)
+    if n:
+        out.index_add_(0, tok, ys)
     return out
 
 

@@ -535,8 +535,9 @@ def search_config(config) -> Any:
     from .config import ALGORITHM_OPTIONS
     if config.method == "awq":
         return config
-    return SimpleNamespace(**{k: row.default_for("awq") for k, row in ALGORITHM_OPTIONS.items()
-                              if "awq" in row.methods})
+    opts = {k: row.default_for("awq") for k, row in ALGORITHM_OPTIONS.items() if "awq" in row.methods}
+    opts["bias_correction"] = False  # the other method quantizes: no AWQ bias to score against
+    return SimpleNamespace(**opts)
 
 
 @torch.no_grad()

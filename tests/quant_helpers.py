@@ -29,3 +29,32 @@ def token_batches(vocab: int = 96, n: int = 4, batch: int = 2, seq: int = 32, se
 
 def linear_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+@torch.no_grad()
+def fold_random_scales(model, blocks, ids, seed: int = 0):
+    """Give every AWQ group of every block a random scale and apply it as AWQ does (fold into
+    the producer where the block's float output allows it, the block check included); groups
+    left for input_scale are unscaled again, so the model should compute what it did. Returns
+    {group's linear names: the producer it folded into, or None}."""
+    from torch import nn
+
+    from lowbit.quantize import awq as A
+    from lowbit.quantize import blocks as B
+    inputs = B.capture_block_inputs(model, blocks[0], [{"input_ids": ids}])
+    g = torch.Generator().manual_seed(seed)
+    folded = {}
+    for block in blocks:
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        groups = A._probe_groups(block, inputs[0], linears)
+        A._collect(block, inputs, groups, 0, False)
+        for grp in groups:
+            mods = {r: (linears[r], None) for r in grp.names}
+            grp.scale = torch.exp(torch.randn(linears[grp.names[0]].in_features, generator=g))
+            A._apply_scale(block, grp, mods, True, inputs[0])
+            folded[tuple(grp.names)] = grp.producer[1] if grp.folded else None
+            if not grp.folded:  # the layer would keep input_scale: undo for the float check
+                for r in grp.names:
+                    linears[r].weight.div_(grp.scale)
+        inputs = B.run_block(block, inputs)
+    return folded

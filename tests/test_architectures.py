@@ -12,11 +12,9 @@ from lowbit import QuantLinear
 from lowbit import evaluate as E
 from lowbit.nn import conv1d_to_linear, is_conv1d
 from lowbit.quantize import QuantConfig, quantize_model
-from lowbit.quantize import awq as A
-from lowbit.quantize import blocks as B
 
 transformers = pytest.importorskip("transformers")
-from quant_helpers import token_batches  # noqa: E402
+from quant_helpers import fold_random_scales, token_batches  # noqa: E402
 
 V = 96
 
@@ -119,22 +117,7 @@ def test_awq_fold_is_refused_where_the_norm_also_feeds_the_residual():
                                  num_hidden_layers=2, num_attention_heads=4)).eval()
     ids = token_batches(vocab=V)[0]
     ref = model(ids).last_hidden_state
-    inputs = B.capture_block_inputs(model, model.encoder.layer[0], [{"input_ids": ids}])
-    g = torch.Generator().manual_seed(0)
-    folded = {}
-    for block in model.encoder.layer:
-        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        groups = A._probe_groups(block, inputs[0], linears)
-        A._collect(block, inputs, groups, 0, False)
-        for grp in groups:
-            mods = {r: (linears[r], None) for r in grp.names}
-            grp.scale = torch.exp(torch.randn(linears[grp.names[0]].in_features, generator=g))
-            A._apply_scale(block, grp, mods, True, inputs[0])
-            folded[tuple(grp.names)] = grp.producer[1] if grp.folded else None
-            if not grp.folded:  # the layer would keep input_scale: undo for the float check
-                for r in grp.names:
-                    linears[r].weight.div_(grp.scale)
-        inputs = B.run_block(block, inputs)
+    folded = fold_random_scales(model, model.encoder.layer, ids)
     assert folded[("intermediate.dense",)] is None
     torch.testing.assert_close(model(ids).last_hidden_state, ref, rtol=1e-4, atol=1e-4)
 

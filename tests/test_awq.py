@@ -11,10 +11,9 @@ import lowbit
 from lowbit import QuantLinear, reference
 from lowbit.quantize import QuantConfig, quantize_model
 from lowbit.quantize import awq as A
-from lowbit.quantize import blocks as B
 
 transformers = pytest.importorskip("transformers")
-from quant_helpers import tiny_llama, token_batches  # noqa: E402
+from quant_helpers import fold_random_scales, tiny_llama, token_batches  # noqa: E402
 
 
 def with_outlier_channels(model, channels=(3, 17, 40), factor=25.0):
@@ -33,22 +32,7 @@ def test_folded_scales_keep_float_outputs():
         model = tiny_llama(layers=2, heads=4, kv_heads=kv_heads)
         ids = token_batches()[0]
         ref = model(ids).logits
-        inputs = B.capture_block_inputs(model, model.model.layers[0], [{"input_ids": ids}])
-        folded = {}
-        g = torch.Generator().manual_seed(0)
-        for block in model.model.layers:
-            linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-            groups = A._probe_groups(block, inputs[0], linears)
-            A._collect(block, inputs, groups, 0, False)
-            for grp in groups:
-                mods = {r: (linears[r], None) for r in grp.names}
-                grp.scale = torch.exp(torch.randn(linears[grp.names[0]].in_features, generator=g))
-                A._apply_scale(block, grp, mods)
-                folded[tuple(grp.names)] = grp.producer[1] if grp.folded else None
-                if not grp.folded:  # the layer would keep input_scale: undo for the float check
-                    for r in grp.names:
-                        linears[r].weight.div_(grp.scale)
-            inputs = B.run_block(block, inputs)
+        folded = fold_random_scales(model, model.model.layers, ids)
         assert folded[("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")] == "input_layernorm"
         assert folded[("mlp.gate_proj", "mlp.up_proj")] == "post_attention_layernorm"
         assert folded[("mlp.down_proj",)] == "mlp.up_proj"

@@ -56,9 +56,10 @@ def test_quant_experts_equal_the_models_forward_on_dequantized_weights(arch, fmt
                                                                        exact_cpu_path):
     name, mod = next(iter(experts_of(tiny_moe(arch)).items()))
     fake = copy.deepcopy(mod)
-    qe = QuantExperts.from_experts(mod, fmt, **opts)
-    assert not is_fused_experts(mod) or mod is qe.base  # the float weights were taken out
     up_name = "gate_up_proj" if hasattr(fake, "gate_up_proj") else "up_proj"
+    qe = QuantExperts.from_experts(mod, fmt, **opts)
+    # the module became qe.base, its float weights taken out
+    assert mod is qe.base and up_name not in mod._parameters and "down_proj" not in mod._parameters
     transposed = bool(getattr(fake, "is_transposed", False))
     for e in range(qe.num_experts):
         for p, q in ((getattr(fake, up_name), qe.up[e]), (fake.down_proj, qe.down[e])):

@@ -41,6 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
 from .moe import is_fused_experts
 from .nn import is_linear_like, linear_weight
 
@@ -544,8 +545,8 @@ def size_stats(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> dict:
     """Sizes, in bytes:
 
     * ``linear_bytes``: the Linear layers' weights (those not in ``skip``; Conv1D and fused
-      MoE expert weights included) as stored: a quantized layer's every tensor but its bias (codes, scales, zeros, input transforms,
-      outlier columns), a float layer's weight; ``linear_weights`` their weight count and
+      MoE expert weights included) as stored: a quantized layer's every tensor but its bias
+      (codes, scales, zeros, input transforms, outlier columns), a float layer's weight; ``linear_weights`` their weight count and
       ``bits_per_weight`` = 8 * linear_bytes / linear_weights;
     * ``model_bytes``: every parameter and buffer of the model, tied ones once (embeddings,
       norms, biases and the float lm_head included).

@@ -361,6 +361,7 @@ def _install_experts(model: nn.Module, doc: dict, path: str) -> None:
     """Replace every fused-experts module the file records as quantized by an empty
     QuantExperts (its QuantLinear layers are then filled like any other)."""
     from ..moe import QuantExperts, is_fused_experts
+    from ..quantize.blocks import replace_module
     recorded = doc.get("experts", {})
     if not isinstance(recorded, dict):
         raise CheckpointError(f"{path}: malformed 'experts' record in the header")
@@ -381,14 +382,13 @@ def _install_experts(model: nn.Module, doc: dict, path: str) -> None:
         if qe.num_experts != rec.get("num_experts"):
             raise CheckpointError(f"{path}: {name!r} has {rec.get('num_experts')} experts in the "
                                   f"checkpoint but {qe.num_experts} in the model")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, qe)
+        replace_module(model, name, qe)
 
 
 def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
     """Replace every layer the file records as quantized by an empty one of that format."""
     from ..nn import QuantLinear, is_linear_like, linear_weight
+    from ..quantize.blocks import replace_module
     classes = _layer_classes()
     for name, layer in doc["layers"].items():
         try:
@@ -415,9 +415,8 @@ def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
             # A quantizer may add a bias (AWQ's bias_correction): a checkpoint layer with a
             # bias fits a float layer without one; the other way round is a mismatch.
             if mod.bias is not None and not layer["bias"]:
-                raise CheckpointError(f"{path}: layer {name!r} has {'a' if layer['bias'] else 'no'} "
-                                      f"bias in the checkpoint but {'a' if mod.bias is not None else 'no'} "
-                                      "bias in the model")
+                raise CheckpointError(f"{path}: layer {name!r} has no bias in the checkpoint but "
+                                      "a bias in the model")
             if cls is not QuantLinear:
                 raise CheckpointError(f"{path}: cannot build a {layer['class']} for {name!r}")
             try:
@@ -427,9 +426,7 @@ def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
                                      device="meta")
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: layer {name!r}: invalid format settings ({e})") from None
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, target)
+            replace_module(model, name, target)
         else:
             raise CheckpointError(f"{path}: the checkpoint has a quantized layer at {name!r} but the "
                                   f"model has a {type(mod).__name__} there, not an nn.Linear "

@@ -209,16 +209,17 @@ def _add_stats(g: _Group, x: torch.Tensor, first_weight: float) -> None:
         g.x_sum = torch.zeros(K, device=x.device)
     g.xtx.addmm_(rows.t(), rows)
     g.x_abs_sum += rows.abs().sum(0)
-    rest = x[..., 1:, :] if x.dim() >= 3 and x.shape[-2] > 1 else x
-    rest = rest.reshape(-1, K).to(torch.float32)
-    g.x_sum += rest.sum(0)
-    g.x_count += rest.shape[0]
+    g.x_sum += rows.sum(0)
+    g.x_count += rows.shape[0]
     g.tokens += rows.shape[0]
     g.n += rows.shape[0]
-    if first_weight != 1.0 and x.dim() >= 3 and x.shape[-2] > 1:
+    if x.dim() >= 3 and x.shape[-2] > 1:  # sequences: their first positions
         x0 = x[..., 0, :].reshape(-1, K).to(torch.float32)
-        g.xtx.addmm_(x0.t(), x0, alpha=first_weight - 1.0)
-        g.n += (first_weight - 1.0) * x0.shape[0]
+        g.x_sum -= x0.sum(0)
+        g.x_count -= x0.shape[0]
+        if first_weight != 1.0:
+            g.xtx.addmm_(x0.t(), x0, alpha=first_weight - 1.0)
+            g.n += (first_weight - 1.0) * x0.shape[0]
 
 
 @torch.no_grad()

@@ -68,9 +68,14 @@ def _keep_in_float_patterns(model: nn.Module) -> List[str]:
     return sorted(set(out))
 
 
-def _keeps_float(name: str, patterns: List[str]) -> bool:
-    """Whether one of ``patterns`` is a run of whole components of the dotted ``name``."""
-    return any(f".{p}." in f".{name}." for p in patterns)
+def _layer_format(config: QuantConfig, name: str, keep_float: List[str]):
+    """(format options or None, deciding rule) of module ``name``: the config's rules, then
+    the model's float-only modules (``keep_float`` fragments, each a run of whole components
+    of the dotted name) where no rule of the user's named the module."""
+    fmt, rule = config.match(name)
+    if fmt is not None and rule == "default" and any(f".{p}." in f".{name}." for p in keep_float):
+        return None, "the model's _keep_in_fp32_modules"
+    return fmt, rule
 
 
 @torch.no_grad()
@@ -122,9 +127,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     for name, mod in list(model.named_modules()):
         if not is_linear_like(mod):
             continue
-        fmt, rule = config.match(name)
-        if fmt is not None and rule == "default" and _keeps_float(name, keep_float):
-            fmt, rule = None, "the model's _keep_in_fp32_modules"
+        fmt, rule = _layer_format(config, name, keep_float)
         rules[name] = rule
         if fmt is None:
             report.layers.append(LayerReport(name, "skip", None, 8.0 * mod.weight.element_size(),
@@ -199,11 +202,8 @@ def _quantize_fused_experts(model: nn.Module, config: QuantConfig, keep_float: L
     found = [(n, m) for n, m in model.named_modules() if n and is_fused_experts(m)]
     done = 0
     for name, mod in found:
-        n_w = sum(p.numel() for n, p in mod.named_parameters(recurse=False)
-                  if p.dim() == 3)
-        fmt, rule = config.match(name)
-        if fmt is not None and rule == "default" and _keeps_float(name, keep_float):
-            fmt, rule = None, "the model's _keep_in_fp32_modules"
+        n_w = sum(p.numel() for p in mod.parameters(recurse=False) if p.dim() == 3)
+        fmt, rule = _layer_format(config, name, keep_float)
         rules[name] = rule
         ok, why = (True, "") if fmt is None else check_layout(mod)
         if fmt is None or not ok:

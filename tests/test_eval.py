@@ -5,6 +5,7 @@ it once)."""
 
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -301,3 +302,27 @@ def test_evaluate_tiny_folder_with_calibrated_method_and_save_dir(tmp_path, monk
     if importlib.util.find_spec("matplotlib") is not None:
         E.plot(out["results"], str(tmp_path / "p.png"))  # the failed spec is left out
         assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_gguf_cache_key_follows_content_not_mtime_and_prunes_old_copies(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    data = bytearray(torch.randint(0, 256, (9 << 20,), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8).numpy().tobytes())
+    f.write_bytes(data)
+    first = E._gguf_cache_path(str(f))
+    os.utime(f, ns=(1, 1))  # a reinstall: same bytes, new mtime
+    assert E._gguf_cache_path(str(f)) == first
+    data[-1] ^= 1  # the content changes (here in the tail), so does the key
+    f.write_bytes(data)
+    assert E._gguf_cache_path(str(f)) != first
+    # copies made under the old mtime keys of this name and size go once a new one is written
+    models = tmp_path / "cache" / "models"
+    size = len(data)
+    for name in (f"m-{size}-1795767327871146130", f"m-{size}-17", f"m-{size + 1}-17", f"other-{size}-17"):
+        (models / name).mkdir(parents=True)
+    os.makedirs(first)
+    gone = E._prune_legacy_copies(first)
+    assert sorted(os.path.basename(g) for g in gone) == [f"m-{size}-17", f"m-{size}-1795767327871146130"]
+    assert sorted(os.listdir(models)) == sorted([os.path.basename(first), f"m-{size + 1}-17",
+                                                 f"other-{size}-17"])

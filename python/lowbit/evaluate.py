@@ -7,7 +7,8 @@ Data (see DESIGN.md, "Real data for accuracy"; nothing is fetched at run time):
   with importlib, never imported) and loaded by transformers as a LlamaForCausalLM in float32.
   Parsing the GGUF takes ~40 s, so the converted float model is cached as safetensors under
   the user cache dir (``$LOWBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowbit``, else
-  ``~/.cache/lowbit``), keyed by the GGUF's name, size and mtime; ``cache=False`` skips it.
+  ``~/.cache/lowbit``), keyed by the GGUF's name, size and a fingerprint of its content (a reinstalled package
+  reuses it); ``cache=False`` skips it.
 * Text: English Wikipedia articles from the test data of the ``gensim`` wheel, turned into
   plain text by gensim's ``extract_pages`` + ``filter_wiki`` (redirects and stubs dropped,
   articles joined by blank lines), or any plain text file.
@@ -31,6 +32,8 @@ the memory of a model of N parameters in every format, from the formats' layouts
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import importlib.util
 import math
 import os
@@ -280,10 +283,44 @@ def cache_dir() -> str:
     return d
 
 
+@functools.lru_cache(maxsize=32)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    """A fingerprint of a (large) file's content: SHA-256 over its first and last 4 MiB and
+    64 KiB at 32 evenly spaced offsets (a GGUF's header, tensor table and samples of every
+    region), without reading all of it. ``mtime_ns`` only keys the memo."""
+    h = hashlib.sha256(str(size).encode())
+    head = tail = 4 << 20
+    spans = [(0, head)] + [(size * i // 33, 64 << 10) for i in range(1, 33)]
+    spans.append((max(0, size - tail), tail))
+    with open(path, "rb") as f:
+        for off, n in spans:
+            f.seek(off)
+            h.update(f.read(n))
+    return h.hexdigest()[:16]
+
+
 def _gguf_cache_path(gguf_path: str) -> str:
+    """The converted model's cache folder: ``<stem>-<size>-h<content fingerprint>``, so the
+    same file reinstalled (a new mtime) maps to the same folder."""
     st = os.stat(gguf_path)
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
-    return os.path.join(cache_dir(), "models", f"{stem}-{st.st_size}-{st.st_mtime_ns}")
+    key = _content_key(os.path.abspath(gguf_path), st.st_size, st.st_mtime_ns)
+    return os.path.join(cache_dir(), "models", f"{stem}-{st.st_size}-h{key}")
+
+
+def _prune_legacy_copies(dest: str) -> List[str]:
+    """Remove this file's copies cached under the old mtime keys (``<stem>-<size>-<digits>``):
+    every reinstall of the model package made one more (~540 MB each). Returns their paths."""
+    import shutil
+    models, name = os.path.split(dest)
+    prefix = name.rsplit("-", 1)[0] + "-"
+    gone = []
+    for other in sorted(os.listdir(models)):
+        rest = other[len(prefix):]
+        if other.startswith(prefix) and rest.isdigit():
+            shutil.rmtree(os.path.join(models, other), ignore_errors=True)
+            gone.append(os.path.join(models, other))
+    return gone
 
 
 def _save_float_copy(model, tokenizer, dest: str) -> None:
@@ -305,6 +342,7 @@ def _save_float_copy(model, tokenizer, dest: str) -> None:
     except OSError:  # another process won the race
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
+    _prune_legacy_copies(dest)
 
 
 def _own_memory(model):

@@ -36,6 +36,19 @@ the time; calibrating each block on the float model's activations (AutoAWQ's ord
 at 4k tokens against 25.40. A 4k-token screen with 16 sequences ranked several of these
 the other way round, so only 16k-token results decide.
 
+How far apart two runs of the same algorithm land (H200, float32, TF32 off, same text,
+tokens and calibration; fp32 22.79 and RTN 30.59 there as here): the defaults gave g128 27.50
+on the GPU against 27.05 on the CPU (g64 26.39 against 26.37). Only float rounding differs, so
+a few discrete choices (alpha per group, clip per weight group) flip and move perplexity by
+up to ~0.45 at g128. Variants screened on the H200 at g128 all landed in that band: clip_grid
+40 27.02, first_token_weight 16 27.16 / 256 27.45, n_grid 40 27.53, search_tokens 32768
+27.57, 128 calibration sequences 27.35, objective 'layer' 27.61, no bias correction 27.45;
+quantizing a block's groups one at a time with each group's clip search and bias correction
+re-measured on the inputs left by the already-quantized groups (and the bias target taken from
+the float block's inputs) 27.33-27.47 (g64: 25.93-26.46 over four settings, against 26.39);
+a bias target from the float model's own stream diverged (35.2 and worse). None was kept: none
+moved g128 outside the band.
+
 :func:`scale_block` runs the scale search alone on one block, for GPTQ's ``awq_scales``
 (AWQ's scales folded, then GPTQ instead of round-to-nearest).
 

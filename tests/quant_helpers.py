@@ -41,10 +41,12 @@ def fold_random_scales(model, blocks, ids, seed: int = 0):
 
     from lowbit.quantize import awq as A
     from lowbit.quantize import blocks as B
-    inputs = B.capture_block_inputs(model, blocks[0], [{"input_ids": ids}])
+    calls = B.capture_block_inputs(model, blocks, [{"input_ids": ids}])
+    inputs = calls.first
     g = torch.Generator().manual_seed(seed)
     folded = {}
-    for block in blocks:
+    for bi, block in enumerate(blocks):
+        inputs = calls.inputs_for(bi, inputs)
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         groups = A._probe_groups(block, inputs[0], linears)
         A._collect(block, inputs, groups, 0, False)

@@ -169,3 +169,205 @@ def test_quantized_gpt2_on_cuda_matches_cpu(exact_cpu_path):
     cpu = model(ids).logits
     model.to("cuda")
     torch.testing.assert_close(model(ids.cuda()).logits.cpu(), cpu, rtol=1e-3, atol=1e-3)
+
+
+# ---- layers and calls that a plain Linear-by-Linear replacement gets wrong -----------------
+class _Router(nn.Linear):
+    """An nn.Linear subclass with its own forward (MoE routers return logits and weights)."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits, logits.softmax(-1)
+
+
+class _RoutedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.router = _Router(64, 4)
+        self.proj = nn.Linear(64, 64)
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)  # reads out_proj.weight
+
+    def forward(self, x):
+        _, w = self.router(x)
+        h = self.proj(x) * w.sum(-1, keepdim=True)
+        return self.attn(h, h, h)[0]
+
+
+@torch.no_grad()
+def test_linear_subclass_with_own_forward_stays_float_and_weight_readers_work():
+    torch.manual_seed(0)
+    model = _RoutedNet().eval()
+    x = torch.randn(2, 5, 64)
+    ref = model(x)
+    quantize_model(model, QuantConfig(format="int8"), progress=False)
+    assert type(model.router) is _Router  # left alone, and the report says why
+    row = {r.name: r for r in model.lowbit_report.layers}["router"]
+    assert row.method == "skip" and "overrides nn.Linear.forward" in row.rule
+    assert any(n.startswith("router:") for n in model.lowbit_report.notes)
+    # nn.MultiheadAttention's out_proj (an nn.Linear subclass keeping its forward) is quantized;
+    # the attention reads out_proj.weight, which a QuantLinear decodes on access
+    assert isinstance(model.proj, QuantLinear) and isinstance(model.attn.out_proj, QuantLinear)
+    torch.testing.assert_close(model.attn.out_proj.weight, model.attn.out_proj.dequantize())
+    assert float((model(x) - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    with pytest.raises(TypeError, match="overrides nn.Linear.forward"):
+        QuantLinear.from_linear(_Router(64, 4), "int8")
+
+
+def test_quant_linear_weight_is_a_read_only_copy():
+    q = QuantLinear.from_linear(nn.Linear(64, 32).to(torch.bfloat16), "int4", group_size=32)
+    w = q.weight
+    assert w.dtype == torch.bfloat16 and torch.equal(w, q.dequantize(torch.bfloat16))
+    assert type(w @ torch.ones(64, dtype=torch.bfloat16)) is torch.Tensor
+    for write in (lambda t: t.div_(2), lambda t: t.copy_(t), lambda t: t.__setitem__(0, 1.0),
+                  lambda t: t.__imul__(2)):
+        with pytest.raises(RuntimeError, match="in-place .* QuantLinear's weight"):
+            write(q.weight)
+
+
+class _TwoWidths(nn.Module):
+    """A block whose last two linears (different input widths) never run on the calibration
+    data, like experts no calibration token is routed to."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.unused_in = nn.Linear(64, 128)
+        self.unused_out = nn.Linear(128, 64)
+
+    def forward(self, h):
+        return h + self.a(h)
+
+
+class _Stack(nn.Module):
+    """Blocks that must each receive their own index (as Zamba 2's do) and a per-block mask."""
+
+    def __init__(self, n=3):
+        super().__init__()
+        self.emb = nn.Embedding(V, 64)
+        self.layers = nn.ModuleList(_TwoWidths() for _ in range(n))
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        for i, blk in enumerate(self.layers):
+            h = _call_indexed(blk, h, i)
+        return h
+
+
+def _call_indexed(blk, h, i):
+    return blk.__call__(h, layer_idx=i, gain=torch.full((1,), float(i + 1)))
+
+
+def _indexed_forward(self, h, layer_idx, gain):
+    assert self._idx == layer_idx, f"block {self._idx} called with layer_idx={layer_idx}"
+    return h + self.a(h) * gain
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_block_calibration_uses_each_blocks_own_arguments(method):
+    torch.manual_seed(0)
+    model = _Stack().eval()
+    for i, blk in enumerate(model.layers):
+        blk._idx = i
+        blk.forward = _indexed_forward.__get__(blk)
+    calib = token_batches(n=2, batch=2, seq=16)
+    ids = calib[0]
+    with torch.no_grad():
+        ref = model(ids)
+    quantize_model(model, QuantConfig(method=method, format="int8"), calibration=calib,
+                   progress=False)
+    rep = {r.name: r for r in model.lowbit_report.layers}
+    assert rep["layers.2.unused_out"].method == method  # never called: round-to-nearest
+    with torch.no_grad():
+        assert float((model(ids) - ref).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+@torch.no_grad()
+def test_block_inputs_follow_sliding_and_global_layers():
+    """Gemma 3 alternates sliding-window and global layers (different masks and rotary
+    tables): replaying block 0's arguments for every block would feed block 2 the wrong ones."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from lowbit.quantize import blocks as B
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           sliding_window=8, max_position_embeddings=64,
+                           layer_types=["sliding_attention", "full_attention"] * 2)
+    model = Gemma3ForCausalLM(cfg).eval()
+    ids = token_batches(n=1, batch=2, seq=32)[0]
+    want = model(ids, output_hidden_states=True).hidden_states
+    calls = B.capture_block_inputs(model, model.model.layers, [{"input_ids": ids}])
+    assert calls.per_block is not None
+    inputs = calls.first
+    for i, blk in enumerate(model.model.layers):
+        inputs = calls.inputs_for(i, inputs)
+        torch.testing.assert_close(inputs[0].hidden, want[i])
+        inputs = B.run_block(blk, inputs)
+    # a Llama's blocks are called alike: the capture stops at the first block
+    from quant_helpers import tiny_llama
+    llama = tiny_llama(layers=2)
+    assert B.capture_block_inputs(llama, llama.model.layers, [{"input_ids": ids}]).per_block is None
+
+
+def test_calibration_turns_the_cache_off_through_kwargs():
+    from lowbit.quantize import blocks as B
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Cfg", (), {"use_cache": True})()
+            self.seen = []
+
+        def forward(self, input_ids, **kwargs):
+            self.seen.append(kwargs.get("use_cache"))
+            return input_ids
+
+    net = Net()
+    B.call_model(net, {"input_ids": torch.zeros(1, 2, dtype=torch.long)})
+    assert net.seen == [False]
+
+
+@torch.no_grad()
+def test_output_embeddings_under_another_name_stay_float_by_default():
+    model = tiny_gpt2()
+
+    class Renamed(nn.Module):  # an LM whose head is not called lm_head (BioGPT, Whisper, ...)
+        def __init__(self, base):
+            super().__init__()
+            self.base = base.transformer
+            self.proj_out = nn.Linear(64, V, bias=False)
+
+        def get_output_embeddings(self):
+            return self.proj_out
+
+        def forward(self, input_ids):
+            return self.proj_out(self.base(input_ids).last_hidden_state)
+
+    m = Renamed(copy.deepcopy(model))
+    quantize_model(m, QuantConfig(format="int8"), progress=False)
+    assert type(m.proj_out) is nn.Linear
+    assert "output embeddings" in {r.name: r for r in m.lowbit_report.layers}["proj_out"].rule
+    m2 = Renamed(copy.deepcopy(model))
+    quantize_model(m2, QuantConfig(format="int8", rules={"proj_out": "int4"}), progress=False)
+    assert isinstance(m2.proj_out, QuantLinear) and m2.proj_out.fmt == "int4"
+
+
+def test_large_float_parameters_outside_linear_layers_are_noted():
+    class Net(nn.Module):  # experts as a bare 3-D parameter of a layout lowbit does not know
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, 64)
+            self.a = nn.Linear(64, 64)
+            self.experts_w = nn.Parameter(torch.randn(4, 64, 64))
+            self.small = nn.Parameter(torch.randn(2, 2))
+
+        def forward(self, ids):
+            return self.a(self.emb(ids)) @ self.experts_w[0] + self.small.sum()
+
+    m = Net()
+    quantize_model(m, QuantConfig(format="int8"), progress=False)
+    notes = [n for n in m.lowbit_report.notes if "stay in float" in n]
+    assert len(notes) == 1 and "experts_w" in notes[0] and "16,388 weights" in notes[0]  # 4 x 64 x 64 + 2 x 2
+    plain = tiny_gpt2()  # nothing of the kind: no note
+    quantize_model(plain, QuantConfig(format="int8"), progress=False)
+    assert not [n for n in plain.lowbit_report.notes if "stay in float" in n]

@@ -433,3 +433,127 @@ def test_public_linear_with_activation_rows_beyond_2_to_the_31_elements():
             assert_linear_close(y, R.linear(x, qw), x, qw, msg=isa)
     finally:
         lowbit.set_isa(prev)
+
+
+# ---- copies, tracing, tampered fields, failed loads ------------------------------------------
+@pytest.mark.parametrize("path", ["exact", "fast"])
+def test_copies_and_pickles_after_a_forward(path, tmp_path):
+    import copy
+    import pickle
+    from torch import nn
+    _backend.set_cpu_path(path)
+    try:
+        ql = lowbit.QuantLinear.from_linear(nn.Linear(64, 16), "int4", group_size=32)
+        x = torch.randn(3, 64)
+        y = ql(x)  # builds the path's derived forms (the fast path's packed handle)
+        for other in (copy.deepcopy(ql), pickle.loads(pickle.dumps(ql))):
+            assert torch.equal(other(x), y)
+        torch.save(ql, tmp_path / "ql.pt")
+        assert torch.equal(torch.load(tmp_path / "ql.pt", weights_only=False)(x), y)
+    finally:
+        _backend.set_cpu_path(None)
+
+
+def test_jit_trace_records_the_op(exact_cpu_path):
+    from torch import nn
+    ql = lowbit.QuantLinear.from_linear(nn.Linear(64, 16), "int8")
+    with torch.no_grad():
+        traced = torch.jit.trace(ql, torch.randn(2, 64), check_trace=False)
+        x = torch.randn(5, 64)
+        torch.testing.assert_close(traced(x), ql(x))
+
+
+def test_field_given_other_storage_is_validated_again_after_cache_clear():
+    qw = lowbit.quantize_weight(torch.randn(64, 256), "int4", group_size=64)
+    x = torch.randn(2, 256)
+    lowbit.linear(x, qw)  # validated once and stamped
+    qw.scales.data = qw.scales.data[:, :1].contiguous()
+    qw.cache.clear()  # (documented: an edit behind the field's back needs this)
+    with pytest.raises(ValueError, match="scales"):
+        lowbit.linear(x, qw)
+
+
+def test_double_quant_must_be_a_bool():
+    with pytest.raises(TypeError, match="double_quant must be a bool"):
+        lowbit.quantize_weight(torch.randn(4, 64), "nf4", double_quant="no")
+
+
+def test_float64_linear_quantizes_into_a_working_layer(exact_cpu_path):
+    from torch import nn
+    lin = nn.Linear(64, 8).double()
+    ql = lowbit.QuantLinear.from_linear(lin, "int8")
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(ql(x), torch.nn.functional.linear(x, ql.dequantize(), ql.bias),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_negated_views_are_read_with_their_sign(exact_cpu_path):
+    qw = lowbit.quantize_weight(torch.randn(8, 1), "int8")
+    x = torch.randn(3, 1, dtype=torch.complex64).conj().imag
+    assert x.is_neg()
+    want = torch.nn.functional.linear(x.resolve_neg(), qw.dequantize())
+    torch.testing.assert_close(lowbit.linear(x, qw), want)
+
+
+def test_save_refuses_a_tampered_layer_and_keeps_mode_and_links(tmp_path):
+    from torch import nn
+    m = nn.Sequential(nn.Linear(64, 32))
+    m[0] = lowbit.QuantLinear.from_linear(m[0], "int4", group_size=32)
+    target = tmp_path / "m.lowbit"
+    lowbit.save(m, target)
+    os.chmod(target, 0o600)
+    link = tmp_path / "link.lowbit"
+    os.symlink(target, link)
+    lowbit.save(m, link)
+    assert os.path.islink(link) and (os.stat(target).st_mode & 0o777) == 0o600
+    bad = nn.Sequential(lowbit.QuantLinear.from_linear(nn.Linear(64, 32), "int4", group_size=32))
+    bad[0].weight_scales.data = bad[0].weight_scales.data[:, :1].contiguous()
+    with pytest.raises(ValueError, match="cannot save layer '0'"):
+        lowbit.save(bad, tmp_path / "bad.lowbit")
+    assert not os.path.exists(tmp_path / "bad.lowbit")
+
+
+def test_failed_load_leaves_the_given_model_as_it_was(tmp_path):
+    from torch import nn
+    src = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    lowbit.quantize_model(src, lowbit.QuantConfig(format="int8"), progress=False)
+    lowbit.save(src, tmp_path / "m.lowbit")
+    dst = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 8))  # one more layer
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    kinds = [type(m) for m in dst]
+    from lowbit.io.serialize import CheckpointError
+    with pytest.raises(CheckpointError, match="missing"):
+        lowbit.load(tmp_path / "m.lowbit", dst)
+    assert [type(m) for m in dst] == kinds
+    after = dst.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("edit", ["group_size=0", "group_size=None", "group_size=-5",
+                                  "extra_state_on_plain_module"])
+def test_tampered_layer_state_is_a_checkpoint_error(tmp_path, edit):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from lowbit.io import serialize as S
+    m = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32))
+    m[0] = lowbit.QuantLinear.from_linear(m[0], "int4", group_size=32)
+    src, dst = tmp_path / "m.lowbit", tmp_path / "bad.lowbit"
+    lowbit.save(m, src)
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    doc = json.loads(meta[S.DOC_KEY])
+    if edit == "extra_state_on_plain_module":
+        doc["extra_state"]["1"] = {"x": 1}
+    else:
+        doc["layers"]["0"]["state"]["group_size"] = eval(edit.split("=")[1])
+    meta[S.DOC_KEY] = json.dumps(doc)
+    save_file(tensors, str(dst), metadata=meta)
+    fresh = nn.Sequential(nn.Linear(64, 32), nn.LayerNorm(32))
+    with pytest.raises(S.CheckpointError):
+        lowbit.load(dst, fresh)
+    assert type(fresh[0]) is nn.Linear  # and the model given is left as it was

@@ -63,6 +63,7 @@ def test_spec_fzero_and_fp32():
 @pytest.mark.parametrize("bad,match", [
     ("int3", "unknown format spec"), ("int4:g7", "group_size"), ("fp32:g64", "no modifiers"),
     ("int4:zz", "unknown modifier"), ("mixed", "budget"), ("mixed:x", "budget"),
+    ("int4:g64:gptq:awq", "two methods"),
     ("int4:llm.int8", "int8"), ("int4:gptq:n_grid=3", "n_grid"), ("int8:g64:dq", "double_quant"),
     ("int4::g64", "empty modifier"), ("int4:gptq:bogus=1", "bogus"),
 ])

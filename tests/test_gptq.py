@@ -319,7 +319,7 @@ def test_gptq_with_awq_scales_folds_and_keeps_the_float_model():
     targets = cfg.targets(f)
     mine = {n[len("model.layers.0."):]: t for n, t in targets.items() if n.startswith("model.layers.0.")}
     before = {k: v.clone() for k, v in block.state_dict().items()}
-    inputs = B.capture_block_inputs(f, block, [{"input_ids": c} for c in calib])
+    inputs = B.capture_block_inputs(f, f.model.layers, [{"input_ids": c} for c in calib]).first
     info = scale_block(block, inputs, mine, search_config(cfg))
     assert set(info) == set(mine)
     assert info["self_attn.o_proj"]["awq_scale"] == "none"  # GQA: v_proj's rows are too few

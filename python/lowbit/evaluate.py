@@ -219,6 +219,8 @@ def parse_spec(text: str) -> EvalSpec:
         elif m == "dq":
             kw["double_quant"] = True
         elif m in SPEC_METHODS:
+            if "method" in kw and kw["method"] != m:
+                raise ValueError(f"{label!r} names two methods ({kw['method']} and {m}): one per spec")
             kw["method"] = m
         else:
             raise ValueError(f"unknown modifier {mod!r} in {label!r}: use gN, sym, asym, fzero, dq, "

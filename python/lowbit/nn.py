@@ -30,8 +30,11 @@ def is_conv1d(mod: nn.Module) -> bool:
 
 
 def is_linear_like(mod: nn.Module) -> bool:
-    """An ``nn.Linear`` or a transformers ``Conv1D``: the layers lowbit quantizes."""
-    return isinstance(mod, nn.Linear) or is_conv1d(mod)
+    """An ``nn.Linear`` (a subclass too, unless it overrides ``forward``: a router returning
+    a tuple, a grouped linear) or a transformers ``Conv1D``: the layers lowbit quantizes."""
+    if isinstance(mod, nn.Linear):
+        return type(mod).forward is nn.Linear.forward
+    return is_conv1d(mod)
 
 
 def linear_weight(mod: nn.Module) -> torch.Tensor:
@@ -74,6 +77,30 @@ def _probe(cfg: Dict[str, Any]) -> QuantizedWeight:
                            input_scale=(torch.empty(K, dtype=torch.float32)
                                         if cfg.get("has_input_scale") else None),
                            validate=False)
+
+
+class DequantizedWeight(torch.Tensor):
+    """What ``QuantLinear.weight`` returns: a float copy of the packed weight. Any operation
+    gives plain tensors; an in-place one (``div_``, ``copy_``, ``x[i] = v``, ``x *= 2``)
+    raises, since the change would be lost with the copy (RWKV's rescaling writes to its
+    layers' weights, for instance)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        inplace = (name.endswith("_") and not name.endswith("__")) or name == "__setitem__" or (
+            name.startswith("__i") and name.endswith("__") and name[3:-2] in _INPLACE_DUNDERS)
+        if inplace:
+            raise RuntimeError(
+                f"in-place {name} on a QuantLinear's weight: it is a float copy decoded from the "
+                "packed weight, so the change would be lost. Change the float model before "
+                "quantizing it (or quantize the changed weight again)")
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+_INPLACE_DUNDERS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and",
+                    "or", "xor", "lshift", "rshift"}
 
 
 class QuantLinear(nn.Module):
@@ -137,6 +164,9 @@ class QuantLinear(nn.Module):
         weight's dtype); the rest is quantized with those columns set to 0, so the scales
         ignore them. An empty tensor or None gives the plain layer."""
         if not is_linear_like(linear):
+            if isinstance(linear, nn.Linear):
+                raise TypeError(f"from_linear: {type(linear).__name__} overrides nn.Linear.forward; "
+                                "a QuantLinear computes only x @ W^T + b, so it cannot replace it")
             raise TypeError("from_linear expects an nn.Linear (or a transformers Conv1D), got "
                             f"{type(linear).__name__}")
         w = linear_weight(linear).detach()
@@ -183,7 +213,10 @@ class QuantLinear(nn.Module):
                 m.outlier_cols = cols[order].contiguous()
                 m.outlier_weight = ow.detach().index_select(1, order).contiguous()
         if bias is not None:
-            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+            b = bias.detach().clone()
+            if b.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                b = b.to(torch.float32)  # a float64 layer: the kernels take float32 biases
+            m.bias = nn.Parameter(b, requires_grad=False)
         else:
             m.register_parameter("bias", None)
         return m
@@ -245,6 +278,16 @@ class QuantLinear(nn.Module):
         y = linear(x.index_fill(-1, cols, 0), self.qweight, self.bias)
         xo = x.index_select(-1, cols).to(torch.float32)
         return (y.to(torch.float32) + xo @ self.outlier_weight.to(torch.float32).T).to(y.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight [N, K] decoded to float (the bias's dtype, else float32), for
+        model code that reads ``layer.weight`` of a linear directly (``nn.MultiheadAttention``'s
+        out_proj, Mamba's ``dt_proj.weight @ x``, ``.weight.dtype`` checks). Decoded on every
+        access and never kept, so it costs a dequantization each time; it is a copy, so
+        writing to it in place raises (:class:`DequantizedWeight`)."""
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        return self.dequantize(dtype).as_subclass(DequantizedWeight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective weight [N, K]: the packed weight with the outlier columns (if any)

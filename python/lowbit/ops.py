@@ -178,6 +178,11 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if not torch.compiler.is_compiling():  # (compiled graphs materialise their inputs)
+        if x.is_neg():  # a lazily negated view (e.g. .conj().imag): the kernels read raw memory
+            x = x.resolve_neg()
+        if bias is not None and bias.is_neg():
+            bias = bias.resolve_neg()
     if qw.has_input_transform:
         # (x / input_scale)[..., perm] as ordinary torch ops (autograd and torch.compile see
         # them); the kernels then multiply the stored weight. The division is float32; on the
@@ -192,7 +197,8 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
 
 def _linear_dispatch(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if needs_grad or torch.compiler.is_compiling():
+    if needs_grad or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # (torch.jit.trace records only ops it sees: the custom op, not the kernel call)
         return linear_op(x, *_op_args(qw), bias, *_op_attrs(qw))
     # Eager fast path: the op's own body without the dispatcher round trip.
     return _linear_impl(x, qw, bias)
@@ -247,6 +253,8 @@ def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}")
     spec = F.get_format(fmt)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
     if double_quant and not spec.has_codebook:
         raise ValueError(f"double_quant applies to the codebook formats (nf4, fp4), not {spec.name}")
     if symmetric is not None and not isinstance(symmetric, bool):

@@ -83,10 +83,23 @@ class QuantizedWeight:
             if c:
                 c.clear()
 
+    def __getstate__(self):
+        # pickle / copy.deepcopy / torch.save: the fields only (the derived forms in
+        # :attr:`cache`, e.g. a CPU kernel's packed handle, are rebuilt on first use)
+        return {k: getattr(self, k) for k in self.__slots__ if k != "cache"}
+
+    def __setstate__(self, state) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "cache", {})
+
     def ensure_valid(self) -> None:
         """:meth:`validate` once for the current fields (lowbit.linear / dequantize call it on
         every use: the kernels trust the layout). The stamp lives in :attr:`cache`, which
-        reassigning any field clears."""
+        reassigning any field clears. A field's tensor given other storage behind its back
+        (``qw.scales.data = ...``, ``set_``, ``resize_``) is not seen (checking every field on
+        every call would cost microseconds per call): call ``qw.cache.clear()`` after such an
+        edit, so that the next use validates again and rebuilds what was derived."""
         if "valid" not in self.cache:
             self.validate()
             self.cache["valid"] = True

@@ -138,7 +138,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` to produce the file at a temporary path in ``path``'s directory,
     fsync it, then rename it over ``path``. On any failure the temporary file is removed and
     ``path`` is untouched."""
-    path = os.path.abspath(os.fspath(path))
+    # a symlink is followed (its target is replaced, the link kept)
+    path = os.path.realpath(os.path.abspath(os.fspath(path)))
     d, base = os.path.split(path)
     if not os.path.isdir(d):
         raise FileNotFoundError(f"cannot save to {path}: directory {d} does not exist")
@@ -153,7 +154,11 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give it a normal file's mode
+        try:  # an existing file keeps its mode; a new one gets a normal file's (mkstemp: 0600)
+            mode = os.stat(path).st_mode & 0o7777
+        except OSError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -188,6 +193,11 @@ def save(model: nn.Module, path: PathLike) -> None:
         if isinstance(mod, QuantExperts):
             experts[name] = {"class": "QuantExperts", "num_experts": mod.num_experts}
         if _is_lowbit_layer(mod):
+            mod.__dict__.pop("_qw", None)  # rebuilt from the buffers as they are now
+            try:  # never write a file that load() would refuse
+                mod.qweight.validate()
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"cannot save layer {name!r}: {e}") from None
             layers[name] = {"class": _class_key(mod), "bias": mod.bias is not None,
                             "state": mod.get_extra_state()}
         elif type(mod).get_extra_state is not nn.Module.get_extra_state:
@@ -433,8 +443,9 @@ def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
                                   "(or Conv1D)")
         try:
             target.set_extra_state(state)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
+        except (ValueError, TypeError, KeyError, ZeroDivisionError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: layer {name!r}: invalid layer state "
+                                  f"({type(e).__name__}: {e})") from None
     for name, mod in model.named_modules():
         if _is_lowbit_layer(mod) and name not in doc["layers"]:
             raise CheckpointError(f"{path}: the model has a quantized layer {name!r} that the "
@@ -469,7 +480,26 @@ def load(path: PathLike, model_or_builder: Union[nn.Module, Callable[[], nn.Modu
                         f"got {type(model_or_builder).__name__}")
     path = os.fspath(path)
     doc, info = read_header(path)
-    model = _build(model_or_builder)
+    if not isinstance(model_or_builder, nn.Module):
+        return _load_into(path, doc, info, _build(model_or_builder), device)
+    # An existing model is changed in place only if the whole load succeeds: on any error its
+    # modules, parameters and buffers are put back as they were.
+    saved = [(m, dict(m.__dict__), dict(m._modules), dict(m._parameters), dict(m._buffers))
+             for m in model_or_builder.modules()]
+    try:
+        return _load_into(path, doc, info, _build(model_or_builder), device)
+    except BaseException:
+        for m, d, mods, params, bufs in saved:
+            m.__dict__.clear()
+            m.__dict__.update(d)
+            for live, old in ((m._modules, mods), (m._parameters, params), (m._buffers, bufs)):
+                live.clear()
+                live.update(old)
+        raise
+
+
+def _load_into(path: str, doc: dict, info: Dict[str, dict], model: nn.Module,
+               device) -> nn.Module:
     _install_experts(model, doc, path)
     _install_layers(model, doc, path)
 
@@ -558,7 +588,14 @@ def load(path: PathLike, model_or_builder: Union[nn.Module, Callable[[], nn.Modu
             target = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{path}: extra state for {name!r}, which the model lacks") from None
-        target.set_extra_state(state)
+        if type(target).set_extra_state is nn.Module.set_extra_state:
+            raise CheckpointError(f"{path}: extra state for {name!r}, a {type(target).__name__} "
+                                  "that keeps none")
+        try:
+            target.set_extra_state(state)
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: module {name!r}: invalid extra state "
+                                  f"({type(e).__name__}: {e})") from None
     if device is not None:
         model.to(device)
     return model

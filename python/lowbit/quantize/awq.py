@@ -595,9 +595,11 @@ def run_awq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]
     done = set()
     if found is not None:
         list_name, layers = found
-        inputs = B.capture_block_inputs(model, layers[0], calib)
+        calls = B.capture_block_inputs(model, layers, calib)
+        inputs = calls.first
         n_search = _n_search_batches(inputs, config.search_tokens)
         for bi, block in enumerate(layers):
+            inputs = calls.inputs_for(bi, inputs)
             prefix = f"{list_name}.{bi}."
             mods = {n[len(prefix):]: targets[n] for n in targets if n.startswith(prefix)}
             full = {rel: prefix + rel for rel in mods}

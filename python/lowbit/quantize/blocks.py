@@ -5,7 +5,10 @@ Llama / Mistral / Qwen). :func:`find_block_list` finds that list generically: th
 holding the most target Linears. The inputs of its first block are captured once for every
 calibration batch (the model is run until the first block is called, then stopped), and each
 block's outputs, computed after the block is quantized, become the next block's inputs, so
-every block is calibrated on the activations of the already-quantized model before it.
+every block is calibrated on the activations of the already-quantized model before it. The
+other arguments of a block's call (masks, rotary tables, its index) are the first block's when
+every block is called alike (checked on one whole-model run); otherwise each block's own are
+captured from whole-model runs (:class:`BlockCalls`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ def call_model(model: nn.Module, kw: Dict[str, Any]):
             params = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             params = {}
-        if "use_cache" in params:
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        # transformers models may take use_cache through **kwargs (their config has it)
+        if "use_cache" in params or (takes_kwargs and hasattr(getattr(model, "config", None), "use_cache")):
             kw["use_cache"] = False
     try:
         return model(**kw)
@@ -117,29 +122,107 @@ def first_tensor(out) -> torch.Tensor:
     raise RuntimeError(f"cannot find the output tensor of a block (got {type(out).__name__})")
 
 
+def _is_cache(v) -> bool:
+    """A key/value or state cache object (transformers' DynamicCache, HybridCache, MambaCache,
+    ...): calibration runs without one, else replaying a block would grow or reuse it."""
+    return not isinstance(v, torch.Tensor) and type(v).__name__.endswith("Cache")
+
+
+def _without_caches(inp: BlockInput) -> BlockInput:
+    if not any(_is_cache(v) for v in list(inp.args) + list(inp.kwargs.values())):
+        return inp
+    return BlockInput(tuple(None if _is_cache(v) else v for v in inp.args),
+                      {k: None if _is_cache(v) else v for k, v in inp.kwargs.items()})
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+_NO_HIDDEN = torch.empty(0)
+
+
+class BlockCalls:
+    """The first block's inputs for every calibration batch, and, when the blocks are not all
+    called alike, each block's own other arguments: a sliding-window and a global layer get
+    different masks and rotary tables (Gemma 2/3, Cohere 2), a block its own index (Zamba 2),
+    T5's first block computes a position bias the later ones receive."""
+
+    def __init__(self, first: List[BlockInput], per_block: Optional[List[List[BlockInput]]]):
+        self.first = first
+        self.per_block = per_block  # per block, per batch: the call with its hidden states left out
+
+    def inputs_for(self, index: int, inputs: Sequence[BlockInput]) -> List[BlockInput]:
+        """``inputs`` (hidden states from the previous block) with block ``index``'s own
+        other arguments."""
+        if self.per_block is None or index == 0:
+            return list(inputs)
+        return [t.with_hidden(inp.hidden) for t, inp in zip(self.per_block[index], inputs)]
+
+
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, calib: Sequence[Dict[str, Any]]) -> List[BlockInput]:
-    """Run the model on each calibration batch until ``block`` is called; its arguments."""
-    captured: List[BlockInput] = []
+def capture_block_inputs(model: nn.Module, layers: Sequence[nn.Module],
+                         calib: Sequence[Dict[str, Any]]) -> BlockCalls:
+    """Every calibration batch's call of the first block (the model run until that call) and,
+    if the blocks' calls differ in anything besides the hidden states (checked on the first
+    batch, which runs the whole model), every block's call for every batch (whole-model runs).
+    Cache objects among the arguments are replaced by None."""
+    first: List[BlockInput] = []
+    per: List[List[BlockInput]] = [[] for _ in layers]
+    state = {"full": True}
 
-    def hook(module, args, kwargs):
-        captured.append(BlockInput(tuple(args), dict(kwargs)))
-        raise StopForward
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            inp = _without_caches(BlockInput(tuple(args), dict(kwargs)))
+            if i == 0:
+                first.append(inp)
+                if not state["full"]:
+                    raise StopForward
+            elif state["full"]:
+                per[i].append(inp.with_hidden(_NO_HIDDEN))
+        return hook
 
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [blk.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+               for i, blk in enumerate(layers)]
     try:
         for i, kw in enumerate(calib):
-            n = len(captured)
+            n = len(first)
+            counts = [len(p) for p in per] if per is not None else []
             try:
                 call_model(model, kw)
             except StopForward:
                 pass
-            if len(captured) != n + 1:
+            if len(first) != n + 1:
                 raise RuntimeError(f"calibration batch {i} never reached the first block; cannot "
                                    "calibrate block by block")
+            if i == 0 and state["full"]:
+                once = all(len(p) == c + 1 for p, c in zip(per[1:], counts[1:]))
+                ref = first[0].with_hidden(_NO_HIDDEN)
+                if not once or all(_same_call(p[0], ref) for p in per[1:]):
+                    state["full"] = False  # every block called alike (or not once each)
+                    per = None
     finally:
-        h.remove()
-    return captured
+        for h in handles:
+            h.remove()
+    return BlockCalls(first, per)
+
+
+def _same_call(a: BlockInput, b: BlockInput) -> bool:
+    return _same(a.args[1:] if a.args else (), b.args[1:] if b.args else ()) and _same(
+        {k: v for k, v in a.kwargs.items() if k != "hidden_states"},
+        {k: v for k, v in b.kwargs.items() if k != "hidden_states"})
 
 
 @torch.no_grad()
@@ -186,7 +269,7 @@ def run_hooked(block: nn.Module, inputs: Sequence[BlockInput], modules: Dict[str
 def linear_groups(block: nn.Module, inp: BlockInput, linears: Dict[str, nn.Module]) -> List[List[str]]:
     """The block's linears grouped by shared input, in call order (e.g. [[q, k, v], [o],
     [gate, up], [down]] for a Llama block), from one forward on ``inp``. Linears never called
-    form a last group of their own."""
+    come last, a group each."""
     seen: List[Tuple[str, torch.Tensor]] = []
     run_hooked(block, [inp], linears, lambda name, x, b: seen.append((name, x)))
     groups: List[List[str]] = []
@@ -201,9 +284,8 @@ def linear_groups(block: nn.Module, inp: BlockInput, linears: Dict[str, nn.Modul
         else:
             groups.append([name])
             group_inputs.append(x)
-    missing = [n for n in linears if not any(n in g for g in groups)]
-    if missing:
-        groups.append(missing)
+    # linears never called: a group each (their widths may differ)
+    groups.extend([n] for n in linears if not any(n in g for g in groups))
     return groups
 
 

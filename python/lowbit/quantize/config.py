@@ -48,6 +48,24 @@ SKIP_ACTIONS = ("skip",)
 DEFAULT_RULES: Tuple[Tuple[str, Any], ...] = (("lm_head", "skip"),)
 
 
+def output_head_name(model: nn.Module) -> Optional[str]:
+    """The name of the model's output-embedding module (transformers' get_output_embeddings():
+    ``lm_head``, or e.g. BioGPT's ``output_projection``, Whisper's ``proj_out``), or None."""
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        head = get()
+    except Exception:  # a model whose head is not wired up that way
+        return None
+    if not isinstance(head, nn.Module):
+        return None
+    for name, mod in model.named_modules():
+        if mod is head:
+            return name
+    return None
+
+
 def _is_bool(v) -> bool:
     return isinstance(v, bool)
 
@@ -442,14 +460,18 @@ class QuantConfig:
         return resolve_format(base, f"rules[{rule.index}] ({rule.describe()!r})")
 
     # ---- per-module decisions ----------------------------------------------------------
-    def match(self, name: str) -> Tuple[Optional[Dict[str, Any]], str]:
-        """(format options or None for skip, which rule decided) for a module name."""
+    def match(self, name: str, head: Optional[str] = None) -> Tuple[Optional[Dict[str, Any]], str]:
+        """(format options or None for skip, which rule decided) for a module name. ``head``:
+        the name of the model's output embeddings (see :func:`output_head_name`), skipped like
+        ``lm_head`` whatever it is called, unless a rule names it."""
         for rule, fmt in zip(self.rules, self._rule_formats):
             if rule.matches(name):
                 return (None if fmt is None else dict(fmt)), f"rules[{rule.index}] {rule.describe()!r}"
         for rule in self._builtin:
             if rule.matches(name):
                 return None, f"default rule {rule.describe()!r}"
+        if head is not None and name == head:
+            return None, "default: the model's output embeddings (as lm_head)"
         return dict(self.default_format), "default"
 
     def layer_options(self, name: str) -> Optional[Dict[str, Any]]:
@@ -458,13 +480,14 @@ class QuantConfig:
 
     def targets(self, model: nn.Module) -> Dict[str, Tuple[nn.Linear, Dict[str, Any]]]:
         """``{name: (module, format options)}`` for every nn.Linear (or transformers Conv1D) of
-        ``model`` that the rules do not skip, in module order (nn.Linear subclasses included;
-        already quantized layers are not nn.Linear and are left alone)."""
+        ``model`` that the rules do not skip, in module order (nn.Linear subclasses that keep
+        its forward included; already quantized layers are not nn.Linear and are left alone)."""
         from ..nn import is_linear_like
         out = {}
+        head = output_head_name(model)
         for name, mod in model.named_modules():
             if is_linear_like(mod):
-                opts = self.layer_options(name)
+                opts = self.match(name, head)[0]
                 if opts is not None:
                     out[name] = (mod, opts)
         return out

@@ -538,8 +538,10 @@ def run_gptq(model: nn.Module, targets: Dict[str, Tuple[nn.Linear, Dict[str, Any
 
     if found is not None:
         list_name, layers = found
-        inputs = B.capture_block_inputs(model, layers[0], calib)
+        calls = B.capture_block_inputs(model, layers, calib)
+        inputs = calls.first
         for bi, block in enumerate(layers):
+            inputs = calls.inputs_for(bi, inputs)
             prefix = f"{list_name}.{bi}."
             mine = {n[len(prefix):]: targets[n] for n in targets if n.startswith(prefix)}
             full = {rel: prefix + rel for rel in mine}

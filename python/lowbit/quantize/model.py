@@ -12,7 +12,7 @@ from ..nn import QuantLinear, conv1d_to_linear, is_conv1d, is_linear_like, linea
 from ..qweight import QuantizedWeight
 from .blocks import replace_module
 from .calibration import calibration_tokens, normalize_calibration
-from .config import NEEDS_CALIBRATION, QuantConfig, resolve_format
+from .config import NEEDS_CALIBRATION, QuantConfig, output_head_name, resolve_format
 from .report import LayerReport, QuantReport
 
 
@@ -68,11 +68,12 @@ def _keep_in_float_patterns(model: nn.Module) -> List[str]:
     return sorted(set(out))
 
 
-def _layer_format(config: QuantConfig, name: str, keep_float: List[str]):
-    """(format options or None, deciding rule) of module ``name``: the config's rules, then
-    the model's float-only modules (``keep_float`` fragments, each a run of whole components
-    of the dotted name) where no rule of the user's named the module."""
-    fmt, rule = config.match(name)
+def _layer_format(config: QuantConfig, name: str, keep_float: List[str], head: Optional[str] = None):
+    """(format options or None, deciding rule) of module ``name``: the config's rules (the
+    output embeddings ``head`` skipped by default), then the model's float-only modules
+    (``keep_float`` fragments, each a run of whole components of the dotted name) where no
+    rule of the user's named the module."""
+    fmt, rule = config.match(name, head)
     if fmt is not None and rule == "default" and any(f".{p}." in f".{name}." for p in keep_float):
         return None, "the model's _keep_in_fp32_modules"
     return fmt, rule
@@ -124,10 +125,20 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     targets: Dict[str, Tuple[nn.Linear, Dict[str, Any]]] = {}
     keep_float = _keep_in_float_patterns(model)
     conv1d: Dict[str, nn.Module] = {}  # transformers Conv1D layers, by name, while converted
+    head = output_head_name(model)
     for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and not is_linear_like(mod):
+            # an nn.Linear subclass with its own forward (e.g. a router returning a tuple):
+            # QuantLinear computes only x @ W^T + b, so it stays in float
+            why = f"{type(mod).__name__} overrides nn.Linear.forward"
+            rules[name] = why
+            report.layers.append(LayerReport(name, "skip", None, 8.0 * mod.weight.element_size(),
+                                             0.0, why, {"weights": mod.weight.numel()}))
+            report.notes.append(f"{name}: left in float ({why})")
+            continue
         if not is_linear_like(mod):
             continue
-        fmt, rule = _layer_format(config, name, keep_float)
+        fmt, rule = _layer_format(config, name, keep_float, head)
         rules[name] = rule
         if fmt is None:
             report.layers.append(LayerReport(name, "skip", None, 8.0 * mod.weight.element_size(),
@@ -145,6 +156,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     if not targets:
         if not n_experts:
             report.notes.append("no Linear layer to quantize (every one skipped by the rules, or none)")
+        _note_float_leftovers(model, report)
         report.seconds = time.perf_counter() - t_start
         model.lowbit_report = report
         return model
@@ -186,9 +198,36 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
                 replace_module(model, name, linear_to_conv1d(mod, orig))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda r: order.get(r.name, len(order)))
+    _note_float_leftovers(model, report)
     report.seconds = time.perf_counter() - t_start
     model.lowbit_report = report
     return model
+
+
+def _note_float_leftovers(model: nn.Module, report: QuantReport, share: float = 0.05) -> None:
+    """Add a note when float weight matrices that are not linear layers (an expert layout
+    lowbit does not recognise, e.g. DBRX's or JetMoE's, a custom projection parameter) hold at
+    least ``share`` of the model's matrix weights: they stay in float, and the size shows it."""
+    from ..moe import QuantExperts
+    seen, left, total = set(), {}, 0
+    for name, mod in model.named_modules():
+        linear = is_linear_like(mod) or isinstance(mod, (QuantLinear, QuantExperts, nn.Embedding))
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in seen or p.dim() < 2 or not p.is_floating_point():
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if not linear:
+                left[f"{name}.{pname}" if name else pname] = p.numel()
+    total += sum(int(r.info.get("weights", 0)) for r in report.layers if r.method != "skip")
+    n = sum(left.values())
+    if total and n >= share * total:
+        names = sorted(left, key=left.get, reverse=True)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        report.notes.append(
+            f"{n:,} weights ({100.0 * n / total:.0f}% of the model's matrices) are parameters "
+            f"of other modules than linear layers and stay in float: {shown} (lowbit quantizes "
+            "nn.Linear, transformers Conv1D and the fused-experts layouts it recognises)")
 
 
 def _quantize_fused_experts(model: nn.Module, config: QuantConfig, keep_float: List[str],

@@ -557,3 +557,25 @@ def test_tampered_layer_state_is_a_checkpoint_error(tmp_path, edit):
     with pytest.raises(S.CheckpointError):
         lowbit.load(dst, fresh)
     assert type(fresh[0]) is nn.Linear  # and the model given is left as it was
+
+
+@pytest.mark.parametrize("dims", [(-64, 8), (64.5, 8), (64, 0), (True, 8)])
+def test_quant_linear_dims_must_be_positive_ints(dims):
+    with pytest.raises(ValueError, match="must be a positive int"):
+        lowbit.QuantLinear(*dims)
+
+
+def test_thread_count_env_is_bounded(monkeypatch):
+    monkeypatch.setenv("LOWBIT_NUM_THREADS", "99999999999")
+    with pytest.raises(ValueError, match="LOWBIT_NUM_THREADS"):
+        _backend.num_threads()
+
+
+def test_load_state_dict_refuses_packed_fields_of_another_dtype():
+    from torch import nn
+    q = lowbit.QuantLinear.from_linear(nn.Linear(64, 8), "int4", group_size=32, zero_point="float")
+    sd = q.state_dict()
+    sd["weight_zeros"] = sd["weight_zeros"].to(torch.uint8)  # the layout says float zeros
+    fresh = lowbit.QuantLinear(64, 8, fmt="int4", group_size=32)
+    with pytest.raises(RuntimeError, match="weight_zeros: torch.uint8 in the state dict"):
+        fresh.load_state_dict(sd)

@@ -321,3 +321,12 @@ def test_eval_bundled_smollm2(tmp_path, capsys):
     assert 5 < res["fp32"]["perplexity"] < 100
     assert abs(res["int8"]["perplexity"] / res["fp32"]["perplexity"] - 1) < 0.05
     assert res["int8"]["linear_mb"] < res["fp32"]["linear_mb"] / 3.5
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert cli.main(["selftest", "--isa", "bogus"]) == 2
+    assert "unknown ISA 'bogus'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "--device", "cuda"]) != 0
+        err = capsys.readouterr().err
+        assert "no CUDA device" in err and "Traceback" not in err

@@ -276,3 +276,14 @@ def test_transformers_gptq_folder_loads_as_model(tmp_path, exact_cpu_path):
     for n, m in loaded.named_modules():
         if isinstance(m, QuantLinear):
             _same(m.qweight, again.get_submodule(n).qweight)
+
+
+def test_bad_group_size_and_negative_group_index_are_named():
+    t, *_ = random_gptq(64, 8, 4, 32, desc_act=True)
+    for gs in (0, -3, 2.5, None):
+        with pytest.raises(ValueError, match="group_size must be a positive int"):
+            gptq_layer(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits=4, group_size=gs)
+    g_idx = t["g_idx"].clone()
+    g_idx[3] = -1
+    with pytest.raises(ValueError, match="negative group index"):
+        gptq_layer(t["qweight"], t["qzeros"], t["scales"], g_idx, bits=4, group_size=32)

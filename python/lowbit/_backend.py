@@ -74,8 +74,9 @@ def num_threads() -> int:
             n = int(env)
         except ValueError:
             raise ValueError(f"LOWBIT_NUM_THREADS must be a positive integer, got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"LOWBIT_NUM_THREADS must be a positive integer, got {env!r}")
+        if n < 1 or n > 4096:
+            raise ValueError(f"LOWBIT_NUM_THREADS must be a positive integer (at most 4096), "
+                             f"got {env!r}")
         return n
     return torch.get_num_threads()
 

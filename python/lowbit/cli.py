@@ -267,6 +267,16 @@ def _selftest_report(res: dict, compact: bool = False) -> str:
 
 def cmd_selftest(args) -> int:
     isas = args.isa.split(",") if args.isa else None
+    if isas is not None:
+        import lowbit
+        # every ISA lowbit has kernels for (a build for another machine has other ones)
+        known = set(lowbit.backend_info().get("compiled_isas") or []) | {
+            "scalar", "avx2", "avx512", "avx512vnni", "neon", "neon_dotprod"}
+        bad = [i for i in isas if i not in known]
+        if bad:
+            print(f"lowbit selftest: error: unknown ISA {', '.join(map(repr, bad))} (known: "
+                  f"{', '.join(sorted(known))})", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     res = run_selftest(isas, progress=not args.no_progress)
     print(_selftest_report(res, compact=args.compact))
@@ -369,7 +379,7 @@ def cmd_bench(args) -> int:
 def _bench_cuda(args) -> int:
     import torch
     if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available to this torch")
+        raise ValueError("--device cuda: no CUDA device is available to this torch")
     from lowbit import gpu_bench as GB
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] \
         if args.shapes else list(GB.SHAPES)

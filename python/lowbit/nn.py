@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -135,6 +136,9 @@ class QuantLinear(nn.Module):
         spec = F.get_format(fmt)
         group_size = F.check_group_size(spec, group_size)
         symmetric, zero_point = resolve_options(spec, symmetric, zero_point)
+        for what, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"QuantLinear: {what} must be a positive int, got {v!r}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         # Empty tensors of the right layout, to be filled by from_linear / load_state_dict.
@@ -383,6 +387,15 @@ class QuantLinear(nn.Module):
         key = prefix + "_extra_state"
         if key in state_dict:
             self.set_extra_state(state_dict[key])
+        # packed fields are taken as they are: a wrong dtype (uint8 zeros where the layout
+        # says float) would otherwise be cast by copy_ into wrong values
+        bad = [f"{prefix}{n}: {t.dtype} in the state dict but {b.dtype} in the layer's layout"
+               for n, b in self._buffers.items()
+               if n.startswith("weight_") and b is not None
+               and isinstance(t := state_dict.get(prefix + n), torch.Tensor) and t.dtype != b.dtype]
+        if bad:
+            error_msgs.extend(bad)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self.__dict__.pop("_qw", None)  # buffers were copied into in place: drop derived caches

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from collections.abc import Mapping
 from typing import Dict, Optional, Tuple
@@ -82,6 +83,13 @@ def gptq_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
         raise ValueError(f"{what}: scales must be floating point, got {scales.dtype}")
     if g_idx is not None and g_idx.numel() != K:
         raise ValueError(f"{what}: g_idx has {g_idx.numel()} entries, in_features is {K}")
+    try:  # (numpy / torch integer scalars too)
+        gs_ok = not isinstance(group_size, bool) and (group_size == -1 or operator.index(group_size) >= 1)
+    except TypeError:
+        gs_ok = False
+    if not gs_ok:
+        raise ValueError(f"{what}: group_size must be a positive int or -1, got {group_size!r}")
+    group_size = int(group_size)
     if group_size == -1 or group_size >= K:
         gs, lowbit_group = K, -1
     else:

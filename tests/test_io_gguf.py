@@ -220,3 +220,17 @@ def test_bundled_gguf_exports_back_byte_for_byte(tmp_path):
     for key in a.fields:
         if key != "general.file_type":
             assert a.value(key) == b.value(key), key
+
+
+def test_truncated_or_garbled_files_are_named(tmp_path):
+    src = {"a.weight": (random_blocks("Q8_0", 4, 64), T.Q8_0),
+           "norm.weight": (np.arange(5, dtype=np.float32), None)}
+    write_gguf(tmp_path / "src.gguf", src)
+    data = (tmp_path / "src.gguf").read_bytes()
+    cases = {"short": data[:10], "header_cut": data[:40], "tensor_cut": data[:-20],
+             "garbled": data[:24] + bytes(range(256)) * 4}
+    for name, blob in cases.items():
+        p = tmp_path / f"{name}.gguf"
+        p.write_bytes(blob)
+        with pytest.raises(ValueError, match="GGUF"):
+            load_gguf(p, as_model=False)

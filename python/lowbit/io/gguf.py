@@ -269,8 +269,20 @@ class GGUFFile:
     """
 
     def __init__(self, path: str):
+        try:
+            self._parse(path)
+        except (struct.error, IndexError, OverflowError, UnicodeDecodeError, MemoryError) as e:
+            raise ValueError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+        except ValueError as e:
+            if isinstance(e, UnsupportedCheckpoint) or "GGUF" in str(e):
+                raise
+            raise ValueError(f"{path}: corrupt or truncated GGUF file ({e})") from None
+
+    def _parse(self, path: str) -> None:
         gguf = _gguf()
         self.path = path
+        if os.path.getsize(path) < 24:
+            raise ValueError(f"{path}: not a GGUF file (shorter than its 24-byte header)")
         self._mm = np.memmap(path, dtype=np.uint8, mode="r")
         buf = self._buf = memoryview(self._mm)  # plain slices: numpy memmap slicing is slow
         if len(buf) < 24 or bytes(buf[:4]) != b"GGUF":
@@ -304,6 +316,9 @@ class GGUFFile:
             per, nbytes = gguf.GGML_QUANT_SIZES[qt]
             n = int(np.prod(dims))
             size = n // per * nbytes
+            if start + toff + size > len(buf):
+                raise ValueError(f"{path}: tensor {name!r} ends at byte {start + toff + size}, past "
+                                 f"the end of the file ({len(buf)} bytes): a truncated GGUF file")
             raw = self._mm[start + toff:start + toff + size]
             rows = list(reversed(dims))
             if qt.name in ("F32", "F16"):

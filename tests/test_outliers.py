@@ -269,3 +269,29 @@ def test_bad_inputs():
         quantize_with_outliers(model, {}, calib, _Cfg())
     with pytest.raises(ValueError, match="never ran"):
         quantize_with_outliers(model, {"other": nn.Linear(16, 4)}, calib, _Cfg())
+
+
+def test_a_layer_read_by_weight_gets_int8_without_outliers():
+    """Model code that reads a linear's weight instead of calling it (Mamba's dt_proj,
+    nn.MultiheadAttention's out_proj): no activations to find outliers in, so plain int8."""
+    from lowbit.quantize import QuantConfig, quantize_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 16)
+            self.dt = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.a(x) @ self.dt.weight.T
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(4, 16)
+    ref = net(x)
+    quantize_model(net, QuantConfig(method="llm.int8", format="int8"), calibration=[{"x": x}],
+                   progress=False)
+    rep = {r.name: r for r in net.lowbit_report.layers}
+    assert rep["dt"].method == "llm.int8" and "never called" in rep["dt"].info["note"]
+    assert isinstance(net.dt, QuantLinear) and net.dt.n_outliers == 0
+    assert float((net(x) - ref).abs().max()) < 0.05 * float(ref.abs().max())

@@ -291,7 +291,8 @@ def _run_llm_int8(model, targets, calib, config, report: QuantReport, rules) -> 
     from .outliers import quantize_with_outliers
     t0 = time.perf_counter()
     modules = {n: m for n, (m, _) in targets.items()}
-    replacements = quantize_with_outliers(model, modules, calib, config)
+    unseen: List[str] = []
+    replacements = quantize_with_outliers(model, modules, calib, config, unseen)
     seconds = (time.perf_counter() - t0) / max(len(replacements), 1)
     for name, new in replacements.items():
         if name not in targets:
@@ -303,6 +304,8 @@ def _run_llm_int8(model, targets, calib, config, report: QuantReport, rules) -> 
         n_out = getattr(new, "n_outliers", None)
         if isinstance(n_out, int):
             info["outliers"] = n_out
+        if name in unseen:
+            info["note"] = "never called on calibration data: no outlier columns"
         report.layers.append(LayerReport(name, "llm.int8", fmt, _module_bits(new, n_w), seconds,
                                          rules.get(name, ""), info))
     for name in list(targets):  # the outlier pass chose to leave these alone

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -38,9 +38,13 @@ DEFAULT_THRESHOLD = 6.0
 
 
 @torch.no_grad()
-def input_absmax(model: nn.Module, targets: Dict[str, nn.Linear], calib) -> Dict[str, torch.Tensor]:
+def input_absmax(model: nn.Module, targets: Dict[str, nn.Linear], calib,
+                 allow_unseen: bool = False) -> Dict[str, torch.Tensor]:
     """``max |x[..., k]|`` over all calibration tokens for every input column k of every target
-    (float32 ``[in_features]``), from one forward pass of ``model`` over ``calib``."""
+    (float32 ``[in_features]``), from one forward pass of ``model`` over ``calib``. A target
+    the pass never calls raises, unless ``allow_unseen`` and it is a module of ``model`` (model
+    code that reads its weight instead of calling it, e.g. Mamba's dt_proj): then it is left
+    out of the result."""
     from .calibration import normalize_calibration
     batches = normalize_calibration(calib)
     amax: Dict[str, torch.Tensor] = {}
@@ -66,6 +70,9 @@ def input_absmax(model: nn.Module, targets: Dict[str, nn.Linear], calib) -> Dict
         for h in handles:
             h.remove()
     unseen = [n for n in targets if n not in amax]
+    if allow_unseen:
+        own = {id(m) for m in model.modules()}
+        unseen = [n for n in unseen if id(targets[n]) not in own]
     if unseen:
         raise ValueError(f"layer(s) {unseen[:3]}{' ...' if len(unseen) > 3 else ''} never ran on the "
                          "calibration data, so their outlier columns can't be found; they must be "
@@ -97,13 +104,15 @@ def _format_options(config) -> Dict[str, Any]:
 
 
 def quantize_with_outliers(model: nn.Module, targets: Dict[str, nn.Linear], calib,
-                           config) -> Dict[str, nn.Module]:
+                           config, unseen: Optional[List[str]] = None) -> Dict[str, nn.Module]:
     """A QuantLinear for every target: int8 (the config's format and options) with the input
     columns whose calibration activations exceed ``config.outlier_threshold`` (default 6.0) kept
     in float. The model is not modified; the caller installs the returned modules.
 
     ``targets``: name -> nn.Linear of ``model``; ``calib``: calibration batches (token-id
-    tensors [batch, seq] or dicts of ``model(**kw)`` arguments)."""
+    tensors [batch, seq] or dicts of ``model(**kw)`` arguments). A target of the model that
+    the calibration pass never calls (model code reads its weight instead) gets no outlier
+    columns; its name is appended to ``unseen`` if given."""
     threshold = _check_threshold(getattr(config, "outlier_threshold", DEFAULT_THRESHOLD))
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -117,9 +126,14 @@ def quantize_with_outliers(model: nn.Module, targets: Dict[str, nn.Linear], cali
                          "input columns from calibration activations")
     opts = _format_options(config)
     fmt = opts.pop("format")
-    amax = input_absmax(model, dict(targets), calib)
+    amax = input_absmax(model, dict(targets), calib, allow_unseen=True)
     out: Dict[str, nn.Module] = {}
     for name, lin in targets.items():
+        if name not in amax:  # never called (its weight is read directly): no outlier columns
+            out[name] = QuantLinear.from_linear(lin, fmt, **opts)
+            if unseen is not None:
+                unseen.append(name)
+            continue
         cols = outlier_columns(amax[name], threshold).to(lin.weight.device)
         out[name] = QuantLinear.from_linear(lin, fmt, outlier_cols=cols, **opts)
     return out

@@ -8,7 +8,7 @@ if not os.environ.get("LOWBIT_TEST_REAL_GPU"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ALL_ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "neon", "neon_dotprod")
+from lowbit._backend import ISAS as ALL_ISAS  # noqa: E402
 
 # (format name, options) covering every format and variant.
 FORMAT_CASES = [

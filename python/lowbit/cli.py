@@ -268,10 +268,8 @@ def _selftest_report(res: dict, compact: bool = False) -> str:
 def cmd_selftest(args) -> int:
     isas = args.isa.split(",") if args.isa else None
     if isas is not None:
-        import lowbit
-        # every ISA lowbit has kernels for (a build for another machine has other ones)
-        known = set(lowbit.backend_info().get("compiled_isas") or []) | {
-            "scalar", "avx2", "avx512", "avx512vnni", "neon", "neon_dotprod"}
+        from lowbit import _backend
+        known = set(_backend.ISAS)
         bad = [i for i in isas if i not in known]
         if bad:
             print(f"lowbit selftest: error: unknown ISA {', '.join(map(repr, bad))} (known: "

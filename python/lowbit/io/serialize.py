@@ -193,7 +193,6 @@ def save(model: nn.Module, path: PathLike) -> None:
         if isinstance(mod, QuantExperts):
             experts[name] = {"class": "QuantExperts", "num_experts": mod.num_experts}
         if _is_lowbit_layer(mod):
-            mod.__dict__.pop("_qw", None)  # rebuilt from the buffers as they are now
             try:  # never write a file that load() would refuse
                 mod.qweight.validate()
             except (ValueError, TypeError) as e:

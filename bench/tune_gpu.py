@@ -61,10 +61,13 @@ def candidates(M, N, K, fmt, sms):
                 s.add(min(divs, key=lambda d: abs(math.log(d / want))))
         return sorted(s)
 
-    def gemv(BN, CB, warps, prefetch=True):
+    def gemv(BN, CB, warps, prefetch=True, idot=False):
         for sk in splits(M * -(-N // BN), max(1, nblk // CB)):
-            out.append(Choice("gemv", {"BN": BN, "CB": CB, "SPLIT_K": sk, "num_warps": warps,
-                                       "num_stages": 1, "PREFETCH": prefetch}))
+            p = {"BN": BN, "CB": CB, "SPLIT_K": sk, "num_warps": warps, "num_stages": 1,
+                 "PREFETCH": prefetch}
+            if idot:
+                p["IDOT"] = True
+            out.append(Choice("gemv", p))
 
     def gemm(BM, BN, CB, swap, warps, stages, full, exact=True, max_splits=3):
         progs = -(-M // BM) * -(-N // BN)
@@ -82,6 +85,9 @@ def candidates(M, N, K, fmt, sms):
                               (128, 2, 8)):
             gemv(BN, CB, warps)
         gemv(32, 2, 1, prefetch=False)
+        if fmt in ("int4", "int8"):  # the integer-dot GEMV (the cases' groups take it)
+            for BN, CB, warps in ((16, 2, 2), (16, 4, 4), (32, 2, 4), (32, 4, 2), (64, 2, 2)):
+                gemv(BN, CB, warps, idot=True)
     if 2 <= M <= 16:
         gemv(64, 2, 4)
         for BN, CB, full in ((64, 1, False), (128, 1, False), (128, 2, False), (64, 2, True),

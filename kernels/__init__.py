@@ -174,6 +174,10 @@ def _signature(x: torch.Tensor, bias: Optional[torch.Tensor]):
 # (ws, bias or ws, out, ...); what each takes per call: x, out, the workspace, the bias
 _MAIN_SLOTS = ((0, "x"), (7, "bias"), (8, "out"), (9, "ws"))
 _REDUCE_SLOTS = ((0, "ws"), (1, "bias_or_ws"), (2, "out"))
+# the integer-dot GEMV (kernels/gemv.py): x is quantized into a buffer first (x, xq, ...),
+# which the main launch reads in x's place
+_XQ_SLOTS = ((0, "x"), (1, "xq"))
+_MAIN_XQ_SLOTS = ((0, "xq"), (7, "bias"), (8, "out"), (9, "ws"))
 
 
 class _Launch:
@@ -213,15 +217,23 @@ class _Launch:
 
 
 class _Bound:
-    __slots__ = ("ver", "launches", "out_shape", "ws_shape", "dtype", "device")
+    __slots__ = ("ver", "launches", "out_shape", "ws_shape", "xq_numel", "dtype", "device")
 
 
 def _bind(qw, x: torch.Tensor, bias, rec) -> None:
-    # post: the split-K reduction's (launcher, args, grid) when it is a launch of its own
-    launcher, args, grid, split_k, post = rec
+    # post: the split-K reduction's (launcher, args, grid) when it is a launch of its own;
+    # pre: the x quantization of the integer-dot GEMV (launcher, args, grid), or None
+    launcher, args, grid, split_k, post = rec[:5]
+    pre = rec[5] if len(rec) > 5 else None
     b = _Bound()
     b.ver = _layout._versions(qw)
-    b.launches = [_Launch(launcher, args, grid, _MAIN_SLOTS, bias is not None)]
+    b.launches = []
+    b.xq_numel = 0
+    if pre is not None:
+        b.launches.append(_Launch(pre[0], pre[1], pre[2], _XQ_SLOTS, False))
+        b.xq_numel = pre[1][1].numel()
+    b.launches.append(_Launch(launcher, args, grid, _MAIN_XQ_SLOTS if pre is not None
+                              else _MAIN_SLOTS, bias is not None))
     if post is not None:
         b.launches.append(_Launch(post[0], post[1], post[2], _REDUCE_SLOTS, bias is not None))
     N, K = qw.shape
@@ -256,6 +268,8 @@ def fast_linear(x: torch.Tensor, qw, bias: Optional[torch.Tensor]) -> Optional[t
     ws = out if b.ws_shape is None else torch.empty(b.ws_shape, dtype=torch.float32,
                                                     device=b.device)
     t = {"x": x, "out": out, "ws": ws, "bias": bias, "bias_or_ws": bias if bias is not None else ws}
+    if b.xq_numel:
+        t["xq"] = torch.empty(b.xq_numel, dtype=torch.int32, device=b.device)
     stream = _raw_stream(b.device.index) if _raw_stream is not None else None
     for launch_ in b.launches:
         launch_(t, stream)

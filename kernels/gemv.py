@@ -17,6 +17,7 @@ Everything is float32: x is upcast on load, so float32 activations are exact pro
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -163,6 +164,16 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
         else:
             s_row = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
         y = y * s_row
+    _finish(y, m, pid_n, pid_k, offs_n, n_ok, M, N, stride_om, split_k, bias_ptr, out_ptr,
+            ws_ptr, cnt_ptr, BN, HAS_BIAS, USE_WS, FIXUP, EMULATE_BF16, SPLIT_CONST)
+
+
+@triton.jit
+def _finish(y, m, pid_n, pid_k, offs_n, n_ok, M, N, stride_om, split_k, bias_ptr, out_ptr, ws_ptr,
+            cnt_ptr, BN: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr,
+            FIXUP: tl.constexpr, EMULATE_BF16: tl.constexpr, SPLIT_CONST: tl.constexpr):
+    """Store a program's float32 row sums ``y`` [BN]: with the bias into the output, or (split
+    K) as a partial into the workspace, the last program of the tile summing them (FIXUP)."""
     if not USE_WS:
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -188,6 +199,268 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                 tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
+# ---- the integer-dot GEMV (IDOT) ---------------------------------------------------------------
+# For 16-bit activations and integer codes (int4, int8) whose groups hold whole layout blocks.
+# x is first quantized to 16-bit integers per layout block (_xquant_kernel): a block of KB
+# elements (128 for 4-bit codes, 64 for int8) gets a power-of-two scale 2**e with e = E - 14,
+# E the exponent of the block's max |x|, so q = round(x / 2**e) (exact: a power-of-two scaling,
+# then one rounding to the nearest integer, ties to even) lies in [-32767, 32767] and
+# |x - q 2**e| <= 2**-15 max|x|: 64x finer than the bfloat16 rounding of the block's largest
+# element, 8x finer than float16's. Each q is split into a signed high byte h = q >> 8 and an
+# unsigned low byte l = q & 255 (q = 256 h + l), and the bytes of the elements one weight word
+# multiplies are packed as the four-byte operands of dp4a. The GEMV then does, per 32-bit word
+# of codes, two byte masks and four dp4a (int4: 8 codes) or two dp4a (int8: 4 codes), the
+# integer dot sum_i code_i * q_i, exactly, instead of decoding each code to float: about 1.3
+# instead of 3-5 instructions per weight. Per block: y += s_w * 2**e * (sum - zero * sum_i q_i).
+# Under the Triton interpreter (no inline PTX) the same integers come from shifts and products.
+# float32 activations keep the float32 GEMV (exact products); LOWBIT_GPU_EXACT=1 turns IDOT off.
+XQ_MIN_EXP = tl.constexpr(-112)  # a block whose max |x| is below 2**-112 quantizes to zeros (scale 0)
+
+
+def idot_ops(bits: int) -> int:
+    """dp4a operands per word position and layout block: 4-bit codes: (high, low bytes) x
+    (even, odd planes); int8: high and low bytes."""
+    return 4 if bits == 4 else 2
+
+
+def xq_numel(M: int, nblk: int, bits: int) -> int:
+    """int32 elements of the quantized-x buffer: [M, nblk, ops, 16] operands, then the float32
+    scales [M, nblk] (as int32 bits), then the integer sums [M, nblk]."""
+    return M * nblk * (idot_ops(bits) * 16 + 2)
+
+
+@triton.jit
+def _xquant_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, P: tl.constexpr):
+    """One layout block of one row of x: quantize (see above) and pack the dp4a operands."""
+    NOPS: tl.constexpr = 4 if P == 8 else 2
+    m = tl.program_id(0)
+    b = tl.program_id(1)
+    ii = tl.arange(0, P)[:, None]
+    jj = tl.arange(0, 16)[None, :]
+    k = b * (16 * P) + ii * 16 + jj  # [P, 16]: plane i, word j
+    x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0)
+    E = (amax >> 23) - 127
+    finite = amax < 0x7F800000
+    live = finite & (E >= XQ_MIN_EXP)
+    e = tl.where(live, E - 14, 0)
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
+    v = x * inv  # exact
+    r = (v + 12582912.0) - 12582912.0  # round to the nearest integer, ties to even (|v| < 2**22)
+    q = tl.where(live, tl.minimum(tl.maximum(r, -32767.0), 32767.0), 0.0).to(tl.int32)
+    scale = tl.where(live, ((127 + e) << 23).to(tl.float32, bitcast=True),
+                     tl.where(finite, 0.0, float("nan")))
+    total = tl.sum(tl.sum(q, axis=1), axis=0)
+    hi = (q >> 8) & 255
+    lo = q & 255
+    row = m.to(tl.int64) * NBLK + b
+    dst = xq_ptr + row * (NOPS * 16)
+    if P == 8:  # byte t of operand (parity p): plane 2t + p, the nibble the byte mask leaves
+        sh = (tl.arange(0, 4) * 8)[:, None, None]
+        ph = tl.sum(tl.reshape(hi, [4, 2, 16]) << sh, axis=0)  # disjoint bytes: sum = OR
+        pl = tl.sum(tl.reshape(lo, [4, 2, 16]) << sh, axis=0)
+        pp = tl.arange(0, 2)[:, None] * 16 + tl.arange(0, 16)[None, :]
+        tl.store(dst + pp, ph)
+        tl.store(dst + 32 + pp, pl)
+    else:  # int8: byte t = plane t
+        sh = (tl.arange(0, 4) * 8)[:, None]
+        tl.store(dst + tl.arange(0, 16), tl.sum(hi << sh, axis=0))
+        tl.store(dst + 16 + tl.arange(0, 16), tl.sum(lo << sh, axis=0))
+    tail = xq_ptr + tl.cast(M, tl.int64) * NBLK * (NOPS * 16)
+    tl.store(tail + row, scale.to(tl.int32, bitcast=True))
+    tl.store(tail + tl.cast(M, tl.int64) * NBLK + row, total)
+
+
+@triton.jit
+def _sbyte(v, t: tl.constexpr):
+    return (v << (24 - 8 * t)) >> 24
+
+
+@triton.jit
+def _ubyte(v, t: tl.constexpr):
+    return (v >> (8 * t)) & 255
+
+
+@triton.jit
+def _idot(words, xa, xb, xc, xd, BITS: tl.constexpr, EMU: tl.constexpr):
+    """Per word: sum over its codes of code * q (int32, exact). 4-bit: xa / xb the high bytes
+    of the even / odd planes' q, xc / xd their low bytes; int8: xa high, xb low bytes."""
+    if BITS == 4:
+        if EMU:
+            ev = words & 0x0F0F0F0F
+            od = (words >> 4) & 0x0F0F0F0F
+            h = tl.zeros_like(words)
+            lo = tl.zeros_like(words)
+            for t in tl.static_range(4):
+                we = _ubyte(ev, t)
+                wo = _ubyte(od, t)
+                h += we * _sbyte(xa, t) + wo * _sbyte(xb, t)
+                lo += we * _ubyte(xc, t) + wo * _ubyte(xd, t)
+            return h * 256 + lo
+        else:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 ev, od, h, l;
+                and.b32 ev, $1, 0x0F0F0F0F;
+                shr.u32 od, $1, 4;
+                and.b32 od, od, 0x0F0F0F0F;
+                mov.b32 h, 0;
+                mov.b32 l, 0;
+                dp4a.u32.s32 h, ev, $2, h;
+                dp4a.u32.s32 h, od, $3, h;
+                dp4a.u32.u32 l, ev, $4, l;
+                dp4a.u32.u32 l, od, $5, l;
+                mad.lo.s32 $0, h, 256, l;
+                }""",
+                "=r,r,r,r,r,r", [words, xa, xb, xc, xd], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        if EMU:
+            h = tl.zeros_like(words)
+            lo = tl.zeros_like(words)
+            for t in tl.static_range(4):
+                w = _ubyte(words, t)
+                h += w * _sbyte(xa, t)
+                lo += w * _ubyte(xb, t)
+            return h * 256 + lo
+        else:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b32 h, l;
+                mov.b32 h, 0;
+                mov.b32 l, 0;
+                dp4a.u32.s32 h, $1, $2, h;
+                dp4a.u32.u32 l, $1, $3, l;
+                mad.lo.s32 $0, h, 256, l;
+                }""",
+                "=r,r,r,r", [words, xa, xb], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _idot_step_loads(ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, offs_w, N,
+                     BITS: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                     ZERO_CONST: tl.constexpr, GROUP: tl.constexpr):
+    """The small loads of one K step of _gemv_idot_kernel (blocks ``blk``, valid where
+    ``b_ok``): the x operands [1, CB, 16], x's block scales and sums [CB], and (SCALE_BLOCK)
+    the weight scales and zero-points [BN, CB] (else placeholders)."""
+    NOPS: tl.constexpr = 4 if BITS == 4 else 2
+    KB: tl.constexpr = 16 * (32 // BITS)
+    op = ops_m + blk[:, None] * (NOPS * 16) + offs_w[None, :]  # [CB, 16]
+    omask = b_ok[:, None]
+    xa = tl.load(op, mask=omask, other=0)[None, :, :]
+    xb = tl.load(op + 16, mask=omask, other=0)[None, :, :]
+    if BITS == 4:
+        xc = tl.load(op + 32, mask=omask, other=0)[None, :, :]
+        xd = tl.load(op + 48, mask=omask, other=0)[None, :, :]
+    else:
+        xc = xa
+        xd = xb
+    sx = tl.load(sx_m + blk, mask=b_ok, other=0).to(tl.float32, bitcast=True)
+    qs = tl.load(sum_m + blk, mask=b_ok, other=0).to(tl.float32)
+    if SCALE_MODE == 1:
+        gptr = ((blk * KB) // GROUP)[None, :] * N + offs_n[:, None]
+        gmask = n_ok[:, None] & b_ok[None, :]
+        sw = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
+        if HAS_ZEROS:
+            zz = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
+        else:
+            zz = tl.full([1, 1], ZERO_CONST, tl.float32)
+    else:
+        sw = sx[None, :]
+        zz = tl.full([1, 1], 0.0, tl.float32)
+    return xa, xb, xc, xd, sx, qs, sw, zz
+
+
+@triton.jit
+def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias_ptr,
+                      out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G, stride_om, steps_per_split,
+                      split_k,
+                      BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr,
+                      SCALE_MODE: tl.constexpr,  # SCALE_ROW or SCALE_BLOCK
+                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr,
+                      FIXUP: tl.constexpr, K_EXACT: tl.constexpr,
+                      BN: tl.constexpr, CB: tl.constexpr, EMU: tl.constexpr,
+                      EMULATE_BF16: tl.constexpr, STEPS_CONST: tl.constexpr,
+                      SPLIT_CONST: tl.constexpr):
+    """The GEMV of _gemv_kernel (same grid, split K and epilogue) on x quantized by
+    _xquant_kernel (xq_ptr): integer dots per word, one float scale per block (see above).
+    The pointer arguments dqs_ptr, dqo_ptr and lut_ptr are unused (same order as _gemv_kernel)."""
+    P: tl.constexpr = 32 // BITS
+    KB: tl.constexpr = 16 * P
+    NOPS: tl.constexpr = 4 if BITS == 4 else 2
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    offs_b = tl.arange(0, CB)
+    offs_w = tl.arange(0, 16)
+    nblk = KW // 16
+    b_begin = pid_k * (steps_per_split * CB)
+    b_end = tl.minimum(b_begin + steps_per_split * CB, nblk)
+    ops_m = xq_ptr + m.to(tl.int64) * nblk * (NOPS * 16)
+    tail = xq_ptr + tl.cast(M, tl.int64) * nblk * (NOPS * 16)
+    sx_m = tail + m.to(tl.int64) * nblk
+    sum_m = tail + (M + m).to(tl.int64) * nblk
+    w_rows = codes_ptr + offs_n.to(tl.int64)[:, None, None] * KW
+    acc = tl.zeros([BN, CB, 16], dtype=tl.float32)
+    if SCALE_MODE == 1:
+        zacc = tl.zeros([BN, CB], dtype=tl.float32)
+    else:
+        zacc = tl.zeros([CB], dtype=tl.float32)
+    w_ptrs = w_rows + (b_begin + offs_b)[None, :, None] * 16 + offs_w[None, None, :]
+    # Everything a step reads is loaded one step ahead (PREFETCH; registers): the weight words
+    # and the small per-block loads (x operands, scales, zeros), so that no step waits on a
+    # global load issued in the same step.
+    blk = b_begin + offs_b
+    b_ok = blk < b_end
+    if K_EXACT:
+        words = tl.load(w_ptrs, mask=n_ok[:, None, None], other=0)
+    else:
+        words = tl.load(w_ptrs, mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
+    xa, xb, xc, xd, sx, qs, sw, zz = _idot_step_loads(
+        ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, offs_w, N, BITS, SCALE_MODE,
+        HAS_ZEROS, ZERO_CONST, GROUP)
+    for step in range(0, STEPS_CONST if STEPS_CONST > 0 else steps_per_split):
+        nxt_blk = blk + CB
+        nb_ok = nxt_blk < b_end
+        nwords = tl.load(w_ptrs + (step + 1) * CB * 16,
+                         mask=n_ok[:, None, None] & nb_ok[None, :, None], other=0)
+        nxa, nxb, nxc, nxd, nsx, nqs, nsw, nzz = _idot_step_loads(
+            ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, nxt_blk, nb_ok, offs_w, N, BITS,
+            SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP)
+        d = _idot(words, xa, xb, xc, xd, BITS, EMU)
+        if SCALE_MODE == 1:  # each block lies in one group
+            sc = sw * sx[None, :]  # [BN, CB]
+            acc += d.to(tl.float32) * sc[:, :, None]
+            zacc += sc * (zz * qs[None, :])
+        else:  # one group per row: the row's scale and zero after the sum
+            acc += d.to(tl.float32) * sx[None, :, None]
+            zacc += sx * qs
+        blk = nxt_blk
+        words, xa, xb, xc, xd, sx, qs, sw, zz = nwords, nxa, nxb, nxc, nxd, nsx, nqs, nsw, nzz
+    if SCALE_MODE == 1:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(zacc, axis=1)
+    else:
+        s_row = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        if HAS_ZEROS:
+            z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        else:
+            z_row = ZERO_CONST
+        y = (tl.sum(tl.sum(acc, axis=2), axis=1) - z_row * tl.sum(zacc, axis=0)) * s_row
+    _finish(y, m, pid_n, pid_k, offs_n, n_ok, M, N, stride_om, split_k, bias_ptr, out_ptr,
+            ws_ptr, cnt_ptr, BN, HAS_BIAS, USE_WS, FIXUP, EMULATE_BF16, SPLIT_CONST)
+
+
+def idot_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:
+    """Whether the integer-dot GEMV takes this weight and activation dtype."""
+    return (gw.fmt in ("int4", "int8") and dtype in (torch.float16, torch.bfloat16)
+            and scale_mode(gw, gw.block) in (SCALE_ROW, SCALE_BLOCK))
+
+
+def idot_enabled() -> bool:
+    return os.environ.get("LOWBIT_GPU_EXACT", "0") in ("", "0")
+
+
 def scale_mode(gw: GPUWeight, step_elems: int) -> int:
     """How the kernels apply scales for K steps of ``step_elems`` elements (see _common)."""
     if gw.n_groups == 1:
@@ -206,43 +479,61 @@ MAX_PLANS = 64  # launch plans kept per weight (one per call shape and parameter
 
 def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, CB: int,
          SPLIT_K: int = 1, num_warps: int = 4, num_stages: int = 1, PREFETCH: bool = True,
-         FIXUP: bool = True, LUT_GATHER: bool = True, bind: Optional[list] = None,
-         **_ignored) -> torch.Tensor:
-    """out[M, N] = x2d[M, K] @ W^T (+ bias) for x2d with unit stride along K. ``bind``: a list
-    that receives (_common.Launcher, args, grid, split_k, None) of a single-kernel launch that
-    can be repeated directly (lowbit.kernels binds repeated calls to it; None: no second
-    launch)."""
+         FIXUP: bool = True, LUT_GATHER: bool = True, IDOT: bool = False,
+         bind: Optional[list] = None, **_ignored) -> torch.Tensor:
+    """out[M, N] = x2d[M, K] @ W^T (+ bias) for x2d with unit stride along K. ``IDOT``: the
+    integer-dot kernel on 16-bit-quantized x (see above) where it applies (idot_supported) and
+    LOWBIT_GPU_EXACT is not set; else (and by default) the float32 kernel. ``bind``: a list
+    that receives (_common.Launcher, args, grid, split_k, None, pre) of a launch that can be
+    repeated directly (lowbit.kernels binds repeated calls to it; ``pre``: None, or the
+    x-quantization launch (Launcher, args, grid) that runs first, writing the buffer the main
+    launch reads in place of x)."""
     M, K = x2d.shape
     N = gw.shape[0]
     dev = x2d.device
+    idot = bool(IDOT) and idot_supported(gw, x2d.dtype) and idot_enabled()
     key = ("gemv", M, K, dev, out.dtype, bias is None, BN, CB, SPLIT_K, num_warps, num_stages,
-           PREFETCH, FIXUP, LUT_GATHER)
+           PREFETCH, FIXUP, LUT_GATHER, idot)
     plan = gw.plans.get(key)
     if plan is None:
         if len(gw.plans) >= MAX_PLANS:
             gw.plans.clear()
         plan = gw.plans[key] = _gemv_plan(gw, M, K, dev, out.dtype, bias is not None, BN, CB,
-                                          SPLIT_K, PREFETCH, LUT_GATHER)
+                                          SPLIT_K, PREFETCH, LUT_GATHER, idot)
     split_k, grid, steps, lut, consts = plan
     dummy = gw.scales
     ws = torch.empty((split_k, M, N), dtype=torch.float32, device=dev) if split_k > 1 else out
     cnt = split_counters(dev, M * grid[1]) if (split_k > 1 and FIXUP) else None
-    args = (x2d, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
-            gw.dq_scale if gw.dq_scale is not None else dummy,
-            gw.dq_offset if gw.dq_offset is not None else dummy, lut,
-            bias if bias is not None else dummy, out, ws, cnt if cnt is not None else dummy,
-            M, N, K, gw.words_per_row, gw.n_groups, x2d.stride(0), out.stride(0), steps, split_k,
-            0.0, MAGIC_BITS)
-    launcher = launch(_gemv_kernel, grid, args, consts[cnt is not None], num_warps, num_stages)
+    pre = None
+    if idot:
+        nblk = gw.words_per_row // 16
+        xq = torch.empty(xq_numel(M, nblk, gw.bits), dtype=torch.int32, device=dev)
+        pargs = (x2d, xq, M, K, nblk, x2d.stride(0))
+        plauncher = launch(_xquant_kernel, (M, nblk), pargs, dict(P=gw.per_word), 1, 1)
+        pre = (plauncher, pargs, (M, nblk)) if plauncher is not None else None
+        args = (xq, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
+                dummy, dummy, dummy, bias if bias is not None else dummy, out, ws,
+                cnt if cnt is not None else dummy, M, N, K, gw.words_per_row, gw.n_groups,
+                out.stride(0), steps, split_k)
+        kernel = _gemv_idot_kernel
+    else:
+        args = (x2d, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
+                gw.dq_scale if gw.dq_scale is not None else dummy,
+                gw.dq_offset if gw.dq_offset is not None else dummy, lut,
+                bias if bias is not None else dummy, out, ws, cnt if cnt is not None else dummy,
+                M, N, K, gw.words_per_row, gw.n_groups, x2d.stride(0), out.stride(0), steps,
+                split_k, 0.0, MAGIC_BITS)
+        kernel = _gemv_kernel
+    launcher = launch(kernel, grid, args, consts[cnt is not None], num_warps, num_stages)
     if split_k > 1 and cnt is None:
         splitk_reduce(ws, bias, out)
-    elif bind is not None and launcher is not None:
-        bind.append((launcher, args, grid, split_k, None))
+    elif bind is not None and launcher is not None and (not idot or pre is not None):
+        bind.append((launcher, args, grid, split_k, None, pre))
     return out
 
 
 def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN: int, CB: int,
-               SPLIT_K: int, PREFETCH: bool, LUT_GATHER: bool):
+               SPLIT_K: int, PREFETCH: bool, LUT_GATHER: bool, idot: bool = False):
     """(split_k, grid, steps per split, codebook table, constexprs by 'split-K counters
     available') for one call shape: everything gemv() launches with but the tensors."""
     N = gw.shape[0]
@@ -258,12 +549,16 @@ def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN
     interp = interpreting()
     consts = {}
     for fixup in (False, True):
-        consts[fixup] = dict(
-            FMT=fmt, BITS=gw.bits, HAS_ZEROS=gw.zeros is not None, ZERO_CONST=zero_const(gw),
-            DQ=gw.double_quant, SCALE_MODE=scale_mode(gw, gw.block), GROUP=group_const(gw),
-            HAS_BIAS=has_bias and (SPLIT_K == 1 or fixup), USE_WS=SPLIT_K > 1, FIXUP=fixup,
-            K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0, PREFETCH=bool(PREFETCH),
-            LUT_GATHER=bool(LUT_GATHER) and fmt >= 2, BN=BN, CB=CB,
-            EMULATE_BF16=emulate_bf16(out_dtype), STEPS_CONST=steps if interp else 0,
-            SPLIT_CONST=SPLIT_K if interp else 0)
+        c = dict(BITS=gw.bits, HAS_ZEROS=gw.zeros is not None, ZERO_CONST=zero_const(gw),
+                 SCALE_MODE=scale_mode(gw, gw.block), GROUP=group_const(gw),
+                 HAS_BIAS=has_bias and (SPLIT_K == 1 or fixup), USE_WS=SPLIT_K > 1, FIXUP=fixup,
+                 K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0,
+                 PREFETCH=bool(PREFETCH), BN=BN, CB=CB, EMULATE_BF16=emulate_bf16(out_dtype),
+                 STEPS_CONST=steps if interp else 0, SPLIT_CONST=SPLIT_K if interp else 0)
+        if idot:  # (always loads one step ahead)
+            c["EMU"] = interp
+            del c["PREFETCH"]
+        else:
+            c.update(FMT=fmt, DQ=gw.double_quant, LUT_GATHER=bool(LUT_GATHER) and fmt >= 2)
+        consts[fixup] = c
     return SPLIT_K, grid, steps, lut, consts

@@ -30,7 +30,7 @@ import torch
 
 import lowbit
 from lowbit import reference as R
-from lowbit.testing import accumulation_rtol, assert_linear_close
+from lowbit.testing import accumulation_rtol, assert_linear_close, linear_mismatch
 
 from conftest import FORMAT_CASES, NEW_FORMAT_CASES, case_id
 
@@ -158,9 +158,52 @@ def test_gemv_matches_reference(case):
             params = dict(BN=32, CB=2, SPLIT_K=2) if (i + j) % 2 else dict(BN=16, CB=1, SPLIT_K=1)
             if REAL_GPU:
                 params = dict(BN=64, CB=1, SPLIT_K=4 if j else 1, num_warps=4)
-            out = gemv(x, gw, bias, poisoned(M, N, dt), **params)
+            out = gemv(x, gw, bias, poisoned(M, N, dt), IDOT=False, **params)
             assert_linear_close(out, R.linear(x, qw, bias), x, qw, bias=bias,
                                 msg=f"gemv {fmt} {opts} M={M} N={N} K={K} {dt} {params}")
+
+
+# the integer-dot GEMV: int4 / int8 whose groups hold whole layout blocks, 16-bit activations
+IDOT_CASES = [("int4", {}), ("int4", {"symmetric": True}), ("int4", {"group_size": 256}),
+              ("int4", {"group_size": -1, "symmetric": True}), ("int8", {}),
+              ("int8", {"symmetric": False}), ("int8", {"group_size": 128}),
+              ("int8", {"group_size": 64, "symmetric": False})]
+
+
+@pytest.mark.parametrize("case", IDOT_CASES, ids=case_id)
+def test_gemv_idot_matches_reference(case):
+    """Two statements: on the activations as quantized (testing.gpu_quantize_activations) the
+    kernel is the float32 GEMV (exact integer dots, float32 scaling: the default tolerance);
+    against the reference on x itself it is within the bound of that quantization
+    (testing.idot_linear_tolerance)."""
+    from lowbit.kernels.gemv import idot_supported
+    from lowbit.testing import GPU_XQ_BLOCK, gpu_quantize_activations, idot_linear_tolerance
+    fmt, opts = case
+    shapes = SHAPES if REAL_GPU else ((17, 300), (40, 256), (3, 64))
+    for i, (N, K) in enumerate(shapes):
+        qw = quantized(N, K, fmt, opts, seed=i)
+        gw = layout.gpu_weight(qw)
+        for j, M in enumerate(GEMV_MS):
+            dt = HALF[(i + j) % 2]
+            assert idot_supported(gw, dt)
+            g = torch.Generator().manual_seed(100 + i + j)
+            # activations with an outlier column and a spread of magnitudes within blocks
+            x = torch.randn(M, K, generator=g) * torch.rand(M, K, generator=g) * 2
+            x[:, (7 * i) % K] *= 40
+            x = x.to(dt).to(DEV)
+            bias = make_x(1, N, torch.float32, seed=7)[0] if j % 2 == 0 else None
+            params = dict(BN=32, CB=2, SPLIT_K=2) if (i + j) % 2 else dict(BN=16, CB=1, SPLIT_K=1)
+            if REAL_GPU:
+                params = dict(BN=64, CB=1, SPLIT_K=4 if j else 1, num_warps=4)
+            out = gemv(x, gw, bias, poisoned(M, N, dt), IDOT=True, **params)
+            msg = f"idot {fmt} {opts} M={M} N={N} K={K} {dt} {params}"
+            x_hat, _, _ = gpu_quantize_activations(x, GPU_XQ_BLOCK[fmt])
+            assert_linear_close(out, R.linear(x_hat, qw, bias).to(dt), x_hat, qw, bias=bias,
+                                msg=msg)
+            want = R.linear(x, qw, bias)
+            r = linear_mismatch(out, want, x, qw, bias=bias,
+                                tol=idot_linear_tolerance(x, qw, want, bias))
+            assert r["ok"], (msg, r)
 
 
 # ---- tensor-core GEMM ---------------------------------------------------------------------
@@ -587,3 +630,43 @@ def test_torch_compile_fullgraph():
     compiled(x)
     compiled(x)
     assert layout.REPACKS[0] == n  # the compiled graph hits the per-weight layout cache
+
+
+def test_idot_selection_and_exact_switch(monkeypatch):
+    """The heuristics take the integer-dot GEMV for tall int4 weights with 16-bit activations
+    only; LOWBIT_GPU_EXACT=1 runs the float32 GEMV even where a config asks for it."""
+    c = S.heuristic(1, 14336, 4096, "int4", 128, torch.bfloat16)
+    assert c.kernel == "gemv" and c.params.get("IDOT") is True
+    assert not S.heuristic(1, 14336, 4096, "int4", 128, torch.float32).params.get("IDOT")
+    assert not S.heuristic(1, 14336, 4096, "int4", 32, torch.bfloat16).params.get("IDOT")
+    assert not S.heuristic(1, 4096, 4096, "int4", 128, torch.bfloat16).params.get("IDOT")
+    from lowbit.kernels import gemv as G
+    ran = []
+    real_launch = G.launch
+
+    def spy(kernel, *a, **k):
+        ran.append(kernel)
+        return real_launch(kernel, *a, **k)
+
+    monkeypatch.setattr(G, "launch", spy)
+    qw = quantized(40, 256, "int4", {})
+    gw = layout.gpu_weight(qw)
+    x = make_x(1, 256, torch.bfloat16, seed=5)
+    gemv(x, gw, None, poisoned(1, 40, x.dtype), BN=16, CB=1, IDOT=True)
+    assert ran == [G._xquant_kernel, G._gemv_idot_kernel]
+    ran.clear()
+    monkeypatch.setenv("LOWBIT_GPU_EXACT", "1")
+    gemv(x, gw, None, poisoned(1, 40, x.dtype), BN=16, CB=1, IDOT=True)
+    assert ran == [G._gemv_kernel]
+    monkeypatch.delenv("LOWBIT_GPU_EXACT")
+    # the integer-dot GEMV does not take float32 activations, codebook formats or groups that
+    # split a layout block: those run the float32 GEMV with the same parameters
+    for fmt, opts, dt in (("int4", {}, torch.float32), ("nf4", {}, torch.bfloat16),
+                          ("int4", {"group_size": 32}, torch.float16)):
+        qw = quantized(40, 256, fmt, opts)
+        gw = layout.gpu_weight(qw)
+        x = make_x(1, 256, dt, seed=6)
+        ran.clear()
+        a = gemv(x, gw, None, poisoned(1, 40, dt), BN=16, CB=1, IDOT=True)
+        assert ran == [G._gemv_kernel], (fmt, opts, dt)
+        assert_linear_close(a, R.linear(x, qw), x, qw, msg=f"{fmt} {opts} {dt}")

@@ -264,6 +264,52 @@ def assert_fast_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: to
                              f"({r['worst_ratio']:.3g}x the bound)"))
 
 
+# ---- the integer-dot GPU GEMV -------------------------------------------------------------------
+# Its activations are quantized to 16-bit integers with a power-of-two scale per layout block
+# (kernels/gemv.py, _xquant_kernel); this is that quantizer in torch, for tests and selftest.
+GPU_XQ_BLOCK = {"int4": 128, "int8": 64}  # elements per block, by weight format
+
+
+def gpu_quantize_activations(x2d: torch.Tensor, block: int):
+    """``x [M, K]`` -> ``(x_hat, q, scale)``: per block of ``block`` columns (the row
+    zero-padded), E the exponent of max |x|, scale = 2**(E - 14), q = round_half_even(x / scale)
+    clamped to +-32767, x_hat = q * scale (float32, exact) [M, K]. A block with max |x| below
+    2**-112 gives scale 0 and q = 0; a non-finite block gives scale NaN and q = 0."""
+    x = x2d.float()
+    M, K = x.shape
+    nb = -(-K // block)
+    xp = torch.nn.functional.pad(x, (0, nb * block - K)).reshape(M, nb, block)
+    bits = (xp.view(torch.int32) & 0x7FFFFFFF).amax(-1)
+    E = (bits >> 23) - 127
+    finite = bits < 0x7F800000
+    live = finite & (E >= -112)
+    e = torch.where(live, E - 14, torch.zeros_like(E))
+    inv = ((127 - e) << 23).view(torch.float32)
+    q = torch.round(xp * inv[..., None]).clamp(-32767, 32767)
+    q = torch.where(live[..., None], q, torch.zeros_like(q))
+    scale = torch.where(live, ((127 + e) << 23).view(torch.float32),
+                        torch.where(finite, torch.zeros_like(inv), torch.full_like(inv, math.nan)))
+    x_hat = (q * scale[..., None]).reshape(M, nb * block)[:, :K]
+    return x_hat, q.to(torch.int32), scale
+
+
+def idot_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bound on |integer-dot GEMV - reference| for ``linear(x, qw, bias)``: the float32
+    tolerance of :func:`linear_tolerance` plus the activation rounding, sum_k |w_k| scale_k / 2
+    (scale_k <= 2**-14 max |x| of x_k's block), not fitted."""
+    from . import reference as R
+    N, K = qw.shape
+    x2 = x.reshape(-1, K)
+    _, _, scale = gpu_quantize_activations(x2, GPU_XQ_BLOCK[qw.fmt])
+    s_el = scale.repeat_interleave(GPU_XQ_BLOCK[qw.fmt], dim=1)[:, :K].double()
+    tol = linear_tolerance(x, qw, expected=expected, bias=bias, out_dtype=expected.dtype)
+    extra = (0.5 * s_el) @ R.dequantize(qw).double().abs().T
+    eps = output_eps(expected.dtype)
+    return (tol.double().reshape(-1, N) + extra * (1 + eps)).reshape(*expected.shape).float()
+
+
 __all__ = ["accumulation_rtol", "output_eps", "linear_tolerance", "linear_mismatch",
            "assert_linear_close", "UNIT_ROUNDOFF_F32", "fast_quantize_activations",
-           "fast_linear_tolerance", "fast_linear_mismatch", "assert_fast_linear_close"]
+           "fast_linear_tolerance", "fast_linear_mismatch", "assert_fast_linear_close",
+           "GPU_XQ_BLOCK", "gpu_quantize_activations", "idot_linear_tolerance"]

@@ -23,6 +23,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+try:  # programmatic dependent launch (Hopper and newer; Triton >= 3.3)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_GDC = True
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+    _HAS_GDC = False
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, cast_out,
                       codebook_lut, codebook_values, decode_absmax, emulate_bf16, hi_shift,
@@ -230,9 +236,13 @@ def xq_numel(M: int, nblk: int, bits: int) -> int:
 
 
 @triton.jit
-def _xquant_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, P: tl.constexpr):
-    """One layout block of one row of x: quantize (see above) and pack the dp4a operands."""
+def _xquant_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, P: tl.constexpr, PDL: tl.constexpr):
+    """One layout block of one row of x: quantize (see above) and pack the dp4a operands.
+    PDL: let the GEMV that reads the result launch now (programmatic dependent launch: its
+    programs start loading weights and wait for this grid before they read xq)."""
     NOPS: tl.constexpr = 4 if P == 8 else 2
+    if PDL:
+        gdc_launch_dependents()
     m = tl.program_id(0)
     b = tl.program_id(1)
     ii = tl.arange(0, P)[:, None]
@@ -379,6 +389,7 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr,
                       FIXUP: tl.constexpr, K_EXACT: tl.constexpr,
                       BN: tl.constexpr, CB: tl.constexpr, EMU: tl.constexpr,
+                      PDL: tl.constexpr,  # launched as a programmatic dependent of _xquant_kernel
                       EMULATE_BF16: tl.constexpr, STEPS_CONST: tl.constexpr,
                       SPLIT_CONST: tl.constexpr):
     """The GEMV of _gemv_kernel (same grid, split K and epilogue) on x quantized by
@@ -417,6 +428,8 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
         words = tl.load(w_ptrs, mask=n_ok[:, None, None], other=0)
     else:
         words = tl.load(w_ptrs, mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
+    if PDL:  # the weights above do not depend on the x quantization; what follows does
+        gdc_wait()
     xa, xb, xc, xd, sx, qs, sw, zz = _idot_step_loads(
         ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, offs_w, N, BITS, SCALE_MODE,
         HAS_ZEROS, ZERO_CONST, GROUP)
@@ -455,6 +468,23 @@ def idot_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:
     """Whether the integer-dot GEMV takes this weight and activation dtype."""
     return (gw.fmt in ("int4", "int8") and dtype in (torch.float16, torch.bfloat16)
             and scale_mode(gw, gw.block) in (SCALE_ROW, SCALE_BLOCK))
+
+
+def _use_pdl(dev) -> bool:
+    """Programmatic dependent launch of the integer-dot GEMV after its x quantization: compiled
+    kernels on Hopper or newer (the instructions are no-ops without it, but older GPUs lack
+    them); LOWBIT_GPU_PDL=0 turns it off."""
+    if not _HAS_GDC or interpreting() or dev.type != "cuda":
+        return False
+    if os.environ.get("LOWBIT_GPU_PDL", "1") in ("0", ""):
+        return False
+    key = str(dev)
+    if key not in _PDL_CAP:
+        _PDL_CAP[key] = torch.cuda.get_device_capability(dev)[0] >= 9
+    return _PDL_CAP[key]
+
+
+_PDL_CAP: dict = {}
 
 
 def idot_enabled() -> bool:
@@ -509,7 +539,8 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
         nblk = gw.words_per_row // 16
         xq = torch.empty(xq_numel(M, nblk, gw.bits), dtype=torch.int32, device=dev)
         pargs = (x2d, xq, M, K, nblk, x2d.stride(0))
-        plauncher = launch(_xquant_kernel, (M, nblk), pargs, dict(P=gw.per_word), 1, 1)
+        plauncher = launch(_xquant_kernel, (M, nblk), pargs,
+                           dict(P=gw.per_word, PDL=_use_pdl(dev)), 1, 1)
         pre = (plauncher, pargs, (M, nblk)) if plauncher is not None else None
         args = (xq, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
                 dummy, dummy, dummy, bias if bias is not None else dummy, out, ws,
@@ -557,6 +588,9 @@ def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN
                  STEPS_CONST=steps if interp else 0, SPLIT_CONST=SPLIT_K if interp else 0)
         if idot:  # (always loads one step ahead)
             c["EMU"] = interp
+            c["PDL"] = _use_pdl(dev)
+            if c["PDL"]:
+                c["launch_pdl"] = True  # a launch option (programmatic dependent launch)
             del c["PREFETCH"]
         else:
             c.update(FMT=fmt, DQ=gw.double_quant, LUT_GATHER=bool(LUT_GATHER) and fmt >= 2)

@@ -231,16 +231,21 @@ def idot_ops(bits: int) -> int:
 
 def xq_numel(M: int, nblk: int, bits: int) -> int:
     """int32 elements of the quantized-x buffer: [M, nblk, ops, 16] operands, then the float32
-    scales [M, nblk] (as int32 bits), then the integer sums [M, nblk]."""
-    return M * nblk * (idot_ops(bits) * 16 + 2)
+    scales [M, nblk] (as int32 bits), then the integer sums [M, nblk, halves] (4-bit codes:
+    the sums of the block's two halves, elements 0-63 and 64-127)."""
+    return M * nblk * (idot_ops(bits) * 16 + 1 + (2 if bits == 4 else 1))
 
 
 @triton.jit
-def _xquant_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, P: tl.constexpr, PDL: tl.constexpr):
+def _xquant_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, P: tl.constexpr, GROUPED: tl.constexpr,
+                   PDL: tl.constexpr):
     """One layout block of one row of x: quantize (see above) and pack the dp4a operands.
-    PDL: let the GEMV that reads the result launch now (programmatic dependent launch: its
-    programs start loading weights and wait for this grid before they read xq)."""
+    GROUPED (4-bit codes, groups of 64): operands of planes 0-3 and 4-7 (the block's two
+    groups) instead of the even and odd planes. PDL: let the GEMV that reads the result launch
+    now (programmatic dependent launch: its programs start loading weights and wait for this
+    grid before they read xq)."""
     NOPS: tl.constexpr = 4 if P == 8 else 2
+    NSUM: tl.constexpr = 2 if P == 8 else 1
     if PDL:
         gdc_launch_dependents()
     m = tl.program_id(0)
@@ -260,25 +265,32 @@ def _xquant_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, P: tl.constexpr, PDL: t
     q = tl.where(live, tl.minimum(tl.maximum(r, -32767.0), 32767.0), 0.0).to(tl.int32)
     scale = tl.where(live, ((127 + e) << 23).to(tl.float32, bitcast=True),
                      tl.where(finite, 0.0, float("nan")))
-    total = tl.sum(tl.sum(q, axis=1), axis=0)
     hi = (q >> 8) & 255
     lo = q & 255
     row = m.to(tl.int64) * NBLK + b
     dst = xq_ptr + row * (NOPS * 16)
-    if P == 8:  # byte t of operand (parity p): plane 2t + p, the nibble the byte mask leaves
-        sh = (tl.arange(0, 4) * 8)[:, None, None]
-        ph = tl.sum(tl.reshape(hi, [4, 2, 16]) << sh, axis=0)  # disjoint bytes: sum = OR
-        pl = tl.sum(tl.reshape(lo, [4, 2, 16]) << sh, axis=0)
+    tail = xq_ptr + tl.cast(M, tl.int64) * NBLK * (NOPS * 16)
+    sums = tail + tl.cast(M, tl.int64) * NBLK + row * NSUM
+    if P == 8:
+        if GROUPED:  # byte t of operand g: plane 4g + t
+            sh = (tl.arange(0, 4) * 8)[None, :, None]
+            ph = tl.sum(tl.reshape(hi, [2, 4, 16]) << sh, axis=1)  # disjoint bytes: sum = OR
+            pl = tl.sum(tl.reshape(lo, [2, 4, 16]) << sh, axis=1)
+        else:  # byte t of operand p: plane 2t + p, the nibble the byte mask leaves
+            sh = (tl.arange(0, 4) * 8)[:, None, None]
+            ph = tl.sum(tl.reshape(hi, [4, 2, 16]) << sh, axis=0)
+            pl = tl.sum(tl.reshape(lo, [4, 2, 16]) << sh, axis=0)
         pp = tl.arange(0, 2)[:, None] * 16 + tl.arange(0, 16)[None, :]
         tl.store(dst + pp, ph)
         tl.store(dst + 32 + pp, pl)
+        # the sums of the two halves (planes 0-3, 4-7)
+        tl.store(sums + tl.arange(0, 2), tl.sum(tl.reshape(q, [2, 64]), axis=1))
     else:  # int8: byte t = plane t
         sh = (tl.arange(0, 4) * 8)[:, None]
         tl.store(dst + tl.arange(0, 16), tl.sum(hi << sh, axis=0))
         tl.store(dst + 16 + tl.arange(0, 16), tl.sum(lo << sh, axis=0))
-    tail = xq_ptr + tl.cast(M, tl.int64) * NBLK * (NOPS * 16)
+        tl.store(sums, tl.sum(tl.sum(q, axis=1), axis=0))
     tl.store(tail + row, scale.to(tl.int32, bitcast=True))
-    tl.store(tail + tl.cast(M, tl.int64) * NBLK + row, total)
 
 
 @triton.jit
@@ -346,12 +358,13 @@ def _idot(words, xa, xb, xc, xd, BITS: tl.constexpr, EMU: tl.constexpr):
 
 
 @triton.jit
-def _idot_step_loads(ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, offs_w, N,
+def _idot_step_loads(ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, offs_w, N, G,
                      BITS: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZEROS: tl.constexpr,
                      ZERO_CONST: tl.constexpr, GROUP: tl.constexpr):
     """The small loads of one K step of _gemv_idot_kernel (blocks ``blk``, valid where
-    ``b_ok``): the x operands [1, CB, 16], x's block scales and sums [CB], and (SCALE_BLOCK)
-    the weight scales and zero-points [BN, CB] (else placeholders)."""
+    ``b_ok``): the x operands [1, CB, 16], x's block scales and sums [CB], and the weight
+    scales and zero-points [BN, CB] (SCALE_BLOCK; SCALE_PLANE: groups of 64, the first half's
+    here and the second half's with its x sums in the last three values; else placeholders)."""
     NOPS: tl.constexpr = 4 if BITS == 4 else 2
     KB: tl.constexpr = 16 * (32 // BITS)
     op = ops_m + blk[:, None] * (NOPS * 16) + offs_w[None, :]  # [CB, 16]
@@ -361,23 +374,83 @@ def _idot_step_loads(ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, 
     if BITS == 4:
         xc = tl.load(op + 32, mask=omask, other=0)[None, :, :]
         xd = tl.load(op + 48, mask=omask, other=0)[None, :, :]
+        qs = tl.load(sum_m + 2 * blk, mask=b_ok, other=0).to(tl.float32)
+        qs2 = tl.load(sum_m + 2 * blk + 1, mask=b_ok, other=0).to(tl.float32)
+        if SCALE_MODE != 2:
+            qs = qs + qs2
     else:
         xc = xa
         xd = xb
+        qs = tl.load(sum_m + blk, mask=b_ok, other=0).to(tl.float32)
+        qs2 = qs
     sx = tl.load(sx_m + blk, mask=b_ok, other=0).to(tl.float32, bitcast=True)
-    qs = tl.load(sum_m + blk, mask=b_ok, other=0).to(tl.float32)
-    if SCALE_MODE == 1:
-        gptr = ((blk * KB) // GROUP)[None, :] * N + offs_n[:, None]
+    sw2 = tl.full([1, 1], 0.0, tl.float32)
+    zz2 = tl.full([1, 1], 0.0, tl.float32)
+    if SCALE_MODE == 0:
+        sw = sx[None, :]
+        zz = tl.full([1, 1], 0.0, tl.float32)
+    else:
+        if SCALE_MODE == 1:
+            g = (blk * KB) // GROUP
+        else:  # groups of 64: the block's first half
+            g = 2 * blk
+        gptr = g[None, :] * N + offs_n[:, None]
         gmask = n_ok[:, None] & b_ok[None, :]
         sw = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
         if HAS_ZEROS:
             zz = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
         else:
             zz = tl.full([1, 1], ZERO_CONST, tl.float32)
+        if SCALE_MODE == 2:  # the second half (past K in a ragged last block: zeros)
+            gmask2 = gmask & ((g + 1) < G)[None, :]
+            sw2 = tl.load(s_ptr + gptr + N, mask=gmask2, other=0.0)
+            if HAS_ZEROS:
+                zz2 = tl.load(z_ptr + gptr + N, mask=gmask2, other=0).to(tl.float32)
+            else:
+                zz2 = tl.full([1, 1], ZERO_CONST, tl.float32)
+    return xa, xb, xc, xd, sx, qs, sw, zz, qs2, sw2, zz2
+
+
+@triton.jit
+def _idot_halves(words, xa, xb, xc, xd, EMU: tl.constexpr):
+    """4-bit codes, GROUPED operands: per word the dots of planes 0-3 and of planes 4-7 (the
+    two groups of 64 of its block), int32 each. xa / xb: high bytes of the two halves' q, xc /
+    xd: their low bytes. The bytes of each half are gathered with one PRMT."""
+    if EMU:
+        ha = tl.zeros_like(words)
+        la = tl.zeros_like(words)
+        hb = tl.zeros_like(words)
+        lb = tl.zeros_like(words)
+        for t in tl.static_range(4):
+            wa = (words >> (4 * t)) & 15
+            wb = (words >> (16 + 4 * t)) & 15
+            ha += wa * _sbyte(xa, t)
+            la += wa * _ubyte(xc, t)
+            hb += wb * _sbyte(xb, t)
+            lb += wb * _ubyte(xd, t)
+        return ha * 256 + la, hb * 256 + lb
     else:
-        sw = sx[None, :]
-        zz = tl.full([1, 1], 0.0, tl.float32)
-    return xa, xb, xc, xd, sx, qs, sw, zz
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 ev, od, a, b, h, l;
+            and.b32 ev, $2, 0x0F0F0F0F;
+            shr.u32 od, $2, 4;
+            and.b32 od, od, 0x0F0F0F0F;
+            prmt.b32 a, ev, od, 0x5140;
+            prmt.b32 b, ev, od, 0x7362;
+            mov.b32 h, 0;
+            mov.b32 l, 0;
+            dp4a.u32.s32 h, a, $3, h;
+            dp4a.u32.u32 l, a, $5, l;
+            mad.lo.s32 $0, h, 256, l;
+            mov.b32 h, 0;
+            mov.b32 l, 0;
+            dp4a.u32.s32 h, b, $4, h;
+            dp4a.u32.u32 l, b, $6, l;
+            mad.lo.s32 $1, h, 256, l;
+            }""",
+            "=r,=r,r,r,r,r,r", [words, xa, xb, xc, xd], dtype=(tl.int32, tl.int32),
+            is_pure=True, pack=1)
 
 
 @triton.jit
@@ -385,7 +458,7 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
                       out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G, stride_om, steps_per_split,
                       split_k,
                       BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr,
-                      SCALE_MODE: tl.constexpr,  # SCALE_ROW or SCALE_BLOCK
+                      SCALE_MODE: tl.constexpr,  # SCALE_ROW, SCALE_BLOCK, SCALE_PLANE (groups of 64)
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr,
                       FIXUP: tl.constexpr, K_EXACT: tl.constexpr,
                       BN: tl.constexpr, CB: tl.constexpr, EMU: tl.constexpr,
@@ -411,10 +484,10 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
     ops_m = xq_ptr + m.to(tl.int64) * nblk * (NOPS * 16)
     tail = xq_ptr + tl.cast(M, tl.int64) * nblk * (NOPS * 16)
     sx_m = tail + m.to(tl.int64) * nblk
-    sum_m = tail + (M + m).to(tl.int64) * nblk
+    sum_m = tail + tl.cast(M, tl.int64) * nblk + m.to(tl.int64) * nblk * (2 if BITS == 4 else 1)
     w_rows = codes_ptr + offs_n.to(tl.int64)[:, None, None] * KW
     acc = tl.zeros([BN, CB, 16], dtype=tl.float32)
-    if SCALE_MODE == 1:
+    if SCALE_MODE != 0:
         zacc = tl.zeros([BN, CB], dtype=tl.float32)
     else:
         zacc = tl.zeros([CB], dtype=tl.float32)
@@ -430,28 +503,37 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
         words = tl.load(w_ptrs, mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
     if PDL:  # the weights above do not depend on the x quantization; what follows does
         gdc_wait()
-    xa, xb, xc, xd, sx, qs, sw, zz = _idot_step_loads(
-        ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, offs_w, N, BITS, SCALE_MODE,
-        HAS_ZEROS, ZERO_CONST, GROUP)
+    xa, xb, xc, xd, sx, qs, sw, zz, qs2, sw2, zz2 = _idot_step_loads(
+        ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, offs_w, N, G, BITS,
+        SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP)
     for step in range(0, STEPS_CONST if STEPS_CONST > 0 else steps_per_split):
         nxt_blk = blk + CB
         nb_ok = nxt_blk < b_end
         nwords = tl.load(w_ptrs + (step + 1) * CB * 16,
                          mask=n_ok[:, None, None] & nb_ok[None, :, None], other=0)
-        nxa, nxb, nxc, nxd, nsx, nqs, nsw, nzz = _idot_step_loads(
-            ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, nxt_blk, nb_ok, offs_w, N, BITS,
+        nxa, nxb, nxc, nxd, nsx, nqs, nsw, nzz, nqs2, nsw2, nzz2 = _idot_step_loads(
+            ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, nxt_blk, nb_ok, offs_w, N, G, BITS,
             SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP)
-        d = _idot(words, xa, xb, xc, xd, BITS, EMU)
-        if SCALE_MODE == 1:  # each block lies in one group
+        if SCALE_MODE == 2:  # groups of 64: each block holds two
+            da, db = _idot_halves(words, xa, xb, xc, xd, EMU)
+            sc = sw * sx[None, :]
+            sc2 = sw2 * sx[None, :]
+            acc += da.to(tl.float32) * sc[:, :, None]
+            acc += db.to(tl.float32) * sc2[:, :, None]
+            zacc += sc * (zz * qs[None, :]) + sc2 * (zz2 * qs2[None, :])
+        elif SCALE_MODE == 1:  # each block lies in one group
+            d = _idot(words, xa, xb, xc, xd, BITS, EMU)
             sc = sw * sx[None, :]  # [BN, CB]
             acc += d.to(tl.float32) * sc[:, :, None]
             zacc += sc * (zz * qs[None, :])
         else:  # one group per row: the row's scale and zero after the sum
+            d = _idot(words, xa, xb, xc, xd, BITS, EMU)
             acc += d.to(tl.float32) * sx[None, :, None]
             zacc += sx * qs
         blk = nxt_blk
         words, xa, xb, xc, xd, sx, qs, sw, zz = nwords, nxa, nxb, nxc, nxd, nsx, nqs, nsw, nzz
-    if SCALE_MODE == 1:
+        qs2, sw2, zz2 = nqs2, nsw2, nzz2
+    if SCALE_MODE != 0:
         y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(zacc, axis=1)
     else:
         s_row = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
@@ -466,8 +548,11 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
 
 def idot_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:
     """Whether the integer-dot GEMV takes this weight and activation dtype."""
-    return (gw.fmt in ("int4", "int8") and dtype in (torch.float16, torch.bfloat16)
-            and scale_mode(gw, gw.block) in (SCALE_ROW, SCALE_BLOCK))
+    if gw.fmt not in ("int4", "int8") or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    mode = scale_mode(gw, gw.block)
+    return mode in (SCALE_ROW, SCALE_BLOCK) or (mode == SCALE_PLANE and gw.fmt == "int4"
+                                                and gw.group == 64)
 
 
 def _use_pdl(dev) -> bool:
@@ -540,7 +625,8 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
         xq = torch.empty(xq_numel(M, nblk, gw.bits), dtype=torch.int32, device=dev)
         pargs = (x2d, xq, M, K, nblk, x2d.stride(0))
         plauncher = launch(_xquant_kernel, (M, nblk), pargs,
-                           dict(P=gw.per_word, PDL=_use_pdl(dev)), 1, 1)
+                           dict(P=gw.per_word, GROUPED=scale_mode(gw, gw.block) == SCALE_PLANE,
+                                PDL=_use_pdl(dev)), 1, 1)
         pre = (plauncher, pargs, (M, nblk)) if plauncher is not None else None
         args = (xq, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
                 dummy, dummy, dummy, bias if bias is not None else dummy, out, ws,

@@ -140,7 +140,7 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
     nblk = -(-K // kb)
     if M <= (8 if dtype == torch.float32 else 2):
         if (fmt == "int4" and dtype != torch.float32 and N >= 8192
-                and (group < 0 or group >= K or group % kb == 0)):
+                and (group < 0 or group >= K or group % kb == 0 or group == 64)):
             # the integer-dot GEMV (kernels/gemv.py): ahead of the float32 one on tall weights
             # (H200: 14336 and 28672 x 4096), behind it where split K must make the programs
             BN, CB = 32, 4

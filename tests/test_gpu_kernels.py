@@ -165,6 +165,7 @@ def test_gemv_matches_reference(case):
 
 # the integer-dot GEMV: int4 / int8 whose groups hold whole layout blocks, 16-bit activations
 IDOT_CASES = [("int4", {}), ("int4", {"symmetric": True}), ("int4", {"group_size": 256}),
+              ("int4", {"group_size": 64}), ("int4", {"group_size": 64, "symmetric": True}),
               ("int4", {"group_size": -1, "symmetric": True}), ("int8", {}),
               ("int8", {"symmetric": False}), ("int8", {"group_size": 128}),
               ("int8", {"group_size": 64, "symmetric": False})]
@@ -639,6 +640,7 @@ def test_idot_selection_and_exact_switch(monkeypatch):
     assert c.kernel == "gemv" and c.params.get("IDOT") is True
     assert not S.heuristic(1, 14336, 4096, "int4", 128, torch.float32).params.get("IDOT")
     assert not S.heuristic(1, 14336, 4096, "int4", 32, torch.bfloat16).params.get("IDOT")
+    assert S.heuristic(1, 14336, 4096, "int4", 64, torch.bfloat16).params.get("IDOT")
     assert not S.heuristic(1, 4096, 4096, "int4", 128, torch.bfloat16).params.get("IDOT")
     from lowbit.kernels import gemv as G
     ran = []

@@ -3,7 +3,9 @@
 Files, one kernel family each:
   layout.py   the GPU weight layout, repacked once per weight and cached (``prepare``)
   dequant.py  dequantize, bit-exact against lowbit.reference
-  gemv.py     CUDA-core GEMV / split-K GEMV (small M, any activation dtype, float32 math)
+  gemv.py     CUDA-core GEMV / split-K GEMV (small M, any activation dtype, float32 math), and
+              the integer-dot GEMV (16-bit activations quantized per block to 16-bit
+              integers, dp4a on the codes; int4 / int8; LOWBIT_GPU_EXACT=1 turns it off)
   gemm.py     fused tensor-core GEMM (fp16/bf16 activations)
   select.py   select(): kernel + parameters per (M, N, K, format, group, GPU) from the tuned
               JSON in configs/ (written by bench/tune_gpu.py) or heuristics

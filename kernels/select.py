@@ -1,7 +1,8 @@
 """select(): which kernel and launch parameters run a given matmul, from tuned data or heuristics.
 
 Kernels:
-  ``gemv``       CUDA-core GEMV / split-K GEMV (kernels/gemv.py), float32 math: small M
+  ``gemv``       CUDA-core GEMV / split-K GEMV (kernels/gemv.py), float32 math: small M;
+                 with ``IDOT`` in its parameters the integer-dot GEMV where it applies
   ``gemm``       fused tensor-core GEMM (kernels/gemm.py), fp16/bf16 activations: middle M
   ``dequant_mm`` dequantize (kernels/dequant.py) into a temporary weight in x's dtype, then
                  torch's matmul (cuBLAS): large M, where the one extra pass over the weight is

@@ -297,14 +297,17 @@ def idot_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
                           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bound on |integer-dot GEMV - reference| for ``linear(x, qw, bias)``: the float32
     tolerance of :func:`linear_tolerance` plus the activation rounding, sum_k |w_k| scale_k / 2
-    (scale_k <= 2**-14 max |x| of x_k's block), not fitted."""
+    (scale_k <= 2**-14 max |x| of x_k's block; |x_k| where a block quantizes to zeros), not
+    fitted."""
     from . import reference as R
     N, K = qw.shape
     x2 = x.reshape(-1, K)
     _, _, scale = gpu_quantize_activations(x2, GPU_XQ_BLOCK[qw.fmt])
     s_el = scale.repeat_interleave(GPU_XQ_BLOCK[qw.fmt], dim=1)[:, :K].double()
     tol = linear_tolerance(x, qw, expected=expected, bias=bias, out_dtype=expected.dtype)
-    extra = (0.5 * s_el) @ R.dequantize(qw).double().abs().T
+    # a block quantized to zeros (max |x| below 2**-112) loses its whole contribution
+    lost = torch.where(s_el == 0, x2.double().abs(), 0.5 * s_el)
+    extra = lost @ R.dequantize(qw).double().abs().T
     eps = output_eps(expected.dtype)
     return (tol.double().reshape(-1, N) + extra * (1 + eps)).reshape(*expected.shape).float()
 

@@ -572,8 +572,12 @@ def _use_pdl(dev) -> bool:
 _PDL_CAP: dict = {}
 
 
-def idot_enabled() -> bool:
-    return os.environ.get("LOWBIT_GPU_EXACT", "0") in ("", "0")
+def idot_enabled(dev: Optional[torch.device] = None) -> bool:
+    """LOWBIT_GPU_EXACT is not set, and the device is an NVIDIA GPU (the kernel's inline PTX)
+    or the Triton interpreter (which runs its integer emulation)."""
+    if os.environ.get("LOWBIT_GPU_EXACT", "0") not in ("", "0"):
+        return False
+    return dev is None or dev.type != "cuda" or torch.version.hip is None
 
 
 def scale_mode(gw: GPUWeight, step_elems: int) -> int:
@@ -606,7 +610,7 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
     M, K = x2d.shape
     N = gw.shape[0]
     dev = x2d.device
-    idot = bool(IDOT) and idot_supported(gw, x2d.dtype) and idot_enabled()
+    idot = bool(IDOT) and idot_supported(gw, x2d.dtype) and idot_enabled(dev)
     key = ("gemv", M, K, dev, out.dtype, bias is None, BN, CB, SPLIT_K, num_warps, num_stages,
            PREFETCH, FIXUP, LUT_GATHER, idot)
     plan = gw.plans.get(key)

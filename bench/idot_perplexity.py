@@ -1,0 +1,53 @@
+"""Perplexity cost of the GPU integer-dot GEMV's activation quantization, on the CPU.
+
+The integer-dot GEMV (kernels/gemv.py) multiplies 16-bit-quantized activations; this runs the
+bundled model (or --model) through ``lowbit eval``'s perplexity with every quantized layer's
+input replaced by ``lowbit.testing.gpu_quantize_activations`` (the same quantization, in
+torch), and prints the perplexity with and without it. Needs the eval extras.
+
+    python bench/idot_perplexity.py int4:g128 int4:g64 int8 [--tokens 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from lowbit import evaluate as E
+from lowbit.nn import QuantLinear
+from lowbit.testing import GPU_XQ_BLOCK, gpu_quantize_activations
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("specs", nargs="+", help="lowbit eval format specs (int4:g128, int8, ...)")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--model", default=None)
+    a = ap.parse_args(argv)
+    for text in a.specs:
+        model, tok, _ = E.load_model(a.model, verbose=False)
+        ids, _ = E.load_tokens(tok, a.tokens)
+        E.apply_spec(model, E.parse_spec(text))
+        with torch.no_grad():
+            base = E.perplexity(model, ids, a.ctx, progress=False)["perplexity"]
+            hooks = []
+            for mod in model.modules():
+                if isinstance(mod, QuantLinear) and mod.qweight.fmt in GPU_XQ_BLOCK:
+                    blk = GPU_XQ_BLOCK[mod.qweight.fmt]
+
+                    def pre(m, args, blk=blk):
+                        x = args[0]
+                        xh, _, _ = gpu_quantize_activations(x.reshape(-1, x.shape[-1]), blk)
+                        return (xh.reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+                    hooks.append(mod.register_forward_pre_hook(pre))
+            q = E.perplexity(model, ids, a.ctx, progress=False)["perplexity"]
+        print(f"{text}: {base:.4f} exact, {q:.4f} with x quantized as the integer-dot GEMV does "
+              f"({(q / base - 1) * 100:+.4f}%), {len(hooks)} layers", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -91,8 +91,7 @@ def main(argv=None) -> int:
     from lowbit.kernels import layout, plan, run_choice
     from lowbit.kernels.gemm import _gemm_kernel, gemm
     from lowbit.kernels.gemv import _gemv_idot_kernel, _gemv_kernel, gemv
-    from lowbit.kernels.select import Choice
-    from lowbit.kernels.select import sm_count
+    from lowbit.kernels.select import Choice, sm_count
     dev = torch.device("cuda")
     sms = sm_count(dev)
     shapes = SHAPES if not a.shapes else [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]

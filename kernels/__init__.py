@@ -225,8 +225,7 @@ class _Bound:
 def _bind(qw, x: torch.Tensor, bias, rec) -> None:
     # post: the split-K reduction's (launcher, args, grid) when it is a launch of its own;
     # pre: the x quantization of the integer-dot GEMV (launcher, args, grid), or None
-    launcher, args, grid, split_k, post = rec[:5]
-    pre = rec[5] if len(rec) > 5 else None
+    launcher, args, grid, split_k, post, pre = rec
     b = _Bound()
     b.ver = _layout._versions(qw)
     b.launches = []

@@ -309,8 +309,8 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
          num_warps: int = 4, num_stages: int = 3, dot_f32: bool = False, LUT_GATHER: bool = True,
          bind=None, **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias); x2d float16/bfloat16 with unit stride along K.
-    ``bind``: as for gemv(), its last item the split-K reduction's (Launcher, args, grid) or
-    None."""
+    ``bind``: as for gemv(), ``post`` the split-K reduction's (Launcher, args, grid) or None,
+    ``pre`` None."""
     M, K = x2d.shape
     N = gw.shape[0]
     KW = gw.words_per_row
@@ -345,5 +345,5 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
     if SPLIT_K > 1:
         splitk_reduce(ws, bias, out, bind=post if bind is not None else None)
     if bind is not None and launcher is not None and (SPLIT_K == 1 or post):
-        bind.append((launcher, args, grid, SPLIT_K, post[0] if post else None))
+        bind.append((launcher, args, grid, SPLIT_K, post[0] if post else None, None))
     return out

@@ -37,6 +37,22 @@ from .layout import GPUWeight, group_const
 
 
 @triton.jit
+def _tile(N, KW, steps_per_split, BN: tl.constexpr, CB: tl.constexpr):
+    """A GEMV program's place in the grid (M, N tiles, K splits) and the ranges it covers: its
+    BN rows (and which exist), block and word offsets within a step, the row's block count and
+    the [b_begin, b_end) blocks of its K split."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nblk = KW // 16
+    b_begin = pid_k * (steps_per_split * CB)
+    b_end = tl.minimum(b_begin + steps_per_split * CB, nblk)
+    return (m, pid_n, pid_k, offs_n, offs_n < N, tl.arange(0, CB), tl.arange(0, 16), nblk,
+            b_begin, b_end)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias_ptr, out_ptr,
                  ws_ptr, cnt_ptr, M, N, K, KW, G, stride_xm, stride_om, steps_per_split, split_k,
                  zero_rt, magic,
@@ -58,16 +74,8 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
     P: tl.constexpr = 32 // BITS  # codes per word = planes per block
     KB: tl.constexpr = 16 * P  # elements per layout block
     MASK: tl.constexpr = (1 << BITS) - 1
-    m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    n_ok = offs_n < N
-    offs_b = tl.arange(0, CB)
-    offs_w = tl.arange(0, 16)
-    nblk = KW // 16
-    b_begin = pid_k * (steps_per_split * CB)
-    b_end = tl.minimum(b_begin + steps_per_split * CB, nblk)
+    m, pid_n, pid_k, offs_n, n_ok, offs_b, offs_w, nblk, b_begin, b_end = _tile(
+        N, KW, steps_per_split, BN, CB)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     w_rows = codes_ptr + offs_n.to(tl.int64)[:, None, None] * KW
     acc = tl.zeros([BN, CB, 16], dtype=tl.float32)
@@ -455,7 +463,7 @@ def _idot_halves(words, xa, xb, xc, xd, EMU: tl.constexpr):
 
 @triton.jit
 def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias_ptr,
-                      out_ptr, ws_ptr, cnt_ptr, M, N, K, KW, G, stride_om, steps_per_split,
+                      out_ptr, ws_ptr, cnt_ptr, M, N, KW, G, stride_om, steps_per_split,
                       split_k,
                       BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr,
                       SCALE_MODE: tl.constexpr,  # SCALE_ROW, SCALE_BLOCK, SCALE_PLANE (groups of 64)
@@ -468,19 +476,9 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
     """The GEMV of _gemv_kernel (same grid, split K and epilogue) on x quantized by
     _xquant_kernel (xq_ptr): integer dots per word, one float scale per block (see above).
     The pointer arguments dqs_ptr, dqo_ptr and lut_ptr are unused (same order as _gemv_kernel)."""
-    P: tl.constexpr = 32 // BITS
-    KB: tl.constexpr = 16 * P
     NOPS: tl.constexpr = 4 if BITS == 4 else 2
-    m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    n_ok = offs_n < N
-    offs_b = tl.arange(0, CB)
-    offs_w = tl.arange(0, 16)
-    nblk = KW // 16
-    b_begin = pid_k * (steps_per_split * CB)
-    b_end = tl.minimum(b_begin + steps_per_split * CB, nblk)
+    m, pid_n, pid_k, offs_n, n_ok, offs_b, offs_w, nblk, b_begin, b_end = _tile(
+        N, KW, steps_per_split, BN, CB)
     ops_m = xq_ptr + m.to(tl.int64) * nblk * (NOPS * 16)
     tail = xq_ptr + tl.cast(M, tl.int64) * nblk * (NOPS * 16)
     sx_m = tail + m.to(tl.int64) * nblk
@@ -555,6 +553,9 @@ def idot_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:
                                                 and gw.group == 64)
 
 
+_PDL_CAP: dict = {}  # device -> compute capability >= 9
+
+
 def _use_pdl(dev) -> bool:
     """Programmatic dependent launch of the integer-dot GEMV after its x quantization: compiled
     kernels on Hopper or newer (the instructions are no-ops without it, but older GPUs lack
@@ -567,9 +568,6 @@ def _use_pdl(dev) -> bool:
     if key not in _PDL_CAP:
         _PDL_CAP[key] = torch.cuda.get_device_capability(dev)[0] >= 9
     return _PDL_CAP[key]
-
-
-_PDL_CAP: dict = {}
 
 
 def idot_enabled(dev: Optional[torch.device] = None) -> bool:
@@ -603,10 +601,10 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
     """out[M, N] = x2d[M, K] @ W^T (+ bias) for x2d with unit stride along K. ``IDOT``: the
     integer-dot kernel on 16-bit-quantized x (see above) where it applies (idot_supported) and
     LOWBIT_GPU_EXACT is not set; else (and by default) the float32 kernel. ``bind``: a list
-    that receives (_common.Launcher, args, grid, split_k, None, pre) of a launch that can be
-    repeated directly (lowbit.kernels binds repeated calls to it; ``pre``: None, or the
-    x-quantization launch (Launcher, args, grid) that runs first, writing the buffer the main
-    launch reads in place of x)."""
+    that receives (_common.Launcher, args, grid, split_k, post, pre) of a launch that can be
+    repeated directly (lowbit.kernels binds repeated calls to it; ``post`` is always None here;
+    ``pre``: None, or the x-quantization launch (Launcher, args, grid) that runs first,
+    writing the buffer the main launch reads in place of x)."""
     M, K = x2d.shape
     N = gw.shape[0]
     dev = x2d.device
@@ -619,7 +617,7 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
             gw.plans.clear()
         plan = gw.plans[key] = _gemv_plan(gw, M, K, dev, out.dtype, bias is not None, BN, CB,
                                           SPLIT_K, PREFETCH, LUT_GATHER, idot)
-    split_k, grid, steps, lut, consts = plan
+    split_k, grid, steps, lut, consts, xq_consts = plan
     dummy = gw.scales
     ws = torch.empty((split_k, M, N), dtype=torch.float32, device=dev) if split_k > 1 else out
     cnt = split_counters(dev, M * grid[1]) if (split_k > 1 and FIXUP) else None
@@ -628,13 +626,11 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
         nblk = gw.words_per_row // 16
         xq = torch.empty(xq_numel(M, nblk, gw.bits), dtype=torch.int32, device=dev)
         pargs = (x2d, xq, M, K, nblk, x2d.stride(0))
-        plauncher = launch(_xquant_kernel, (M, nblk), pargs,
-                           dict(P=gw.per_word, GROUPED=scale_mode(gw, gw.block) == SCALE_PLANE,
-                                PDL=_use_pdl(dev)), 1, 1)
+        plauncher = launch(_xquant_kernel, (M, nblk), pargs, xq_consts, 1, 1)
         pre = (plauncher, pargs, (M, nblk)) if plauncher is not None else None
         args = (xq, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
                 dummy, dummy, dummy, bias if bias is not None else dummy, out, ws,
-                cnt if cnt is not None else dummy, M, N, K, gw.words_per_row, gw.n_groups,
+                cnt if cnt is not None else dummy, M, N, gw.words_per_row, gw.n_groups,
                 out.stride(0), steps, split_k)
         kernel = _gemv_idot_kernel
     else:
@@ -656,7 +652,8 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
 def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN: int, CB: int,
                SPLIT_K: int, PREFETCH: bool, LUT_GATHER: bool, idot: bool = False):
     """(split_k, grid, steps per split, codebook table, constexprs by 'split-K counters
-    available') for one call shape: everything gemv() launches with but the tensors."""
+    available', the x quantization's constexprs or None) for one call shape: everything
+    gemv() launches with but the tensors."""
     N = gw.shape[0]
     nblk = gw.words_per_row // 16
     CB = max(1, min(CB, triton.next_power_of_2(nblk)))
@@ -668,21 +665,24 @@ def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN
     lut = codebook_lut(dev, gw.fmt) if fmt >= 2 else gw.scales
     grid = (M, triton.cdiv(N, BN), SPLIT_K)
     interp = interpreting()
+    pdl = idot and _use_pdl(dev)
     consts = {}
     for fixup in (False, True):
         c = dict(BITS=gw.bits, HAS_ZEROS=gw.zeros is not None, ZERO_CONST=zero_const(gw),
                  SCALE_MODE=scale_mode(gw, gw.block), GROUP=group_const(gw),
                  HAS_BIAS=has_bias and (SPLIT_K == 1 or fixup), USE_WS=SPLIT_K > 1, FIXUP=fixup,
-                 K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0,
-                 PREFETCH=bool(PREFETCH), BN=BN, CB=CB, EMULATE_BF16=emulate_bf16(out_dtype),
-                 STEPS_CONST=steps if interp else 0, SPLIT_CONST=SPLIT_K if interp else 0)
+                 K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0, BN=BN, CB=CB,
+                 EMULATE_BF16=emulate_bf16(out_dtype), STEPS_CONST=steps if interp else 0,
+                 SPLIT_CONST=SPLIT_K if interp else 0)
         if idot:  # (always loads one step ahead)
-            c["EMU"] = interp
-            c["PDL"] = _use_pdl(dev)
-            if c["PDL"]:
+            c.update(EMU=interp, PDL=pdl)
+            if pdl:
                 c["launch_pdl"] = True  # a launch option (programmatic dependent launch)
-            del c["PREFETCH"]
         else:
-            c.update(FMT=fmt, DQ=gw.double_quant, LUT_GATHER=bool(LUT_GATHER) and fmt >= 2)
+            c.update(FMT=fmt, DQ=gw.double_quant, PREFETCH=bool(PREFETCH),
+                     LUT_GATHER=bool(LUT_GATHER) and fmt >= 2)
         consts[fixup] = c
-    return SPLIT_K, grid, steps, lut, consts
+    # the x quantization's constexprs (integer-dot GEMV only)
+    xq_consts = dict(P=gw.per_word, GROUPED=scale_mode(gw, gw.block) == SCALE_PLANE,
+                     PDL=pdl) if idot else None
+    return SPLIT_K, grid, steps, lut, consts, xq_consts

@@ -64,8 +64,8 @@ def backend_info() -> dict:
     info["gpu_backend"] = ("triton (lowbit.kernels)" if kernels is not None
                            else "dequantize + torch matmul (no Triton kernels on this machine)")
     if kernels is not None:
-        exact = os.environ.get("LOWBIT_GPU_EXACT", "0") not in ("", "0")
-        info["gpu_small_m"] = ("float32 GEMV only (LOWBIT_GPU_EXACT=1)" if exact else
+        from lowbit.kernels.gemv import idot_enabled
+        info["gpu_small_m"] = ("float32 GEMV only (LOWBIT_GPU_EXACT=1)" if not idot_enabled() else
                                "integer-dot GEMV where tuned / chosen (16-bit activations, "
                                "int4 / int8), float32 GEMV elsewhere")
     return info

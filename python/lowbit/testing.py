@@ -159,18 +159,25 @@ def fast_nf4_codes() -> Tuple[int, ...]:
     return tuple(round(8128 * v) for v in F.NF4_CODEBOOK)
 
 
+def _blocks_absmax_bits(x2d: torch.Tensor, block: int, length: int):
+    """x [M, K] in float32, zero-padded to ``length`` columns, as [M, length / block, block]
+    blocks, and the bits of each block's max |x| (int32: NaN > inf > any finite value)."""
+    x = x2d.float()
+    M, K = x.shape
+    xp = torch.nn.functional.pad(x, (0, length - K)).reshape(M, length // block, block)
+    return xp, (xp.view(torch.int32) & 0x7FFFFFFF).amax(-1)
+
+
 def fast_quantize_activations(x2d: torch.Tensor, block: int):
     """The fast path's activation quantizer, in torch (csrc/kernel_api.h): ``x [M, K]`` ->
     ``q int8 [M, ldq]``, ``d float32 [M, nb]``, ``sum int32 [M, nb]``, the row zero-padded to
     ldq = ceil(K / 32) * 32 columns, nb = ldq / block blocks: a = max |x| over the block,
     d = a / 127, q = round_half_even(x * (127 / a)); a block with a < 2^-120 gives d = 0,
     q = 0; a non-finite block gives d = NaN, q = 0."""
-    x = x2d.float()
-    M, K = x.shape
+    M, K = x2d.shape
     ldq = -(-K // FAST_QCHUNK) * FAST_QCHUNK
     nb = ldq // block
-    xp = torch.nn.functional.pad(x, (0, ldq - K)).reshape(M, nb, block)
-    amax_bits = (xp.view(torch.int32) & 0x7FFFFFFF).amax(-1)
+    xp, amax_bits = _blocks_absmax_bits(x2d, block, ldq)
     a = amax_bits.view(torch.float32)
     nonfinite = amax_bits >= 0x7F800000
     zero = amax_bits < 0x03800000
@@ -275,11 +282,9 @@ def gpu_quantize_activations(x2d: torch.Tensor, block: int):
     zero-padded), E the exponent of max |x|, scale = 2**(E - 14), q = round_half_even(x / scale)
     clamped to +-32767, x_hat = q * scale (float32, exact) [M, K]. A block with max |x| below
     2**-112 gives scale 0 and q = 0; a non-finite block gives scale NaN and q = 0."""
-    x = x2d.float()
-    M, K = x.shape
+    M, K = x2d.shape
     nb = -(-K // block)
-    xp = torch.nn.functional.pad(x, (0, nb * block - K)).reshape(M, nb, block)
-    bits = (xp.view(torch.int32) & 0x7FFFFFFF).amax(-1)
+    xp, bits = _blocks_absmax_bits(x2d, block, nb * block)
     E = (bits >> 23) - 127
     finite = bits < 0x7F800000
     live = finite & (E >= -112)

@@ -69,13 +69,15 @@ def candidates(M, N, K, fmt, sms):
                 p["IDOT"] = True
             out.append(Choice("gemv", p))
 
-    def gemm(BM, BN, CB, swap, warps, stages, full, exact=True, max_splits=3):
+    def gemm(BM, BN, CB, swap, warps, stages, full, exact=True, max_splits=3, rega=False):
         progs = -(-M // BM) * -(-N // BN)
         for sk in splits(progs, max(1, nblk // CB))[:max_splits]:
             p = {"BM": BM, "BN": BN, "CB": CB, "SWAP": swap, "GROUP_M": 8, "SPLIT_K": sk,
                  "num_warps": warps, "num_stages": stages, "FULL_TILE": full}
             if not exact and fmt == "int4":
                 p["EXACT"] = False
+            if rega:
+                p["REGA"] = True
             out.append(Choice("gemm", p))
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -93,6 +95,9 @@ def candidates(M, N, K, fmt, sms):
         for BN, CB, full in ((64, 1, False), (128, 1, False), (128, 2, False), (64, 2, True),
                              (128, 1, True), (128, 2, True)):
             gemm(bm, BN, CB, True, 4, 3, full)
+    if fmt == "int4" and 2 <= M <= 64:  # the register-operand GEMM (gemm_rega)
+        for BN, stages in ((64, 3), (128, 3), (128, 4)):
+            gemm(bm, BN, 1, True, 4, stages, False, max_splits=4, rega=True)
     if 16 < M <= 64:
         for BN, CB, full in ((128, 1, False), (64, 2, True), (128, 1, True), (128, 2, True)):
             gemm(bm, BN, CB, True, 4, 3, full, max_splits=2)

@@ -38,6 +38,7 @@ import triton.language as tl
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_BLOCK_W, SCALE_PLANE, SCALE_ROW,
                       TWO23, cast_out, codebook_lut, codebook_values, decode_absmax, hi_shift,
                       interpreting, launch, plane_value, rne_bf16, splitk_reduce, tl_dtype)
+from .gemv import _use_pdl, gdc_launch_dependents, gdc_wait
 from .layout import GPUWeight, group_const
 
 
@@ -305,12 +306,17 @@ def gemm_scale_mode(gw: GPUWeight, BK: int, exact: bool = True) -> int:
 
 def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, BN: int, CB: int,
          SPLIT_K: int = 1, GROUP_M: int = 8, SWAP: bool = False, EXACT: bool = True,
-         FULL_TILE: bool = False,
+         FULL_TILE: bool = False, REGA: bool = False,
          num_warps: int = 4, num_stages: int = 3, dot_f32: bool = False, LUT_GATHER: bool = True,
          bind=None, **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias); x2d float16/bfloat16 with unit stride along K.
     ``bind``: as for gemv(), ``post`` the split-K reduction's (Launcher, args, grid) or None,
-    ``pre`` None."""
+    ``pre`` None. ``REGA``: the register-operand kernel (gemm_rega) where it takes the weight
+    (else this kernel with the other parameters)."""
+    if REGA and rega_supported(gw, x2d.dtype, CB):  # int4 at small M (gemm_rega, below)
+        return gemm_rega(x2d, gw, bias, out, BM=BM, BN=BN, CB=CB, SPLIT_K=SPLIT_K,
+                         GROUP_M=GROUP_M, num_warps=num_warps, num_stages=num_stages,
+                         dot_f32=dot_f32, bind=bind)
     M, K = x2d.shape
     N = gw.shape[0]
     KW = gw.words_per_row
@@ -346,4 +352,214 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
         splitk_reduce(ws, bias, out, bind=post if bind is not None else None)
     if bind is not None and launcher is not None and (SPLIT_K == 1 or post):
         bind.append((launcher, args, grid, SPLIT_K, post[0] if post else None, None))
+    return out
+
+
+# ---- the register-operand GEMM for int4 at small M (REGA) -------------------------------------
+# The GEMM above decodes each weight tile into a [BN, W] bf16 tensor in a blocked layout, and
+# Triton then stores it to shared memory and reads it back in the wgmma operand layout before
+# every MMA (one round trip and two barriers per plane). Triton hoists that conversion onto the
+# load instead when the decode is a chain of elementwise ops from a load and constants only,
+# with no op that narrows the element type (its OptimizeDotOperands pass, "MMAv3 hoist layout
+# conversion"): the packed codes are then read from shared memory straight into the operand
+# layout and decoded in registers, and the MMA takes its A operand (the weight, SWAP side) from
+# registers. This kernel is written to fit that rule:
+# * the codes are loaded as 16-bit halves of the layout's words (``codes.view(int16)``): half
+#   p = 2w + h of a block's 32 holds planes 4h .. 4h + 3 of word w, i.e. its nibble i is the
+#   code of element 64 h + 16 i + w of the block;
+# * the code of nibble i is (half >> 4i) & 15, OR-ed into the bits of 128.0 (bf16) or 1024.0
+#   (fp16) and reinterpreted: 128 + c (1024 + c), minus the constant: c, exactly. Four dots per
+#   step (nibbles 0-3), each of K extent 32 per block;
+# * the zero point (and the code offset 8 of symmetric int4) comes off per group as
+#   z * sum(x) and the scale multiplies the group's partial sum, so neither enters the chain.
+# x must then be read in the halves' order, which scatters element pairs 64 apart: a small
+# kernel first (_xprep_kernel) writes x permuted per 128-element block (column p of dot i at
+# 32 i + p, so every dot reads 32 contiguous elements, pipelined by cp.async like the codes) and
+# the blocks' sums of x, into one int32 buffer (``xprep_numel``).
+
+
+@triton.constexpr_function
+def _dot_magic(is_f16):
+    return 0x6400 if is_f16 else 0x4300
+
+
+@triton.constexpr_function
+def _dot_magic_f(is_f16):
+    return 1024.0 if is_f16 else 128.0
+
+
+def xprep_numel(M: int, nblk: int) -> int:
+    """int32 elements of the REGA kernel's x buffer: the permuted x [M, nblk * 128] in x's
+    16-bit dtype, then the float32 block sums [M, nblk]."""
+    return M * nblk * 64 + M * nblk
+
+
+@triton.jit
+def _xprep_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, PDL: tl.constexpr):
+    """One 128-element block of one row of x: the permuted copy and the block's sum (above)."""
+    if PDL:
+        gdc_launch_dependents()
+    m = tl.program_id(0)
+    b = tl.program_id(1)
+    e = tl.arange(0, 128)
+    p = e % 32
+    k = b * 128 + 64 * (p % 2) + 16 * (e // 32) + p // 2  # source of position e
+    x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k, mask=k < K, other=0.0)
+    xp_ptr = xq_ptr.to(tl.pointer_type(x_ptr.dtype.element_ty))
+    row = m.to(tl.int64) * NBLK + b
+    tl.store(xp_ptr + row * 128 + e, x)
+    xs_ptr = xq_ptr.to(tl.pointer_type(tl.float32)) + M.to(tl.int64) * NBLK * 64
+    tl.store(xs_ptr + row, tl.sum(x.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _gemm_rega_kernel(xq_ptr, c16_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias_ptr, out_ptr,
+                      ws_ptr, M, N, KW, G, stride_om, steps_per_split,
+                      HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr,
+                      SCALE_MODE: tl.constexpr,  # SCALE_ROW or SCALE_BLOCK (a step in one group)
+                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr,
+                      K_EXACT: tl.constexpr,  # every step is full: no block masks
+                      BM: tl.constexpr, BN: tl.constexpr, CB: tl.constexpr,
+                      GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                      DOT_F32: tl.constexpr,  # interpreter: float32 products (same values)
+                      STEPS_CONST: tl.constexpr, PDL: tl.constexpr):
+    """y^T[BN, BM] tiles of int4 weights times x prepared by _xprep_kernel (see above);
+    dqs/dqo/lut are unused (the argument order of the other matmul kernels)."""
+    H: tl.constexpr = CB * 32  # 16-bit halves per row per step
+    if PDL:
+        gdc_wait()
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsz
+    pid_n = (pid % width) // gsz
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_p = tl.arange(0, H)
+    nblk = KW // 16
+    b_begin = pid_k * (steps_per_split * CB)
+    b_end = tl.minimum(b_begin + steps_per_split * CB, nblk)
+    xp_ptr = xq_ptr.to(tl.pointer_type(DOT_DTYPE))
+    xs_ptr = xq_ptr.to(tl.pointer_type(tl.float32)) + M.to(tl.int64) * nblk * 64
+    x_rows = xp_ptr + offs_m.to(tl.int64)[:, None] * (nblk * 128)
+    xs_rows = xs_ptr + offs_m.to(tl.int64) * nblk
+    c_rows = c16_ptr + offs_n.to(tl.int64)[:, None] * (2 * KW)
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    xs_tot = tl.zeros([BM], dtype=tl.float32)
+    MAGIC: tl.constexpr = _dot_magic(DOT_DTYPE == tl.float16)
+    MAGIC_F: tl.constexpr = _dot_magic_f(DOT_DTYPE == tl.float16)
+    for step in range(0, STEPS_CONST if STEPS_CONST > 0 else steps_per_split):
+        b0 = b_begin + step * CB
+        if K_EXACT:
+            cmask = n_ok[:, None]
+            xmask = m_ok[:, None]
+        else:
+            p_ok = (b0 + offs_p // 32) < b_end
+            cmask = n_ok[:, None] & p_ok[None, :]
+            xmask = m_ok[:, None] & p_ok[None, :]
+        h16 = tl.load(c_rows + b0 * 32 + offs_p[None, :], mask=cmask, other=0)
+        part = tl.zeros([BN, BM], dtype=tl.float32)
+        for i in tl.static_range(4):
+            xi = tl.load(x_rows + (b0 + offs_p // 32)[None, :] * 128 + i * 32 + (offs_p % 32)[None, :],
+                         mask=xmask, other=0.0)
+            if i == 0:
+                v = h16 & 0xF
+            else:
+                v = (h16 >> (4 * i)) & 0xF
+            if DOT_F32:
+                part = tl.dot(v.to(tl.float32), tl.trans(xi.to(tl.float32)), part,
+                              input_precision="ieee")
+            else:
+                w = (v | MAGIC).to(DOT_DTYPE, bitcast=True) - MAGIC_F
+                part = tl.dot(w, tl.trans(xi), part)
+        xs = tl.zeros([BM], dtype=tl.float32)
+        for cb in tl.static_range(CB):
+            xs += tl.load(xs_rows + b0 + cb, mask=m_ok & (b0 + cb < b_end), other=0.0)
+        if SCALE_MODE == 1:
+            gidx = (b0 * 128) // GROUP
+            g_ok = n_ok & (gidx < G)
+            s_g = tl.load(s_ptr + gidx * N + offs_n, mask=g_ok, other=0.0)
+            if HAS_ZEROS:
+                z_g = tl.load(z_ptr + gidx * N + offs_n, mask=g_ok, other=0).to(tl.float32)
+            else:
+                z_g = tl.full([BN], ZERO_CONST, tl.float32)
+            acc += (part - z_g[:, None] * xs[None, :]) * s_g[:, None]
+        else:
+            acc += part
+            xs_tot += xs
+    if SCALE_MODE == 0:
+        s_row = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        if HAS_ZEROS:
+            z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
+        else:
+            z_row = tl.full([BN], ZERO_CONST, tl.float32)
+        acc = (acc - z_row[:, None] * xs_tot[None, :]) * s_row[:, None]
+    out_off = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    omask = n_ok[:, None] & m_ok[None, :]
+    if not USE_WS:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n[:, None], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_off, cast_out(acc, out_ptr.dtype.element_ty, DOT_F32), mask=omask)
+    else:
+        ws_off = (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None]
+        tl.store(ws_ptr + ws_off, acc, mask=omask)
+
+
+def rega_supported(gw: GPUWeight, dtype: torch.dtype, CB: int = 1) -> bool:
+    """Whether the register-operand GEMM takes this weight: int4 (symmetric or integer zero
+    points), 16-bit activations, one group per row or groups of a multiple of 128 * CB."""
+    return (gw.fmt == "int4" and dtype in (torch.float16, torch.bfloat16)
+            and (gw.n_groups == 1 or gw.group % (128 * CB) == 0))
+
+
+def gemm_rega(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, BN: int,
+              CB: int, SPLIT_K: int = 1, GROUP_M: int = 8, num_warps: int = 4,
+              num_stages: int = 3, dot_f32: bool = False, bind=None, **_ignored) -> torch.Tensor:
+    """out[M, N] = x2d[M, K] @ W^T (+ bias) by _xprep_kernel then _gemm_rega_kernel (int4,
+    see rega_supported). ``bind``: as for gemm(), with ``pre`` the x preparation's launch."""
+    M, K = x2d.shape
+    N = gw.shape[0]
+    KW = gw.words_per_row
+    nblk = KW // 16
+    CB = max(1, min(CB, triton.next_power_of_2(nblk)))
+    if not rega_supported(gw, x2d.dtype, CB):
+        raise ValueError(f"the register-operand GEMM does not take {gw.fmt} group {gw.group} "
+                         f"with CB {CB} and {x2d.dtype} activations")
+    SPLIT_K = max(1, min(SPLIT_K, triton.cdiv(nblk, CB)))
+    steps = triton.cdiv(triton.cdiv(nblk, CB), SPLIT_K)
+    SPLIT_K = triton.cdiv(nblk, steps * CB)
+    dev = x2d.device
+    pdl = _use_pdl(dev)
+    xq = torch.empty(xprep_numel(M, nblk), dtype=torch.int32, device=dev)
+    pargs = (x2d, xq, M, K, nblk, x2d.stride(0))
+    plauncher = launch(_xprep_kernel, (M, nblk), pargs, dict(PDL=pdl), 4, 1)
+    dummy = gw.scales
+    ws = torch.empty((SPLIT_K, M, N), dtype=torch.float32, device=dev) if SPLIT_K > 1 else out
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), SPLIT_K)
+    args = (xq, gw.codes.view(torch.int16), gw.scales,
+            gw.zeros if gw.zeros is not None else dummy, dummy, dummy, dummy,
+            bias if bias is not None else dummy, out, ws, M, N, KW, gw.n_groups, out.stride(0),
+            steps)
+    consts = dict(HAS_ZEROS=gw.zeros is not None, ZERO_CONST=8,
+                  SCALE_MODE=SCALE_ROW if gw.n_groups == 1 else SCALE_BLOCK,
+                  GROUP=group_const(gw), HAS_BIAS=bias is not None and SPLIT_K == 1,
+                  USE_WS=SPLIT_K > 1, K_EXACT=nblk % (steps * CB) == 0, BM=BM, BN=BN, CB=CB,
+                  GROUP_M=GROUP_M, DOT_DTYPE=tl_dtype(x2d.dtype), DOT_F32=bool(dot_f32),
+                  STEPS_CONST=steps if interpreting() else 0, PDL=pdl)
+    if pdl:
+        consts["launch_pdl"] = True  # a launch option (programmatic dependent launch)
+    launcher = launch(_gemm_rega_kernel, grid, args, consts, num_warps, num_stages)
+    post: list = []
+    if SPLIT_K > 1:
+        splitk_reduce(ws, bias, out, bind=post if bind is not None else None)
+    if (bind is not None and launcher is not None and plauncher is not None
+            and (SPLIT_K == 1 or post)):
+        bind.append((launcher, args, grid, SPLIT_K, post[0] if post else None,
+                     (plauncher, pargs, (M, nblk))))
     return out

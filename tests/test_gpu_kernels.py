@@ -43,7 +43,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 import lowbit.kernels as LK  # noqa: E402
 from lowbit.kernels import layout  # noqa: E402
 from lowbit.kernels import select as S  # noqa: E402
-from lowbit.kernels.gemm import gemm, gemm_scale_mode  # noqa: E402
+from lowbit.kernels.gemm import gemm, gemm_rega, gemm_scale_mode, rega_supported  # noqa: E402
 from lowbit.kernels.gemv import gemv  # noqa: E402
 
 REAL_GPU = bool(os.environ.get("LOWBIT_TEST_REAL_GPU"))
@@ -234,6 +234,52 @@ def test_gemm_matches_reference(case):
             rtol = gemm_rtol(qw, gw, K, dt, params["CB"] * gw.block, params.get("EXACT", True))
             assert_linear_close(out, R.linear(x, qw, bias), x, qw, bias=bias, rtol=rtol,
                                 msg=f"gemm {fmt} {opts} M={M} N={N} K={K} {dt} {params}")
+
+
+# int4 cases the register-operand GEMM takes (one group per row or groups of 128 * CB)
+REGA_CASES = [c for c in FUSED_CASES if c[0] == "int4"]
+
+
+@pytest.mark.parametrize("case", REGA_CASES, ids=case_id)
+def test_gemm_rega_matches_reference(case):
+    """The register-operand GEMM (int4, small M): x permuted and summed per block by its
+    preparation kernel, the integer codes in the MMA, zero points off as z * sum(x), scales on
+    the float32 partial sums: the float32-accumulation tolerance, like the exact GEMM modes.
+    Weights it does not take (groups that split a 128-element block) fall back to the GEMM
+    with the other parameters, which is checked too."""
+    fmt, opts = case
+    Ms = (5, 16, 64) if REAL_GPU else (3, 17)
+    for i, (N, K) in enumerate(SHAPES):
+        qw = quantized(N, K, fmt, opts, seed=20 + i)
+        gw = layout.gpu_weight(qw)
+        for j, M in enumerate(Ms):
+            dt = HALF[(i + j) % 2]
+            x = make_x(M, K, dt, seed=30 + i + j)
+            bias = make_x(1, N, torch.bfloat16, seed=31)[0] if (i + j) % 2 else None
+            for CB, split in ((1, 1 + (i + j) % 3), (2, 1)):
+                params = dict(BM=max(16, 1 << (M - 1).bit_length()), BN=128 if REAL_GPU else 16,
+                              CB=CB, SWAP=True, REGA=True, SPLIT_K=split,
+                              dot_f32=not REAL_GPU and dt == torch.bfloat16)
+                out = gemm(x, gw, bias, poisoned(M, N, dt), **params)
+                took = rega_supported(gw, dt, min(CB, triton.next_power_of_2(gw.words_per_row // 16)))
+                rtol = None if took else gemm_rtol(qw, gw, K, dt, CB * gw.block)
+                assert_linear_close(out, R.linear(x, qw, bias), x, qw, bias=bias, rtol=rtol,
+                                    msg=f"gemm REGA {fmt} {opts} M={M} N={N} K={K} {dt} {params} "
+                                        f"(register-operand kernel: {took})")
+
+
+def test_gemm_rega_rejects_what_it_cannot_take():
+    qw = quantized(16, 256, "nf4", {"group_size": 64})
+    x = make_x(2, 256, torch.bfloat16)
+    with pytest.raises(ValueError, match="register-operand"):
+        gemm_rega(x, layout.gpu_weight(qw), None, poisoned(2, 16, x.dtype), BM=16, BN=16, CB=1)
+    qw = quantized(16, 256, "int4", {"group_size": 64})
+    with pytest.raises(ValueError, match="register-operand"):
+        gemm_rega(x, layout.gpu_weight(qw), None, poisoned(2, 16, x.dtype), BM=16, BN=16, CB=1)
+    qw = quantized(16, 256, "int4", {"group_size": 128})
+    xf = make_x(2, 256, torch.float32)
+    with pytest.raises(ValueError, match="register-operand"):
+        gemm_rega(xf, layout.gpu_weight(qw), None, poisoned(2, 16, xf.dtype), BM=16, BN=16, CB=1)
 
 
 def test_odd_group_sizes():

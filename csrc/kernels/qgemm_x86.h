@@ -30,6 +30,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "kernels/qpack.h"
 
 namespace lowbit {
@@ -164,15 +166,19 @@ static inline __attribute__((always_inline)) void half_dot(const uint8_t* const 
 }
 
 // MR activation rows [m0, m0 + MR) against NT consecutive tiles starting at row n; writes the
-// first nrows (<= NT * T) rows' outputs.
+// first nrows (<= NT * T) rows' outputs. With pf_lines > 0, the pf_lines cache lines from pf
+// are prefetched into L2, spread evenly over the chunks (M > 1: a share of the next pass's
+// tiles, so that their first read from memory overlaps this pass's arithmetic).
 template <class V, int F, int MR, int NT>
 __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t* tile0, int64_t tb,
                                                  const QActs& x, int64_t m0, float* y, int64_t ldy,
-                                                 int64_t n, int64_t nrows) {
+                                                 int64_t n, int64_t nrows, const uint8_t* pf = nullptr,
+                                                 int64_t pf_lines = 0) {
   using I = typename V::I;
   using Fv = typename V::F;
   constexpr int64_t T = V::kT;
   const int64_t G = w.n_groups, head = qpack::group_head_bytes(w, T), cb = qpack::chunk_bytes(w, T);
+  const int64_t nch = qpack::nchunks(w);
   const int8_t* xq[MR];
   const float* xd[MR];
   const float* xg[MR];
@@ -215,6 +221,9 @@ __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t
         for (int t = 0; t < NT; ++t)
           for (int64_t o = 0; o < cb; o += 64)  // prefetches never fault (past the end included)
             _mm_prefetch(reinterpret_cast<const char*>(p[t] + kPrefetchBytes + o), _MM_HINT_T0);
+      if (pf_lines > 0)  // lines [c * pf_lines / nch, (c + 1) * pf_lines / nch) at chunk c
+        for (int64_t l = c * pf_lines / nch, e = (c + 1) * pf_lines / nch; l < e; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * l), _MM_HINT_T1);
       for (int h = 0; h < kBlocksPerChunk<F>; ++h) {
         const int64_t b = kBlocksPerChunk<F> * c + h;
         const int8_t* xb[MR];
@@ -255,25 +264,38 @@ __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t
 constexpr int64_t kTilesPerPass = 4;
 
 // All activation rows against the tiles of rows [n, n_end), MR rows at a time: the row blocks
-// of the pass go through rows(m0, R) for R = MR, MR / 2 and 1.
+// of the pass go through rows(m0, R) for R = MR, MR / 2 and 1. The tiles of rows
+// [n_end, n_next) (the next pass) are prefetched into L2 meanwhile, spread evenly over the
+// pass's tile_block calls and their chunks: without it a pass's first row block waits on
+// memory (at M = 8 the whole pass does) while the arithmetic units idle.
 template <class V, int F, int MR>
 static void tiles_all_rows(const QWeight& w, const uint8_t* packed, int64_t tb, const QActs& x,
-                           float* y, int64_t ldy, int64_t n, int64_t n_end) {
+                           float* y, int64_t ldy, int64_t n, int64_t n_end, int64_t n_next) {
   constexpr int64_t T = V::kT;
+  const int64_t rest = x.M % MR;  // rows after the full blocks: one MR / 2 block and singles
+  const int64_t R = x.M / MR + (MR > 1 && rest >= MR / 2 ? 1 + rest - MR / 2 : rest);  // calls per tile
+  const int64_t calls = R * ceil_div(n_end - n, T);
+  const int64_t lines = ceil_div(ceil_div(n_next - n_end, T) * tb, 64);  // the next pass's
+  const uint8_t* pf = packed + (n_end / T) * tb;
+  int64_t call = 0;  // call i prefetches lines [i * lines / calls, (i + 1) * lines / calls)
+  const auto one = [&](auto rows_tag, int64_t m0, int64_t t) {
+    constexpr int Rr = decltype(rows_tag)::value;
+    const int64_t l0 = call * lines / calls, l1 = (call + 1) * lines / calls;
+    tile_block<V, F, Rr, 1>(w, packed + (t / T) * tb, tb, x, m0, y, ldy, t, min64(T, n_end - t),
+                            pf + 64 * l0, l1 - l0);
+    ++call;
+  };
   int64_t m0 = 0;
   for (; m0 + MR <= x.M; m0 += MR)
-    for (int64_t t = n; t < n_end; t += T)
-      tile_block<V, F, MR, 1>(w, packed + (t / T) * tb, tb, x, m0, y, ldy, t, min64(T, n_end - t));
+    for (int64_t t = n; t < n_end; t += T) one(std::integral_constant<int, MR>(), m0, t);
   if constexpr (MR > 1) {
     if (x.M - m0 >= MR / 2) {
-      for (int64_t t = n; t < n_end; t += T)
-        tile_block<V, F, MR / 2, 1>(w, packed + (t / T) * tb, tb, x, m0, y, ldy, t, min64(T, n_end - t));
+      for (int64_t t = n; t < n_end; t += T) one(std::integral_constant<int, MR / 2>(), m0, t);
       m0 += MR / 2;
     }
   }
   for (; m0 < x.M; ++m0)
-    for (int64_t t = n; t < n_end; t += T)
-      tile_block<V, F, 1, 1>(w, packed + (t / T) * tb, tb, x, m0, y, ldy, t, min64(T, n_end - t));
+    for (int64_t t = n; t < n_end; t += T) one(std::integral_constant<int, 1>(), m0, t);
 }
 
 template <class V, int F>
@@ -291,8 +313,10 @@ static void qgemm(const QWeight& w, const uint8_t* packed, const QActs& x, int64
   }
   // VNNI's nf4 keeps two block accumulators per (row, tile): half the rows per call
   constexpr int MR = F == kNF4 && V::kVnni ? V::kMR / 2 : V::kMR;
-  for (; n < n1; n += kTilesPerPass * T)
-    tiles_all_rows<V, F, MR>(w, packed, tb, x, y, ldy, n, min64(n1, n + kTilesPerPass * T));
+  for (; n < n1; n += kTilesPerPass * T) {
+    const int64_t e = min64(n1, n + kTilesPerPass * T);
+    tiles_all_rows<V, F, MR>(w, packed, tb, x, y, ldy, n, e, min64(n1, e + kTilesPerPass * T));
+  }
 }
 
 }  // namespace qx86

@@ -179,6 +179,7 @@ __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t
   constexpr int64_t T = V::kT;
   const int64_t G = w.n_groups, head = qpack::group_head_bytes(w, T), cb = qpack::chunk_bytes(w, T);
   const int64_t nch = qpack::nchunks(w);
+  int64_t pf_acc = 0;  // prefetch pacing: pf_lines * (chunks so far) - nch * (lines issued)
   const int8_t* xq[MR];
   const float* xd[MR];
   const float* xg[MR];
@@ -221,9 +222,9 @@ __attribute__((noinline)) static void tile_block(const QWeight& w, const uint8_t
         for (int t = 0; t < NT; ++t)
           for (int64_t o = 0; o < cb; o += 64)  // prefetches never fault (past the end included)
             _mm_prefetch(reinterpret_cast<const char*>(p[t] + kPrefetchBytes + o), _MM_HINT_T0);
-      if (pf_lines > 0)  // lines [c * pf_lines / nch, (c + 1) * pf_lines / nch) at chunk c
-        for (int64_t l = c * pf_lines / nch, e = (c + 1) * pf_lines / nch; l < e; ++l)
-          _mm_prefetch(reinterpret_cast<const char*>(pf + 64 * l), _MM_HINT_T1);
+      // pf_lines / nch lines per chunk on average, without a division per chunk
+      for (pf_acc += pf_lines; pf_acc >= nch; pf_acc -= nch, pf += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(pf), _MM_HINT_T1);
       for (int h = 0; h < kBlocksPerChunk<F>; ++h) {
         const int64_t b = kBlocksPerChunk<F> * c + h;
         const int8_t* xb[MR];

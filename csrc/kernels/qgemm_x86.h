@@ -276,7 +276,11 @@ static void tiles_all_rows(const QWeight& w, const uint8_t* packed, int64_t tb, 
   const int64_t rest = x.M % MR;  // rows after the full blocks: one MR / 2 block and singles
   const int64_t R = x.M / MR + (MR > 1 && rest >= MR / 2 ? 1 + rest - MR / 2 : rest);  // calls per tile
   const int64_t calls = R * ceil_div(n_end - n, T);
-  const int64_t lines = ceil_div(ceil_div(n_next - n_end, T) * tb, 64);  // the next pass's
+  // Only where the pass waits on memory: int8 at any M (SPR host, 2 threads, C++ bench against
+  // no prefetch: 1.3-1.7x at M = 8-32, 1.06-1.4x at 128) and the 4-bit formats at M <= 16
+  // (int4 1.2x at M = 8); at M >= 32 they are compute-bound and it cost int4 up to 17%.
+  const bool pf_on = F == kInt8 || x.M <= 16;
+  const int64_t lines = pf_on ? ceil_div(ceil_div(n_next - n_end, T) * tb, 64) : 0;  // next pass
   const uint8_t* pf = packed + (n_end / T) * tb;
   int64_t call = 0;  // call i prefetches lines [i * lines / calls, (i + 1) * lines / calls)
   const auto one = [&](auto rows_tag, int64_t m0, int64_t t) {

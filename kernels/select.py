@@ -208,7 +208,7 @@ def _select(M, N, K, fmt, group, card, dtype, variant, sms, table) -> Choice:
         r = table.get((fmt, variant, group, N, K, mb, act))
         if r is not None:
             return _checked(Choice(r["kernel"], _params(r), "tuned"), dtype)
-        best, best_d = None, math.inf
+        best, best_d = None, (math.inf,)
         for key, r in table.items():
             if key[0] != fmt or key[2] != group or key[6] != act:
                 continue
@@ -217,6 +217,9 @@ def _select(M, N, K, fmt, group, card, dtype, variant, sms, table) -> Choice:
                 continue
             d = (abs(math.log(key[3] / N)) + abs(math.log(key[4] / K)) + 0.5 * dm
                  + (0.01 if key[1] != variant else 0.0))
+            # ties (an M bucket halfway between two tuned ones) go to the smaller M bucket,
+            # then the smaller shape: the choice must not depend on the file's record order
+            d = (round(d, 9), key[5] > mb, key[3], key[4], key[1])
             if d < best_d:
                 best, best_d = r, d
         if best is not None:

@@ -598,6 +598,12 @@ def test_select_tuned_nearest_heuristic():
     c = S.select(64, 4096, 4096, "int4", 128, "x", variant="asym", table=table)
     assert c.source == "heuristic"  # 64x away in M: not borrowed
     assert S.select(1, 4096, 4096, "int4", 128, "x", dtype=torch.float32, table=table).kernel == "gemv"
+    # an M bucket halfway between two tuned ones: the smaller one's record, in any file order
+    lo = dict(rec, M_bucket=64, kernel="gemm", params={"BM": 64, "BN": 64, "CB": 1})
+    hi = dict(rec, M_bucket=256, kernel="dequant_mm", params={})
+    for recs in ([lo, hi], [hi, lo]):
+        c = S.select(128, 3072, 1024, "int4", 128, "x", variant="asym", table=S.choices_for(recs))
+        assert (c.kernel, c.source) == ("gemm", "nearest")
     for M in (1, 2, 7, 16, 64, 300, 5000):
         for dt in DTYPES:
             c = S.select(M, 1000, 3000, "nf4", 64, "no such card", dtype=dt)

@@ -6,7 +6,8 @@ Files, one kernel family each:
   gemv.py     CUDA-core GEMV / split-K GEMV (small M, any activation dtype, float32 math), and
               the integer-dot GEMV (16-bit activations quantized per block to 16-bit
               integers, dp4a on the codes; int4 / int8; LOWBIT_GPU_EXACT=1 turns it off)
-  gemm.py     fused tensor-core GEMM (fp16/bf16 activations)
+  gemm.py     fused tensor-core GEMM (fp16/bf16 activations), and the register-operand GEMM
+              for int4 at small M (gemm_rega: the decoded codes reach the MMA in registers)
   select.py   select(): kernel + parameters per (M, N, K, format, group, GPU) from the tuned
               JSON in configs/ (written by bench/tune_gpu.py) or heuristics
   _common.py  decode helpers and the split-K reduction

@@ -306,7 +306,7 @@ def gemm_scale_mode(gw: GPUWeight, BK: int, exact: bool = True) -> int:
 
 def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, BN: int, CB: int,
          SPLIT_K: int = 1, GROUP_M: int = 8, SWAP: bool = False, EXACT: bool = True,
-         FULL_TILE: bool = False, REGA: bool = False,
+         FULL_TILE: bool = False, REGA: bool = False, ASM: bool = True,
          num_warps: int = 4, num_stages: int = 3, dot_f32: bool = False, LUT_GATHER: bool = True,
          bind=None, **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias); x2d float16/bfloat16 with unit stride along K.
@@ -316,7 +316,7 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
     if REGA and rega_supported(gw, x2d.dtype, CB):  # int4 at small M (gemm_rega, below)
         return gemm_rega(x2d, gw, bias, out, BM=BM, BN=BN, CB=CB, SPLIT_K=SPLIT_K,
                          GROUP_M=GROUP_M, num_warps=num_warps, num_stages=num_stages,
-                         dot_f32=dot_f32, bind=bind)
+                         dot_f32=dot_f32, ASM=ASM, bind=bind)
     M, K = x2d.shape
     N = gw.shape[0]
     KW = gw.words_per_row
@@ -388,6 +388,17 @@ def _dot_magic_f(is_f16):
     return 1024.0 if is_f16 else 128.0
 
 
+@triton.constexpr_function
+def _decode_asm(i, is_f16):
+    """PTX for two codes of nibble i of two 16-bit halves (one 32-bit register) to two
+    fp16/bf16 values c: shift, (t & 0x000F000F) | magic (one LOP3), minus the magic pair."""
+    magic = "0x64006400" if is_f16 else "0x43004300"
+    sub = "sub.rn.f16x2" if is_f16 else "sub.rn.bf16x2"
+    shift = f"shr.b32 t, $1, {4 * i}; " if i else "mov.b32 t, $1; "
+    return ("{ .reg .b32 t, c; " + shift + f"lop3.b32 t, t, 0x000F000F, {magic}, 0xEA; "
+            f"mov.b32 c, {magic}; {sub} $0, t, c; }}")
+
+
 def xprep_numel(M: int, nblk: int) -> int:
     """int32 elements of the REGA kernel's x buffer: the permuted x [M, nblk * 128] in x's
     16-bit dtype, then the float32 block sums [M, nblk]."""
@@ -422,7 +433,8 @@ def _gemm_rega_kernel(xq_ptr, c16_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, 
                       BM: tl.constexpr, BN: tl.constexpr, CB: tl.constexpr,
                       GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
                       DOT_F32: tl.constexpr,  # interpreter: float32 products (same values)
-                      STEPS_CONST: tl.constexpr, PDL: tl.constexpr):
+                      STEPS_CONST: tl.constexpr, PDL: tl.constexpr,
+                      ASM: tl.constexpr):  # decode two codes per instruction triple (PTX)
     """y^T[BN, BM] tiles of int4 weights times x prepared by _xprep_kernel (see above);
     dqs/dqo/lut are unused (the argument order of the other matmul kernels)."""
     H: tl.constexpr = CB * 32  # 16-bit halves per row per step
@@ -468,13 +480,23 @@ def _gemm_rega_kernel(xq_ptr, c16_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, 
         for i in tl.static_range(4):
             xi = tl.load(x_rows + (b0 + offs_p // 32)[None, :] * 128 + i * 32 + (offs_p % 32)[None, :],
                          mask=xmask, other=0.0)
-            if i == 0:
+            if ASM and not DOT_F32:
+                v = h16
+            elif i == 0:
                 v = h16 & 0xF
             else:
                 v = (h16 >> (4 * i)) & 0xF
             if DOT_F32:
                 part = tl.dot(v.to(tl.float32), tl.trans(xi.to(tl.float32)), part,
                               input_precision="ieee")
+            elif ASM:  # the same values, two per 32-bit register and three instructions
+                if DOT_DTYPE == tl.float16:
+                    w = tl.inline_asm_elementwise(_decode_asm(i, True), "=r,r", [h16],
+                                                  dtype=tl.float16, is_pure=True, pack=2)
+                else:
+                    w = tl.inline_asm_elementwise(_decode_asm(i, False), "=r,r", [h16],
+                                                  dtype=tl.bfloat16, is_pure=True, pack=2)
+                part = tl.dot(w, tl.trans(xi), part)
             else:
                 w = (v | MAGIC).to(DOT_DTYPE, bitcast=True) - MAGIC_F
                 part = tl.dot(w, tl.trans(xi), part)
@@ -520,7 +542,8 @@ def rega_supported(gw: GPUWeight, dtype: torch.dtype, CB: int = 1) -> bool:
 
 def gemm_rega(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, BN: int,
               CB: int, SPLIT_K: int = 1, GROUP_M: int = 8, num_warps: int = 4,
-              num_stages: int = 3, dot_f32: bool = False, bind=None, **_ignored) -> torch.Tensor:
+              num_stages: int = 3, dot_f32: bool = False, ASM: bool = True, bind=None,
+              **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias) by _xprep_kernel then _gemm_rega_kernel (int4,
     see rega_supported). ``bind``: as for gemm(), with ``pre`` the x preparation's launch."""
     M, K = x2d.shape
@@ -551,7 +574,8 @@ def gemm_rega(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
                   GROUP=group_const(gw), HAS_BIAS=bias is not None and SPLIT_K == 1,
                   USE_WS=SPLIT_K > 1, K_EXACT=nblk % (steps * CB) == 0, BM=BM, BN=BN, CB=CB,
                   GROUP_M=GROUP_M, DOT_DTYPE=tl_dtype(x2d.dtype), DOT_F32=bool(dot_f32),
-                  STEPS_CONST=steps if interpreting() else 0, PDL=pdl)
+                  STEPS_CONST=steps if interpreting() else 0, PDL=pdl,
+                  ASM=bool(ASM) and not interpreting())
     if pdl:
         consts["launch_pdl"] = True  # a launch option (programmatic dependent launch)
     launcher = launch(_gemm_rega_kernel, grid, args, consts, num_warps, num_stages)

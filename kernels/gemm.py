@@ -43,6 +43,23 @@ from .layout import GPUWeight, group_const
 
 
 @triton.jit
+def _mn_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's [BM] rows of x and [BN] weight rows, in grouped launch order (GROUP_M
+    row-tiles of x per weight column-tile), and their in-bounds masks."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsz
+    pid_n = (pid % width) // gsz
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def _mma_acc(a, b, acc, DOT_F32: tl.constexpr):
     if DOT_F32:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -74,19 +91,8 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
     KB: tl.constexpr = 16 * P  # elements per layout block
     W: tl.constexpr = CB * 16  # words per row per K step = the K extent of one plane's dot
     MASK: tl.constexpr = (1 << BITS) - 1
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    gsz = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsz
-    pid_n = (pid % width) // gsz
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok = _mn_tile(M, N, BM, BN, GROUP_M)
     offs_j = tl.arange(0, W)  # word j of the step: block j // 16, word j % 16 of it
     offs_cb = tl.arange(0, CB)
     nblk = KW // 16
@@ -440,19 +446,8 @@ def _gemm_rega_kernel(xq_ptr, c16_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, 
     H: tl.constexpr = CB * 32  # 16-bit halves per row per step
     if PDL:
         gdc_wait()
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    gsz = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsz
-    pid_n = (pid % width) // gsz
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    offs_m, offs_n, m_ok, n_ok = _mn_tile(M, N, BM, BN, GROUP_M)
     offs_p = tl.arange(0, H)
     nblk = KW // 16
     b_begin = pid_k * (steps_per_split * CB)

@@ -256,8 +256,9 @@ def test_gemm_rega_matches_reference(case):
             dt = HALF[(i + j) % 2]
             x = make_x(M, K, dt, seed=30 + i + j)
             bias = make_x(1, N, torch.bfloat16, seed=31)[0] if (i + j) % 2 else None
-            for CB, split in ((1, 1 + (i + j) % 3), (2, 1)):
-                params = dict(BM=max(16, 1 << (M - 1).bit_length()), BN=128 if REAL_GPU else 16,
+            for CB, split, BM in ((1, 1 + (i + j) % 3, max(16, 1 << (M - 1).bit_length())),
+                                  (2, 1, 16)):  # (BM 16: several row tiles of x when M > 16)
+                params = dict(BM=BM, BN=128 if REAL_GPU else 16,
                               CB=CB, SWAP=True, REGA=True, SPLIT_K=split,
                               dot_f32=not REAL_GPU and dt == torch.bfloat16)
                 out = gemm(x, gw, bias, poisoned(M, N, dt), **params)

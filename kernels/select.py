@@ -133,9 +133,9 @@ def _split_for(programs: int, k_steps: int, sms: int, per_sm: int = 2) -> int:
 def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
               sms: int = 132) -> Choice:
     """Untuned shapes and cards. Shaped after the H200 tuning (configs/NVIDIA_H200.json): the
-    GEMV up to M = 2 (8 for float32 activations), the register-operand GEMM for int4 up to 64,
-    the per-plane SWAP GEMM for the other formats up to 64, the full-tile GEMM to 128, then dequantize + cuBLAS (the fused GEMM did not beat it at
-    M >= 256 for 4-bit weights)."""
+    GEMV up to M = 2 (8 for float32 activations), the register-operand GEMM for int4 up to
+    64, the per-plane SWAP GEMM for the other formats up to 64, the full-tile GEMM to 128, then
+    dequantize + cuBLAS (the fused GEMM did not beat it at M >= 256 for 4-bit weights)."""
     bits = 8 if fmt == "int8" else 4
     kb = 16 * (32 // bits)  # elements per layout block
     nblk = -(-K // kb)
@@ -160,7 +160,8 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
         programs = -(-M // BM) * -(-N // 128)
         if fmt == "int4" and (group < 0 or group >= K or group % 128 == 0):
             # the register-operand GEMM (kernels/gemm.py, gemm_rega): H200, M = 16 / 64,
-            # 1.04-1.38x / 1.01-1.35x of the SWAP or full-tile GEMM (kernels/NOTES.md item 16)
+            # 1.17-1.32x / 1.06-1.28x faster than the SWAP or full-tile GEMM configs tuned
+            # before it (kernels/NOTES.md item 16)
             return Choice("gemm", {"BM": BM, "BN": 128, "CB": 1, "SWAP": True, "REGA": True,
                                    "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
                                    "SPLIT_K": _split_for(programs, nblk, sms,

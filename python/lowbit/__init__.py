@@ -67,7 +67,8 @@ def backend_info() -> dict:
         from lowbit.kernels.gemv import idot_enabled
         info["gpu_small_m"] = ("float32 GEMV only (LOWBIT_GPU_EXACT=1)" if not idot_enabled() else
                                "integer-dot GEMV where tuned / chosen (16-bit activations, "
-                               "int4 / int8), float32 GEMV elsewhere")
+                               "int4 / int8), float32 GEMV elsewhere; int4 at M 3-64: "
+                               "register-operand tensor-core GEMM")
     return info
 
 

@@ -425,7 +425,7 @@ def _xprep_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, PDL: tl.constexpr):
     xp_ptr = xq_ptr.to(tl.pointer_type(x_ptr.dtype.element_ty))
     row = m.to(tl.int64) * NBLK + b
     tl.store(xp_ptr + row * 128 + e, x)
-    xs_ptr = xq_ptr.to(tl.pointer_type(tl.float32)) + M.to(tl.int64) * NBLK * 64
+    xs_ptr = xq_ptr.to(tl.pointer_type(tl.float32)) + tl.cast(M, tl.int64) * NBLK * 64
     tl.store(xs_ptr + row, tl.sum(x.to(tl.float32), axis=0))
 
 
@@ -453,7 +453,7 @@ def _gemm_rega_kernel(xq_ptr, c16_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, 
     b_begin = pid_k * (steps_per_split * CB)
     b_end = tl.minimum(b_begin + steps_per_split * CB, nblk)
     xp_ptr = xq_ptr.to(tl.pointer_type(DOT_DTYPE))
-    xs_ptr = xq_ptr.to(tl.pointer_type(tl.float32)) + M.to(tl.int64) * nblk * 64
+    xs_ptr = xq_ptr.to(tl.pointer_type(tl.float32)) + tl.cast(M, tl.int64) * nblk * 64
     x_rows = xp_ptr + offs_m.to(tl.int64)[:, None] * (nblk * 128)
     xs_rows = xs_ptr + offs_m.to(tl.int64) * nblk
     c_rows = c16_ptr + offs_n.to(tl.int64)[:, None] * (2 * KW)

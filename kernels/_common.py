@@ -132,6 +132,16 @@ def emulate_bf16(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreting()
 
 
+def k_split(nblk: int, CB: int, SPLIT_K: int):
+    """(CB, SPLIT_K, steps per split) of a matmul over ``nblk`` layout blocks: CB clamped to
+    the blocks there are (a power of two), the split to the steps there are, then recomputed
+    from whole steps per split so that no split is empty."""
+    CB = max(1, min(CB, triton.next_power_of_2(nblk)))
+    split = max(1, min(SPLIT_K, triton.cdiv(nblk, CB)))
+    steps = triton.cdiv(triton.cdiv(nblk, CB), split)
+    return CB, triton.cdiv(nblk, steps * CB), steps
+
+
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, stride_om,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,

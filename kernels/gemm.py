@@ -37,7 +37,8 @@ import triton.language as tl
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_BLOCK_W, SCALE_PLANE, SCALE_ROW,
                       TWO23, cast_out, codebook_lut, codebook_values, decode_absmax, hi_shift,
-                      interpreting, launch, plane_value, rne_bf16, splitk_reduce, tl_dtype)
+                      interpreting, k_split, launch, plane_value, rne_bf16, splitk_reduce,
+                      tl_dtype)
 from .gemv import _use_pdl, gdc_launch_dependents, gdc_wait
 from .layout import GPUWeight, group_const
 
@@ -57,6 +58,31 @@ def _mn_tile(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _store_tile(acc, offs_m, offs_n, m_ok, n_ok, pid_k, M, N, stride_om, bias_ptr, out_ptr,
+                ws_ptr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr,
+                EMULATE_BF16: tl.constexpr):
+    """The program's float32 tile (SWAP: [BN, BM], else [BM, BN]) plus the bias into out, or
+    without it into split pid_k of the split-K workspace."""
+    if SWAP:
+        out_off = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        ws_off = (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None]
+        omask = n_ok[:, None] & m_ok[None, :]
+        bias_b = offs_n[:, None]
+    else:
+        out_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        ws_off = (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+        omask = m_ok[:, None] & n_ok[None, :]
+        bias_b = offs_n[None, :]
+    if not USE_WS:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + bias_b, mask=bias_b < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_off, cast_out(acc, out_ptr.dtype.element_ty, EMULATE_BF16),
+                 mask=omask)
+    else:
+        tl.store(ws_ptr + ws_off, acc, mask=omask)
 
 
 @triton.jit
@@ -278,22 +304,8 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
             acc = acc * s_row[:, None]
         else:
             acc = acc * s_row[None, :]
-    if SWAP:
-        out_off = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-        ws_off = (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None]
-        omask = n_ok[:, None] & m_ok[None, :]
-        bias_b = offs_n[:, None]
-    else:
-        out_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        ws_off = (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
-        omask = m_ok[:, None] & n_ok[None, :]
-        bias_b = offs_n[None, :]
-    if not USE_WS:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + bias_b, mask=bias_b < N, other=0.0).to(tl.float32)
-        tl.store(out_ptr + out_off, cast_out(acc, out_ptr.dtype.element_ty, DOT_F32), mask=omask)
-    else:
-        tl.store(ws_ptr + ws_off, acc, mask=omask)
+    _store_tile(acc, offs_m, offs_n, m_ok, n_ok, pid_k, M, N, stride_om, bias_ptr, out_ptr,
+                ws_ptr, SWAP, HAS_BIAS, USE_WS, DOT_F32)
 
 
 def gemm_scale_mode(gw: GPUWeight, BK: int, exact: bool = True) -> int:
@@ -319,19 +331,15 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
     ``bind``: as for gemv(), ``post`` the split-K reduction's (Launcher, args, grid) or None,
     ``pre`` None. ``REGA``: the register-operand kernel (gemm_rega) where it takes the weight
     (else this kernel with the other parameters)."""
+    KW = gw.words_per_row
+    nblk = KW // 16
+    CB, SPLIT_K, steps = k_split(nblk, CB, SPLIT_K)
     if REGA and rega_supported(gw, x2d.dtype, CB):  # int4 at small M (gemm_rega, below)
         return gemm_rega(x2d, gw, bias, out, BM=BM, BN=BN, CB=CB, SPLIT_K=SPLIT_K,
                          GROUP_M=GROUP_M, num_warps=num_warps, num_stages=num_stages,
                          dot_f32=dot_f32, ASM=ASM, bind=bind)
     M, K = x2d.shape
     N = gw.shape[0]
-    KW = gw.words_per_row
-    nblk = KW // 16
-    CB = max(1, min(CB, triton.next_power_of_2(nblk)))
-    SPLIT_K = max(1, min(SPLIT_K, triton.cdiv(nblk, CB)))
-    steps = triton.cdiv(triton.cdiv(nblk, CB), SPLIT_K)
-    blocks_per_split = steps * CB
-    SPLIT_K = triton.cdiv(nblk, blocks_per_split)
     BK = CB * gw.block
     mode = gemm_scale_mode(gw, BK, EXACT)
     lut = codebook_lut(x2d.device, gw.fmt) if FMT_IDS[gw.fmt] >= 2 else gw.scales
@@ -347,7 +355,7 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
         FMT=FMT_IDS[gw.fmt], BITS=gw.bits, HAS_ZEROS=gw.zeros is not None,
         ZERO_CONST=128 if gw.fmt == "int8" else 8, DQ=gw.double_quant, SCALE_MODE=mode,
         GROUP=group_const(gw), HAS_BIAS=bias is not None and SPLIT_K == 1, USE_WS=SPLIT_K > 1,
-        K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0, BM=BM, BN=BN, CB=CB,
+        K_EXACT=K % gw.block == 0 and nblk % (steps * CB) == 0, BM=BM, BN=BN, CB=CB,
         GROUP_M=GROUP_M, SWAP=bool(SWAP), FULL_TILE=bool(FULL_TILE),
         DOT_DTYPE=tl_dtype(x2d.dtype), DOT_F32=bool(dot_f32),
         LUT_GATHER=bool(LUT_GATHER) and FMT_IDS[gw.fmt] >= 2,
@@ -398,7 +406,7 @@ def _dot_magic_f(is_f16):
 def _decode_asm(i, is_f16):
     """PTX for two codes of nibble i of two 16-bit halves (one 32-bit register) to two
     fp16/bf16 values c: shift, (t & 0x000F000F) | magic (one LOP3), minus the magic pair."""
-    magic = "0x64006400" if is_f16 else "0x43004300"
+    magic = f"0x{_dot_magic(is_f16):04X}{_dot_magic(is_f16):04X}"
     sub = "sub.rn.f16x2" if is_f16 else "sub.rn.bf16x2"
     shift = f"shr.b32 t, $1, {4 * i}; " if i else "mov.b32 t, $1; "
     return ("{ .reg .b32 t, c; " + shift + f"lop3.b32 t, t, 0x000F000F, {magic}, 0xEA; "
@@ -475,12 +483,11 @@ def _gemm_rega_kernel(xq_ptr, c16_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, 
         for i in tl.static_range(4):
             xi = tl.load(x_rows + (b0 + offs_p // 32)[None, :] * 128 + i * 32 + (offs_p % 32)[None, :],
                          mask=xmask, other=0.0)
-            if ASM and not DOT_F32:
-                v = h16
-            elif i == 0:
-                v = h16 & 0xF
-            else:
-                v = (h16 >> (4 * i)) & 0xF
+            if DOT_F32 or not ASM:
+                if i == 0:
+                    v = h16 & 0xF
+                else:
+                    v = (h16 >> (4 * i)) & 0xF
             if DOT_F32:
                 part = tl.dot(v.to(tl.float32), tl.trans(xi.to(tl.float32)), part,
                               input_precision="ieee")
@@ -517,15 +524,8 @@ def _gemm_rega_kernel(xq_ptr, c16_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, 
         else:
             z_row = tl.full([BN], ZERO_CONST, tl.float32)
         acc = (acc - z_row[:, None] * xs_tot[None, :]) * s_row[:, None]
-    out_off = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-    omask = n_ok[:, None] & m_ok[None, :]
-    if not USE_WS:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n[:, None], mask=n_ok[:, None], other=0.0).to(tl.float32)
-        tl.store(out_ptr + out_off, cast_out(acc, out_ptr.dtype.element_ty, DOT_F32), mask=omask)
-    else:
-        ws_off = (pid_k * M + offs_m.to(tl.int64))[None, :] * N + offs_n[:, None]
-        tl.store(ws_ptr + ws_off, acc, mask=omask)
+    _store_tile(acc, offs_m, offs_n, m_ok, n_ok, pid_k, M, N, stride_om, bias_ptr, out_ptr,
+                ws_ptr, True, HAS_BIAS, USE_WS, DOT_F32)
 
 
 def rega_supported(gw: GPUWeight, dtype: torch.dtype, CB: int = 1) -> bool:
@@ -545,13 +545,10 @@ def gemm_rega(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
     N = gw.shape[0]
     KW = gw.words_per_row
     nblk = KW // 16
-    CB = max(1, min(CB, triton.next_power_of_2(nblk)))
+    CB, SPLIT_K, steps = k_split(nblk, CB, SPLIT_K)
     if not rega_supported(gw, x2d.dtype, CB):
         raise ValueError(f"the register-operand GEMM does not take {gw.fmt} group {gw.group} "
                          f"with CB {CB} and {x2d.dtype} activations")
-    SPLIT_K = max(1, min(SPLIT_K, triton.cdiv(nblk, CB)))
-    steps = triton.cdiv(triton.cdiv(nblk, CB), SPLIT_K)
-    SPLIT_K = triton.cdiv(nblk, steps * CB)
     dev = x2d.device
     pdl = _use_pdl(dev)
     xq = torch.empty(xprep_numel(M, nblk), dtype=torch.int32, device=dev)

@@ -32,7 +32,8 @@ except ImportError:  # pragma: no cover - older Triton
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, cast_out,
                       codebook_lut, codebook_values, decode_absmax, emulate_bf16, hi_shift,
-                      interpreting, launch, plane_value, split_counters, splitk_reduce)
+                      interpreting, k_split, launch, plane_value, split_counters,
+                      splitk_reduce)
 from .layout import GPUWeight, group_const
 
 
@@ -656,11 +657,7 @@ def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN
     gemv() launches with but the tensors."""
     N = gw.shape[0]
     nblk = gw.words_per_row // 16
-    CB = max(1, min(CB, triton.next_power_of_2(nblk)))
-    SPLIT_K = max(1, min(SPLIT_K, triton.cdiv(nblk, CB)))
-    steps = triton.cdiv(triton.cdiv(nblk, CB), SPLIT_K)
-    blocks_per_split = steps * CB
-    SPLIT_K = triton.cdiv(nblk, blocks_per_split)
+    CB, SPLIT_K, steps = k_split(nblk, CB, SPLIT_K)
     fmt = FMT_IDS[gw.fmt]
     lut = codebook_lut(dev, gw.fmt) if fmt >= 2 else gw.scales
     grid = (M, triton.cdiv(N, BN), SPLIT_K)
@@ -671,7 +668,7 @@ def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN
         c = dict(BITS=gw.bits, HAS_ZEROS=gw.zeros is not None, ZERO_CONST=zero_const(gw),
                  SCALE_MODE=scale_mode(gw, gw.block), GROUP=group_const(gw),
                  HAS_BIAS=has_bias and (SPLIT_K == 1 or fixup), USE_WS=SPLIT_K > 1, FIXUP=fixup,
-                 K_EXACT=K % gw.block == 0 and nblk % blocks_per_split == 0, BN=BN, CB=CB,
+                 K_EXACT=K % gw.block == 0 and nblk % (steps * CB) == 0, BN=BN, CB=CB,
                  EMULATE_BF16=emulate_bf16(out_dtype), STEPS_CONST=steps if interp else 0,
                  SPLIT_CONST=SPLIT_K if interp else 0)
         if idot:  # (always loads one step ahead)

@@ -241,12 +241,16 @@ REGA_CASES = [c for c in FUSED_CASES if c[0] == "int4"]
 
 
 @pytest.mark.parametrize("case", REGA_CASES, ids=case_id)
-def test_gemm_rega_matches_reference(case):
+def test_gemm_rega_matches_reference(case, monkeypatch):
     """The register-operand GEMM (int4, small M): x permuted and summed per block by its
     preparation kernel, the integer codes in the MMA, zero points off as z * sum(x), scales on
     the float32 partial sums: the float32-accumulation tolerance, like the exact GEMM modes.
     Weights it does not take (groups that split a 128-element block) fall back to the GEMM
     with the other parameters, which is checked too."""
+    from lowbit.kernels import gemm as GM
+    from lowbit.kernels._common import k_split
+    ran = []  # calls of the register-operand kernel through gemm(REGA=True)
+    monkeypatch.setattr(GM, "gemm_rega", lambda *a, **k: ran.append(1) or gemm_rega(*a, **k))
     fmt, opts = case
     Ms = (1, 5, 16, 64) if REAL_GPU else (1, 3, 17)  # (M = 1: Triton makes it a constant)
     for i, (N, K) in enumerate(SHAPES):
@@ -261,8 +265,10 @@ def test_gemm_rega_matches_reference(case):
                 params = dict(BM=BM, BN=128 if REAL_GPU else 16,
                               CB=CB, SWAP=True, REGA=True, SPLIT_K=split,
                               dot_f32=not REAL_GPU and dt == torch.bfloat16)
+                ran.clear()
                 out = gemm(x, gw, bias, poisoned(M, N, dt), **params)
-                took = rega_supported(gw, dt, min(CB, triton.next_power_of_2(gw.words_per_row // 16)))
+                took = rega_supported(gw, dt, k_split(gw.words_per_row // 16, CB, split)[0])
+                assert len(ran) == int(took), (params, took)
                 rtol = None if took else gemm_rtol(qw, gw, K, dt, CB * gw.block)
                 assert_linear_close(out, R.linear(x, qw, bias), x, qw, bias=bias, rtol=rtol,
                                     msg=f"gemm REGA {fmt} {opts} M={M} N={N} K={K} {dt} {params} "
@@ -599,6 +605,11 @@ def test_select_tuned_nearest_heuristic():
     c = S.select(64, 4096, 4096, "int4", 128, "x", variant="asym", table=table)
     assert c.source == "heuristic"  # 64x away in M: not borrowed
     assert S.select(1, 4096, 4096, "int4", 128, "x", dtype=torch.float32, table=table).kernel == "gemv"
+    # int4 at small M with 16-bit activations: the register-operand GEMM; nf4 / groups of 64 not
+    for M in (3, 16, 64):
+        assert S.heuristic(M, 4096, 4096, "int4", 128, torch.bfloat16).params.get("REGA")
+        assert not S.heuristic(M, 4096, 4096, "int4", 64, torch.bfloat16).params.get("REGA")
+        assert not S.heuristic(M, 4096, 4096, "nf4", 64, torch.bfloat16).params.get("REGA")
     # an M bucket halfway between two tuned ones: the smaller one's record, in any file order
     lo = dict(rec, M_bucket=64, kernel="gemm", params={"BM": 64, "BN": 64, "CB": 1})
     hi = dict(rec, M_bucket=256, kernel="dequant_mm", params={})

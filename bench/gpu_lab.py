@@ -84,12 +84,14 @@ def main(argv=None) -> int:
     ap.add_argument("--full", default="0,1", help="gemm: FULL_TILE values to try")
     ap.add_argument("--swap", default="0", help="gemm: SWAP values to try")
     ap.add_argument("--exact", default="1", help="gemm: EXACT values to try (int4)")
+    ap.add_argument("--rega", default="0", help="gemm: REGA values to try (1: the register-operand "
+                    "kernel, int4 with groups of a multiple of 128)")
     ap.add_argument("--verbose", action="store_true", help="print every candidate")
     ap.add_argument("--rep-ms", type=float, default=20)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     from lowbit.kernels import layout, plan, run_choice
-    from lowbit.kernels.gemm import _gemm_kernel, gemm
+    from lowbit.kernels.gemm import _gemm_kernel, _gemm_rega_kernel, gemm
     from lowbit.kernels.gemv import _gemv_idot_kernel, _gemv_kernel, gemv
     from lowbit.kernels.select import Choice, sm_count
     dev = torch.device("cuda")
@@ -126,10 +128,11 @@ def main(argv=None) -> int:
                                  ints(a.prefetch), ints(a.idot))]
                 else:
                     space = [dict(BM=BM, BN=BN, CB=CB, num_warps=nw, num_stages=st, FULL_TILE=bool(fu),
-                                  SWAP=bool(sw), EXACT=bool(ex), GROUP_M=8, _waves=waves, _gather=gather)
-                             for BM, BN, CB, st, nw, fu, sw, ex, waves, gather in itertools.product(
+                                  SWAP=bool(sw), EXACT=bool(ex), REGA=bool(rg), GROUP_M=8,
+                                  _waves=waves, _gather=gather)
+                             for BM, BN, CB, st, nw, fu, sw, ex, rg, waves, gather in itertools.product(
                                  ints(a.bm), ints(a.bn), ints(a.cb), ints(a.stages), ints(a.warps),
-                                 ints(a.full), ints(a.swap), ints(a.exact),
+                                 ints(a.full), ints(a.swap), ints(a.exact), ints(a.rega),
                                  [float(v) for v in a.waves.split(",")], ints(a.gather))]
                 for p in space:
                     waves, gather = p.pop("_waves"), p.pop("_gather")
@@ -141,6 +144,8 @@ def main(argv=None) -> int:
                     kern, call = (_gemv_kernel, gemv) if a.kernel == "gemv" else (_gemm_kernel, gemm)
                     if p.get("IDOT"):
                         kern = _gemv_idot_kernel
+                    if p.get("REGA"):
+                        kern = _gemm_rega_kernel
                     try:
                         fn = lambda: call(x, gw, None, out, LUT_GATHER=bool(gather), **p)  # noqa: E731
                         before = _compiled(kern)

@@ -126,6 +126,61 @@ void fill_header(PackedHeader& h, const QWeight& w, const KernelTable& t, int64_
   h.body_bytes = body;
 }
 
+// linear_packed's tile path (kernel_api.h, "tile path"): activations rounded to bf16 tiles (no
+// residual: within the fast path's bound, see kernel_api.h), then the table's tgemm over row
+// tiles.
+void linear_tiles(const LinearArgs& a, const KernelTable& t, const uint8_t* body, int nt) {
+  const int64_t M = a.M, N = a.w.N, K = a.w.K, G = a.w.n_groups;
+  const int64_t ldk = (K + kTileK - 1) / kTileK * kTileK, mpad = (M + 15) / 16 * 16;
+  const int64_t group = G == 1 ? K : a.w.group;
+  thread_local std::vector<uint16_t> hbuf;
+  thread_local std::vector<float> sbuf;
+  hbuf.resize(size_t(mpad * ldk));
+  sbuf.resize(size_t(mpad * G));
+  uint16_t* hi = hbuf.data();
+  float* xs = sbuf.data();
+  // padding rows (in the last block of 16): zero codes and sums
+  for (int64_t m = M; m < mpad; ++m) {
+    uint16_t* r = hi + (m / 16) * ldk * 16 + (m % 16) * kTileK;
+    for (int64_t c = 0; c < ldk / kTileK; ++c) std::memset(r + c * 16 * kTileK, 0, kTileK * 2);
+  }
+  std::memset(xs + M * G, 0, size_t((mpad - M) * G) * 4);
+  const char* xsrc = static_cast<const char*>(a.x);
+  const size_t es = dtype_size(a.x_dtype);
+  const auto prep_rows = [&](int64_t m0, int64_t m1) {
+    thread_local std::vector<float> row;  // float32 copy of a bf16 / f16 row
+    if (a.x_dtype != kF32) row.resize(size_t(K));
+    for (int64_t m = m0; m < m1; ++m) {
+      const void* src = xsrc + size_t(m * a.ldx) * es;
+      const float* xr = static_cast<const float*>(src);
+      if (a.x_dtype != kF32) {
+        t.to_f32[a.x_dtype](src, row.data(), K);
+        xr = row.data();
+      }
+      t.tile_prep(xr, K, ldk, group, G, hi + (m / 16) * ldk * 16 + (m % 16) * kTileK, nullptr, xs + m * G);
+    }
+  };
+  const int pt = threads_for(M, K, 16, nt, true);
+  if (pt <= 1) {
+    prep_rows(0, M);
+  } else {
+    const int64_t per = (M + pt * 2 - 1) / (pt * 2);
+    parallel_for((M + per - 1) / per, pt, [&](int64_t i) { prep_rows(i * per, std::min(M, (i + 1) * per)); });
+  }
+  TActs xa;
+  xa.hi = hi;
+  xa.lo = nullptr;
+  xa.xsum = xs;
+  xa.M = M;
+  xa.ldk = ldk;
+  int64_t ldyf = 0;
+  float* yf = f32_output(a, ldyf);
+  const TileGemmFn tg = t.tgemm[a.w.fmt];
+  const QWeight& w = a.w;
+  for_row_tiles(N, nt, [&](int64_t n0, int64_t n1) { tg(w, body, xa, n0, n1, yf, ldyf); });
+  finish_output(a, t, yf, ldyf);
+}
+
 }  // namespace
 
 int threads_for(int64_t M, int64_t N, int64_t K, int n_threads, bool fast) {
@@ -224,6 +279,10 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
   if (a.M == 0) return;
   const int64_t M = a.M, N = a.w.N, K = a.w.K;
   const int nt = threads_for(M, N, K, std::max(1, a.n_threads), true);
+  if (t.tile_min_m > 0 && M >= t.tile_min_m && t.tgemm[a.w.fmt]) {
+    linear_tiles(a, t, packed + kPackedHeaderBytes, nt);
+    return;
+  }
 
   // Quantized activations (kernel_api.h), in per-thread scratch reused across calls.
   thread_local std::vector<int8_t> qbuf;

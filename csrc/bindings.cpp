@@ -298,6 +298,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("active_reason", [] { return active_reason(); });
   m.def("compiled_isas", [] { return compiled_isas(); });
   m.def("supported_isas", [] { return supported_isas(); });
+  // From this many activation rows the fast path of `isa` ("" = active) multiplies with tiles
+  // (kernel_api.h, "tile path"; more accurate than the quantized activations); 0: never.
+  m.def("tile_min_m", [](const std::string& isa) {
+    return (isa.empty() ? active_table() : table_for(isa)).tile_min_m;
+  }, py::arg("isa") = "");
   m.def("pool_size", [] { return pool_size(); });
   m.def("cpu_features", [] {
     const CpuFeatures& f = cpu_features();
@@ -305,7 +310,7 @@ PYBIND11_MODULE(_C, m) {
     d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
     d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl;
     d["avx512dq"] = f.avx512dq; d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
-    d["neon"] = f.neon; d["dotprod"] = f.dotprod;
+    d["amx_bf16"] = f.amx_bf16; d["neon"] = f.neon; d["dotprod"] = f.dotprod;
     return d;
   });
   m.def("format_traits", [] {

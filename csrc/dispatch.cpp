@@ -8,6 +8,10 @@
 #include <cpuid.h>
 #define LOWBIT_X86 1
 #endif
+#if defined(LOWBIT_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP_ASIMDDP
@@ -26,6 +30,19 @@ uint64_t xgetbv0() {
   uint32_t eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
   return (uint64_t(edx) << 32) | eax;
+}
+#endif
+
+#ifdef LOWBIT_X86
+// Linux gives a process the (8 KiB) tile state only on request; without it the first tile
+// instruction faults. Asked once, process-wide.
+bool amx_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
 }
 #endif
 
@@ -48,6 +65,9 @@ CpuFeatures probe() {
     f.avx512bw = zmm_ok && (b & (1u << 30));
     f.avx512vl = zmm_ok && (b & (1u << 31));
     f.avx512vnni = zmm_ok && (c & (1u << 11));
+    // AMX: CPUID.7.0:EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18 (XTILECFG, XTILEDATA)
+    const bool amx_cpu = (d & (1u << 22)) && (d & (1u << 24)) && (xcr0 & 0x60000) == 0x60000;
+    f.amx_bf16 = amx_cpu && amx_permission();
   }
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512bf16 = zmm_ok && (a & (1u << 5));
   if (!ymm_ok) f.fma = f.f16c = false;
@@ -83,6 +103,19 @@ std::string avx512_missing(const CpuFeatures& f) {
 
 const IsaEntry kIsas[] = {
     // best first
+    {"avx512amx",
+#ifdef LOWBIT_HAVE_AVX512AMX
+     &avx512amx::kTable,
+#else
+     nullptr,
+#endif
+     [](const CpuFeatures& f) -> std::string {
+       const std::string m = avx512_missing(f);
+       if (!m.empty()) return m;
+       if (!f.avx512vnni) return "avx512vnni";
+       if (!f.avx512bf16) return "avx512bf16";
+       return f.amx_bf16 ? "" : "amx-bf16 (with the OS's tile state)";
+     }},
     {"avx512vnni",
 #ifdef LOWBIT_HAVE_AVX512VNNI
      &avx512vnni::kTable,
@@ -144,7 +177,7 @@ const KernelTable& lookup(const std::string& isa) {
                                "', which this CPU (or OS) does not provide");
     return *e.table;
   }
-  throw std::runtime_error("unknown ISA '" + isa + "' (expected one of: avx512vnni, avx512, avx2, neon_dotprod, neon, scalar)");
+  throw std::runtime_error("unknown ISA '" + isa + "' (expected one of: avx512amx, avx512vnni, avx512, avx2, neon_dotprod, neon, scalar)");
 }
 
 void choose_locked() {

@@ -148,6 +148,46 @@ using PackFn = void (*)(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst);
 using QGemmFn = void (*)(const QWeight& w, const uint8_t* packed, const QActs& x, int64_t n0,
                          int64_t n1, float* y, int64_t ldy);
 
+// ---- the tile path (AMX; KernelTable::tile_min_m > 0 only on CPUs with AMX-BF16) ----------
+//
+// linear_packed takes it for M >= tile_min_m, on the same packed weight (the layout above, T =
+// 16), with the activations rounded to bf16 instead of quantized to int8 blocks: |x - bf16(x)|
+// <= 2^-9 |x| per activation, inside the quantized path's own bound (half a code, a / 254 for a
+// block maximum a >= |x|), and a code rounding that does not depend on the block's largest
+// value. The kernels also take a residual lo = bf16(x - hi) (|x - hi - lo| <= 2^-16 |x|), a
+// grade linear_packed does not use (the tests check it). Activations are zero-padded to a
+// multiple of kTileK columns and of 16 rows. The weight's integer codes are exact in bf16: int8
+// its value, int4 its nibble, nf4 kNF4CodebookI16 as the sum of two bf16 terms. Products of
+// bf16 are exact in float32 and the tile multiply-add (TDPBF16PS) sums in float32, so per row n
+// and group g
+//   y[m, n] = sum_g s[n, g] * ( sum_{k in g} xt[m, k] * code[n, k] - z[n, g] * xsum[m, g] )
+// with xt = hi (+ lo), the fast path's s and z (nf4: s = absmax / 8128, z = 0) and xsum the
+// float32 sum of xt over the group.
+constexpr int64_t kTileK = 32;  // columns of K per tile multiply (16 bf16 pairs)
+
+// Activation tiles, in the order the tile loads read them: [Mpad / 16][ldk / 32][16][32], i.e.
+// row m, column k at ((m / 16) * (ldk / 32) + k / 32) * 512 + (m % 16) * 32 + k % 32, so that
+// each 16 x 32 tile is 1 KiB contiguous (a row stride of a whole row would put a tile's 16 rows
+// in one L1 set).
+struct TActs {
+  const uint16_t* hi;  // bf16 bits, Mpad = ceil(M / 16) * 16 rows; rows >= M are zero
+  const uint16_t* lo;  // the same for the residual, or nullptr (then taken as 0)
+  const float* xsum;   // [Mpad, n_groups] sum of x over each group of the weight (rows >= M: 0)
+  int64_t M;
+  int64_t ldk;         // columns: ceil(K / kTileK) * kTileK
+};
+
+// One row of float32 activations -> its row of the tiles (hi and lo point at (m / 16) * (ldk /
+// 32) * 512 + (m % 16) * 32; lo nullptr: not wanted), xsum [n_groups] for groups of `group`
+// columns (the weight's resolved group; K for one group per row).
+using TilePrepFn = void (*)(const float* x, int64_t K, int64_t ldk, int64_t group, int64_t n_groups,
+                            uint16_t* hi, uint16_t* lo, float* xsum);
+
+// y[m, n] for m in [0, x.M), n in [n0, n1) (n0 a multiple of 16) from the packed weight (the
+// table's own pack) and the prepared activations; only columns [n0, n1) of y are written.
+using TileGemmFn = void (*)(const QWeight& w, const uint8_t* packed, const TActs& x, int64_t n0,
+                            int64_t n1, float* y, int64_t ldy);
+
 struct KernelTable {
   const char* isa;
   DequantFn dequant[kNumFormats];
@@ -160,15 +200,20 @@ struct KernelTable {
   PackedSizeFn packed_size[kNumFormats];  // nullptr: no fast path for the format
   PackFn pack[kNumFormats];
   QGemmFn qgemm[kNumFormats];
+  // tile path (0 / nullptr where the ISA has none)
+  int64_t tile_min_m;  // linear_packed uses tgemm from this many activation rows
+  TilePrepFn tile_prep;
+  TileGemmFn tgemm[kNumFormats];
 };
 
 // One table per compiled ISA, each defined in csrc/kernels/<isa>/table.cpp. avx512vnni and
 // neon_dotprod share their base ISA's exact kernels and packed layout; only their qgemm uses
-// the extra instructions (vpdpbusd, sdot).
+// the extra instructions (vpdpbusd, sdot). avx512amx is avx512vnni plus the tile path.
 namespace generic { extern const KernelTable kTable; }
 namespace avx2 { extern const KernelTable kTable; }
 namespace avx512 { extern const KernelTable kTable; }
 namespace avx512vnni { extern const KernelTable kTable; }
+namespace avx512amx { extern const KernelTable kTable; }
 namespace neon { extern const KernelTable kTable; }
 namespace neon_dotprod { extern const KernelTable kTable; }
 

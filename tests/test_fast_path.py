@@ -84,6 +84,35 @@ def run(isa, x, qw, bias=None, path="fast"):
     return out.reshape(*x.shape[:-1], N)
 
 
+def assert_tile_close(got, x, qw, msg=""):
+    """The tile path (csrc/kernel_api.h, AMX): x rounded to bf16 (within 2^-9 |x|), integer
+    codes exact, float32 sums: 2^-9 sum |w x| + 1e-5 of the sum of |terms| (codes and
+    zero-points apart), plus nf4's 14-bit codebook as in the fast bound."""
+    from lowbit import formats as F
+    N, K = qw.shape
+    x64 = x.reshape(-1, K).double()
+    w = R.dequantize(qw).double()
+    g = F.effective_group(qw.group_size, K)
+    extra = 0.0
+    if qw.fmt == "int4":
+        c = R.unpack_nibbles(qw.data, K).double()
+        z = torch.full_like(qw.scales, 8.0) if qw.zeros is None else qw.zeros.double()
+        wmag = (c + R.per_element(z, g, K).double()) * R.per_element(qw.scales, g, K).double().abs()
+    elif qw.fmt == "nf4":  # absmax per element: the decode of code 15 (1.0)
+        from lowbit.qweight import QuantizedWeight
+        amax = R.dequantize(QuantizedWeight(
+            "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
+            double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
+        e_cb = max(abs(i / 8128 - v) for i, v in zip(NF4_I16, F.NF4_CODEBOOK))
+        wmag = w.abs()
+        extra = x64.abs() @ (amax * (e_cb + 1e-6)).T
+    else:
+        wmag = w.abs()
+    tol = 2.0 ** -9 * (x64.abs() @ w.abs().T) + 1e-5 * (x64.abs() @ wmag.T) + extra + 1e-30
+    err = (got.reshape(-1, N).double() - R.linear(x, qw).reshape(-1, N).double()).abs()
+    assert bool((err <= tol).all()), (msg, float((err / tol).max()))
+
+
 # ---- the activation quantizer ------------------------------------------------------------------
 @pytest.mark.parametrize("block", (8, 16))
 @pytest.mark.parametrize("dt", DTYPES, ids=str)
@@ -155,9 +184,13 @@ def test_interop_variants_take_the_exact_path(isa, case):
 def test_every_isa_matches_scalar_fast_path_tightly(isa, fmt, opts):
     """Same quantized activations, exact integer dots: only float summation order differs."""
     qw = lowbit.quantize_weight(torch.randn(100, 1000), fmt, **opts)
+    tile_m = _backend.ext().tile_min_m(isa)
     for M in (1, 4, 9, 33):
         x = torch.randn(M, 1000)
         got, gen = run(isa, x, qw), run("scalar", x, qw)
+        if tile_m and M >= tile_m:
+            assert_tile_close(got, x, qw, msg=f"{isa} {fmt} M={M}")
+            continue
         tol = fast_tolerance(x, qw, gen)
         tight = fast_tolerance(x, qw, gen, magnitude_only=True).double()
         err = (got.double() - gen.double()).abs()

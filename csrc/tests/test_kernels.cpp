@@ -787,6 +787,94 @@ static void test_fast_table(const KernelTable& tab, const TestWeight& t, int64_t
         bad_l < 0 ? 0.0 : bound[size_t(bad_l)]);
 }
 
+// The tile path (kernel_api.h; avx512amx): tile_prep + tgemm on the packed weight against the
+// fast path's integer weights with exact activations, in double. The bf16 split leaves at most
+// 2^-16 |x| per activation and the tiles sum in float32: 3e-5 of the sum of |terms| (a wrong
+// code, column or scale is off by the size of a term). bf16 activations take the hi-only path.
+static double g_tile_worst = 0;
+static void test_tile_table(const KernelTable& tab, const TestWeight& t, int64_t M, bool bf16_x, Rng& rng) {
+  const QWeight& w = t.w;
+  if (!tab.tile_prep || !tab.tgemm[w.fmt] || !tab.packed_size[w.fmt]) return;
+  const int64_t size = tab.packed_size[w.fmt](w);
+  if (size <= 0) return;
+  const int64_t N = w.N, K = w.K, G = w.n_groups;
+  Buf<uint8_t> packed(size);
+  tab.pack[w.fmt](w, 0, N, packed.p);
+  std::vector<float> xv(size_t(M * K));
+  for (int64_t i = 0; i < M * K; ++i) {
+    float v = rng.uniform(-1.0f, 1.0f) * ((i % 7 == 3) ? 64.0f : 1.0f);  // some outlier columns
+    xv[size_t(i)] = bf16_x ? own_bf16_to_f32(own_f32_to_bf16(v)) : v;
+  }
+  const int64_t ldk = (K + kTileK - 1) / kTileK * kTileK, mpad = (M + 15) / 16 * 16;
+  Buf<uint16_t> hi(mpad * ldk), lo(mpad * ldk);
+  Buf<float> xs(mpad * G);
+  for (int64_t i = 0; i < hi.n; ++i) hi[i] = lo[i] = 0x7fc1;  // NaN: prep must write every column < ldk
+  // TActs's tile order: row m, column k at ((m / 16) * (ldk / 32) + k / 32) * 512 + (m % 16) * 32 + k % 32
+  const auto at = [&](int64_t m, int64_t k) { return ((m / 16) * (ldk / 32) + k / 32) * 512 + (m % 16) * 32 + k % 32; };
+  for (int64_t m = M; m < mpad; ++m)  // padding rows are the caller's zeros
+    for (int64_t k = 0; k < ldk; ++k) hi[at(m, k)] = lo[at(m, k)] = 0;
+  for (int64_t i = 0; i < xs.n; ++i) xs[i] = i < M * G ? bitsf(0x7fc00000u) : 0.0f;
+  for (int64_t m = 0; m < M; ++m)
+    tab.tile_prep(xv.data() + m * K, K, ldk, G == 1 ? K : w.group, G, hi.p + at(m, 0),
+                  bf16_x ? nullptr : lo.p + at(m, 0), xs.p + m * G);
+  bool split_ok = true;
+  for (int64_t m = 0; m < M && split_ok; ++m)
+    for (int64_t k = 0; k < ldk; ++k) {
+      const double x = k < K ? xv[size_t(m * K + k)] : 0.0;
+      const double h = own_bf16_to_f32(hi[at(m, k)]), l = bf16_x ? 0.0 : own_bf16_to_f32(lo[at(m, k)]);
+      if (!(std::fabs(x - h - l) <= std::fabs(x) * 0x1.0p-16) || (bf16_x && h != x)) {
+        split_ok = false;
+        break;
+      }
+    }
+  check(split_ok, "tile_prep M=%lld: hi + lo differs from x by more than 2^-16 |x|", (long long)M);
+  TActs xa;
+  xa.hi = hi.p;
+  xa.lo = bf16_x ? nullptr : lo.p;
+  xa.xsum = xs.p;
+  xa.M = M;
+  xa.ldk = ldk;
+  const int64_t ldy = N + 3;
+  Buf<float> y((M - 1) * ldy + N);
+  const uint32_t kSent = 0x7fc0beef;
+  for (int64_t i = 0; i < y.n; ++i) y[i] = bitsf(kSent);
+  const int64_t n0 = std::min(N, ((N / 3) / 16) * 16);
+  tab.tgemm[w.fmt](w, packed.p, xa, n0, N, y.p, ldy);
+  bool untouched = true;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < n0; ++n) untouched = untouched && fbits(y[m * ldy + n]) == kSent;
+  check(untouched, "tgemm on rows [%lld, %lld) wrote other columns", (long long)n0, (long long)N);
+  if (n0 > 0) tab.tgemm[w.fmt](w, packed.p, xa, 0, n0, y.p, ldy);
+  bool pad_ok = true;
+  for (int64_t m = 0; m + 1 < M; ++m)
+    for (int64_t n = N; n < ldy; ++n) pad_ok = pad_ok && fbits(y[m * ldy + n]) == kSent;
+  check(pad_ok, "tgemm wrote the output row padding");
+  int64_t bad = -1;
+  double bad_ref = 0, bad_tol = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = 0, mag = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        int c, z;
+        float sc;
+        fast_weight(t, n, k, c, z, sc);
+        const double x = xv[size_t(m * K + k)];
+        ref += double(sc) * x * double(c - z);
+        mag += std::fabs(double(sc) * x) * double(std::abs(c) + std::abs(z));
+      }
+      const double tol = 3e-5 * mag + 1e-30, got = y[m * ldy + n];
+      g_tile_worst = std::max(g_tile_worst, std::fabs(got - ref) / tol);
+      if (!(std::fabs(got - ref) <= tol) && bad < 0) {
+        bad = m * N + n;
+        bad_ref = ref;
+        bad_tol = tol;
+      }
+    }
+  check(bad < 0, "tgemm M=%lld%s: y[%lld, %lld] = %.9g, reference %.9g (tolerance %.3g)", (long long)M,
+        bf16_x ? " (bf16 x)" : "", (long long)(bad / N), (long long)(bad % N),
+        bad < 0 ? 0.0 : double(y[(bad / N) * ldy + bad % N]), bad_ref, bad_tol);
+}
+
 // The public API: packed_size / pack_weight / linear_packed with every dtype, bias, threads and
 // strides, against the exact reference within the quantization bound (+ output rounding).
 static void test_linear_packed(const KernelTable& tab, const TestWeight& t, int64_t M, DType xdt, DType ydt,
@@ -835,11 +923,14 @@ static void test_linear_packed(const KernelTable& tab, const TestWeight& t, int6
   check(err.empty(), "linear_packed threw: %s", err.c_str());
   int64_t bad = -1;
   double got_bad = 0;
+  // the tile path (M >= tile_min_m) rounds activations to bf16 instead (2^-9 |x| each; the
+  // bound is kept for nf4's codebook term; test_tile_table is the tight test)
+  const bool tiles = tab.tile_min_m > 0 && M >= tab.tile_min_m;
   for (int64_t m = 0; m < M && bad < 0; ++m)
     for (int64_t n = 0; n < N; ++n) {
       const size_t i = size_t(m * N + n);
       const double got = out_value(ydt, y.p, m * ldy + n);
-      const double tl = bound[i] + 1e-5 * (mag[i] + magf[i]);
+      const double tl = bound[i] + (tiles ? 0x1.0p-9 * mag[i] : 0.0) + 1e-5 * (mag[i] + magf[i]);
       const double tol = ydt == kF32 ? tl : 2 * tl + std::fabs(ref[i]) * (ydt == kBF16 ? 0x1.0p-7 : 0x1.0p-9) + 0x1.0p-24;
       if (!(std::fabs(got - ref[i]) <= tol)) { bad = int64_t(i); got_bad = got; break; }
     }
@@ -979,6 +1070,15 @@ static void test_weights(const std::vector<const KernelTable*>& tabs, const Conf
       test_linear_packed(*tab, t, M1, xdt, ydt, bias, threads, ldx_pad, r3);
       test_linear_packed(*tab, t, M2, DType((c + 2) % 3), DType((c / 3 + 1) % 3), !bias, 4 - threads,
                          ldx_pad ? 0 : 3, r3);
+      if (tab->tile_min_m > 0) {
+        // the tile path, directly and through linear_packed (M past tile_min_m, several panels)
+        Rng r4(uint64_t(c) * 41 + 3);
+        const int64_t Mt[] = {1, 16, 17, 40, 64, 65, 130};
+        test_tile_table(*tab, t, Mt[c % 7], c % 2 == 1, r4);
+        test_tile_table(*tab, t, Mt[(c + 3) % 7], c % 2 == 0, r4);
+        test_linear_packed(*tab, t, tab->tile_min_m + 1 + c % 50, DType(c % 3), DType((c / 3) % 3), bias, threads,
+                           ldx_pad, r4);
+      }
     }
   }
 }
@@ -1491,8 +1591,8 @@ int main(int argc, char** argv) {
   const std::vector<std::string> compiled = compiled_isas(), supported = supported_isas();
   std::printf("compiled ISAs: %s\nsupported ISAs: %s\n", join(compiled).c_str(), join(supported).c_str());
   const CpuFeatures& cf = cpu_features();
-  std::printf("cpu features: avx2=%d fma=%d f16c=%d avx512f=%d avx512bw=%d neon=%d dotprod=%d\n", cf.avx2, cf.fma,
-              cf.f16c, cf.avx512f, cf.avx512bw, cf.neon, cf.dotprod);
+  std::printf("cpu features: avx2=%d fma=%d f16c=%d avx512f=%d avx512bw=%d avx512bf16=%d amx-bf16=%d neon=%d dotprod=%d\n",
+              cf.avx2, cf.fma, cf.f16c, cf.avx512f, cf.avx512bw, cf.avx512bf16, cf.amx_bf16, cf.neon, cf.dotprod);
 
   g_ctx = "dispatch";
   check(std::memcmp(kNF4Codebook, kOwnNF4, sizeof kOwnNF4) == 0, "kNF4Codebook differs from the QLoRA table");
@@ -1541,6 +1641,7 @@ int main(int argc, char** argv) {
   test_interop_variants(tabs, cfg);
   std::printf("fast path: worst |y - fast reference| / (1e-5 * sum|terms|) = %.3g; worst |y - exact| / "
               "quantization bound = %.3g\n", g_fast_worst_tight, g_fast_worst_loose);
+  if (g_tile_worst > 0) std::printf("tile path: worst |y - reference| / (3e-5 * sum|terms|) = %.3g\n", g_tile_worst);
   if (g_verbose)
     for (const auto& p : g_worst)
       std::printf("%s: worst gemm error / sum|w*x| = %.3g (tolerance 1e-5)\n", p.first.c_str(), p.second);

@@ -1,0 +1,63 @@
+// The avx512amx KernelTable: the avx512vnni table (avx512's exact kernels, activation quantizer
+// and packed layout; vpdpbusd qgemm for small M) plus the tile path (tile.cpp) for M >= 16.
+// Chosen by dispatch only where the CPU has AMX-TILE, AMX-BF16 and AVX512_BF16 and the OS grants
+// the tile state (arch_prctl ARCH_REQ_XCOMP_PERM).
+#include "kernel_api.h"
+
+namespace lowbit {
+namespace avx512 {
+void dequant_int8(const QWeight&, int64_t, int64_t, float*, int64_t);
+void dequant_int4(const QWeight&, int64_t, int64_t, float*, int64_t);
+void dequant_nf4(const QWeight&, int64_t, int64_t, float*, int64_t);
+void dequant_fp4(const QWeight&, int64_t, int64_t, float*, int64_t);
+void gemm_int8(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+void gemm_int4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+void gemm_nf4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+void gemm_fp4(const QWeight&, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t);
+void f32_to_f32(const void*, float*, int64_t);
+void bf16_to_f32v(const void*, float*, int64_t);
+void f16_to_f32v(const void*, float*, int64_t);
+void f32_from_f32(const float*, void*, int64_t);
+void f32_to_bf16v(const float*, void*, int64_t);
+void f32_to_f16v(const float*, void*, int64_t);
+void quantize_row(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
+int64_t packed_size_int8(const QWeight&);
+int64_t packed_size_int4(const QWeight&);
+int64_t packed_size_nf4(const QWeight&);
+void pack_int8(const QWeight&, int64_t, int64_t, uint8_t*);
+void pack_int4(const QWeight&, int64_t, int64_t, uint8_t*);
+void pack_nf4(const QWeight&, int64_t, int64_t, uint8_t*);
+}  // namespace avx512
+
+namespace avx512vnni {
+void qgemm_int8(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+void qgemm_int4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+void qgemm_nf4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+}  // namespace avx512vnni
+
+namespace avx512amx {
+
+void tile_prep(const float*, int64_t, int64_t, int64_t, int64_t, uint16_t*, uint16_t*, float*);
+void tgemm_int8(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, float*, int64_t);
+void tgemm_int4(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, float*, int64_t);
+void tgemm_nf4(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, float*, int64_t);
+
+const KernelTable kTable = {
+    "avx512amx",
+    {avx512::dequant_int8, avx512::dequant_int4, avx512::dequant_nf4, avx512::dequant_fp4},
+    {avx512::gemm_int8, avx512::gemm_int4, avx512::gemm_nf4, avx512::gemm_fp4},
+    {avx512::f32_to_f32, avx512::bf16_to_f32v, avx512::f16_to_f32v},
+    {avx512::f32_from_f32, avx512::f32_to_bf16v, avx512::f32_to_f16v},
+    16,  // qtile: rows per packed tile (avx512's layout)
+    avx512::quantize_row,
+    // fast path: none for fp4 (nullptr; packed_size() reports 0 and the exact path runs)
+    {avx512::packed_size_int8, avx512::packed_size_int4, avx512::packed_size_nf4, nullptr},
+    {avx512::pack_int8, avx512::pack_int4, avx512::pack_nf4, nullptr},
+    {avx512vnni::qgemm_int8, avx512vnni::qgemm_int4, avx512vnni::qgemm_nf4, nullptr},
+    16,  // tile_min_m
+    tile_prep,
+    {tgemm_int8, tgemm_int4, tgemm_nf4, nullptr},
+};
+
+}  // namespace avx512amx
+}  // namespace lowbit

@@ -1,0 +1,415 @@
+// The tile path (kernel_api.h, "tile path") with AMX: TDPBF16PS multiplies a 16 x 32 bf16 tile
+// of activations by a 32 x 16 bf16 tile of weights into a 16 x 16 float32 tile, 16 K columns
+// deep in pairs. The weight is avx512's packed form (T = 16 rows per tile); each chunk of 32
+// columns of a tile is decoded into one weight tile (two for nf4), in the "VNNI pair" order
+// TDPBF16PS reads:
+//   B[kk][2n + e] = code[n, 32c + 2kk + e]     (kk = 0..15 pairs of columns, n = 0..15 rows)
+// from the packed chunk (kernel_api.h, PackFn):
+//   int8: quad j = 16 rows x 4 bytes, byte 4n + i = column 4j + i: pairs kk = 2j, 2j + 1 are
+//         bytes (4n, 4n + 1) and (4n + 2, 4n + 3) of each row: widened to float32, rounded to
+//         bf16 (exact: |code| <= 128), then interleaved with one word permute per pair row;
+//   4-bit: vector j, byte 4n + i = column 4j + i (low nibble) and 16 + 4j + i (high nibble):
+//         pairs kk = 2j + h take bytes (4n + 2h, 4n + 2h + 1), widened to 16-bit words by one
+//         byte shuffle; a word permute then looks the nibble up in a 16-entry bf16 table (int4:
+//         the code's value; nf4: the high and the low bf16 term of kNF4CodebookI16).
+// Registers: tiles 0-3 accumulate up to 4 blocks of 16 activation rows (a panel of 64 rows);
+// 4 and 5 hold activation tiles, 6 and 7 weight tiles (mul_chunk says how they alternate). After each group of the weight, the accumulator tiles are stored, scaled
+// by the group's scales (minus the zero-point term) into float32 accumulators, and zeroed.
+// With more than one panel (M > 64) a tile's chunks are decoded once, all of them, into a
+// per-thread buffer (K / 32 KiB, twice that for nf4; in L2) that every panel reads.
+//
+// AMX instructions take tile numbers as immediates: the LB_* macros below spell them out.
+#include <immintrin.h>
+
+#include <cstdlib>
+
+#include "kernels/qpack.h"
+
+namespace lowbit {
+namespace avx512amx {
+using namespace detail;
+
+namespace {
+
+constexpr int64_t T = 16;  // rows per packed tile (avx512's layout) = columns of a weight tile
+constexpr int64_t kTileElems = 16 * kTileK;  // bf16 elements of one activation or weight tile
+
+struct alignas(64) TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64, "the tile configuration is 64 bytes");
+
+// Every tile used is 16 rows x 64 bytes.
+static inline void configure_tiles() {
+  TileConfig c;
+  std::memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int i = 0; i < 8; ++i) {
+    c.colsb[i] = 64;
+    c.rows[i] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+// The tile loads and stores are asm statements that do not tell the compiler they touch
+// memory: fence the buffers written or read around them.
+static inline void memory_fence() { __asm__ volatile("" ::: "memory"); }
+
+// bf16 bits of an integer value (round to nearest even; exact below 256 in magnitude).
+static inline uint16_t bf16_of(int v) { return f32_to_bf16(float(v)); }
+
+// A 32-word permute table repeating 16 values (the index's bit 4 is then ignored).
+static inline __m512i table16(const uint16_t (&v)[16]) {
+  alignas(64) uint16_t t[32];
+  for (int i = 0; i < 32; ++i) t[i] = v[i & 15];
+  return _mm512_load_si512(t);
+}
+
+// Byte shuffle that widens bytes (4n + 2h, 4n + 2h + 1) of each 32-bit lane n into its two words.
+static inline __m512i widen_pair_ctrl(int h) {
+  alignas(64) uint8_t c[64];
+  for (int i = 0; i < 64; ++i) {
+    const int lane = (i % 16) / 4, r = i % 4;
+    c[i] = (r % 2) ? uint8_t(0x80) : uint8_t(4 * lane + 2 * h + r / 2);
+  }
+  return _mm512_load_si512(c);
+}
+
+// Word permute (two sources: rows 0-7, 8-15) picking words 4n + 2h + e of (n, column i = 4n + i
+// order) into 2n + e.
+static inline __m512i pair_rows_idx(int h) {
+  alignas(64) uint16_t c[32];
+  for (int o = 0; o < 32; ++o) {
+    const int n = o / 2, e = o % 2;
+    c[o] = uint16_t(n < 8 ? 4 * n + 2 * h + e : 32 + 4 * (n - 8) + 2 * h + e);
+  }
+  return _mm512_load_si512(c);
+}
+
+struct Decoder {
+  __m512i tab, tab2;     // 4-bit: bf16 value tables (nf4: high and low terms)
+  __m512i ctrl0, ctrl1;  // 4-bit: widen_pair_ctrl(0 / 1)
+  __m512i idx0, idx1;    // int8: pair_rows_idx(0 / 1)
+};
+
+// One chunk of int8 codes (8 quads) -> B (16 x 32 bf16).
+static inline void decode_int8(const Decoder& d, const uint8_t* p, uint16_t* B) {
+  for (int j = 0; j < 8; ++j) {
+    const uint8_t* q = p + 64 * j;
+    const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q))));
+    const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16))));
+    const __m512 f2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 32))));
+    const __m512 f3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 48))));
+    // words 0-15: rows 0-3 (4 columns each), 16-31: rows 4-7; and rows 8-15
+    const __m512i x01 = (__m512i)_mm512_cvtne2ps_pbh(f1, f0);
+    const __m512i x23 = (__m512i)_mm512_cvtne2ps_pbh(f3, f2);
+    _mm512_store_si512(B + (2 * j) * 32, _mm512_permutex2var_epi16(x01, d.idx0, x23));
+    _mm512_store_si512(B + (2 * j + 1) * 32, _mm512_permutex2var_epi16(x01, d.idx1, x23));
+  }
+}
+
+// One chunk of 4-bit codes (4 vectors) -> B (and B2 for nf4's low terms).
+template <bool kTwo>
+static inline void decode_4bit(const Decoder& d, const uint8_t* p, uint16_t* B, uint16_t* B2) {
+  for (int j = 0; j < 4; ++j) {
+    const __m512i v = _mm512_loadu_si512(p + 64 * j);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i e = _mm512_shuffle_epi8(v, h ? d.ctrl1 : d.ctrl0);  // words: whole bytes
+      const __m512i lo = e, hi = _mm512_srli_epi16(e, 4);                // low / high nibble in bits 0-3
+      const int klo = 2 * j + h, khi = 8 + 2 * j + h;                   // pair rows of B
+      _mm512_store_si512(B + klo * 32, _mm512_permutexvar_epi16(lo, d.tab));
+      _mm512_store_si512(B + khi * 32, _mm512_permutexvar_epi16(hi, d.tab));
+      if constexpr (kTwo) {
+        _mm512_store_si512(B2 + klo * 32, _mm512_permutexvar_epi16(lo, d.tab2));
+        _mm512_store_si512(B2 + khi * 32, _mm512_permutexvar_epi16(hi, d.tab2));
+      }
+    }
+  }
+}
+
+// The multiplies of one chunk: for each block mb < NMB of the panel, C[mb] += A[mb] * B (+ A[mb]
+// * B2 for nf4), for A = hi and, when kLo, A = lo. a_* point at the chunk's activation tile of
+// the panel's first block (1 KiB, contiguous); blocks are bstride elements apart.
+// Registers: a tile load into a register waits until the multiplies reading it are done, so
+// consecutive loads alternate: A between tiles 4 and 5 (by block and by chunk parity kOdd; with
+// kLo, 4 holds hi and 5 lo), B between 6 and 7 by chunk parity (nf4's two terms take both).
+#define LB_MUL(mb, ra, rb, rb2)                                             \
+  if constexpr (NMB > mb) {                                                 \
+    _tile_loadd(ra, a_hi + mb * bstride, 64);                               \
+    _tile_dpbf16ps(mb, ra, rb);                                             \
+    if constexpr (kTwo) _tile_dpbf16ps(mb, ra, rb2);                        \
+  }
+#define LB_MUL_LO(mb, rb, rb2)                                              \
+  if constexpr (NMB > mb) {                                                 \
+    _tile_loadd(4, a_hi + mb * bstride, 64);                                \
+    _tile_dpbf16ps(mb, 4, rb);                                              \
+    if constexpr (kTwo) _tile_dpbf16ps(mb, 4, rb2);                         \
+    _tile_loadd(5, a_lo + mb * bstride, 64);                                \
+    _tile_dpbf16ps(mb, 5, rb);                                              \
+    if constexpr (kTwo) _tile_dpbf16ps(mb, 5, rb2);                         \
+  }
+
+template <int NMB, bool kLo, bool kTwo, bool kOdd>
+static inline __attribute__((always_inline)) void mul_chunk(const uint16_t* a_hi, const uint16_t* a_lo,
+                                                            int64_t bstride) {
+  if constexpr (kLo && (kTwo || !kOdd)) {
+    LB_MUL_LO(0, 6, 7)
+    LB_MUL_LO(1, 6, 7)
+    LB_MUL_LO(2, 6, 7)
+    LB_MUL_LO(3, 6, 7)
+  } else if constexpr (kLo) {
+    LB_MUL_LO(0, 7, 7)
+    LB_MUL_LO(1, 7, 7)
+    LB_MUL_LO(2, 7, 7)
+    LB_MUL_LO(3, 7, 7)
+  } else if constexpr (kTwo && !kOdd) {
+    LB_MUL(0, 4, 6, 7)
+    LB_MUL(1, 5, 6, 7)
+    LB_MUL(2, 4, 6, 7)
+    LB_MUL(3, 5, 6, 7)
+  } else if constexpr (kTwo) {
+    LB_MUL(0, 5, 6, 7)
+    LB_MUL(1, 4, 6, 7)
+    LB_MUL(2, 5, 6, 7)
+    LB_MUL(3, 4, 6, 7)
+  } else if constexpr (!kOdd) {
+    LB_MUL(0, 4, 6, 6)
+    LB_MUL(1, 5, 6, 6)
+    LB_MUL(2, 4, 6, 6)
+    LB_MUL(3, 5, 6, 6)
+  } else {
+    LB_MUL(0, 5, 7, 7)
+    LB_MUL(1, 4, 7, 7)
+    LB_MUL(2, 5, 7, 7)
+    LB_MUL(3, 4, 7, 7)
+  }
+}
+#undef LB_MUL
+#undef LB_MUL_LO
+
+#define LB_STORE_ZERO(mb)                   \
+  case mb:                                  \
+    _tile_stored(mb, cbuf, 64);             \
+    _tile_zero(mb);                         \
+    break;
+
+static inline void store_and_zero(int mb, float* cbuf) {
+  switch (mb) {
+    LB_STORE_ZERO(0)
+    LB_STORE_ZERO(1)
+    LB_STORE_ZERO(2)
+    LB_STORE_ZERO(3)
+  }
+}
+#undef LB_STORE_ZERO
+
+static inline void zero_acc_tiles() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// One packed tile (rows t*16 ..) times the panel of 16 * NMB activation rows from block mb0:
+// float32 results into acc [16 * NMB][16]. Chunk c + 1 is decoded (into the other buffer) before
+// chunk c is multiplied, so that its stores have landed when its tile load comes.
+template <int F, int NMB, bool kLo>
+static void tile_panel(const QWeight& w, const uint8_t* tp, const TActs& x, int64_t mb0, const Decoder& dec,
+                       const uint16_t* decoded, float* acc) {
+  constexpr bool kTwo = F == kNF4;
+  const int64_t G = w.n_groups, cb = qpack::chunk_bytes(w, T), ghb = qpack::group_head_bytes(w, T);
+  const int64_t nch = qpack::nchunks(w), bstride = nch * kTileElems;
+  const uint8_t* codes = tp + qpack::heads_bytes(w, T);
+  alignas(64) uint16_t B[2][2][kTileElems];  // [buffer][term]
+  alignas(64) float cbuf[16 * 16];
+  const auto decode = [&](int64_t c) __attribute__((always_inline)) {
+    if (decoded) return;
+    const uint8_t* p = codes + c * cb;
+    for (int64_t l = 0; l < cb; l += 64) _mm_prefetch((const char*)(p + 2 * cb + l), _MM_HINT_T0);
+    if constexpr (F == kInt8) decode_int8(dec, p, B[c & 1][0]);
+    else decode_4bit<kTwo>(dec, p, B[c & 1][0], B[c & 1][1]);
+  };
+  for (int i = 0; i < 16 * NMB; ++i) _mm512_store_ps(acc + 16 * i, _mm512_setzero_ps());
+  zero_acc_tiles();
+  const uint16_t* hi = x.hi + mb0 * bstride;
+  const uint16_t* lo = kLo ? x.lo + mb0 * bstride : nullptr;
+  decode(0);
+  int64_t c = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    for (const int64_t ce = c + qpack::group_chunks(w, g); c < ce; ++c) {
+      // load chunk c's weight tiles, then decode chunk c + 1 while chunk c multiplies
+      memory_fence();
+      const uint16_t* b0 = decoded ? decoded + c * kTileElems : B[c & 1][0];
+      const uint16_t* b1 = decoded ? decoded + (nch + c) * kTileElems : B[c & 1][1];
+      if constexpr (kTwo) {
+        _tile_loadd(6, b0, 64);
+        _tile_loadd(7, b1, 64);
+      } else if (c & 1) {
+        _tile_loadd(7, b0, 64);
+      } else {
+        _tile_loadd(6, b0, 64);
+      }
+      memory_fence();
+      if (c + 1 < nch) decode(c + 1);
+      memory_fence();
+      // the activation tiles of chunk c + 2 into L1 (they come from L2: a panel's are 1 KiB per
+      // block and chunk)
+      if (c + 2 < nch)
+        for (int mb = 0; mb < NMB; ++mb)
+          for (int l = 0; l < 16; ++l) {
+            _mm_prefetch((const char*)(hi + (c + 2) * kTileElems + mb * bstride + l * 32), _MM_HINT_T0);
+            if constexpr (kLo) _mm_prefetch((const char*)(lo + (c + 2) * kTileElems + mb * bstride + l * 32), _MM_HINT_T0);
+          }
+      const uint16_t* ah = hi + c * kTileElems;
+      const uint16_t* al = kLo ? lo + c * kTileElems : nullptr;
+      if (c & 1) mul_chunk<NMB, kLo, kTwo, true>(ah, al, bstride);
+      else mul_chunk<NMB, kLo, kTwo, false>(ah, al, bstride);
+    }
+    // the group's scales (and int4's zero-points) into the float32 accumulators
+    const uint8_t* hp = tp + g * ghb;
+    const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(hp));
+    __m512 z = _mm512_setzero_ps();
+    if constexpr (F == kInt4) z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(hp + 4 * T))));
+    for (int mb = 0; mb < NMB; ++mb) {
+      store_and_zero(mb, cbuf);
+      memory_fence();
+      const float* xs = x.xsum + (16 * (mb0 + mb)) * G + g;
+      for (int r = 0; r < 16; ++r) {
+        __m512 v = _mm512_load_ps(cbuf + 16 * r);
+        if constexpr (F == kInt4) v = _mm512_fnmadd_ps(z, _mm512_set1_ps(xs[r * G]), v);
+        float* ar = acc + (16 * mb + r) * 16;
+        _mm512_store_ps(ar, _mm512_fmadd_ps(v, s, _mm512_load_ps(ar)));
+      }
+    }
+  }
+}
+
+// The per-thread buffer of decoded weight tiles (grown as needed, kept for the thread's life).
+static uint16_t* decode_buffer(int64_t elems) {
+  static thread_local uint16_t* buf = nullptr;
+  static thread_local int64_t cap = 0;
+  if (elems > cap) {
+    std::free(buf);
+    buf = static_cast<uint16_t*>(std::aligned_alloc(64, size_t(elems) * 2));
+    cap = buf ? elems : 0;
+  }
+  return buf;
+}
+
+template <int F>
+static void decode_tile(const QWeight& w, const uint8_t* tp, const Decoder& dec, uint16_t* out) {
+  const int64_t nch = qpack::nchunks(w), cb = qpack::chunk_bytes(w, T);
+  const uint8_t* codes = tp + qpack::heads_bytes(w, T);
+  for (int64_t c = 0; c < nch; ++c) {
+    const uint8_t* p = codes + c * cb;
+    for (int64_t l = 0; l < cb; l += 64) _mm_prefetch((const char*)(p + 4 * cb + l), _MM_HINT_T0);
+    if constexpr (F == kInt8) decode_int8(dec, p, out + c * kTileElems);
+    else decode_4bit<F == kNF4>(dec, p, out + c * kTileElems, out + (nch + c) * kTileElems);
+  }
+  memory_fence();
+}
+
+template <int F>
+static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64_t n0, int64_t n1, float* y,
+                  int64_t ldy) {
+  Decoder dec;
+  uint16_t v[16], v2[16];
+  for (int i = 0; i < 16; ++i) {
+    if (F == kNF4) {
+      // c = hi + lo with hi = bf16(c) (8 significant bits) and lo = c - hi (|lo| <= 16: exact)
+      const int c = kNF4CodebookI16[i];
+      v[i] = f32_to_bf16(float(c));
+      v2[i] = bf16_of(c - int(bf16_to_f32(v[i])));
+    } else {
+      v[i] = bf16_of(i);
+      v2[i] = 0;
+    }
+  }
+  dec.tab = table16(v);
+  dec.tab2 = table16(v2);
+  dec.ctrl0 = widen_pair_ctrl(0);
+  dec.ctrl1 = widen_pair_ctrl(1);
+  dec.idx0 = pair_rows_idx(0);
+  dec.idx1 = pair_rows_idx(1);
+
+  const int64_t tb = qpack::tile_bytes(w, T);
+  const int64_t mpad = ceil_div(x.M, 16) * 16;
+  alignas(64) float acc[64 * 16];
+  // several panels: decode each tile once (no buffer to be had: decode per panel)
+  uint16_t* decoded = mpad > 64 ? decode_buffer(qpack::nchunks(w) * kTileElems * (F == kNF4 ? 2 : 1)) : nullptr;
+  configure_tiles();
+  for (int64_t t = n0 / T; t * T < n1; ++t) {
+    const uint8_t* tp = packed + t * tb;
+    if (decoded) decode_tile<F>(w, tp, dec, decoded);
+    const int64_t cols = min64(T, n1 - t * T);
+    const __mmask16 cmask = __mmask16((1u << cols) - 1u);
+    for (int64_t m0 = 0; m0 < mpad; m0 += 64) {
+      const int nmb = int(min64(4, (mpad - m0) / 16));
+      const bool lo = x.lo != nullptr;
+      switch (nmb * 2 + (lo ? 1 : 0)) {
+        case 2: tile_panel<F, 1, false>(w, tp, x, m0 / 16, dec, decoded, acc); break;
+        case 3: tile_panel<F, 1, true>(w, tp, x, m0 / 16, dec, decoded, acc); break;
+        case 4: tile_panel<F, 2, false>(w, tp, x, m0 / 16, dec, decoded, acc); break;
+        case 5: tile_panel<F, 2, true>(w, tp, x, m0 / 16, dec, decoded, acc); break;
+        case 6: tile_panel<F, 3, false>(w, tp, x, m0 / 16, dec, decoded, acc); break;
+        case 7: tile_panel<F, 3, true>(w, tp, x, m0 / 16, dec, decoded, acc); break;
+        case 8: tile_panel<F, 4, false>(w, tp, x, m0 / 16, dec, decoded, acc); break;
+        default: tile_panel<F, 4, true>(w, tp, x, m0 / 16, dec, decoded, acc); break;
+      }
+      const int64_t rows = min64(64, x.M - m0);
+      for (int64_t r = 0; r < rows; ++r)
+        _mm512_mask_storeu_ps(y + (m0 + r) * ldy + t * T, cmask, _mm512_load_ps(acc + r * 16));
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+void tile_prep(const float* x, int64_t K, int64_t ldk, int64_t group, int64_t n_groups, uint16_t* hi,
+               uint16_t* lo, float* xsum) {
+  // column k of the row goes to (k / 32) * kTileElems + k % 32 (TActs: one row of each tile)
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const int64_t k1 = min64(K, (g + 1) * group);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < k1; k += 16) {
+      const __mmask16 m = k1 - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (k1 - k)) - 1u);
+      const __m512 v = _mm512_maskz_loadu_ps(m, x + k);
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      const int64_t at = (k / kTileK) * kTileElems + k % kTileK;
+      _mm256_mask_storeu_epi16(hi + at, m, (__m256i)h);
+      // the sum is of what the tiles multiply (hi, + lo), so that a code equal to its
+      // zero-point contributes nothing
+      const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+      sum = _mm512_add_ps(sum, hf);
+      if (lo) {
+        const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
+        _mm256_mask_storeu_epi16(lo + at, m, (__m256i)l);
+        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)l), 16)));
+      }
+    }
+    xsum[g] = _mm512_reduce_add_ps(sum);
+  }
+  for (int64_t k = K; k < ldk; ++k) {
+    const int64_t at = (k / kTileK) * kTileElems + k % kTileK;
+    hi[at] = 0;
+    if (lo) lo[at] = 0;
+  }
+}
+
+void tgemm_int8(const QWeight& w, const uint8_t* p, const TActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  tgemm<kInt8>(w, p, x, n0, n1, y, ldy);
+}
+void tgemm_int4(const QWeight& w, const uint8_t* p, const TActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  tgemm<kInt4>(w, p, x, n0, n1, y, ldy);
+}
+void tgemm_nf4(const QWeight& w, const uint8_t* p, const TActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  tgemm<kNF4>(w, p, x, n0, n1, y, ldy);
+}
+
+}  // namespace avx512amx
+}  // namespace lowbit

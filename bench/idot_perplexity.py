@@ -1,11 +1,15 @@
-"""Perplexity cost of the GPU integer-dot GEMV's activation quantization, on the CPU.
+"""Perplexity cost of an activation rounding that a kernel makes, emulated on the CPU.
 
-The integer-dot GEMV (kernels/gemv.py) multiplies 16-bit-quantized activations; this runs the
-bundled model (or --model) through ``lowbit eval``'s perplexity with every quantized layer's
-input replaced by ``lowbit.testing.gpu_quantize_activations`` (the same quantization, in
-torch), and prints the perplexity with and without it. Needs the eval extras.
+- ``--emulate idot`` (default): the GPU integer-dot GEMV (kernels/gemv.py) multiplies
+  16-bit-quantized activations: every quantized layer's input is replaced by
+  ``lowbit.testing.gpu_quantize_activations`` (the same quantization, in torch).
+- ``--emulate bf16``: the CPU tile path (AMX, csrc/kernel_api.h "tile path") rounds the
+  activations to bfloat16 (at M >= 16 rows, i.e. every prefill chunk of the perplexity run).
 
-    python bench/idot_perplexity.py int4:g128 int4:g64 int8 [--tokens 16384]
+It runs the bundled model (or --model) through ``lowbit eval``'s perplexity on the exact path,
+with and without the emulated rounding. Needs the eval extras.
+
+    python bench/idot_perplexity.py int4:g128 int4:g64 int8 [--tokens 16384] [--emulate bf16]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--emulate", choices=("idot", "bf16"), default="idot")
     a = ap.parse_args(argv)
     for text in a.specs:
         model, tok, _ = E.load_model(a.model, verbose=False)
@@ -35,7 +40,13 @@ def main(argv=None) -> int:
             base = E.perplexity(model, ids, a.ctx, progress=False)["perplexity"]
             hooks = []
             for mod in model.modules():
-                if isinstance(mod, QuantLinear) and mod.qweight.fmt in GPU_XQ_BLOCK:
+                if not isinstance(mod, QuantLinear):
+                    continue
+                if a.emulate == "bf16":
+                    def pre(m, args):
+                        return (args[0].to(torch.bfloat16).to(args[0].dtype),) + tuple(args[1:])
+                    hooks.append(mod.register_forward_pre_hook(pre))
+                elif mod.qweight.fmt in GPU_XQ_BLOCK:
                     blk = GPU_XQ_BLOCK[mod.qweight.fmt]
 
                     def pre(m, args, blk=blk):
@@ -44,7 +55,9 @@ def main(argv=None) -> int:
                         return (xh.reshape(x.shape).to(x.dtype),) + tuple(args[1:])
                     hooks.append(mod.register_forward_pre_hook(pre))
             q = E.perplexity(model, ids, a.ctx, progress=False)["perplexity"]
-        print(f"{text}: {base:.4f} exact, {q:.4f} with x quantized as the integer-dot GEMV does "
+        how = "rounded to bfloat16 (the CPU tile path)" if a.emulate == "bf16" else \
+            "quantized as the integer-dot GEMV does"
+        print(f"{text}: {base:.4f} exact, {q:.4f} with x {how} "
               f"({(q / base - 1) * 100:+.4f}%), {len(hooks)} layers", flush=True)
     return 0
 

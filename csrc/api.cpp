@@ -173,6 +173,7 @@ void linear_tiles(const LinearArgs& a, const KernelTable& t, const uint8_t* body
   xa.xsum = xs;
   xa.M = M;
   xa.ldk = ldk;
+  xa.slab = 0;
   int64_t ldyf = 0;
   float* yf = f32_output(a, ldyf);
   const TileGemmFn tg = t.tgemm[a.w.fmt];

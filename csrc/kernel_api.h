@@ -175,6 +175,7 @@ struct TActs {
   const float* xsum;   // [Mpad, n_groups] sum of x over each group of the weight (rows >= M: 0)
   int64_t M;
   int64_t ldk;         // columns: ceil(K / kTileK) * kTileK
+  int64_t slab;        // chunks of kTileK columns per K slab (the kernel's L2 blocking); 0: its choice
 };
 
 // One row of float32 activations -> its row of the tiles (hi and lo point at (m / 16) * (ldk /

@@ -15,8 +15,10 @@
 // Registers: tiles 0-3 accumulate up to 4 blocks of 16 activation rows (a panel of 64 rows);
 // 4 and 5 hold activation tiles, 6 and 7 weight tiles (mul_chunk says how they alternate). After each group of the weight, the accumulator tiles are stored, scaled
 // by the group's scales (minus the zero-point term) into float32 accumulators, and zeroed.
-// With more than one panel (M > 64) a tile's chunks are decoded once, all of them, into a
-// per-thread buffer (K / 32 KiB, twice that for nf4; in L2) that every panel reads.
+// K is taken in slabs whose activation tiles (all rows) fit in L2 (kSlabBytes): every tile of
+// the call passes over one slab before the next, adding into float32 accumulators of the whole
+// call. With more than one panel (M > 64) a tile's chunks of the slab are decoded once into a
+// per-thread buffer that every panel reads.
 //
 // AMX instructions take tile numbers as immediates: the LB_* macros below spell them out.
 #include <immintrin.h>
@@ -217,12 +219,18 @@ static inline void zero_acc_tiles() {
 // One packed tile (rows t*16 ..) times the panel of 16 * NMB activation rows from block mb0:
 // float32 results into acc [16 * NMB][16]. Chunk c + 1 is decoded (into the other buffer) before
 // chunk c is multiplied, so that its stores have landed when its tile load comes.
+// Chunks [c0, c1) of one packed tile (rows t*16 ..) times the panel of 16 * NMB activation rows
+// from block mb0, added to acc [16 * NMB][16] (float32). `decoded`: the chunks' weight tiles,
+// decoded already (chunk c at c - c0; nf4's second terms after the slab's first), else chunk
+// c + 1 is decoded (into the other buffer) while chunk c multiplies. A group cut by the slab
+// (one group per row) is scaled in parts; its zero-point term goes with its last chunk.
 template <int F, int NMB, bool kLo>
 static void tile_panel(const QWeight& w, const uint8_t* tp, const TActs& x, int64_t mb0, const Decoder& dec,
-                       const uint16_t* decoded, float* acc) {
+                       const uint16_t* decoded, int64_t c0, int64_t c1, float* acc) {
   constexpr bool kTwo = F == kNF4;
   const int64_t G = w.n_groups, cb = qpack::chunk_bytes(w, T), ghb = qpack::group_head_bytes(w, T);
-  const int64_t nch = qpack::nchunks(w), bstride = nch * kTileElems;
+  const int64_t nch = qpack::nchunks(w), bstride = nch * kTileElems, cpg = qpack::chunks_per_group(w);
+  const int64_t slab = c1 - c0;
   const uint8_t* codes = tp + qpack::heads_bytes(w, T);
   alignas(64) uint16_t B[2][2][kTileElems];  // [buffer][term]
   alignas(64) float cbuf[16 * 16];
@@ -233,18 +241,18 @@ static void tile_panel(const QWeight& w, const uint8_t* tp, const TActs& x, int6
     if constexpr (F == kInt8) decode_int8(dec, p, B[c & 1][0]);
     else decode_4bit<kTwo>(dec, p, B[c & 1][0], B[c & 1][1]);
   };
-  for (int i = 0; i < 16 * NMB; ++i) _mm512_store_ps(acc + 16 * i, _mm512_setzero_ps());
   zero_acc_tiles();
   const uint16_t* hi = x.hi + mb0 * bstride;
   const uint16_t* lo = kLo ? x.lo + mb0 * bstride : nullptr;
-  decode(0);
-  int64_t c = 0;
-  for (int64_t g = 0; g < G; ++g) {
-    for (const int64_t ce = c + qpack::group_chunks(w, g); c < ce; ++c) {
+  decode(c0);
+  for (int64_t c = c0; c < c1;) {
+    const int64_t g = G == 1 ? 0 : c / cpg;
+    const int64_t gend = G == 1 ? nch : min64(nch, (g + 1) * cpg);
+    for (const int64_t ce = min64(c1, gend); c < ce; ++c) {
       // load chunk c's weight tiles, then decode chunk c + 1 while chunk c multiplies
       memory_fence();
-      const uint16_t* b0 = decoded ? decoded + c * kTileElems : B[c & 1][0];
-      const uint16_t* b1 = decoded ? decoded + (nch + c) * kTileElems : B[c & 1][1];
+      const uint16_t* b0 = decoded ? decoded + (c - c0) * kTileElems : B[c & 1][0];
+      const uint16_t* b1 = decoded ? decoded + (slab + c - c0) * kTileElems : B[c & 1][1];
       if constexpr (kTwo) {
         _tile_loadd(6, b0, 64);
         _tile_loadd(7, b1, 64);
@@ -254,11 +262,11 @@ static void tile_panel(const QWeight& w, const uint8_t* tp, const TActs& x, int6
         _tile_loadd(6, b0, 64);
       }
       memory_fence();
-      if (c + 1 < nch) decode(c + 1);
+      if (c + 1 < c1) decode(c + 1);
       memory_fence();
       // the activation tiles of chunk c + 2 into L1 (they come from L2: a panel's are 1 KiB per
       // block and chunk)
-      if (c + 2 < nch)
+      if (c + 2 < c1)
         for (int mb = 0; mb < NMB; ++mb)
           for (int l = 0; l < 16; ++l) {
             _mm_prefetch((const char*)(hi + (c + 2) * kTileElems + mb * bstride + l * 32), _MM_HINT_T0);
@@ -269,18 +277,19 @@ static void tile_panel(const QWeight& w, const uint8_t* tp, const TActs& x, int6
       if (c & 1) mul_chunk<NMB, kLo, kTwo, true>(ah, al, bstride);
       else mul_chunk<NMB, kLo, kTwo, false>(ah, al, bstride);
     }
-    // the group's scales (and int4's zero-points) into the float32 accumulators
+    // the group's scales (and int4's zero-points, with the group's last chunk) into acc
     const uint8_t* hp = tp + g * ghb;
     const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(hp));
+    const bool with_z = F == kInt4 && c == gend;
     __m512 z = _mm512_setzero_ps();
-    if constexpr (F == kInt4) z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(hp + 4 * T))));
+    if (with_z) z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(hp + 4 * T))));
     for (int mb = 0; mb < NMB; ++mb) {
       store_and_zero(mb, cbuf);
       memory_fence();
       const float* xs = x.xsum + (16 * (mb0 + mb)) * G + g;
       for (int r = 0; r < 16; ++r) {
         __m512 v = _mm512_load_ps(cbuf + 16 * r);
-        if constexpr (F == kInt4) v = _mm512_fnmadd_ps(z, _mm512_set1_ps(xs[r * G]), v);
+        if (with_z) v = _mm512_fnmadd_ps(z, _mm512_set1_ps(xs[r * G]), v);
         float* ar = acc + (16 * mb + r) * 16;
         _mm512_store_ps(ar, _mm512_fmadd_ps(v, s, _mm512_load_ps(ar)));
       }
@@ -288,30 +297,38 @@ static void tile_panel(const QWeight& w, const uint8_t* tp, const TActs& x, int6
   }
 }
 
-// The per-thread buffer of decoded weight tiles (grown as needed, kept for the thread's life).
-static uint16_t* decode_buffer(int64_t elems) {
-  static thread_local uint16_t* buf = nullptr;
+// Per-thread buffers (grown as needed, kept for the thread's life): decoded weight tiles and
+// the float32 accumulators of a call's tiles.
+template <class E, int kWhich>
+static E* thread_buffer(int64_t elems) {
+  static thread_local E* buf = nullptr;
   static thread_local int64_t cap = 0;
   if (elems > cap) {
     std::free(buf);
-    buf = static_cast<uint16_t*>(std::aligned_alloc(64, size_t(elems) * 2));
+    buf = static_cast<E*>(std::aligned_alloc(64, size_t(ceil_div(elems * int64_t(sizeof(E)), 64) * 64)));
     cap = buf ? elems : 0;
   }
   return buf;
 }
 
+// Chunks [c0, c1) of a tile decoded into out (nf4's second terms c1 - c0 tiles further).
 template <int F>
-static void decode_tile(const QWeight& w, const uint8_t* tp, const Decoder& dec, uint16_t* out) {
-  const int64_t nch = qpack::nchunks(w), cb = qpack::chunk_bytes(w, T);
+static void decode_chunks(const QWeight& w, const uint8_t* tp, const Decoder& dec, int64_t c0, int64_t c1,
+                          uint16_t* out) {
+  const int64_t cb = qpack::chunk_bytes(w, T);
   const uint8_t* codes = tp + qpack::heads_bytes(w, T);
-  for (int64_t c = 0; c < nch; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     const uint8_t* p = codes + c * cb;
     for (int64_t l = 0; l < cb; l += 64) _mm_prefetch((const char*)(p + 4 * cb + l), _MM_HINT_T0);
-    if constexpr (F == kInt8) decode_int8(dec, p, out + c * kTileElems);
-    else decode_4bit<F == kNF4>(dec, p, out + c * kTileElems, out + (nch + c) * kTileElems);
+    uint16_t* o = out + (c - c0) * kTileElems;
+    if constexpr (F == kInt8) decode_int8(dec, p, o);
+    else decode_4bit<F == kNF4>(dec, p, o, o + (c1 - c0) * kTileElems);
   }
   memory_fence();
 }
+
+// Activation bytes of one slab kept in L2 while the call's tiles pass over it.
+constexpr int64_t kSlabBytes = 512 * 1024;
 
 template <int F>
 static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64_t n0, int64_t n1, float* y,
@@ -336,36 +353,46 @@ static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64
   dec.idx0 = pair_rows_idx(0);
   dec.idx1 = pair_rows_idx(1);
 
-  const int64_t tb = qpack::tile_bytes(w, T);
-  const int64_t mpad = ceil_div(x.M, 16) * 16;
-  alignas(64) float acc[64 * 16];
-  // several panels: decode each tile once (no buffer to be had: decode per panel)
-  uint16_t* decoded = mpad > 64 ? decode_buffer(qpack::nchunks(w) * kTileElems * (F == kNF4 ? 2 : 1)) : nullptr;
+  const int64_t tb = qpack::tile_bytes(w, T), nch = qpack::nchunks(w), cpg = qpack::chunks_per_group(w);
+  const int64_t mpad = ceil_div(x.M, 16) * 16, t0 = n0 / T, t1 = ceil_div(n1, T);
+  // K in slabs whose activations (all rows) stay in L2 while every tile of the call passes over
+  // them; whole groups per slab (but for one group per row)
+  int64_t slab = x.slab > 0 ? x.slab : kSlabBytes / (mpad * kTileK * 2 * (x.lo ? 2 : 1));
+  if (w.n_groups > 1) slab = slab < cpg ? cpg : slab / cpg * cpg;
+  slab = slab < 1 ? 1 : min64(slab, nch);
+  float* acc = thread_buffer<float, 0>((t1 - t0) * mpad * 16);
+  std::memset(acc, 0, size_t((t1 - t0) * mpad * 16) * 4);
+  // several panels: decode each slab of a tile once (else while multiplying)
+  uint16_t* decoded = mpad > 64 ? thread_buffer<uint16_t, 1>(slab * kTileElems * (F == kNF4 ? 2 : 1)) : nullptr;
   configure_tiles();
-  for (int64_t t = n0 / T; t * T < n1; ++t) {
-    const uint8_t* tp = packed + t * tb;
-    if (decoded) decode_tile<F>(w, tp, dec, decoded);
-    const int64_t cols = min64(T, n1 - t * T);
-    const __mmask16 cmask = __mmask16((1u << cols) - 1u);
-    for (int64_t m0 = 0; m0 < mpad; m0 += 64) {
-      const int nmb = int(min64(4, (mpad - m0) / 16));
-      const bool lo = x.lo != nullptr;
-      switch (nmb * 2 + (lo ? 1 : 0)) {
-        case 2: tile_panel<F, 1, false>(w, tp, x, m0 / 16, dec, decoded, acc); break;
-        case 3: tile_panel<F, 1, true>(w, tp, x, m0 / 16, dec, decoded, acc); break;
-        case 4: tile_panel<F, 2, false>(w, tp, x, m0 / 16, dec, decoded, acc); break;
-        case 5: tile_panel<F, 2, true>(w, tp, x, m0 / 16, dec, decoded, acc); break;
-        case 6: tile_panel<F, 3, false>(w, tp, x, m0 / 16, dec, decoded, acc); break;
-        case 7: tile_panel<F, 3, true>(w, tp, x, m0 / 16, dec, decoded, acc); break;
-        case 8: tile_panel<F, 4, false>(w, tp, x, m0 / 16, dec, decoded, acc); break;
-        default: tile_panel<F, 4, true>(w, tp, x, m0 / 16, dec, decoded, acc); break;
+  for (int64_t c0 = 0; c0 < nch; c0 += slab) {
+    const int64_t c1 = min64(nch, c0 + slab);
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* tp = packed + t * tb;
+      if (decoded) decode_chunks<F>(w, tp, dec, c0, c1, decoded);
+      for (int64_t m0 = 0; m0 < mpad; m0 += 64) {
+        const int nmb = int(min64(4, (mpad - m0) / 16));
+        float* a = acc + ((t - t0) * mpad + m0) * 16;
+        switch (nmb * 2 + (x.lo ? 1 : 0)) {
+          case 2: tile_panel<F, 1, false>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+          case 3: tile_panel<F, 1, true>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+          case 4: tile_panel<F, 2, false>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+          case 5: tile_panel<F, 2, true>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+          case 6: tile_panel<F, 3, false>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+          case 7: tile_panel<F, 3, true>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+          case 8: tile_panel<F, 4, false>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+          default: tile_panel<F, 4, true>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+        }
       }
-      const int64_t rows = min64(64, x.M - m0);
-      for (int64_t r = 0; r < rows; ++r)
-        _mm512_mask_storeu_ps(y + (m0 + r) * ldy + t * T, cmask, _mm512_load_ps(acc + r * 16));
     }
   }
   _tile_release();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t cols = min64(T, n1 - t * T);
+    const __mmask16 cmask = __mmask16((1u << cols) - 1u);
+    const float* a = acc + (t - t0) * mpad * 16;
+    for (int64_t m = 0; m < x.M; ++m) _mm512_mask_storeu_ps(y + m * ldy + t * T, cmask, _mm512_load_ps(a + m * 16));
+  }
 }
 
 }  // namespace

@@ -42,6 +42,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512amx", "neon", "neon_dotprod")
 
 _DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_IDS = _DTYPE_IDS  # the kernels' dtype ids (csrc/kernel_api.h DType), for lowbit.ops
 _FMT_IDS = {"int8": 0, "int4": 1, "nf4": 2, "fp4": 3}
 
 
@@ -108,9 +109,10 @@ _path_override: Optional[str] = None
 
 
 def set_cpu_path(path: Optional[str]) -> None:
-    """Use the ``"fast"`` (int8 activations) or ``"exact"`` (float32) CPU path for
-    :func:`lowbit.linear` in this process; ``None`` goes back to ``LOWBIT_CPU_PATH`` (default
-    ``"fast"``). Outputs of the exact path do not depend on this setting."""
+    """Use the ``"fast"`` (int8 activations; bfloat16 tiles at M >= 16 on AMX CPUs) or
+    ``"exact"`` (float32) CPU path for :func:`lowbit.linear` in this process; ``None`` goes
+    back to ``LOWBIT_CPU_PATH`` (default ``"exact"``). Outputs of the exact path do not
+    depend on this setting."""
     global _path_override
     if path is not None and path not in CPU_PATHS:
         raise ValueError(f"CPU path must be one of {CPU_PATHS} or None, got {path!r}")
@@ -276,6 +278,23 @@ def linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
              0 if bias is None else bias.data_ptr(), out.data_ptr(), _DTYPE_IDS[out.dtype],
              ldy, num_threads(), isa, float_offset=qw.zero_point == "float")
     return out
+
+
+def linear_dense(x2d: torch.Tensor, M: int, K: int, N: int, qw: QuantizedWeight,
+                 bias: Optional[torch.Tensor], out: torch.Tensor, dt: int) -> torch.Tensor:
+    """:func:`linear` for a contiguous x2d [M, K] and a contiguous out [M, N] of the same
+    dtype (id ``dt``; the caller vouches for all of it), on the active ISA and path: no shape,
+    stride or dtype queries."""
+    C = _C if _C is not None else ext()
+    if (_path_override or cpu_path()) == "fast":
+        name = C.active_isa()
+        e = qw.cache.get("cpu_packed:" + name)
+        b = e.blob if e is not None and e.valid_for(qw) else _packed(qw, name)
+        if b.run is not None:
+            b.run(x2d.data_ptr(), dt, M, K, 0 if bias is None else bias.data_ptr(), out.data_ptr(), dt, N,
+                  num_threads())
+            return out
+    return linear(x2d, qw, bias, out)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype, isa: str = "") -> torch.Tensor:

@@ -52,12 +52,17 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not tensor subclasses (fake, dist
 def _linear_impl(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     N, K = qw.shape
     if x.is_cpu:
-        # (a small layer's kernel takes microseconds: no reshape or conversion that is not needed)
+        # (a small layer's kernel takes microseconds: no reshape, conversion or shape query
+        # that is not needed)
         two_d = x.dim() == 2
         x2d = x if two_d else x.reshape(-1, K)
-        out = x2d.new_empty(x2d.shape[0], N)  # x's dtype, on the CPU (the quickest allocation)
+        M = x2d.shape[0]
+        out = x2d.new_empty(M, N)  # x's dtype, on the CPU (the quickest allocation)
         b = None if bias is None else bias.to(torch.float32).contiguous()
-        _backend.linear(x2d, qw, b, out)
+        if x2d.is_contiguous():  # (rows K apart, and `out` is fresh: rows N apart)
+            _backend.linear_dense(x2d, M, K, N, qw, b, out, _backend.DTYPE_IDS[x2d.dtype])
+        else:
+            _backend.linear(x2d, qw, b, out)
         return out if two_d else out.reshape(*x.shape[:-1], N)
     kernels = _gpu_kernels() if x.device.type == "cuda" else None
     if kernels is not None:
@@ -151,16 +156,32 @@ def _check_qw(qw) -> None:
 def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W stored as ``qw``: x is [..., K] (float32, bfloat16 or
     float16), the result [..., N] in x's dtype, accumulated in float32."""
-    if (type(x) in _PLAIN and x.is_cuda and (bias is None or type(bias) in _PLAIN)
-            and not torch.compiler.is_compiling()):
-        # a call with the signature of an earlier checked one: its bound launch (lowbit.kernels)
-        k = _gpu_kernels()
-        if k is not None:
-            y = k.fast_linear(x, qw, bias)
-            if y is not None:
-                return y
+    if type(x) in _PLAIN:
+        if x.is_cuda:
+            if (bias is None or type(bias) in _PLAIN) and not torch.compiler.is_compiling():
+                # a call with the signature of an earlier checked one: its bound launch
+                # (lowbit.kernels)
+                k = _gpu_kernels()
+                if k is not None:
+                    y = k.fast_linear(x, qw, bias)
+                    if y is not None:
+                        return y
+        elif (bias is None and type(qw) is QuantizedWeight and not x.requires_grad
+              and "valid" in qw.cache and qw.perm is None and qw.input_scale is None
+              and not torch.compiler.is_compiling() and not torch._C._get_tracing_state()):
+            # The common eager CPU call (a decoding step calls every layer once per token): a
+            # validated weight, a contiguous 2-D x on the CPU, no bias, nothing to record: the
+            # checks below in their cheapest form (issue 3: the call within 2x of the kernel).
+            shape = x.shape
+            N, K = qw.shape
+            dt = _backend.DTYPE_IDS.get(x.dtype)  # (None: not float32, bfloat16 or float16)
+            if (dt is not None and len(shape) == 2 and shape[1] == K and x.is_cpu and qw.data.is_cpu
+                    and x.is_contiguous() and not x.is_neg()):
+                out = x.new_empty(shape[0], N)
+                return _backend.linear_dense(x, shape[0], K, N, qw, None, out, dt)
     _check_qw(qw)
-    if not torch.compiler.is_compiling():  # (traced: the op validates its tensors at run time)
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # (traced: the op validates its tensors at run time)
         qw.ensure_valid()
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -178,7 +199,7 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if not torch.compiler.is_compiling():  # (compiled graphs materialise their inputs)
+    if not compiling:  # (compiled graphs materialise their inputs)
         if x.is_neg():  # a lazily negated view (e.g. .conj().imag): the kernels read raw memory
             x = x.resolve_neg()
         if bias is not None and bias.is_neg():
@@ -191,13 +212,14 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
         xt = qw.transform_input(x)
         if x.device.type != "cpu":
             xt = xt.to(out_dtype)
-        return _linear_dispatch(xt, qw, bias).to(out_dtype)
-    return _linear_dispatch(x, qw, bias)
+        return _linear_dispatch(xt, qw, bias, compiling).to(out_dtype)
+    return _linear_dispatch(x, qw, bias, compiling)
 
 
-def _linear_dispatch(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _linear_dispatch(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
+                     compiling: bool) -> torch.Tensor:
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if needs_grad or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if needs_grad or compiling or torch.jit.is_tracing():
         # (torch.jit.trace records only ops it sees: the custom op, not the kernel call)
         return linear_op(x, *_op_args(qw), bias, *_op_attrs(qw))
     # Eager fast path: the op's own body without the dispatcher round trip.

@@ -126,6 +126,36 @@ void fill_header(PackedHeader& h, const QWeight& w, const KernelTable& t, int64_
   h.body_bytes = body;
 }
 
+// fn(m, row) for every row m of the activations as float32 (bf16 / f16 rows converted into
+// per-thread scratch), rows spread over up to nt threads where that pays (preparing a row costs
+// ~16 multiply-add equivalents per element).
+template <class Fn>
+void for_f32_rows(const LinearArgs& a, const KernelTable& t, int nt, const Fn& fn) {
+  const int64_t M = a.M, K = a.w.K;
+  const char* xs = static_cast<const char*>(a.x);
+  const size_t es = dtype_size(a.x_dtype);
+  const auto rows = [&](int64_t m0, int64_t m1) {
+    thread_local std::vector<float> row;  // float32 copy of a bf16 / f16 row
+    if (a.x_dtype != kF32) row.resize(size_t(K));
+    for (int64_t m = m0; m < m1; ++m) {
+      const void* src = xs + size_t(m * a.ldx) * es;
+      const float* xr = static_cast<const float*>(src);
+      if (a.x_dtype != kF32) {
+        t.to_f32[a.x_dtype](src, row.data(), K);
+        xr = row.data();
+      }
+      fn(m, xr);
+    }
+  };
+  const int pt = threads_for(M, K, 16, nt, true);
+  if (pt <= 1) {
+    rows(0, M);
+  } else {
+    const int64_t per = (M + pt * 2 - 1) / (pt * 2);
+    parallel_for((M + per - 1) / per, pt, [&](int64_t i) { rows(i * per, std::min(M, (i + 1) * per)); });
+  }
+}
+
 // linear_packed's tile path (kernel_api.h, "tile path"): activations rounded to bf16 tiles (no
 // residual: within the fast path's bound, see kernel_api.h), then the table's tgemm over row
 // tiles.
@@ -145,35 +175,10 @@ void linear_tiles(const LinearArgs& a, const KernelTable& t, const uint8_t* body
     for (int64_t c = 0; c < ldk / kTileK; ++c) std::memset(r + c * 16 * kTileK, 0, kTileK * 2);
   }
   std::memset(xs + M * G, 0, size_t((mpad - M) * G) * 4);
-  const char* xsrc = static_cast<const char*>(a.x);
-  const size_t es = dtype_size(a.x_dtype);
-  const auto prep_rows = [&](int64_t m0, int64_t m1) {
-    thread_local std::vector<float> row;  // float32 copy of a bf16 / f16 row
-    if (a.x_dtype != kF32) row.resize(size_t(K));
-    for (int64_t m = m0; m < m1; ++m) {
-      const void* src = xsrc + size_t(m * a.ldx) * es;
-      const float* xr = static_cast<const float*>(src);
-      if (a.x_dtype != kF32) {
-        t.to_f32[a.x_dtype](src, row.data(), K);
-        xr = row.data();
-      }
-      t.tile_prep(xr, K, ldk, group, G, hi + (m / 16) * ldk * 16 + (m % 16) * kTileK, nullptr, xs + m * G);
-    }
-  };
-  const int pt = threads_for(M, K, 16, nt, true);
-  if (pt <= 1) {
-    prep_rows(0, M);
-  } else {
-    const int64_t per = (M + pt * 2 - 1) / (pt * 2);
-    parallel_for((M + per - 1) / per, pt, [&](int64_t i) { prep_rows(i * per, std::min(M, (i + 1) * per)); });
-  }
-  TActs xa;
-  xa.hi = hi;
-  xa.lo = nullptr;
-  xa.xsum = xs;
-  xa.M = M;
-  xa.ldk = ldk;
-  xa.slab = 0;
+  for_f32_rows(a, t, nt, [&](int64_t m, const float* xr) {
+    t.tile_prep(xr, K, ldk, group, G, hi + (m / 16) * ldk * 16 + (m % 16) * kTileK, nullptr, xs + m * G);
+  });
+  const TActs xa{hi, nullptr, xs, M, ldk, /*slab: the kernel's choice*/ 0};
   int64_t ldyf = 0;
   float* yf = f32_output(a, ldyf);
   const TileGemmFn tg = t.tgemm[a.w.fmt];
@@ -303,29 +308,10 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
   int8_t* q = qbuf.data();
   float* d = dbuf.data();
   int32_t* sm = sbuf.data();
-  const char* xs = static_cast<const char*>(a.x);
-  const size_t es = dtype_size(a.x_dtype);
-  const auto quantize_rows = [&](int64_t m0, int64_t m1) {
-    thread_local std::vector<float> row;  // float32 copy of a bf16 / f16 row
-    if (a.x_dtype != kF32) row.resize(size_t(K));
-    for (int64_t m = m0; m < m1; ++m) {
-      const void* src = xs + size_t(m * a.ldx) * es;
-      const float* xr = static_cast<const float*>(src);
-      if (a.x_dtype != kF32) {
-        t.to_f32[a.x_dtype](src, row.data(), K);
-        xr = row.data();
-      }
-      t.quantize_row(xr, K, block, q + m * ldq, d + m * nb, sm + m * nb);
-      group_sums(d + m * nb, sm + m * nb, nb, bpg, G, gs + m * G);
-    }
-  };
-  const int qt = threads_for(M, K, 16, nt, true);  // quantizing costs ~16 MAC-equivalents per element
-  if (qt <= 1) {
-    quantize_rows(0, M);
-  } else {
-    const int64_t per = (M + qt * 2 - 1) / (qt * 2);
-    parallel_for((M + per - 1) / per, qt, [&](int64_t i) { quantize_rows(i * per, std::min(M, (i + 1) * per)); });
-  }
+  for_f32_rows(a, t, nt, [&](int64_t m, const float* xr) {
+    t.quantize_row(xr, K, block, q + m * ldq, d + m * nb, sm + m * nb);
+    group_sums(d + m * nb, sm + m * nb, nb, bpg, G, gs + m * G);
+  });
   QActs xa;
   xa.q = q;
   xa.d = d;

@@ -101,6 +101,12 @@ std::string avx512_missing(const CpuFeatures& f) {
   return "";
 }
 
+std::string avx512vnni_missing(const CpuFeatures& f) {
+  const std::string m = avx512_missing(f);
+  if (!m.empty()) return m;
+  return f.avx512vnni ? "" : "avx512vnni";
+}
+
 const IsaEntry kIsas[] = {
     // best first
     {"avx512amx",
@@ -110,9 +116,8 @@ const IsaEntry kIsas[] = {
      nullptr,
 #endif
      [](const CpuFeatures& f) -> std::string {
-       const std::string m = avx512_missing(f);
+       const std::string m = avx512vnni_missing(f);
        if (!m.empty()) return m;
-       if (!f.avx512vnni) return "avx512vnni";
        if (!f.avx512bf16) return "avx512bf16";
        return f.amx_bf16 ? "" : "amx-bf16 (with the OS's tile state)";
      }},
@@ -122,11 +127,7 @@ const IsaEntry kIsas[] = {
 #else
      nullptr,
 #endif
-     [](const CpuFeatures& f) -> std::string {
-       const std::string m = avx512_missing(f);
-       if (!m.empty()) return m;
-       return f.avx512vnni ? "" : "avx512vnni";
-     }},
+     avx512vnni_missing},
     {"avx512",
 #ifdef LOWBIT_HAVE_AVX512
      &avx512::kTable,

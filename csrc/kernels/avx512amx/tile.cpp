@@ -13,8 +13,9 @@
 //         byte shuffle; a word permute then looks the nibble up in a 16-entry bf16 table (int4:
 //         the code's value; nf4: the high and the low bf16 term of kNF4CodebookI16).
 // Registers: tiles 0-3 accumulate up to 4 blocks of 16 activation rows (a panel of 64 rows);
-// 4 and 5 hold activation tiles, 6 and 7 weight tiles (mul_chunk says how they alternate). After each group of the weight, the accumulator tiles are stored, scaled
-// by the group's scales (minus the zero-point term) into float32 accumulators, and zeroed.
+// 4 and 5 hold activation tiles, 6 and 7 weight tiles (mul_chunk says how they alternate).
+// After each group of the weight, the accumulator tiles are stored, scaled by the group's
+// scales (minus the zero-point term) into float32 accumulators, and zeroed.
 // K is taken in slabs whose activation tiles (all rows) fit in L2 (kSlabBytes): every tile of
 // the call passes over one slab before the next, adding into float32 accumulators of the whole
 // call. With more than one panel (M > 64) a tile's chunks of the slab are decoded once into a

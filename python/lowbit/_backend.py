@@ -283,8 +283,8 @@ def linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
 def linear_dense(x2d: torch.Tensor, M: int, K: int, N: int, qw: QuantizedWeight,
                  bias: Optional[torch.Tensor], out: torch.Tensor, dt: int) -> torch.Tensor:
     """:func:`linear` for a contiguous x2d [M, K] and a contiguous out [M, N] of the same
-    dtype (id ``dt``; the caller vouches for all of it), on the active ISA and path: no shape,
-    stride or dtype queries."""
+    dtype (id ``dt``; any leading shape with those rows; the caller vouches for all of it), on
+    the active ISA and path: no shape, stride or dtype queries."""
     C = _C if _C is not None else ext()
     if (_path_override or cpu_path()) == "fast":
         name = C.active_isa()
@@ -294,7 +294,9 @@ def linear_dense(x2d: torch.Tensor, M: int, K: int, N: int, qw: QuantizedWeight,
             b.run(x2d.data_ptr(), dt, M, K, 0 if bias is None else bias.data_ptr(), out.data_ptr(), dt, N,
                   num_threads())
             return out
-    return linear(x2d, qw, bias, out)
+    C.linear(*_weight_args(qw), x2d.data_ptr(), dt, M, K, 0 if bias is None else bias.data_ptr(),
+             out.data_ptr(), dt, N, num_threads(), "", float_offset=qw.zero_point == "float")
+    return out
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype, isa: str = "") -> torch.Tensor:

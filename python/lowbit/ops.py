@@ -148,6 +148,14 @@ def _op_attrs(qw: QuantizedWeight):
 
 
 # ---- public API ---------------------------------------------------------------------------
+def _plain_f32_bias(bias, N: int) -> bool:
+    """Whether ``bias`` can go to the kernels as it is: a plain float32 CPU tensor [N],
+    contiguous, not needing grad (anything else takes the checked path)."""
+    return (type(bias) in _PLAIN and bias.dtype is torch.float32 and not bias.requires_grad
+            and bias.is_cpu and bias.dim() == 1 and bias.shape[0] == N and bias.is_contiguous()
+            and not bias.is_neg())
+
+
 def _check_qw(qw) -> None:
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"expected a lowbit.QuantizedWeight, got {type(qw).__name__}")
@@ -166,19 +174,24 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
                     y = k.fast_linear(x, qw, bias)
                     if y is not None:
                         return y
-        elif (bias is None and type(qw) is QuantizedWeight and not x.requires_grad
-              and "valid" in qw.cache and qw.perm is None and qw.input_scale is None
-              and not torch.compiler.is_compiling() and not torch._C._get_tracing_state()):
+        elif (not torch.compiler.is_compiling() and not torch._C._get_tracing_state()
+              and type(qw) is QuantizedWeight and not x.requires_grad and "valid" in qw.cache
+              and qw.perm is None and qw.input_scale is None
+              and (bias is None or _plain_f32_bias(bias, qw.shape[0]))):
             # The common eager CPU call (a decoding step calls every layer once per token): a
-            # validated weight, a contiguous 2-D x on the CPU, no bias, nothing to record: the
-            # checks below in their cheapest form (issue 3: the call within 2x of the kernel).
+            # validated weight, a contiguous x [..., K] on the CPU, no bias or a plain float32
+            # one, nothing to record: the checks below in their cheapest form (issue 3: the call
+            # within 2x of the kernel).
             shape = x.shape
             N, K = qw.shape
             dt = _backend.DTYPE_IDS.get(x.dtype)  # (None: not float32, bfloat16 or float16)
-            if (dt is not None and len(shape) == 2 and shape[1] == K and x.is_cpu and qw.data.is_cpu
+            if (dt is not None and len(shape) >= 2 and shape[-1] == K and x.is_cpu and qw.data.is_cpu
                     and x.is_contiguous() and not x.is_neg()):
-                out = x.new_empty(shape[0], N)
-                return _backend.linear_dense(x, shape[0], K, N, qw, None, out, dt)
+                if len(shape) == 2:
+                    out = x.new_empty(shape[0], N)
+                    return _backend.linear_dense(x, shape[0], K, N, qw, bias, out, dt)
+                out = x.new_empty(*shape[:-1], N)  # (varargs: a size tuple costs ~1 us more)
+                return _backend.linear_dense(x, x.numel() // K, K, N, qw, bias, out, dt)
     _check_qw(qw)
     compiling = torch.compiler.is_compiling()
     if not compiling:  # (traced: the op validates its tensors at run time)

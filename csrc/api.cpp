@@ -156,34 +156,33 @@ void for_f32_rows(const LinearArgs& a, const KernelTable& t, int nt, const Fn& f
   }
 }
 
-// linear_packed's tile path (kernel_api.h, "tile path"): activations rounded to bf16 tiles (no
-// residual: within the fast path's bound, see kernel_api.h), then the table's tgemm over row
-// tiles.
+// linear_packed's tile path (kernel_api.h, "tile path"): activations rounded to bf16 tiles,
+// then the table's tgemm over row tiles.
 void linear_tiles(const LinearArgs& a, const KernelTable& t, const uint8_t* body, int nt) {
   const int64_t M = a.M, N = a.w.N, K = a.w.K, G = a.w.n_groups;
   const int64_t ldk = (K + kTileK - 1) / kTileK * kTileK, mpad = (M + 15) / 16 * 16;
   const int64_t group = G == 1 ? K : a.w.group;
-  thread_local std::vector<uint16_t> hbuf;
+  thread_local std::vector<uint16_t> abuf;
   thread_local std::vector<float> sbuf;
-  hbuf.resize(size_t(mpad * ldk));
+  abuf.resize(size_t(mpad * ldk));
   sbuf.resize(size_t(mpad * G));
-  uint16_t* hi = hbuf.data();
+  uint16_t* xa = abuf.data();
+  // row m of the tiles (kernel_api.h, TActs): its first column in the tile of columns 0..31
+  const auto row = [&](int64_t m) { return xa + (m / 16) * ldk * 16 + (m % 16) * kTileK; };
   float* xs = sbuf.data();
   // padding rows (in the last block of 16): zero codes and sums
-  for (int64_t m = M; m < mpad; ++m) {
-    uint16_t* r = hi + (m / 16) * ldk * 16 + (m % 16) * kTileK;
-    for (int64_t c = 0; c < ldk / kTileK; ++c) std::memset(r + c * 16 * kTileK, 0, kTileK * 2);
-  }
+  for (int64_t m = M; m < mpad; ++m)
+    for (int64_t c = 0; c < ldk / kTileK; ++c) std::memset(row(m) + c * 16 * kTileK, 0, kTileK * 2);
   std::memset(xs + M * G, 0, size_t((mpad - M) * G) * 4);
   for_f32_rows(a, t, nt, [&](int64_t m, const float* xr) {
-    t.tile_prep(xr, K, ldk, group, G, hi + (m / 16) * ldk * 16 + (m % 16) * kTileK, nullptr, xs + m * G);
+    t.tile_prep(xr, K, ldk, group, G, row(m), xs + m * G);
   });
-  const TActs xa{hi, nullptr, xs, M, ldk, /*slab: the kernel's choice*/ 0};
+  const TActs acts{xa, xs, M, ldk, /*slab: the kernel's choice*/ 0};
   int64_t ldyf = 0;
   float* yf = f32_output(a, ldyf);
   const TileGemmFn tg = t.tgemm[a.w.fmt];
   const QWeight& w = a.w;
-  for_row_tiles(N, nt, [&](int64_t n0, int64_t n1) { tg(w, body, xa, n0, n1, yf, ldyf); });
+  for_row_tiles(N, nt, [&](int64_t n0, int64_t n1) { tg(w, body, acts, n0, n1, yf, ldyf); });
   finish_output(a, t, yf, ldyf);
 }
 

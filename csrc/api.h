@@ -63,8 +63,8 @@ void pack_weight(const QWeight& w, uint8_t* dst, int64_t dst_bytes, int n_thread
 // and may be null); `packed` is pack_weight's output for that weight and the same table
 // (checked against the header). Activations are converted to float32 and quantized per row
 // (kernel_api.h); bias and the output dtype are handled as in linear(). On a table with a tile
-// path (avx512amx) and M >= its tile_min_m, the activations are split into bf16 hi / lo rows
-// instead and multiplied by tile instructions (kernel_api.h, "tile path"): more accurate.
+// path (avx512amx) and M >= its tile_min_m, the activations are rounded to bf16 instead and
+// multiplied by tile instructions (kernel_api.h, "tile path"): more accurate.
 void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_bytes,
                    const KernelTable* table = nullptr);
 

@@ -154,14 +154,12 @@ using QGemmFn = void (*)(const QWeight& w, const uint8_t* packed, const QActs& x
 // 16), with the activations rounded to bf16 instead of quantized to int8 blocks: |x - bf16(x)|
 // <= 2^-9 |x| per activation, inside the quantized path's own bound (half a code, a / 254 for a
 // block maximum a >= |x|), and a code rounding that does not depend on the block's largest
-// value. The kernels also take a residual lo = bf16(x - hi) (|x - hi - lo| <= 2^-16 |x|), a
-// grade linear_packed does not use (the tests check it). Activations are zero-padded to a
-// multiple of kTileK columns and of 16 rows. The weight's integer codes are exact in bf16: int8
-// its value, int4 its nibble, nf4 kNF4CodebookI16 as the sum of two bf16 terms. Products of
-// bf16 are exact in float32 and the tile multiply-add (TDPBF16PS) sums in float32, so per row n
-// and group g
+// value. Activations are zero-padded to a multiple of kTileK columns and of 16 rows. The
+// weight's integer codes are exact in bf16: int8 its value, int4 its nibble, nf4
+// kNF4CodebookI16 as the sum of two bf16 terms. Products of bf16 are exact in float32 and the
+// tile multiply-add (TDPBF16PS) sums in float32, so per row n and group g
 //   y[m, n] = sum_g s[n, g] * ( sum_{k in g} xt[m, k] * code[n, k] - z[n, g] * xsum[m, g] )
-// with xt = hi (+ lo), the fast path's s and z (nf4: s = absmax / 8128, z = 0) and xsum the
+// with xt = bf16(x), the fast path's s and z (nf4: s = absmax / 8128, z = 0) and xsum the
 // float32 sum of xt over the group.
 constexpr int64_t kTileK = 32;  // columns of K per tile multiply (16 bf16 pairs)
 
@@ -170,19 +168,18 @@ constexpr int64_t kTileK = 32;  // columns of K per tile multiply (16 bf16 pairs
 // each 16 x 32 tile is 1 KiB contiguous (a row stride of a whole row would put a tile's 16 rows
 // in one L1 set).
 struct TActs {
-  const uint16_t* hi;  // bf16 bits, Mpad = ceil(M / 16) * 16 rows; rows >= M are zero
-  const uint16_t* lo;  // the same for the residual, or nullptr (then taken as 0)
+  const uint16_t* a;   // bf16 bits, Mpad = ceil(M / 16) * 16 rows; rows >= M are zero
   const float* xsum;   // [Mpad, n_groups] sum of x over each group of the weight (rows >= M: 0)
   int64_t M;
   int64_t ldk;         // columns: ceil(K / kTileK) * kTileK
   int64_t slab;        // chunks of kTileK columns per K slab (the kernel's L2 blocking); 0: its choice
 };
 
-// One row of float32 activations -> its row of the tiles (hi and lo point at (m / 16) * (ldk /
-// 32) * 512 + (m % 16) * 32; lo nullptr: not wanted), xsum [n_groups] for groups of `group`
-// columns (the weight's resolved group; K for one group per row).
+// One row of float32 activations -> its row of the tiles (a points at (m / 16) * (ldk / 32) *
+// 512 + (m % 16) * 32), xsum [n_groups] for groups of `group` columns (the weight's resolved
+// group; K for one group per row).
 using TilePrepFn = void (*)(const float* x, int64_t K, int64_t ldk, int64_t group, int64_t n_groups,
-                            uint16_t* hi, uint16_t* lo, float* xsum);
+                            uint16_t* a, float* xsum);
 
 // y[m, n] for m in [0, x.M), n in [n0, n1) (n0 a multiple of 16) from the packed weight (the
 // table's own pack) and the prepared activations; only columns [n0, n1) of y are written.

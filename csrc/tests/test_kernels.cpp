@@ -787,10 +787,11 @@ static void test_fast_table(const KernelTable& tab, const TestWeight& t, int64_t
         bad_l < 0 ? 0.0 : bound[size_t(bad_l)]);
 }
 
-// The tile path (kernel_api.h; avx512amx): tile_prep + tgemm on the packed weight against the
-// fast path's integer weights with exact activations, in double. The bf16 split leaves at most
-// 2^-16 |x| per activation and the tiles sum in float32: 3e-5 of the sum of |terms| (a wrong
-// code, column or scale is off by the size of a term). bf16 activations take the hi-only path.
+// The tile path (kernel_api.h; avx512amx): tile_prep must round every activation to bf16 exactly
+// as this file's own round-to-nearest-even does; tgemm on the packed weight is then checked
+// against the fast path's integer weights times those rounded activations, in double. The
+// tiles sum in float32: 3e-5 of the sum of |terms| (a wrong code, column or scale is off by the
+// size of a term). bf16_x: activations that are bf16 values already.
 static double g_tile_worst = 0;
 static void test_tile_table(const KernelTable& tab, const TestWeight& t, int64_t M, bool bf16_x, Rng& rng) {
   const QWeight& w = t.w;
@@ -806,47 +807,44 @@ static void test_tile_table(const KernelTable& tab, const TestWeight& t, int64_t
     xv[size_t(i)] = bf16_x ? own_bf16_to_f32(own_f32_to_bf16(v)) : v;
   }
   const int64_t ldk = (K + kTileK - 1) / kTileK * kTileK, mpad = (M + 15) / 16 * 16;
-  Buf<uint16_t> hi(mpad * ldk), lo(mpad * ldk);
+  Buf<uint16_t> xa(mpad * ldk);
   Buf<float> xs(mpad * G);
-  for (int64_t i = 0; i < hi.n; ++i) hi[i] = lo[i] = 0x7fc1;  // NaN: prep must write every column < ldk
+  for (int64_t i = 0; i < xa.n; ++i) xa[i] = 0x7fc1;  // NaN: prep must write every column < ldk
   // TActs's tile order: row m, column k at ((m / 16) * (ldk / 32) + k / 32) * 512 + (m % 16) * 32 + k % 32
   const auto at = [&](int64_t m, int64_t k) { return ((m / 16) * (ldk / 32) + k / 32) * 512 + (m % 16) * 32 + k % 32; };
   for (int64_t m = M; m < mpad; ++m)  // padding rows are the caller's zeros
-    for (int64_t k = 0; k < ldk; ++k) hi[at(m, k)] = lo[at(m, k)] = 0;
+    for (int64_t k = 0; k < ldk; ++k) xa[at(m, k)] = 0;
   for (int64_t i = 0; i < xs.n; ++i) xs[i] = i < M * G ? bitsf(0x7fc00000u) : 0.0f;
   for (int64_t m = 0; m < M; ++m)
-    tab.tile_prep(xv.data() + m * K, K, ldk, G == 1 ? K : w.group, G, hi.p + at(m, 0),
-                  bf16_x ? nullptr : lo.p + at(m, 0), xs.p + m * G);
-  bool split_ok = true;
-  for (int64_t m = 0; m < M && split_ok; ++m)
+    tab.tile_prep(xv.data() + m * K, K, ldk, G == 1 ? K : w.group, G, xa.p + at(m, 0), xs.p + m * G);
+  // the rounded activations the kernel multiplies (and that the reference below uses)
+  std::vector<float> xt(size_t(M * K));
+  bool round_ok = true;
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < ldk; ++k) {
-      const double x = k < K ? xv[size_t(m * K + k)] : 0.0;
-      const double h = own_bf16_to_f32(hi[at(m, k)]), l = bf16_x ? 0.0 : own_bf16_to_f32(lo[at(m, k)]);
-      if (!(std::fabs(x - h - l) <= std::fabs(x) * 0x1.0p-16) || (bf16_x && h != x)) {
-        split_ok = false;
-        break;
-      }
+      const uint16_t want = k < K ? own_f32_to_bf16(xv[size_t(m * K + k)]) : 0;
+      round_ok = round_ok && xa[at(m, k)] == want;
+      if (k < K) xt[size_t(m * K + k)] = own_bf16_to_f32(want);
     }
-  check(split_ok, "tile_prep M=%lld: hi + lo differs from x by more than 2^-16 |x|", (long long)M);
-  TActs xa;
-  xa.hi = hi.p;
-  xa.lo = bf16_x ? nullptr : lo.p;
-  xa.xsum = xs.p;
-  xa.M = M;
-  xa.ldk = ldk;
+  check(round_ok, "tile_prep M=%lld: an activation tile element is not bf16(x) (or 0 past K)", (long long)M);
+  TActs acts;
+  acts.a = xa.p;
+  acts.xsum = xs.p;
+  acts.M = M;
+  acts.ldk = ldk;
   // the kernel's K slabs: its own choice, or small ones so that groups and rows are cut
-  xa.slab = (M + K) % 3 == 0 ? 0 : 1 + (M + K) % 3;
+  acts.slab = (M + K) % 3 == 0 ? 0 : 1 + (M + K) % 3;
   const int64_t ldy = N + 3;
   Buf<float> y((M - 1) * ldy + N);
   const uint32_t kSent = 0x7fc0beef;
   for (int64_t i = 0; i < y.n; ++i) y[i] = bitsf(kSent);
   const int64_t n0 = std::min(N, ((N / 3) / 16) * 16);
-  tab.tgemm[w.fmt](w, packed.p, xa, n0, N, y.p, ldy);
+  tab.tgemm[w.fmt](w, packed.p, acts, n0, N, y.p, ldy);
   bool untouched = true;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < n0; ++n) untouched = untouched && fbits(y[m * ldy + n]) == kSent;
   check(untouched, "tgemm on rows [%lld, %lld) wrote other columns", (long long)n0, (long long)N);
-  if (n0 > 0) tab.tgemm[w.fmt](w, packed.p, xa, 0, n0, y.p, ldy);
+  if (n0 > 0) tab.tgemm[w.fmt](w, packed.p, acts, 0, n0, y.p, ldy);
   bool pad_ok = true;
   for (int64_t m = 0; m + 1 < M; ++m)
     for (int64_t n = N; n < ldy; ++n) pad_ok = pad_ok && fbits(y[m * ldy + n]) == kSent;
@@ -860,7 +858,7 @@ static void test_tile_table(const KernelTable& tab, const TestWeight& t, int64_t
         int c, z;
         float sc;
         fast_weight(t, n, k, c, z, sc);
-        const double x = xv[size_t(m * K + k)];
+        const double x = xt[size_t(m * K + k)];
         ref += double(sc) * x * double(c - z);
         mag += std::fabs(double(sc) * x) * double(std::abs(c) + std::abs(z));
       }

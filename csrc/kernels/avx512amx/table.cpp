@@ -8,7 +8,7 @@ namespace lowbit {
 
 namespace avx512amx {
 
-void tile_prep(const float*, int64_t, int64_t, int64_t, int64_t, uint16_t*, uint16_t*, float*);
+void tile_prep(const float*, int64_t, int64_t, int64_t, int64_t, uint16_t*, float*);
 void tgemm_int8(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, float*, int64_t);
 void tgemm_int4(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, float*, int64_t);
 void tgemm_nf4(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, float*, int64_t);

@@ -62,9 +62,6 @@ static inline void configure_tiles() {
 // memory: fence the buffers written or read around them.
 static inline void memory_fence() { __asm__ volatile("" ::: "memory"); }
 
-// bf16 bits of an integer value (round to nearest even; exact below 256 in magnitude).
-static inline uint16_t bf16_of(int v) { return f32_to_bf16(float(v)); }
-
 // A 32-word permute table repeating 16 values (the index's bit 4 is then ignored).
 static inline __m512i table16(const uint16_t (&v)[16]) {
   alignas(64) uint16_t t[32];
@@ -135,41 +132,21 @@ static inline void decode_4bit(const Decoder& d, const uint8_t* p, uint16_t* B, 
 }
 
 // The multiplies of one chunk: for each block mb < NMB of the panel, C[mb] += A[mb] * B (+ A[mb]
-// * B2 for nf4), for A = hi and, when kLo, A = lo. a_* point at the chunk's activation tile of
-// the panel's first block (1 KiB, contiguous); blocks are bstride elements apart.
+// * B2 for nf4). a points at the chunk's activation tile of the panel's first block (1 KiB,
+// contiguous); blocks are bstride elements apart.
 // Registers: a tile load into a register waits until the multiplies reading it are done, so
-// consecutive loads alternate: A between tiles 4 and 5 (by block and by chunk parity kOdd; with
-// kLo, 4 holds hi and 5 lo), B between 6 and 7 by chunk parity (nf4's two terms take both).
+// consecutive loads alternate: A between tiles 4 and 5 (by block and by chunk parity kOdd), B
+// between 6 and 7 by chunk parity (nf4's two terms take both).
 #define LB_MUL(mb, ra, rb, rb2)                                             \
   if constexpr (NMB > mb) {                                                 \
-    _tile_loadd(ra, a_hi + mb * bstride, 64);                               \
+    _tile_loadd(ra, a + mb * bstride, 64);                                  \
     _tile_dpbf16ps(mb, ra, rb);                                             \
     if constexpr (kTwo) _tile_dpbf16ps(mb, ra, rb2);                        \
   }
-#define LB_MUL_LO(mb, rb, rb2)                                              \
-  if constexpr (NMB > mb) {                                                 \
-    _tile_loadd(4, a_hi + mb * bstride, 64);                                \
-    _tile_dpbf16ps(mb, 4, rb);                                              \
-    if constexpr (kTwo) _tile_dpbf16ps(mb, 4, rb2);                         \
-    _tile_loadd(5, a_lo + mb * bstride, 64);                                \
-    _tile_dpbf16ps(mb, 5, rb);                                              \
-    if constexpr (kTwo) _tile_dpbf16ps(mb, 5, rb2);                         \
-  }
 
-template <int NMB, bool kLo, bool kTwo, bool kOdd>
-static inline __attribute__((always_inline)) void mul_chunk(const uint16_t* a_hi, const uint16_t* a_lo,
-                                                            int64_t bstride) {
-  if constexpr (kLo && (kTwo || !kOdd)) {
-    LB_MUL_LO(0, 6, 7)
-    LB_MUL_LO(1, 6, 7)
-    LB_MUL_LO(2, 6, 7)
-    LB_MUL_LO(3, 6, 7)
-  } else if constexpr (kLo) {
-    LB_MUL_LO(0, 7, 7)
-    LB_MUL_LO(1, 7, 7)
-    LB_MUL_LO(2, 7, 7)
-    LB_MUL_LO(3, 7, 7)
-  } else if constexpr (kTwo && !kOdd) {
+template <int NMB, bool kTwo, bool kOdd>
+static inline __attribute__((always_inline)) void mul_chunk(const uint16_t* a, int64_t bstride) {
+  if constexpr (kTwo && !kOdd) {
     LB_MUL(0, 4, 6, 7)
     LB_MUL(1, 5, 6, 7)
     LB_MUL(2, 4, 6, 7)
@@ -192,7 +169,6 @@ static inline __attribute__((always_inline)) void mul_chunk(const uint16_t* a_hi
   }
 }
 #undef LB_MUL
-#undef LB_MUL_LO
 
 #define LB_STORE_ZERO(mb)                   \
   case mb:                                  \
@@ -225,7 +201,7 @@ static inline void zero_acc_tiles() {
 // decoded already (chunk c at c - c0; nf4's second terms after the slab's first), else chunk
 // c + 1 is decoded (into the other buffer) while chunk c multiplies. A group cut by the slab
 // (one group per row) is scaled in parts; its zero-point term goes with its last chunk.
-template <int F, int NMB, bool kLo>
+template <int F, int NMB>
 static void tile_panel(const QWeight& w, const uint8_t* tp, const TActs& x, int64_t mb0, const Decoder& dec,
                        const uint16_t* decoded, int64_t c0, int64_t c1, float* acc) {
   constexpr bool kTwo = F == kNF4;
@@ -243,8 +219,7 @@ static void tile_panel(const QWeight& w, const uint8_t* tp, const TActs& x, int6
     else decode_4bit<kTwo>(dec, p, B[c & 1][0], B[c & 1][1]);
   };
   zero_acc_tiles();
-  const uint16_t* hi = x.hi + mb0 * bstride;
-  const uint16_t* lo = kLo ? x.lo + mb0 * bstride : nullptr;
+  const uint16_t* xa = x.a + mb0 * bstride;
   decode(c0);
   for (int64_t c = c0; c < c1;) {
     const int64_t g = G == 1 ? 0 : c / cpg;
@@ -269,14 +244,10 @@ static void tile_panel(const QWeight& w, const uint8_t* tp, const TActs& x, int6
       // block and chunk)
       if (c + 2 < c1)
         for (int mb = 0; mb < NMB; ++mb)
-          for (int l = 0; l < 16; ++l) {
-            _mm_prefetch((const char*)(hi + (c + 2) * kTileElems + mb * bstride + l * 32), _MM_HINT_T0);
-            if constexpr (kLo) _mm_prefetch((const char*)(lo + (c + 2) * kTileElems + mb * bstride + l * 32), _MM_HINT_T0);
-          }
-      const uint16_t* ah = hi + c * kTileElems;
-      const uint16_t* al = kLo ? lo + c * kTileElems : nullptr;
-      if (c & 1) mul_chunk<NMB, kLo, kTwo, true>(ah, al, bstride);
-      else mul_chunk<NMB, kLo, kTwo, false>(ah, al, bstride);
+          for (int l = 0; l < 16; ++l)
+            _mm_prefetch((const char*)(xa + (c + 2) * kTileElems + mb * bstride + l * 32), _MM_HINT_T0);
+      if (c & 1) mul_chunk<NMB, kTwo, true>(xa + c * kTileElems, bstride);
+      else mul_chunk<NMB, kTwo, false>(xa + c * kTileElems, bstride);
     }
     // the group's scales (and int4's zero-points, with the group's last chunk) into acc
     const uint8_t* hp = tp + g * ghb;
@@ -341,9 +312,9 @@ static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64
       // c = hi + lo with hi = bf16(c) (8 significant bits) and lo = c - hi (|lo| <= 16: exact)
       const int c = kNF4CodebookI16[i];
       v[i] = f32_to_bf16(float(c));
-      v2[i] = bf16_of(c - int(bf16_to_f32(v[i])));
+      v2[i] = f32_to_bf16(float(c - int(bf16_to_f32(v[i]))));
     } else {
-      v[i] = bf16_of(i);
+      v[i] = f32_to_bf16(float(i));  // exact
       v2[i] = 0;
     }
   }
@@ -358,7 +329,7 @@ static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64
   const int64_t mpad = ceil_div(x.M, 16) * 16, t0 = n0 / T, t1 = ceil_div(n1, T);
   // K in slabs whose activations (all rows) stay in L2 while every tile of the call passes over
   // them; whole groups per slab (but for one group per row)
-  int64_t slab = x.slab > 0 ? x.slab : kSlabBytes / (mpad * kTileK * 2 * (x.lo ? 2 : 1));
+  int64_t slab = x.slab > 0 ? x.slab : kSlabBytes / (mpad * kTileK * 2);
   if (w.n_groups > 1) slab = slab < cpg ? cpg : slab / cpg * cpg;
   slab = slab < 1 ? 1 : min64(slab, nch);
   float* acc = thread_buffer<float, 0>((t1 - t0) * mpad * 16);
@@ -374,15 +345,11 @@ static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64
       for (int64_t m0 = 0; m0 < mpad; m0 += 64) {
         const int nmb = int(min64(4, (mpad - m0) / 16));
         float* a = acc + ((t - t0) * mpad + m0) * 16;
-        switch (nmb * 2 + (x.lo ? 1 : 0)) {
-          case 2: tile_panel<F, 1, false>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
-          case 3: tile_panel<F, 1, true>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
-          case 4: tile_panel<F, 2, false>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
-          case 5: tile_panel<F, 2, true>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
-          case 6: tile_panel<F, 3, false>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
-          case 7: tile_panel<F, 3, true>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
-          case 8: tile_panel<F, 4, false>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
-          default: tile_panel<F, 4, true>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+        switch (nmb) {
+          case 1: tile_panel<F, 1>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+          case 2: tile_panel<F, 2>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+          case 3: tile_panel<F, 3>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
+          default: tile_panel<F, 4>(w, tp, x, m0 / 16, dec, decoded, c0, c1, a); break;
         }
       }
     }
@@ -398,35 +365,23 @@ static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64
 
 }  // namespace
 
-void tile_prep(const float* x, int64_t K, int64_t ldk, int64_t group, int64_t n_groups, uint16_t* hi,
-               uint16_t* lo, float* xsum) {
+void tile_prep(const float* x, int64_t K, int64_t ldk, int64_t group, int64_t n_groups, uint16_t* a,
+               float* xsum) {
   // column k of the row goes to (k / 32) * kTileElems + k % 32 (TActs: one row of each tile)
   for (int64_t g = 0; g < n_groups; ++g) {
     const int64_t k1 = min64(K, (g + 1) * group);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t k = g * group; k < k1; k += 16) {
       const __mmask16 m = k1 - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (k1 - k)) - 1u);
-      const __m512 v = _mm512_maskz_loadu_ps(m, x + k);
-      const __m256bh h = _mm512_cvtneps_pbh(v);
-      const int64_t at = (k / kTileK) * kTileElems + k % kTileK;
-      _mm256_mask_storeu_epi16(hi + at, m, (__m256i)h);
-      // the sum is of what the tiles multiply (hi, + lo), so that a code equal to its
-      // zero-point contributes nothing
-      const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
-      sum = _mm512_add_ps(sum, hf);
-      if (lo) {
-        const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
-        _mm256_mask_storeu_epi16(lo + at, m, (__m256i)l);
-        sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)l), 16)));
-      }
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + k));
+      _mm256_mask_storeu_epi16(a + (k / kTileK) * kTileElems + k % kTileK, m, (__m256i)h);
+      // the sum is of what the tiles multiply, so that a code equal to its zero point
+      // contributes nothing
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16)));
     }
     xsum[g] = _mm512_reduce_add_ps(sum);
   }
-  for (int64_t k = K; k < ldk; ++k) {
-    const int64_t at = (k / kTileK) * kTileElems + k % kTileK;
-    hi[at] = 0;
-    if (lo) lo[at] = 0;
-  }
+  for (int64_t k = K; k < ldk; ++k) a[(k / kTileK) * kTileElems + k % kTileK] = 0;
 }
 
 void tgemm_int8(const QWeight& w, const uint8_t* p, const TActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {

@@ -134,7 +134,7 @@ def test_activation_quantizer_matches_spec_bit_for_bit(isa, dt, block):
         q = torch.empty(7, ldq, dtype=torch.int8)
         d = torch.empty(7, nb)
         s = torch.empty(7, nb, dtype=torch.int32)
-        C.quantize_activations(x.data_ptr(), _backend._DTYPE_IDS[dt], 7, K, K, block, q.data_ptr(),
+        C.quantize_activations(x.data_ptr(), _backend.DTYPE_IDS[dt], 7, K, K, block, q.data_ptr(),
                                d.data_ptr(), s.data_ptr(), isa)
         wq, wd, ws = quantize_activations(x, block)
         assert torch.equal(q, wq), (isa, K)

@@ -41,8 +41,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 # every ISA lowbit has kernels for (a build compiles those of its architecture)
 ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512amx", "neon", "neon_dotprod")
 
-_DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-DTYPE_IDS = _DTYPE_IDS  # the kernels' dtype ids (csrc/kernel_api.h DType), for lowbit.ops
+DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/kernel_api.h DType
 _FMT_IDS = {"int8": 0, "int4": 1, "nf4": 2, "fp4": 3}
 
 
@@ -264,43 +263,32 @@ def linear(x2d: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor],
     ldx = sx[0] if M > 1 else K
     N = out.shape[1]
     ldy = out.stride(0) if M > 1 else N
+    return linear_rows(x2d, DTYPE_IDS[x2d.dtype], M, max(ldx, K), qw, bias, out, DTYPE_IDS[out.dtype],
+                       ldy, isa, path)
+
+
+def linear_rows(x: torch.Tensor, x_dt: int, M: int, ldx: int, qw: QuantizedWeight,
+                bias: Optional[torch.Tensor], out: torch.Tensor, out_dt: int, ldy: int,
+                isa: str = "", path: Optional[str] = None) -> torch.Tensor:
+    """The kernel call of :func:`linear`, with its layout given: M rows of x ldx elements apart
+    (any shape with that memory layout, unit inner stride; x_dt its dtype id, DTYPE_IDS), out
+    rows ldy apart. Nothing is checked or queried here (lowbit.ops' eager lane calls it)."""
     C = _C if _C is not None else ext()
+    b0 = 0 if bias is None else bias.data_ptr()
     if (path or cpu_path()) == "fast":
         name = isa or C.active_isa()
         e = qw.cache.get("cpu_packed:" + name)
         b = e.blob if e is not None and e.valid_for(qw) else _packed(qw, name)
         if b.run is not None:
-            b.run(x2d.data_ptr(), _DTYPE_IDS[x2d.dtype], M, max(ldx, K),
-                  0 if bias is None else bias.data_ptr(), out.data_ptr(), _DTYPE_IDS[out.dtype], ldy,
-                  num_threads())
+            b.run(x.data_ptr(), x_dt, M, ldx, b0, out.data_ptr(), out_dt, ldy, num_threads())
             return out
-    C.linear(*_weight_args(qw), x2d.data_ptr(), _DTYPE_IDS[x2d.dtype], M, max(ldx, K),
-             0 if bias is None else bias.data_ptr(), out.data_ptr(), _DTYPE_IDS[out.dtype],
-             ldy, num_threads(), isa, float_offset=qw.zero_point == "float")
-    return out
-
-
-def linear_dense(x2d: torch.Tensor, M: int, K: int, N: int, qw: QuantizedWeight,
-                 bias: Optional[torch.Tensor], out: torch.Tensor, dt: int) -> torch.Tensor:
-    """:func:`linear` for a contiguous x2d [M, K] and a contiguous out [M, N] of the same
-    dtype (id ``dt``; any leading shape with those rows; the caller vouches for all of it), on
-    the active ISA and path: no shape, stride or dtype queries."""
-    C = _C if _C is not None else ext()
-    if (_path_override or cpu_path()) == "fast":
-        name = C.active_isa()
-        e = qw.cache.get("cpu_packed:" + name)
-        b = e.blob if e is not None and e.valid_for(qw) else _packed(qw, name)
-        if b.run is not None:
-            b.run(x2d.data_ptr(), dt, M, K, 0 if bias is None else bias.data_ptr(), out.data_ptr(), dt, N,
-                  num_threads())
-            return out
-    C.linear(*_weight_args(qw), x2d.data_ptr(), dt, M, K, 0 if bias is None else bias.data_ptr(),
-             out.data_ptr(), dt, N, num_threads(), "", float_offset=qw.zero_point == "float")
+    C.linear(*_weight_args(qw), x.data_ptr(), x_dt, M, ldx, b0, out.data_ptr(), out_dt, ldy, num_threads(),
+             isa, float_offset=qw.zero_point == "float")
     return out
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype, isa: str = "") -> torch.Tensor:
     out = torch.empty(qw.shape, dtype=dtype)
-    ext().dequantize(*_weight_args(qw), out.data_ptr(), _DTYPE_IDS[dtype], out.stride(0),
+    ext().dequantize(*_weight_args(qw), out.data_ptr(), DTYPE_IDS[dtype], out.stride(0),
                      num_threads(), isa, float_offset=qw.zero_point == "float")
     return out

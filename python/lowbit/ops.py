@@ -52,17 +52,12 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # not tensor subclasses (fake, dist
 def _linear_impl(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     N, K = qw.shape
     if x.is_cpu:
-        # (a small layer's kernel takes microseconds: no reshape, conversion or shape query
-        # that is not needed)
+        # (a small layer's kernel takes microseconds: no reshape or conversion that is not needed)
         two_d = x.dim() == 2
         x2d = x if two_d else x.reshape(-1, K)
-        M = x2d.shape[0]
-        out = x2d.new_empty(M, N)  # x's dtype, on the CPU (the quickest allocation)
+        out = x2d.new_empty(x2d.shape[0], N)  # x's dtype, on the CPU (the quickest allocation)
         b = None if bias is None else bias.to(torch.float32).contiguous()
-        if x2d.is_contiguous():  # (rows K apart, and `out` is fresh: rows N apart)
-            _backend.linear_dense(x2d, M, K, N, qw, b, out, _backend.DTYPE_IDS[x2d.dtype])
-        else:
-            _backend.linear(x2d, qw, b, out)
+        _backend.linear(x2d, qw, b, out)
         return out if two_d else out.reshape(*x.shape[:-1], N)
     kernels = _gpu_kernels() if x.device.type == "cuda" else None
     if kernels is not None:
@@ -188,10 +183,11 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
             if (dt is not None and len(shape) >= 2 and shape[-1] == K and x.is_cpu and qw.data.is_cpu
                     and x.is_contiguous() and not x.is_neg()):
                 if len(shape) == 2:
-                    out = x.new_empty(shape[0], N)
-                    return _backend.linear_dense(x, shape[0], K, N, qw, bias, out, dt)
-                out = x.new_empty(*shape[:-1], N)  # (varargs: a size tuple costs ~1 us more)
-                return _backend.linear_dense(x, x.numel() // K, K, N, qw, bias, out, dt)
+                    M, out = shape[0], x.new_empty(shape[0], N)
+                else:
+                    M, out = x.numel() // K, x.new_empty(*shape[:-1], N)  # (varargs: ~1 us less)
+                # (x and the fresh out are contiguous: rows K and N elements apart)
+                return _backend.linear_rows(x, dt, M, K, qw, bias, out, dt, N)
     _check_qw(qw)
     compiling = torch.compiler.is_compiling()
     if not compiling:  # (traced: the op validates its tensors at run time)

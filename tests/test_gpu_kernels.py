@@ -70,6 +70,7 @@ else:
     SHAPES = ((17, 33), (5, 300))
     GEMV_MS = (1, 2)
     GEMM_MS = (3,)
+DEQ_EXTRA_SHAPES = ((6, 200), (3, 1096))
 
 
 def quantized(N, K, fmt, opts, seed=0):
@@ -130,8 +131,10 @@ def test_gpu_layout_cache_invalidation():
 # ---- dequantize ---------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
 def test_dequantize_bit_exact(case):
+    # 4-bit rows of whole words (K % 8 == 0) take the word kernel, other K the per-element
+    # one; (3, 1096): more than one word tile per row, a ragged last group
     fmt, opts = case
-    for i, (N, K) in enumerate(SHAPES):
+    for i, (N, K) in enumerate(SHAPES + DEQ_EXTRA_SHAPES):
         qw = quantized(N, K, fmt, opts, seed=i)
         for dt in (DTYPES if i == 0 or REAL_GPU else (DTYPES[i % 3],)):
             got = LK.dequantize(qw, dt)
@@ -139,6 +142,22 @@ def test_dequantize_bit_exact(case):
             assert got.dtype == dt and got.shape == (N, K)
             bits = torch.int32 if dt == torch.float32 else torch.int16  # -0.0 (fp4) must match
             assert torch.equal(got.cpu().view(bits), want.view(bits)), (fmt, opts, N, K, dt)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
+def test_dequantize_unaligned_codes(fmt):
+    # codes at an odd byte address (a view into a larger buffer): the 4-bit word kernel needs
+    # 4-byte aligned rows, so this takes the per-element kernel; same bits either way
+    N, K = 6, 200
+    qw = quantized(N, K, fmt, {}, seed=3)
+    buf = torch.zeros(qw.data.numel() + 1, dtype=qw.data.dtype, device=qw.data.device)
+    data = buf[1:].view(qw.data.shape)
+    data.copy_(qw.data)
+    odd = lowbit.QuantizedWeight(fmt, (N, K), data, qw.scales, qw.zeros, group_size=qw.group_size,
+                                 symmetric=qw.symmetric)
+    assert odd.data.data_ptr() % 4 != 0
+    want = R.dequantize(qw.to("cpu"), torch.float32)
+    assert torch.equal(LK.dequantize(odd, torch.float32).cpu(), want)
 
 
 # ---- GEMV ---------------------------------------------------------------------------------

@@ -284,7 +284,7 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
   if (a.M == 0) return;
   const int64_t M = a.M, N = a.w.N, K = a.w.K;
   const int nt = threads_for(M, N, K, std::max(1, a.n_threads), true);
-  if (t.tile_min_m > 0 && M >= t.tile_min_m && t.tgemm[a.w.fmt]) {
+  if (t.tile_min_m[a.w.fmt] > 0 && M >= t.tile_min_m[a.w.fmt] && t.tgemm[a.w.fmt]) {
     linear_tiles(a, t, packed + kPackedHeaderBytes, nt);
     return;
   }

@@ -298,11 +298,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("active_reason", [] { return active_reason(); });
   m.def("compiled_isas", [] { return compiled_isas(); });
   m.def("supported_isas", [] { return supported_isas(); });
-  // From this many activation rows the fast path of `isa` ("" = active) multiplies with tiles
-  // (kernel_api.h, "tile path"; more accurate than the quantized activations); 0: never.
-  m.def("tile_min_m", [](const std::string& isa) {
-    return (isa.empty() ? active_table() : table_for(isa)).tile_min_m;
-  }, py::arg("isa") = "");
+  // From this many activation rows the fast path of `isa` ("" = active) multiplies weights of
+  // format `fmt` with tiles (kernel_api.h, "tile path"; more accurate than the quantized
+  // activations); 0: never.
+  m.def("tile_min_m", [](const std::string& isa, const std::string& fmt) {
+    for (int f = 0; f < kNumFormats; ++f)
+      if (fmt == kFormatTraits[f].name)
+        return (isa.empty() ? active_table() : table_for(isa)).tile_min_m[f];
+    throw std::invalid_argument("unknown format '" + fmt + "'");
+  }, py::arg("isa") = "", py::arg("fmt") = "int8");
   m.def("pool_size", [] { return pool_size(); });
   m.def("cpu_features", [] {
     const CpuFeatures& f = cpu_features();

@@ -148,9 +148,9 @@ using PackFn = void (*)(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst);
 using QGemmFn = void (*)(const QWeight& w, const uint8_t* packed, const QActs& x, int64_t n0,
                          int64_t n1, float* y, int64_t ldy);
 
-// ---- the tile path (AMX; KernelTable::tile_min_m > 0 only on CPUs with AMX-BF16) ----------
+// ---- the tile path (AMX; KernelTable::tile_min_m[f] > 0 only on CPUs with AMX-BF16) -------
 //
-// linear_packed takes it for M >= tile_min_m, on the same packed weight (the layout above, T =
+// linear_packed takes it for M >= tile_min_m[format], on the same packed weight (the layout above, T =
 // 16), with the activations rounded to bf16 instead of quantized to int8 blocks: |x - bf16(x)|
 // <= 2^-9 |x| per activation, inside the quantized path's own bound (half a code, a / 254 for a
 // block maximum a >= |x|), and a code rounding that does not depend on the block's largest
@@ -199,7 +199,9 @@ struct KernelTable {
   PackFn pack[kNumFormats];
   QGemmFn qgemm[kNumFormats];
   // tile path (0 / nullptr where the ISA has none)
-  int64_t tile_min_m;  // linear_packed uses tgemm from this many activation rows
+  // linear_packed uses tgemm[f] from tile_min_m[f] activation rows (0: never). Per format:
+  // below it the quantized kernels win (avx512amx/table.cpp has the measurements).
+  int64_t tile_min_m[kNumFormats];
   TilePrepFn tile_prep;
   TileGemmFn tgemm[kNumFormats];
 };

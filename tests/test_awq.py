@@ -251,3 +251,78 @@ def test_bias_corrected_model_reloads_into_a_bias_free_float_model(tmp_path):
     again = lowbit.load(tmp_path / "m.lowbit", lambda: tiny_llama(layers=2, seed=3))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, want)
+
+
+@pytest.mark.parametrize("fmt", [
+    {"format": "int4", "group_size": 32},
+    {"format": "int4", "group_size": 32, "symmetric": True},
+    {"format": "int4", "group_size": 32, "zero_point": "float"},
+    {"format": "nf4", "group_size": 32},
+    {"format": "int8"},
+    {"format": "int8", "group_size": 32, "symmetric": False},
+])
+def test_refit_never_worse_per_group_and_round_to_nearest(fmt):
+    torch.manual_seed(2)
+    N, K, g = 24, 100, fmt.get("group_size", 100)  # K = 100: a ragged last group at 32
+    W = torch.randn(N, K) * (1 + 3 * torch.rand(K))
+    X = torch.randn(400, K) * torch.rand(K) * 2
+    H = X.T @ X / 400
+    f, kw = A.format_kwargs(fmt)
+    Wc, _ = A.clip_search(W, H, fmt, n_grid=10, max_shrink=0.4)
+    qw = lowbit.quantize_weight(Wc, f, **kw)
+    q2 = A.refit_groups(W, H, qw, fmt, iters=4)
+    q2.validate()
+    assert q2.fmt == qw.fmt and q2.symmetric == qw.symmetric and q2.group_size == qw.group_size
+    G = -(-K // g)
+    pad = G * g - K
+
+    def group_errs(q):
+        D = torch.nn.functional.pad(W - reference.dequantize(q, torch.float32), (0, pad))
+        D = D.reshape(N, G, g)
+        Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
+        return torch.stack([torch.einsum("ni,ij,nj->n", D[:, j], Hp[j * g:(j + 1) * g, j * g:(j + 1) * g],
+                                         D[:, j]) for j in range(G)], 1)
+    before, after = group_errs(qw), group_errs(q2)
+    assert (after <= before * (1 + 1e-6) + 1e-9).all()
+    assert (after < before * 0.999).any()  # the refit found something on these weights
+    # a group is either left as the clip search had it, or refit: then its codes are W
+    # rounded to nearest on its new grid (the format's own rounding rule)
+    from lowbit.quantize.gptq import _Groups
+    grp = _Groups(fmt, N, K, W.device)
+    Wg = torch.nn.functional.pad(W, (0, pad)).reshape(N, G, g)
+    z = None if q2.zeros is None else q2.zeros[..., None]
+    _, rtn = grp.round(Wg, q2.scales[..., None], z)
+
+    def grouped(t):
+        return torch.nn.functional.pad(t, (0, pad)).reshape(N, G, g)
+    got, kept = grouped(reference.dequantize(q2, torch.float32)), grouped(reference.dequantize(qw, torch.float32))
+    mask = torch.ones(G * g, dtype=torch.bool)
+    mask[K:] = False
+    mask = mask.reshape(G, g)
+    same_as_clip = ((got == kept) | ~mask).all(2)
+    same_as_rtn = ((got == rtn) | ~mask).all(2)
+    assert (same_as_clip | same_as_rtn).all()
+    assert (~same_as_clip).any()
+
+
+def test_refit_leaves_double_quant_alone():
+    fmt = {"format": "nf4", "group_size": 32, "double_quant": True}
+    W = torch.randn(8, 64)
+    qw = lowbit.quantize_weight(W, "nf4", group_size=32, double_quant=True)
+    assert A.refit_groups(W, torch.eye(64), qw, fmt, iters=3) is qw
+
+
+def test_clip_rescore_and_refit_run_end_to_end():
+    model = with_outlier_channels(tiny_llama(layers=2, hidden=64, inter=128))
+    calib = token_batches(n=2, batch=2, seq=32)
+    ids = token_batches(n=1, batch=2, seq=32, seed=7)[0]
+    with torch.no_grad():
+        ref = model(ids).logits
+    rtn = copy.deepcopy(model)
+    quantize_model(rtn, QuantConfig(format="int4", group_size=32), progress=False)
+    q = copy.deepcopy(model)
+    quantize_model(q, QuantConfig(method="awq", format="int4", group_size=32, clip_rescore=3,
+                                  refit_iters=2), calibration=calib, progress=False)
+    assert logits_err(q, ref, ids) < 0.7 * logits_err(rtn, ref, ids)
+    with pytest.raises(ValueError, match="refit_iters"):
+        QuantConfig(method="awq", refit_iters=-1)

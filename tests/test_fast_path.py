@@ -184,7 +184,7 @@ def test_interop_variants_take_the_exact_path(isa, case):
 def test_every_isa_matches_scalar_fast_path_tightly(isa, fmt, opts):
     """Same quantized activations, exact integer dots: only float summation order differs."""
     qw = lowbit.quantize_weight(torch.randn(100, 1000), fmt, **opts)
-    tile_m = _backend.ext().tile_min_m(isa)
+    tile_m = _backend.ext().tile_min_m(isa, fmt)
     for M in (1, 4, 9, 33):
         x = torch.randn(M, 1000)
         got, gen = run(isa, x, qw), run("scalar", x, qw)

@@ -925,7 +925,7 @@ static void test_linear_packed(const KernelTable& tab, const TestWeight& t, int6
   double got_bad = 0;
   // the tile path (M >= tile_min_m) rounds activations to bf16 instead (2^-9 |x| each; the
   // bound is kept for nf4's codebook term; test_tile_table is the tight test)
-  const bool tiles = tab.tile_min_m > 0 && M >= tab.tile_min_m;
+  const bool tiles = tab.tile_min_m[t.w.fmt] > 0 && M >= tab.tile_min_m[t.w.fmt];
   for (int64_t m = 0; m < M && bad < 0; ++m)
     for (int64_t n = 0; n < N; ++n) {
       const size_t i = size_t(m * N + n);
@@ -1070,13 +1070,13 @@ static void test_weights(const std::vector<const KernelTable*>& tabs, const Conf
       test_linear_packed(*tab, t, M1, xdt, ydt, bias, threads, ldx_pad, r3);
       test_linear_packed(*tab, t, M2, DType((c + 2) % 3), DType((c / 3 + 1) % 3), !bias, 4 - threads,
                          ldx_pad ? 0 : 3, r3);
-      if (tab->tile_min_m > 0) {
+      if (tab->tile_min_m[t.w.fmt] > 0) {
         // the tile path, directly and through linear_packed (M past tile_min_m, several panels)
         Rng r4(uint64_t(c) * 41 + 3);
         const int64_t Mt[] = {1, 16, 17, 40, 64, 65, 130};
         test_tile_table(*tab, t, Mt[c % 7], c % 2 == 1, r4);
         test_tile_table(*tab, t, Mt[(c + 3) % 7], c % 2 == 0, r4);
-        test_linear_packed(*tab, t, tab->tile_min_m + 1 + c % 50, DType(c % 3), DType((c / 3) % 3), bias, threads,
+        test_linear_packed(*tab, t, tab->tile_min_m[t.w.fmt] + 1 + c % 50, DType(c % 3), DType((c / 3) % 3), bias, threads,
                            ldx_pad, r4);
       }
     }

@@ -108,10 +108,10 @@ _path_override: Optional[str] = None
 
 
 def set_cpu_path(path: Optional[str]) -> None:
-    """Use the ``"fast"`` (int8 activations; bfloat16 tiles at M >= 16 on AMX CPUs) or
-    ``"exact"`` (float32) CPU path for :func:`lowbit.linear` in this process; ``None`` goes
-    back to ``LOWBIT_CPU_PATH`` (default ``"exact"``). Outputs of the exact path do not
-    depend on this setting."""
+    """Use the ``"fast"`` (int8 activations; on AMX CPUs bfloat16 tiles from M = 8 / 12 / 16
+    for nf4 / int4 / int8) or ``"exact"`` (float32) CPU path for :func:`lowbit.linear` in this
+    process; ``None`` goes back to ``LOWBIT_CPU_PATH`` (default ``"exact"``). Outputs of the
+    exact path do not depend on this setting."""
     global _path_override
     if path is not None and path not in CPU_PATHS:
         raise ValueError(f"CPU path must be one of {CPU_PATHS} or None, got {path!r}")

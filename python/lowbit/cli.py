@@ -315,7 +315,7 @@ def cmd_info(args) -> int:
 
 # ---- bench --------------------------------------------------------------------------------
 def _path_words(path: str) -> str:
-    return {"fast": "CPU path fast (int8 activations; bfloat16 tiles at M >= 16 on AMX CPUs)",
+    return {"fast": "CPU path fast (int8 activations; bfloat16 tiles on AMX CPUs from M = 8-16)",
             "exact": "CPU path exact (float32 activations)"}.get(path, f"CPU path {path}")
 
 
@@ -667,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seconds", type=_positive_float, default=2.0,
                    help="time budget per case; stops early after at least 3 calls")
     s.add_argument("--cpu-path", choices=("fast", "exact"),
-                   help="lowbit's CPU path: fast (int8 activations; bfloat16 tiles at M >= 16 on "
+                   help="lowbit's CPU path: fast (int8 activations; bfloat16 tiles from M = 8-16 on "
                    "AMX CPUs) or exact (float32); default: LOWBIT_CPU_PATH, else exact")
     s.add_argument("--no-limits", action="store_true",
                    help="skip measuring the read bandwidth and matmul rate")

@@ -19,7 +19,7 @@ const KernelTable kTable = {
     {avx512::packed_size_int8, avx512::packed_size_int4, avx512::packed_size_nf4, nullptr},
     {avx512::pack_int8, avx512::pack_int4, avx512::pack_nf4, nullptr},
     {qgemm_int8, qgemm_int4, qgemm_nf4, nullptr},
-    0, nullptr, {nullptr, nullptr, nullptr, nullptr},  // no tile path
+    {0, 0, 0, 0}, nullptr, {nullptr, nullptr, nullptr, nullptr},  // no tile path
 };
 
 }  // namespace avx512vnni

@@ -40,7 +40,7 @@ const KernelTable kTable = {
     {packed_size_int8, packed_size_int4, packed_size_nf4, nullptr},
     {pack_int8, pack_int4, pack_nf4, nullptr},
     {qgemm_int8, qgemm_int4, qgemm_nf4, nullptr},
-    0, nullptr, {nullptr, nullptr, nullptr, nullptr},  // no tile path
+    {0, 0, 0, 0}, nullptr, {nullptr, nullptr, nullptr, nullptr},  // no tile path
 };
 
 }  // namespace generic

@@ -46,7 +46,7 @@ const KernelTable kTable = {
     {neon::packed_size_int8, neon::packed_size_int4, neon::packed_size_nf4, nullptr},
     {neon::pack_int8, neon::pack_int4, neon::pack_nf4, nullptr},
     {qgemm_int8, qgemm_int4, qgemm_nf4, nullptr},
-    0, nullptr, {nullptr, nullptr, nullptr, nullptr},  // no tile path
+    {0, 0, 0, 0}, nullptr, {nullptr, nullptr, nullptr, nullptr},  // no tile path
 };
 
 }  // namespace neon_dotprod

@@ -558,7 +558,10 @@ def refit_groups(W: torch.Tensor, H: torch.Tensor, qw, fmt: Dict[str, Any], iter
     def quad(a, b):  # a^T C b per (row, group)
         return torch.einsum("ngi,gij,ngj->ng", a, C, b)
 
-    codes, vals = rnd(s, z)
+    # start from qw as it is (its codes round the clipped weight, which W need not match)
+    raw = R.unpack_nibbles(qw.data, K) if qw.spec.packed_nibbles else qw.data
+    codes = torch.nn.functional.pad(raw.to(torch.int16), (0, pad)).reshape(N, G, gs)
+    vals = torch.nn.functional.pad(R.dequantize(qw, torch.float32), (0, pad)).reshape(N, G, gs)
     err = err_of(vals)
     ones = torch.ones_like(Wg)
     for _ in range(iters):

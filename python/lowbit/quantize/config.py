@@ -175,17 +175,6 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         "asymmetric formats: after the joint ratio, also search each end of a group's range "
         "on its own, the other held at its best (AWQ on SmolLM2 int4 g128, 16k tokens: 27.53 "
         "with, 27.86 without)"),
-    "clip_rescore": AlgorithmOption(
-        0, ("awq",), _is_int(0, 1000), "an int in [0, 1000]",
-        "re-score this many of the scale search's best alphas (no scaling among them if it "
-        "ranks) with each candidate clipped as it will be used (clip search, refit, bias "
-        "correction in its scaled frame) and keep the best; 0 or 1: the unclipped ranking "
-        "decides"),
-    "refit_iters": AlgorithmOption(
-        0, ("awq",), _is_int(0, 100), "an int in [0, 100]",
-        "after the clip search, rounds of refitting each group's scale (and zero-point) to the "
-        "layer objective by weighted least squares on its codes, then rounding to nearest "
-        "again; a group keeps a refit only where its error falls"),
     "bias_correction": AlgorithmOption(
         True, ("awq",), _is_bool, "a bool",
         "after quantizing a layer, add (W - Q) @ mean(x) to its bias (mean over the calibration "

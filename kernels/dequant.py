@@ -58,6 +58,25 @@ def _absmax(s_ptr, dqs_ptr, dqo_ptr, sptr, row, C, gidx, mask, zero_rt, DQ: tl.c
 
 
 @triton.jit
+def _group_params(s_ptr, z_ptr, dqs_ptr, dqo_ptr, sptr, row, C, gidx, mask, zero_rt,
+                  FMT: tl.constexpr, HAS_ZEROS: tl.constexpr, DQ: tl.constexpr,
+                  OFFSET: tl.constexpr):
+    """(s, z, m) of the 4-bit groups at ``sptr``: int4's scale with its zero point (8 when
+    symmetric) or float offset m; the codebook formats' absmax as s."""
+    z = 8  # int4 symmetric
+    m = 0.0
+    if FMT == 1:
+        s = tl.load(s_ptr + sptr, mask=mask, other=0.0)
+        if OFFSET:
+            m = tl.load(z_ptr + sptr, mask=mask, other=0.0)
+        elif HAS_ZEROS:
+            z = tl.load(z_ptr + sptr, mask=mask, other=0).to(tl.int32)
+    else:
+        s = _absmax(s_ptr, dqs_ptr, dqo_ptr, sptr, row, C, gidx, mask, zero_rt, DQ)
+    return s, z, m
+
+
+@triton.jit
 def _decode4(code, s, z, m, lut16, lut_ptr, FMT: tl.constexpr, OFFSET: tl.constexpr,
              GATHER: tl.constexpr, NUMEL: tl.constexpr):
     """float32 values of 4-bit codes (int32) given their group's parameters: int4
@@ -93,18 +112,11 @@ def _dequant4w_kernel(words_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_pt
     mask = n_ok[:, None] & (offs_w < KW)[None, :]
     w = tl.load(words_ptr + row * stride_w + offs_w[None, :], mask=mask, other=0)
     gidx = (offs_w * 8)[None, :] // GROUP  # a word lies in one group (groups: multiples of 16)
-    sptr = row * G + gidx
-    z = 8  # int4 symmetric
-    m = 0.0
-    lut16 = 0.0
+    s, z, m = _group_params(s_ptr, z_ptr, dqs_ptr, dqo_ptr, row * G + gidx, row, C, gidx, mask,
+                            zero_rt, FMT, HAS_ZEROS, DQ, OFFSET)
     if FMT == 1:
-        s = tl.load(s_ptr + sptr, mask=mask, other=0.0)
-        if OFFSET:
-            m = tl.load(z_ptr + sptr, mask=mask, other=0.0)
-        elif HAS_ZEROS:
-            z = tl.load(z_ptr + sptr, mask=mask, other=0).to(tl.int32)
+        lut16 = 0.0
     else:
-        s = _absmax(s_ptr, dqs_ptr, dqo_ptr, sptr, row, C, gidx, mask, zero_rt, DQ)
         lut16 = tl.load(lut_ptr + tl.arange(0, 16))
     ty = out_ptr.dtype.element_ty
     # Nibble i of a word is element 8 * word + i. tl.join appends an axis, so the first join's
@@ -140,17 +152,8 @@ def _dequant4_kernel(data_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_ptr,
     byte = tl.load(data_ptr + row * stride_d + offs_k[None, :] // 2, mask=mask, other=0)
     code = (byte.to(tl.int32) >> ((offs_k[None, :] % 2) * 4)) & 0xF
     gidx = offs_k[None, :] // GROUP
-    sptr = row * G + gidx
-    z = 8
-    m = 0.0
-    if FMT == 1:
-        s = tl.load(s_ptr + sptr, mask=mask, other=0.0)
-        if OFFSET:
-            m = tl.load(z_ptr + sptr, mask=mask, other=0.0)
-        elif HAS_ZEROS:
-            z = tl.load(z_ptr + sptr, mask=mask, other=0).to(tl.int32)
-    else:
-        s = _absmax(s_ptr, dqs_ptr, dqo_ptr, sptr, row, C, gidx, mask, zero_rt, DQ)
+    s, z, m = _group_params(s_ptr, z_ptr, dqs_ptr, dqo_ptr, row * G + gidx, row, C, gidx, mask,
+                            zero_rt, FMT, HAS_ZEROS, DQ, OFFSET)
     w = _decode4(code, s, z, m, 0.0, lut_ptr, FMT, OFFSET, False, BN * BK)
     tl.store(out_ptr + row * K + offs_k[None, :], cast_out(w, out_ptr.dtype.element_ty, EMULATE_BF16),
              mask=mask)

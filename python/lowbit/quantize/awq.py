@@ -443,7 +443,8 @@ def _apply_scale(block: nn.Module, g: _Group, mods, allow_input_scale: bool = Tr
 
 @torch.no_grad()
 def clip_search(W: torch.Tensor, H: torch.Tensor, fmt: Dict[str, Any], n_grid: int,
-                max_shrink: float, separate_ends: bool = True) -> Tuple[torch.Tensor, float]:
+                max_shrink: float, separate_ends: bool = True,
+                coupled_sweeps: int = 0) -> Tuple[torch.Tensor, float]:
     """Clip each group of W [N, K] to a shrunk range that minimises that group's share of the
     layer's output error ``d^T H_gg d`` (d the group's rounding error, H_gg its block of
     X^T X). The ranges come from a grid of n_grid ratios in (1 - max_shrink, 1]: first one
@@ -489,8 +490,63 @@ def clip_search(W: torch.Tensor, H: torch.Tensor, fmt: Dict[str, Any], n_grid: i
         best_err = torch.where(better, err, best_err)
         best_hi = torch.where(better[..., None], cand_hi, best_hi)
         best_lo = torch.where(better[..., None], cand_lo, best_lo)
+    if coupled_sweeps > 0 and G > 1:
+        best_hi, best_lo = _coupled_clip(W, Wg, Hp, C, hi, lo, best_hi, best_lo, fmt, n_grid,
+                                         max_shrink, asym and separate_ends, coupled_sweeps)
     Wc = torch.maximum(torch.minimum(Wg, hi * best_hi), lo * best_lo)
     return Wc.reshape(N, G * g)[:, :K].contiguous(), float((best_hi.mean() + best_lo.mean()) / 2)
+
+
+@torch.no_grad()
+def _coupled_clip(W, Wg, Hp, C, hi, lo, best_hi, best_lo, fmt, n_grid, max_shrink, separate,
+                  sweeps):
+    """Group by group, re-choose each row's clip ratios against the whole layer objective
+    tr(D H D^T): a group's candidate error d' costs d'^T H_gg d' + 2 d'^T c, c = the other
+    groups' current errors times their blocks of H (what the block-diagonal search ignores:
+    correlated inputs let one group's error offset another's). Keeps a row's ratios unless a
+    candidate lowers the total; ``sweeps`` passes over the groups."""
+    N, G, g = Wg.shape
+    K = W.shape[1]
+    f, kw = format_kwargs(fmt)
+    one = dict(kw, group_size=-1)
+    one.pop("double_quant", None)
+
+    def fq(gi, r_hi, r_lo):  # decoded values of group gi, ratios [..., N, 1] -> [..., N, n]
+        n = min((gi + 1) * g, K) - gi * g
+        w = Wg[:, gi, :n]
+        wc = torch.maximum(torch.minimum(w, hi[:, gi] * r_hi), lo[:, gi] * r_lo)
+        flat = wc.reshape(-1, n).contiguous()
+        q = R.dequantize(quantize_weight(flat, f, **one), torch.float32).reshape(wc.shape)
+        d = torch.zeros(wc.shape[:-1] + (g,), device=W.device)
+        d[..., :n] = w - q
+        return d
+
+    D = torch.zeros_like(Wg)
+    for gi in range(G):
+        D[:, gi] = fq(gi, best_hi[:, gi], best_lo[:, gi])
+    ratios = torch.tensor([1.0 - max_shrink * i / n_grid for i in range(n_grid)], device=W.device)
+    for _ in range(sweeps):
+        for gi in range(G):
+            Cg = C[gi]
+            cross = D.reshape(N, G * g) @ Hp[:, gi * g:(gi + 1) * g] - D[:, gi] @ Cg  # [N, g]
+            cur = ((D[:, gi] @ Cg) * D[:, gi]).sum(1) + 2 * (D[:, gi] * cross).sum(1)
+            R_ = ratios[:, None, None].expand(-1, N, 1)  # [n_grid, N, 1]
+            bh = best_hi[:, gi].expand(len(ratios), N, 1)
+            bl = best_lo[:, gi].expand(len(ratios), N, 1)
+            if separate:  # both ends by one ratio, the upper end alone, the lower end alone
+                c_hi, c_lo = torch.cat([R_, R_, bh]), torch.cat([R_, bl, R_])
+            else:
+                c_hi, c_lo = R_, R_
+            d = fq(gi, c_hi, c_lo)  # [n_cand, N, g]
+            tot = torch.einsum("cni,ij,cnj->cn", d, Cg, d) + 2 * torch.einsum("cni,ni->cn", d, cross)
+            t, idx = tot.min(0)
+            better = t < cur
+            if bool(better.any()):
+                rows = torch.arange(N, device=W.device)
+                best_hi[:, gi] = torch.where(better[:, None], c_hi[idx, rows], best_hi[:, gi])
+                best_lo[:, gi] = torch.where(better[:, None], c_lo[idx, rows], best_lo[:, gi])
+                D[:, gi] = torch.where(better[:, None], d[idx, rows], D[:, gi])
+    return best_hi, best_lo
 
 
 def _skip_clip(name: str, patterns) -> bool:
@@ -515,7 +571,7 @@ def _finish_group(g: _Group, mods, config, full: Dict[str, str], sink, t_group: 
         if config.clip_search and g.n > 0 and not _skip_clip(full[r], config.clip_skip):
             W, shrink = clip_search(W, _objective_H(g, _corrects_bias(config, g)), fmt,
                                     config.clip_grid, config.clip_max_shrink,
-                                    config.clip_separate_ends)
+                                    config.clip_separate_ends, config.clip_coupled)
             info["clip"] = round(shrink, 4)
         f, kw = format_kwargs(fmt)
         qw = quantize_weight(W, f, **kw)

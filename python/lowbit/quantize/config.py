@@ -175,6 +175,11 @@ ALGORITHM_OPTIONS: Dict[str, AlgorithmOption] = {
         "asymmetric formats: after the joint ratio, also search each end of a group's range "
         "on its own, the other held at its best (AWQ on SmolLM2 int4 g128, 16k tokens: 27.53 "
         "with, 27.86 without)"),
+    "clip_coupled": AlgorithmOption(
+        0, ("awq",), _is_int(0, 100), "an int in [0, 100]",
+        "after the clip search, this many passes over the groups re-choosing each row's clip "
+        "ratios against the whole layer objective (the other groups' errors included through "
+        "the off-diagonal blocks of X^T X)"),
     "bias_correction": AlgorithmOption(
         True, ("awq",), _is_bool, "a bool",
         "after quantizing a layer, add (W - Q) @ mean(x) to its bias (mean over the calibration "

@@ -53,11 +53,11 @@ the layer objective by weighted least squares on its codes, then rounding to nea
 (kept per group only where the objective fell; 1-13% lower layer objective on synthetic
 weights, ~1% for asymmetric int4), together with re-scoring the scale search's best three
 alphas with each candidate clipped as it would be used: 27.41 at 1.45x the time. Not kept.
-Kept as an option, off by default (``clip_coupled``): passes over the groups that re-choose each
-row's clip ratios against the whole layer objective, the other groups' errors entering through
-the off-diagonal blocks of X^T X (10-15% lower objective than the block-diagonal search on
-correlated synthetic inputs): 2 passes 27.03 at g128, 1.5x the quantization time; inside the
-band above, so the default stays.
+Kept, on by default (``clip_coupled=2``): passes over the groups that re-choose each row's clip
+ratios against the whole layer objective, the other groups' errors entering through the
+off-diagonal blocks of X^T X (10-15% lower objective than the block-diagonal search on
+correlated synthetic inputs): g128 27.03 (27.26 without, same day), g64 25.90 (53% of the RTN
+increase removed; 26.37 without in session 11), about 1.5x the AWQ time.
 
 :func:`scale_block` runs the scale search alone on one block, for GPTQ's ``awq_scales``
 (AWQ's scales folded, then GPTQ instead of round-to-nearest).

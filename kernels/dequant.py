@@ -96,8 +96,16 @@ def _decode4(code, s, z, m, lut16, lut_ptr, FMT: tl.constexpr, OFFSET: tl.conste
 
 
 @triton.jit
+def _word_nibble(w, i: tl.constexpr, s, z, m, lut16, lut_ptr, ty: tl.constexpr, FMT: tl.constexpr,
+                 OFFSET: tl.constexpr, NUMEL: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Output values (dtype ty) of nibble i of int32 words w: element 8 * word + i."""
+    v = _decode4((w >> (4 * i)) & 0xF, s, z, m, lut16, lut_ptr, FMT, OFFSET, True, NUMEL)
+    return cast_out(v, ty, EMULATE_BF16)
+
+
+@triton.jit
 def _dequant4w_kernel(words_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_ptr,
-                      N, K, KW, stride_w, G, C, zero_rt,
+                      N, K, KW, G, C, zero_rt,
                       FMT: tl.constexpr, HAS_ZEROS: tl.constexpr, DQ: tl.constexpr,
                       OFFSET: tl.constexpr,  # int4 with float offsets (z_ptr holds them)
                       GROUP: tl.constexpr,  # group length (2**30 when the row is one group)
@@ -110,7 +118,7 @@ def _dequant4w_kernel(words_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_pt
     n_ok = offs_n < N
     row = offs_n.to(tl.int64)[:, None]
     mask = n_ok[:, None] & (offs_w < KW)[None, :]
-    w = tl.load(words_ptr + row * stride_w + offs_w[None, :], mask=mask, other=0)
+    w = tl.load(words_ptr + row * KW + offs_w[None, :], mask=mask, other=0)
     gidx = (offs_w * 8)[None, :] // GROUP  # a word lies in one group (groups: multiples of 16)
     s, z, m = _group_params(s_ptr, z_ptr, dqs_ptr, dqo_ptr, row * G + gidx, row, C, gidx, mask,
                             zero_rt, FMT, HAS_ZEROS, DQ, OFFSET)
@@ -118,17 +126,18 @@ def _dequant4w_kernel(words_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, out_pt
         lut16 = 0.0
     else:
         lut16 = tl.load(lut_ptr + tl.arange(0, 16))
-    ty = out_ptr.dtype.element_ty
-    # Nibble i of a word is element 8 * word + i. tl.join appends an axis, so the first join's
-    # index ends up most significant: pairs (i, i + 4), then (i, i + 2), then (i, i + 1).
-    v0 = cast_out(_decode4(w & 0xF, s, z, m, lut16, lut_ptr, FMT, OFFSET, True, BN * BW), ty, EMULATE_BF16)
-    v1 = cast_out(_decode4((w >> 4) & 0xF, s, z, m, lut16, lut_ptr, FMT, OFFSET, True, BN * BW), ty, EMULATE_BF16)
-    v2 = cast_out(_decode4((w >> 8) & 0xF, s, z, m, lut16, lut_ptr, FMT, OFFSET, True, BN * BW), ty, EMULATE_BF16)
-    v3 = cast_out(_decode4((w >> 12) & 0xF, s, z, m, lut16, lut_ptr, FMT, OFFSET, True, BN * BW), ty, EMULATE_BF16)
-    v4 = cast_out(_decode4((w >> 16) & 0xF, s, z, m, lut16, lut_ptr, FMT, OFFSET, True, BN * BW), ty, EMULATE_BF16)
-    v5 = cast_out(_decode4((w >> 20) & 0xF, s, z, m, lut16, lut_ptr, FMT, OFFSET, True, BN * BW), ty, EMULATE_BF16)
-    v6 = cast_out(_decode4((w >> 24) & 0xF, s, z, m, lut16, lut_ptr, FMT, OFFSET, True, BN * BW), ty, EMULATE_BF16)
-    v7 = cast_out(_decode4((w >> 28) & 0xF, s, z, m, lut16, lut_ptr, FMT, OFFSET, True, BN * BW), ty, EMULATE_BF16)
+    ty: tl.constexpr = out_ptr.dtype.element_ty
+    NUMEL: tl.constexpr = BN * BW
+    v0 = _word_nibble(w, 0, s, z, m, lut16, lut_ptr, ty, FMT, OFFSET, NUMEL, EMULATE_BF16)
+    v1 = _word_nibble(w, 1, s, z, m, lut16, lut_ptr, ty, FMT, OFFSET, NUMEL, EMULATE_BF16)
+    v2 = _word_nibble(w, 2, s, z, m, lut16, lut_ptr, ty, FMT, OFFSET, NUMEL, EMULATE_BF16)
+    v3 = _word_nibble(w, 3, s, z, m, lut16, lut_ptr, ty, FMT, OFFSET, NUMEL, EMULATE_BF16)
+    v4 = _word_nibble(w, 4, s, z, m, lut16, lut_ptr, ty, FMT, OFFSET, NUMEL, EMULATE_BF16)
+    v5 = _word_nibble(w, 5, s, z, m, lut16, lut_ptr, ty, FMT, OFFSET, NUMEL, EMULATE_BF16)
+    v6 = _word_nibble(w, 6, s, z, m, lut16, lut_ptr, ty, FMT, OFFSET, NUMEL, EMULATE_BF16)
+    v7 = _word_nibble(w, 7, s, z, m, lut16, lut_ptr, ty, FMT, OFFSET, NUMEL, EMULATE_BF16)
+    # tl.join appends an axis, so the first join's index ends up most significant: pairs
+    # (i, i + 4), then (i, i + 2), then (i, i + 1) give element order 0..7.
     o = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
     o = tl.reshape(o, [BN, BW * 8])
     offs_k = pid_k * (BW * 8) + tl.arange(0, BW * 8)
@@ -213,11 +222,10 @@ def dequantize_into(qw: QuantizedWeight, out: torch.Tensor) -> torch.Tensor:
             dqs if dqs is not None else scales, dqo if dqo is not None else scales, lut, out)
     flags = dict(FMT=fmt, HAS_ZEROS=zeros is not None, DQ=dqs is not None, OFFSET=offset,
                  GROUP=GROUP, EMULATE_BF16=emulate, enable_fp_fusion=False)
-    if K % 8 == 0 and data.stride(0) % 4 == 0 and data.data_ptr() % 4 == 0:
-        words = data.view(torch.int32)
+    if K % 8 == 0 and data.data_ptr() % 4 == 0:  # (data is contiguous: rows of K / 8 words)
         KW = K // 8
         grid = (triton.cdiv(N, BN_DEQ4W), triton.cdiv(KW, BW_DEQ4W))
-        _dequant4w_kernel[grid](words, *args, N, K, KW, data.stride(0) // 4, G, C, 0.0,
+        _dequant4w_kernel[grid](data.view(torch.int32), *args, N, K, KW, G, C, 0.0,
                                 BN=BN_DEQ4W, BW=BW_DEQ4W, num_warps=WARPS_DEQ4W, **flags)
         return out
     grid = (triton.cdiv(N, BN_DEQ4), triton.cdiv(K, BK_DEQ4))

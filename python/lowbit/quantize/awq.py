@@ -83,7 +83,7 @@ from .. import reference as R
 from ..ops import quantize_weight
 from . import blocks as B
 from .config import format_kwargs
-from .gptq import clip_candidates
+from .gptq import clip_candidates, clip_ratios, one_group_kw
 
 # A consumer linear's name -> (producer sibling, sibling that must also exist): scaling the
 # producer's output row c by 1/s_c scales the consumer's input channel c by 1/s_c. In a
@@ -496,25 +496,25 @@ def clip_search(W: torch.Tensor, H: torch.Tensor, fmt: Dict[str, Any], n_grid: i
         best_hi = torch.where(better[..., None], cand_hi, best_hi)
         best_lo = torch.where(better[..., None], cand_lo, best_lo)
     if coupled_sweeps > 0 and G > 1:
-        best_hi, best_lo = _coupled_clip(W, Wg, Hp, C, hi, lo, best_hi, best_lo, fmt, n_grid,
+        best_hi, best_lo = _coupled_clip(K, Wg, Hp, C, hi, lo, best_hi, best_lo, fmt, n_grid,
                                          max_shrink, asym and separate_ends, coupled_sweeps)
     Wc = torch.maximum(torch.minimum(Wg, hi * best_hi), lo * best_lo)
     return Wc.reshape(N, G * g)[:, :K].contiguous(), float((best_hi.mean() + best_lo.mean()) / 2)
 
 
 @torch.no_grad()
-def _coupled_clip(W, Wg, Hp, C, hi, lo, best_hi, best_lo, fmt, n_grid, max_shrink, separate,
+def _coupled_clip(K, Wg, Hp, C, hi, lo, best_hi, best_lo, fmt, n_grid, max_shrink, separate,
                   sweeps):
     """Group by group, re-choose each row's clip ratios against the whole layer objective
     tr(D H D^T): a group's candidate error d' costs d'^T H_gg d' + 2 d'^T c, c = the other
     groups' current errors times their blocks of H (what the block-diagonal search ignores:
     correlated inputs let one group's error offset another's). Keeps a row's ratios unless a
-    candidate lowers the total; ``sweeps`` passes over the groups."""
+    candidate lowers the total; ``sweeps`` passes over the groups. Each group is quantized on
+    its own (one_group_kw), so double quantization's rounding of the absmax is left out of
+    these errors."""
     N, G, g = Wg.shape
-    K = W.shape[1]
     f, kw = format_kwargs(fmt)
-    one = dict(kw, group_size=-1)
-    one.pop("double_quant", None)
+    one = one_group_kw(kw)
 
     def fq(gi, r_hi, r_lo):  # decoded values of group gi, ratios [..., N, 1] -> [..., N, n]
         n = min((gi + 1) * g, K) - gi * g
@@ -522,14 +522,14 @@ def _coupled_clip(W, Wg, Hp, C, hi, lo, best_hi, best_lo, fmt, n_grid, max_shrin
         wc = torch.maximum(torch.minimum(w, hi[:, gi] * r_hi), lo[:, gi] * r_lo)
         flat = wc.reshape(-1, n).contiguous()
         q = R.dequantize(quantize_weight(flat, f, **one), torch.float32).reshape(wc.shape)
-        d = torch.zeros(wc.shape[:-1] + (g,), device=W.device)
+        d = torch.zeros(wc.shape[:-1] + (g,), device=Wg.device)
         d[..., :n] = w - q
         return d
 
     D = torch.zeros_like(Wg)
     for gi in range(G):
         D[:, gi] = fq(gi, best_hi[:, gi], best_lo[:, gi])
-    ratios = torch.tensor([1.0 - max_shrink * i / n_grid for i in range(n_grid)], device=W.device)
+    ratios = torch.tensor(clip_ratios(n_grid, max_shrink), device=Wg.device)
     for _ in range(sweeps):
         for gi in range(G):
             Cg = C[gi]
@@ -547,7 +547,7 @@ def _coupled_clip(W, Wg, Hp, C, hi, lo, best_hi, best_lo, fmt, n_grid, max_shrin
             t, idx = tot.min(0)
             better = t < cur
             if bool(better.any()):
-                rows = torch.arange(N, device=W.device)
+                rows = torch.arange(N, device=Wg.device)
                 best_hi[:, gi] = torch.where(better[:, None], c_hi[idx, rows], best_hi[:, gi])
                 best_lo[:, gi] = torch.where(better[:, None], c_lo[idx, rows], best_lo[:, gi])
                 D[:, gi] = torch.where(better[:, None], d[idx, rows], D[:, gi])

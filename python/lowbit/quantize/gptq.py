@@ -91,6 +91,20 @@ def gptq_supports(options: Dict[str, Any]) -> bool:
     return True
 
 
+def clip_ratios(n_grid: int, max_shrink: float) -> List[float]:
+    """The clip searches' grid of range ratios: 1 (the full range) down to 1 - max_shrink
+    (exclusive), n_grid of them."""
+    return [1.0 - max_shrink * i / n_grid for i in range(n_grid)]
+
+
+def one_group_kw(kw: Dict[str, Any]) -> Dict[str, Any]:
+    """quantize_weight's options ``kw`` for a slice holding one group per row (no double
+    quantization: its absmax codes couple a row's groups)."""
+    out = dict(kw, group_size=-1)
+    out.pop("double_quant", None)
+    return out
+
+
 def clip_candidates(n_grid: int, max_shrink: float, asym: bool):
     """The clip searches' candidates (GPTQ's per group, AWQ's clip_search), in order, as
     ``(ratio, move_hi, move_lo)``: both ends of the range scaled by each ratio of a grid of
@@ -98,7 +112,7 @@ def clip_candidates(n_grid: int, max_shrink: float, asym: bool):
     lower end alone over the whole grid, the other end held at its best so far (the two ends
     of a skewed group need not shrink alike). A search keeps a candidate only where it lowers
     the error, so the full range (ratio 1) is its starting point."""
-    ratios = [1.0 - max_shrink * i / n_grid for i in range(n_grid)]
+    ratios = clip_ratios(n_grid, max_shrink)
     for r in ratios[1:]:
         yield r, True, True
     if asym:
@@ -153,10 +167,7 @@ class _Groups:
         return g * self.group, min((g + 1) * self.group, self.K)
 
     def _one_group_kw(self):
-        kw = dict(self.kw)
-        kw["group_size"] = -1
-        kw.pop("double_quant", None)
-        return kw
+        return one_group_kw(self.kw)
 
     def set_static(self, W: torch.Tensor) -> None:
         """Fix every group's parameters from W (stored order) now (static groups; also what

@@ -88,7 +88,8 @@ def candidates(M, N, K, fmt, sms):
             gemv(BN, CB, warps)
         gemv(32, 2, 1, prefetch=False)
         if fmt in ("int4", "int8"):  # the integer-dot GEMV (the cases' groups take it)
-            for BN, CB, warps in ((16, 2, 2), (16, 4, 4), (32, 2, 4), (32, 4, 2), (64, 2, 2)):
+            for BN, CB, warps in ((16, 2, 2), (16, 4, 4), (16, 8, 4), (32, 2, 4), (32, 4, 1),
+                                  (32, 4, 2), (32, 4, 4), (64, 2, 2), (64, 4, 2), (64, 4, 4)):
                 gemv(BN, CB, warps, idot=True)
     if 2 <= M <= 16:
         gemv(64, 2, 4)

@@ -140,13 +140,15 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
     kb = 16 * (32 // bits)  # elements per layout block
     nblk = -(-K // kb)
     if M <= (8 if dtype == torch.float32 else 2):
-        if (fmt == "int4" and dtype != torch.float32 and N >= 8192
-                and (group < 0 or group >= K or group % kb == 0 or group == 64)):
-            # the integer-dot GEMV (kernels/gemv.py): ahead of the float32 one on tall weights
-            # (H200: 14336 and 28672 x 4096), behind it where split K must make the programs
+        if (fmt in ("int4", "int8") and dtype != torch.float32
+                and (group < 0 or group >= K or group % kb == 0
+                     or (fmt == "int4" and group == 64))):
+            # the integer-dot GEMV (kernels/gemv.py): since its [CB, BN, 16] tiles (session
+            # 13) ahead of the float32 one on every tuned H200 shape, int4 and int8; tuned
+            # configs use 4 warps and 2-4 programs per SM
             BN, CB = 32, 4
             split = _split_for(M * -(-N // BN), max(1, nblk // CB), sms, 4)
-            return Choice("gemv", {"BN": BN, "CB": CB, "num_warps": 2, "num_stages": 1,
+            return Choice("gemv", {"BN": BN, "CB": CB, "num_warps": 4, "num_stages": 1,
                                    "SPLIT_K": split, "IDOT": True})
         # small programs, many per SM (about 8: the H200 optimum at M = 1, kernels/NOTES.md)
         BN, CB = 32, (1 if fmt == "int4" else 2)

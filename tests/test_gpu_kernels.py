@@ -719,14 +719,20 @@ def test_torch_compile_fullgraph():
 
 
 def test_idot_selection_and_exact_switch(monkeypatch):
-    """The heuristics take the integer-dot GEMV for tall int4 weights with 16-bit activations
-    only; LOWBIT_GPU_EXACT=1 runs the float32 GEMV even where a config asks for it."""
+    """The heuristics take the integer-dot GEMV for int4 / int8 weights whose groups hold whole
+    layout blocks (or groups of 64 for int4), with 16-bit activations only; LOWBIT_GPU_EXACT=1
+    runs the float32 GEMV even where a config asks for it."""
     c = S.heuristic(1, 14336, 4096, "int4", 128, torch.bfloat16)
     assert c.kernel == "gemv" and c.params.get("IDOT") is True
     assert not S.heuristic(1, 14336, 4096, "int4", 128, torch.float32).params.get("IDOT")
     assert not S.heuristic(1, 14336, 4096, "int4", 32, torch.bfloat16).params.get("IDOT")
     assert S.heuristic(1, 14336, 4096, "int4", 64, torch.bfloat16).params.get("IDOT")
-    assert not S.heuristic(1, 4096, 4096, "int4", 128, torch.bfloat16).params.get("IDOT")
+    assert S.heuristic(1, 4096, 4096, "int4", 128, torch.bfloat16).params.get("IDOT")
+    assert S.heuristic(2, 4096, 11008, "int8", -1, torch.float16).params.get("IDOT")
+    assert S.heuristic(1, 4096, 4096, "int8", 128, torch.bfloat16).params.get("IDOT")
+    assert not S.heuristic(1, 4096, 4096, "int8", 32, torch.bfloat16).params.get("IDOT")
+    assert not S.heuristic(1, 4096, 4096, "nf4", 64, torch.bfloat16).params.get("IDOT")
+    assert not S.heuristic(3, 4096, 4096, "int4", 128, torch.bfloat16).params.get("IDOT")
     from lowbit.kernels import gemv as G
     ran = []
     real_launch = G.launch

@@ -78,25 +78,25 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
     m, pid_n, pid_k, offs_n, n_ok, offs_b, offs_w, nblk, b_begin, b_end = _tile(
         N, KW, steps_per_split, BN, CB)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    w_rows = codes_ptr + offs_n.to(tl.int64)[:, None, None] * KW
-    acc = tl.zeros([BN, CB, 16], dtype=tl.float32)
+    w_rows = codes_ptr + offs_n.to(tl.int64)[None, :, None] * KW
+    acc = tl.zeros([CB, BN, 16], dtype=tl.float32)
     if FMT >= 2 and LUT_GATHER:
         lut16 = tl.load(lut_ptr + tl.arange(0, 16))
     else:
         lut16 = 0.0
     if SCALE_MODE == 0:  # one group per row: zero point per row, scale applied at the end
         if HAS_ZEROS:
-            z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None, None]
+            z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[None, :, None]
         else:
             z_row = ZERO_CONST
     # A fixed trip count (a kernel argument): the last split's surplus steps are masked.
     # Under the interpreter it comes as a constexpr (a run-time bound fails there, numpy >= 2.4).
-    w_ptrs = w_rows + (b_begin + offs_b)[None, :, None] * 16 + offs_w[None, None, :]
+    w_ptrs = w_rows + (b_begin + offs_b)[:, None, None] * 16 + offs_w[None, None, :]
     if PREFETCH:  # registers hold the next step's words while this one is computed
         if K_EXACT:
-            nxt = tl.load(w_ptrs, mask=n_ok[:, None, None], other=0)
+            nxt = tl.load(w_ptrs, mask=n_ok[None, :, None], other=0)
         else:
-            nxt = tl.load(w_ptrs, mask=n_ok[:, None, None] & ((b_begin + offs_b) < b_end)[None, :, None],
+            nxt = tl.load(w_ptrs, mask=n_ok[None, :, None] & ((b_begin + offs_b) < b_end)[:, None, None],
                           other=0)
     for step in range(0, STEPS_CONST if STEPS_CONST > 0 else steps_per_split):
         b0 = b_begin + step * CB
@@ -104,21 +104,21 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
         b_ok = blk < b_end
         if PREFETCH:
             words = nxt
-            pmask = n_ok[:, None, None] & ((blk + CB) < b_end)[None, :, None]
+            pmask = n_ok[None, :, None] & ((blk + CB) < b_end)[:, None, None]
             nxt = tl.load(w_ptrs + (step + 1) * CB * 16, mask=pmask, other=0)
         else:
             if K_EXACT:
-                wmask = n_ok[:, None, None]
+                wmask = n_ok[None, :, None]
             else:
-                wmask = n_ok[:, None, None] & b_ok[None, :, None]
+                wmask = n_ok[None, :, None] & b_ok[:, None, None]
             words = tl.load(w_ptrs + step * CB * 16, mask=wmask, other=0)
         hi = words >> hi_shift(BITS)
         if SCALE_MODE == 1:  # each block lies in one group
             gidx = (blk * KB) // GROUP
-            gptr = gidx[None, :] * N + offs_n[:, None]
-            gmask = n_ok[:, None] & b_ok[None, :]
+            gptr = gidx[:, None] * N + offs_n[None, :]
+            gmask = n_ok[None, :] & b_ok[:, None]
             if DQ:
-                cidx = gidx[None, :] // 256 * N + offs_n[:, None]
+                cidx = gidx[:, None] // 256 * N + offs_n[None, :]
                 s_blk = decode_absmax(tl.load(s_ptr + gptr, mask=gmask, other=0),
                                       tl.load(dqs_ptr + cidx, mask=gmask, other=0.0),
                                       tl.load(dqo_ptr + cidx, mask=gmask, other=0.0), zero_rt)
@@ -128,19 +128,19 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                 z_blk = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)[:, :, None]
             else:
                 z_blk = ZERO_CONST
-            part = tl.zeros([BN, CB, 16], dtype=tl.float32)
+            part = tl.zeros([CB, BN, 16], dtype=tl.float32)
         for i in tl.static_range(P):
             kk = blk[:, None] * KB + i * 16 + offs_w[None, :]  # [CB, 16] element indices
             if K_EXACT:
-                xi = tl.load(x_row + kk).to(tl.float32)[None, :, :]
+                xi = tl.load(x_row + kk).to(tl.float32)[:, None, :]
             else:
-                xi = tl.load(x_row + kk, mask=(kk < K) & b_ok[:, None], other=0.0).to(tl.float32)[None, :, :]
+                xi = tl.load(x_row + kk, mask=(kk < K) & b_ok[:, None], other=0.0).to(tl.float32)[:, None, :]
             if SCALE_MODE == 2:  # the group changes from plane to plane
                 gidx = (blk * KB + i * 16) // GROUP
-                gptr = gidx[None, :] * N + offs_n[:, None]
-                gmask = n_ok[:, None] & b_ok[None, :] & (gidx < G)[None, :]
+                gptr = gidx[:, None] * N + offs_n[None, :]
+                gmask = n_ok[None, :] & b_ok[:, None] & (gidx < G)[:, None]
                 if DQ:
-                    cidx = gidx[None, :] // 256 * N + offs_n[:, None]
+                    cidx = gidx[:, None] // 256 * N + offs_n[None, :]
                     s_i = decode_absmax(tl.load(s_ptr + gptr, mask=gmask, other=0),
                                         tl.load(dqs_ptr + cidx, mask=gmask, other=0.0),
                                         tl.load(dqo_ptr + cidx, mask=gmask, other=0.0), zero_rt)
@@ -170,7 +170,7 @@ def _gemv_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                     acc += v * xi
         if SCALE_MODE == 1:
             acc += part * s_blk[:, :, None]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    y = tl.sum(tl.sum(acc, axis=2), axis=0)
     if SCALE_MODE == 0:
         if DQ:
             s_row = decode_absmax(tl.load(s_ptr + offs_n, mask=n_ok, other=0),

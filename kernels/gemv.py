@@ -215,7 +215,10 @@ def _finish(y, m, pid_n, pid_k, offs_n, n_ok, M, N, stride_om, split_k, bias_ptr
 
 
 # ---- the integer-dot GEMV (IDOT) ---------------------------------------------------------------
-# For 16-bit activations and integer codes (int4, int8) whose groups hold whole layout blocks.
+# For 16-bit activations and integer codes (int4, int8) whose groups hold whole layout blocks,
+# and nf4 (blocks of 64 or whole layout blocks) with its codebook as 14-bit integers
+# (nf4_idot_codes: at most 0.5 / 8128 of absmax from the float codebook, the CPU fast path's
+# nf4 codes), looked up per nibble by PRMT from two 16-byte tables (_quad_asm_nf4).
 # x is first quantized to 16-bit integers per layout block (_xquant_kernel): a block of KB
 # elements (128 for 4-bit codes, 64 for int8) gets a power-of-two scale 2**e with e = E - 14,
 # E the exponent of the block's max |x|, so q = round(x / 2**e) (exact: a power-of-two scaling,
@@ -367,9 +370,26 @@ def _idot(words, xa, xb, xc, xd, BITS: tl.constexpr, EMU: tl.constexpr):
 
 
 @triton.jit
-def _idot_step_loads(ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, offs_w, N, G,
-                     BITS: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                     ZERO_CONST: tl.constexpr, GROUP: tl.constexpr):
+def _idot_scale(s_ptr, dqs_ptr, dqo_ptr, gptr, cptr, mask, NF4: tl.constexpr, DQ: tl.constexpr):
+    """The weight scale of groups ``gptr`` as the integer dots need it: int4 / int8 the stored
+    scale; nf4 absmax / 8128 (its codes are nf4_idot_codes), absmax decoded from its uint8
+    code when double-quantized (``cptr``: the chunk's dq_scale / dq_offset)."""
+    if DQ:
+        s = decode_absmax(tl.load(s_ptr + gptr, mask=mask, other=0),
+                          tl.load(dqs_ptr + cptr, mask=mask, other=0.0),
+                          tl.load(dqo_ptr + cptr, mask=mask, other=0.0), 0.0)
+    else:
+        s = tl.load(s_ptr + gptr, mask=mask, other=0.0)
+    if NF4:
+        s = s * (1.0 / 8128.0)
+    return s
+
+
+@triton.jit
+def _idot_step_loads(ops_m, sx_m, sum_m, s_ptr, z_ptr, dqs_ptr, dqo_ptr, offs_n, n_ok, blk, b_ok,
+                     offs_w, N, G, BITS: tl.constexpr, SCALE_MODE: tl.constexpr,
+                     HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr, GROUP: tl.constexpr,
+                     NF4: tl.constexpr, DQ: tl.constexpr):
     """The small loads of one K step of _gemv_idot_kernel (blocks ``blk``, valid where
     ``b_ok``): the x operands [CB, 1, 16], x's block scales and sums [CB], and the weight
     scales and zero-points [CB, BN] (SCALE_BLOCK; SCALE_PLANE: groups of 64, the first half's
@@ -407,14 +427,16 @@ def _idot_step_loads(ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, 
             g = 2 * blk
         gptr = g[:, None] * N + offs_n[None, :]  # [CB, BN]: scales are stored [G, N]
         gmask = b_ok[:, None] & n_ok[None, :]
-        sw = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
+        sw = _idot_scale(s_ptr, dqs_ptr, dqo_ptr, gptr, g[:, None] // 256 * N + offs_n[None, :],
+                         gmask, NF4, DQ)
         if HAS_ZEROS:
             zz = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
         else:
             zz = tl.full([1, 1], ZERO_CONST, tl.float32)
         if SCALE_MODE == 2:  # the second half (past K in a ragged last block: zeros)
             gmask2 = gmask & ((g + 1) < G)[:, None]
-            sw2 = tl.load(s_ptr + gptr + N, mask=gmask2, other=0.0)
+            sw2 = _idot_scale(s_ptr, dqs_ptr, dqo_ptr, gptr + N,
+                              (g[:, None] + 1) // 256 * N + offs_n[None, :], gmask2, NF4, DQ)
             if HAS_ZEROS:
                 zz2 = tl.load(z_ptr + gptr + N, mask=gmask2, other=0).to(tl.float32)
             else:
@@ -453,6 +475,60 @@ def _quad_asm(bits: int, halves: bool = False) -> str:
 _QUAD4_ASM = tl.constexpr(_quad_asm(4))
 _QUAD8_ASM = tl.constexpr(_quad_asm(8))
 _QUADH_ASM = tl.constexpr(_quad_asm(4, halves=True))
+
+
+def nf4_idot_codes():
+    """nf4 as the integer-dot GEMV multiplies it: code i -> w'_i = round(8128 cb_i) + 8192, in
+    [64, 16320], as two 7-bit bytes h_i = w'_i >> 7 and l_i = w'_i & 127 (w' = 128 h + l). The
+    8192 comes off as a zero point (8192 * sum q); the scale is absmax / 8128. The 14-bit code
+    is at most 0.5 / 8128 of absmax from the float codebook (the CPU fast path's nf4 codes)."""
+    from lowbit.formats import NF4_CODEBOOK
+    return [round(8128 * v) + 8192 for v in NF4_CODEBOOK]
+
+
+def _quad_asm_nf4() -> str:
+    """PTX of _idot_quad_nf4: 4 words of nf4 codes (planes 0-3 / 4-7 = the block's two groups of
+    64) against the GROUPED x operands. Each nibble is looked up in two 16-byte tables (h, l of
+    nf4_idot_codes) by PRMT: its selector reads the low 16 bits as four nibbles, so a word's
+    planes 0-3 select directly and planes 4-7 after a shift; codes 0-7 come from the first 8
+    table bytes, codes 8-15 from the last 8 with the selector's bit 3 flipped (PRMT's sign mode
+    then returns 0x00 for the other half, as every table byte is < 128), and an OR merges them.
+    Then four dp4a per half (h and l bytes of the code against the high and low bytes of q).
+    Outputs: per half, A = sum h q and B = sum l q (int32; the value is 128 A + B)."""
+    word = lambda i: f"${4 + i}"
+    x = lambda j, i: f"${8 + 4 * j + i}"  # xa, xb, xc, xd: high a, high b, low a, low b
+    lines = [".reg .b32 s0, s1, x0, x1, t, u, h, l;",
+             ".reg .b32 hha, hla, lha, lla, hhb, hlb, lhb, llb;"]
+    # the tables come in as operands $24-$31 (constants the compiler keeps in registers across
+    # the loop; as immediates inside the asm, ptxas copied one into a register per PRMT)
+    tables = {f"H{j}": f"${24 + j}" for j in range(4)}
+    tables.update({f"L{j}": f"${28 + j}" for j in range(4)})
+    lines += [f"mov.b32 {r}, 0;" for r in ("hha", "hla", "lha", "lla", "hhb", "hlb", "lhb", "llb")]
+    for i in range(4):
+        lines += [f"mov.b32 s0, {word(i)};", f"shr.u32 s1, {word(i)}, 16;",
+                  "xor.b32 x0, s0, 0x8888;", "xor.b32 x1, s1, 0x8888;"]
+        for half, sel, selx, xh, xl in (("a", "s0", "x0", x(0, i), x(2, i)),
+                                        ("b", "s1", "x1", x(1, i), x(3, i))):
+            T = tables
+            lines += [f"prmt.b32 t, {T['H0']}, {T['H1']}, {sel};",
+                      f"prmt.b32 u, {T['H2']}, {T['H3']}, {selx};", "or.b32 h, t, u;",
+                      f"prmt.b32 t, {T['L0']}, {T['L1']}, {sel};",
+                      f"prmt.b32 u, {T['L2']}, {T['L3']}, {selx};", "or.b32 l, t, u;",
+                      f"dp4a.u32.s32 hh{half}, h, {xh}, hh{half};", f"dp4a.u32.u32 hl{half}, h, {xl}, hl{half};",
+                      f"dp4a.u32.s32 lh{half}, l, {xh}, lh{half};", f"dp4a.u32.u32 ll{half}, l, {xl}, ll{half};"]
+    lines += ["mad.lo.s32 $0, hha, 256, hla;", "mad.lo.s32 $1, lha, 256, lla;",
+              "mad.lo.s32 $2, hhb, 256, hlb;", "mad.lo.s32 $3, lhb, 256, llb;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def _nf4_tables():
+    """The 8 table words of _quad_asm_nf4: h of codes 0-3, 4-7, 8-11, 12-15, then l's."""
+    w = nf4_idot_codes()
+    pack = lambda vals: [sum(v << (8 * t) for t, v in enumerate(vals[4 * j:4 * j + 4])) for j in range(4)]
+    return pack([v >> 7 for v in w]) + pack([v & 127 for v in w])
+
+
+_QUADN_ASM = tl.constexpr(_quad_asm_nf4())
 
 
 @triton.jit
@@ -508,6 +584,67 @@ def _idot_quad(words, xa, xb, xc, xd, CB: tl.constexpr, BN: tl.constexpr, BITS: 
 
 
 @triton.jit
+def _idot_quad_nf4(words, xa, xb, xc, xd, lut_ptr, CB: tl.constexpr, BN: tl.constexpr,
+                   EMU: tl.constexpr):
+    """nf4 codes (see _quad_asm_nf4) summed over each run of 4 words: [CB, BN, 16] words and
+    [CB, 1, 16] GROUPED operands -> (A, B) of the first group of 64 and (A, B) of the second,
+    [CB, BN, 4] int32 each (the dot is 128 A + B). |A|, |B| < 2**27. ``lut_ptr``: the int32
+    table of nf4_idot_codes, read by the interpreter's emulation only."""
+    w0, w1, w2, w3 = _quads(words, CB, BN)
+    a0, a1, a2, a3 = _quads(xa, CB, 1)
+    b0, b1, b2, b3 = _quads(xb, CB, 1)
+    c0, c1, c2, c3 = _quads(xc, CB, 1)
+    e0, e1, e2, e3 = _quads(xd, CB, 1)
+    if EMU:
+        r0 = _nf4_word_emu(w0, a0, b0, c0, e0, lut_ptr)
+        r1 = _nf4_word_emu(w1, a1, b1, c1, e1, lut_ptr)
+        r2 = _nf4_word_emu(w2, a2, b2, c2, e2, lut_ptr)
+        r3 = _nf4_word_emu(w3, a3, b3, c3, e3, lut_ptr)
+        return (r0[0] + r1[0] + r2[0] + r3[0], r0[1] + r1[1] + r2[1] + r3[1],
+                r0[2] + r1[2] + r2[2] + r3[2], r0[3] + r1[3] + r2[3] + r3[3])
+    args = [w0, w1, w2, w3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, e0, e1, e2, e3,
+            tl.load(lut_ptr + 16), tl.load(lut_ptr + 17), tl.load(lut_ptr + 18),
+            tl.load(lut_ptr + 19), tl.load(lut_ptr + 20), tl.load(lut_ptr + 21),
+            tl.load(lut_ptr + 22), tl.load(lut_ptr + 23)]
+    return tl.inline_asm_elementwise(_QUADN_ASM, "=r,=r,=r,=r" + ",r" * 28, args,
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _idot_whole(words, xa, xb, xc, xd, lut_ptr, CB: tl.constexpr, BN: tl.constexpr,
+                BITS: tl.constexpr, NF4: tl.constexpr, EMU: tl.constexpr):
+    """The dot of each run of 4 words over all its planes, float32 [CB, BN, 4] (one group
+    covers the whole layout block)."""
+    if NF4:
+        aa, ba, ab, bb = _idot_quad_nf4(words, xa, xb, xc, xd, lut_ptr, CB, BN, EMU)
+        return (aa + ab).to(tl.float32) * 128.0 + (ba + bb).to(tl.float32)
+    else:
+        d, _ = _idot_quad(words, xa, xb, xc, xd, CB, BN, BITS, False, EMU)
+        return d.to(tl.float32)
+
+
+@triton.jit
+def _nf4_word_emu(words, xa, xb, xc, xd, lut_ptr):
+    """The interpreter's statement of one word of _quad_asm_nf4: (A, B) of planes 0-3 and of
+    planes 4-7."""
+    aa = tl.zeros_like(words)
+    ba = tl.zeros_like(words)
+    ab = tl.zeros_like(words)
+    bb = tl.zeros_like(words)
+    for t in tl.static_range(4):
+        wa = tl.load(lut_ptr + ((words >> (4 * t)) & 15))
+        wb = tl.load(lut_ptr + ((words >> (16 + 4 * t)) & 15))
+        qa = _sbyte(xa, t) * 256 + _ubyte(xc, t)
+        qb = _sbyte(xb, t) * 256 + _ubyte(xd, t)
+        aa += (wa >> 7) * qa
+        ba += (wa & 127) * qa
+        ab += (wb >> 7) * qb
+        bb += (wb & 127) * qb
+    return aa, ba, ab, bb
+
+
+@triton.jit
 def _idot_halves(words, xa, xb, xc, xd, EMU: tl.constexpr):
     """4-bit codes, GROUPED operands: per word the dots of planes 0-3 and of planes 4-7 (the
     two groups of 64 of its block), int32 each. xa / xb: high bytes of the two halves' q, xc /
@@ -558,12 +695,15 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr,
                       FIXUP: tl.constexpr, K_EXACT: tl.constexpr,
                       BN: tl.constexpr, CB: tl.constexpr, EMU: tl.constexpr,
+                      NF4: tl.constexpr,  # nf4 codes (nf4_idot_codes; GROUPED x operands)
+                      DQ: tl.constexpr,  # nf4 double quantization
                       PDL: tl.constexpr,  # launched as a programmatic dependent of _xquant_kernel
                       EMULATE_BF16: tl.constexpr, STEPS_CONST: tl.constexpr,
                       SPLIT_CONST: tl.constexpr):
     """The GEMV of _gemv_kernel (same grid, split K and epilogue) on x quantized by
     _xquant_kernel (xq_ptr): integer dots per word, one float scale per block (see above).
-    The pointer arguments dqs_ptr, dqo_ptr and lut_ptr are unused (same order as _gemv_kernel)."""
+    dqs_ptr / dqo_ptr: nf4's double quantization; lut_ptr: nf4_idot_codes for the interpreter
+    (same argument order as _gemv_kernel; unused otherwise)."""
     NOPS: tl.constexpr = 4 if BITS == 4 else 2
     m, pid_n, pid_k, offs_n, n_ok, offs_b, offs_w, nblk, b_begin, b_end = _tile(
         N, KW, steps_per_split, BN, CB)
@@ -594,31 +734,36 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
     if PDL:  # the weights above do not depend on the x quantization; what follows does
         gdc_wait()
     xa, xb, xc, xd, sx, qs, sw, zz, qs2, sw2, zz2 = _idot_step_loads(
-        ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, blk, b_ok, offs_w, N, G, BITS,
-        SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP)
+        ops_m, sx_m, sum_m, s_ptr, z_ptr, dqs_ptr, dqo_ptr, offs_n, n_ok, blk, b_ok, offs_w, N, G,
+        BITS, SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP, NF4, DQ)
     for step in range(0, STEPS_CONST if STEPS_CONST > 0 else steps_per_split):
         nxt_blk = blk + CB
         nb_ok = nxt_blk < b_end
         nwords = tl.load(w_ptrs + (step + 1) * CB * 16,
                          mask=nb_ok[:, None, None] & n_ok[None, :, None], other=0)
         nxa, nxb, nxc, nxd, nsx, nqs, nsw, nzz, nqs2, nsw2, nzz2 = _idot_step_loads(
-            ops_m, sx_m, sum_m, s_ptr, z_ptr, offs_n, n_ok, nxt_blk, nb_ok, offs_w, N, G, BITS,
-            SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP)
+            ops_m, sx_m, sum_m, s_ptr, z_ptr, dqs_ptr, dqo_ptr, offs_n, n_ok, nxt_blk, nb_ok,
+            offs_w, N, G, BITS, SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP, NF4, DQ)
         if SCALE_MODE == 2:  # groups of 64: each block holds two
-            da, db = _idot_quad(words, xa, xb, xc, xd, CB, BN, BITS, True, EMU)
+            if NF4:
+                aa, ba, ab, bb = _idot_quad_nf4(words, xa, xb, xc, xd, lut_ptr, CB, BN, EMU)
+                da = aa.to(tl.float32) * 128.0 + ba.to(tl.float32)
+                db = ab.to(tl.float32) * 128.0 + bb.to(tl.float32)
+            else:
+                da, db = _idot_quad(words, xa, xb, xc, xd, CB, BN, BITS, True, EMU)
             sc = sw * sx[:, None]
             sc2 = sw2 * sx[:, None]
-            acc += da.to(tl.float32) * sc[:, :, None]
+            acc += da.to(tl.float32) * sc[:, :, None]  # (nf4: float already)
             acc += db.to(tl.float32) * sc2[:, :, None]
             zacc += sc * (zz * qs[:, None]) + sc2 * (zz2 * qs2[:, None])
         elif SCALE_MODE == 1:  # each block lies in one group
-            d, _ = _idot_quad(words, xa, xb, xc, xd, CB, BN, BITS, False, EMU)
+            d = _idot_whole(words, xa, xb, xc, xd, lut_ptr, CB, BN, BITS, NF4, EMU)
             sc = sw * sx[:, None]  # [CB, BN]
-            acc += d.to(tl.float32) * sc[:, :, None]
+            acc += d * sc[:, :, None]
             zacc += sc * (zz * qs[:, None])
         else:  # one group per row: the row's scale and zero after the sum
-            d, _ = _idot_quad(words, xa, xb, xc, xd, CB, BN, BITS, False, EMU)
-            acc += d.to(tl.float32) * sx[:, None, None]
+            d = _idot_whole(words, xa, xb, xc, xd, lut_ptr, CB, BN, BITS, NF4, EMU)
+            acc += d * sx[:, None, None]
             zacc += sx * qs
         blk = nxt_blk
         words, xa, xb, xc, xd, sx, qs, sw, zz = nwords, nxa, nxb, nxc, nxd, nsx, nqs, nsw, nzz
@@ -626,7 +771,7 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
     if SCALE_MODE != 0:
         y = tl.sum(tl.sum(acc, axis=2), axis=0) - tl.sum(zacc, axis=0)
     else:
-        s_row = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        s_row = _idot_scale(s_ptr, dqs_ptr, dqo_ptr, offs_n, offs_n, n_ok, NF4, DQ)
         if HAS_ZEROS:
             z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
         else:
@@ -636,11 +781,29 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
             ws_ptr, cnt_ptr, BN, HAS_BIAS, USE_WS, FIXUP, EMULATE_BF16, SPLIT_CONST)
 
 
+_NF4_LUTS: dict = {}
+
+
+def nf4_idot_lut(device: torch.device) -> torch.Tensor:
+    """nf4_idot_codes (16 int32, for the interpreter's emulation), then _nf4_tables (8 words,
+    read once per program by the kernel: as run-time values they stay in registers) as an
+    int32 tensor on ``device`` (cached; made before graph capture)."""
+    key = str(device)
+    t = _NF4_LUTS.get(key)
+    if t is None:
+        words = [v - (1 << 32) if v >= 1 << 31 else v for v in _nf4_tables()]
+        t = _NF4_LUTS[key] = torch.tensor(nf4_idot_codes() + words, dtype=torch.int32,
+                                          device=device)
+    return t
+
+
 def idot_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:
     """Whether the integer-dot GEMV takes this weight and activation dtype."""
-    if gw.fmt not in ("int4", "int8") or dtype not in (torch.float16, torch.bfloat16):
+    if gw.fmt not in ("int4", "int8", "nf4") or dtype not in (torch.float16, torch.bfloat16):
         return False
     mode = scale_mode(gw, gw.block)
+    if gw.fmt == "nf4":  # groups of 64 (the layout block's two halves) or whole blocks
+        return mode in (SCALE_ROW, SCALE_BLOCK) or (mode == SCALE_PLANE and gw.group == 64)
     return mode in (SCALE_ROW, SCALE_BLOCK) or (mode == SCALE_PLANE and gw.fmt == "int4"
                                                 and gw.group == 64)
 
@@ -721,7 +884,10 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
         plauncher = launch(_xquant_kernel, (M, nblk), pargs, xq_consts, 1, 1)
         pre = (plauncher, pargs, (M, nblk)) if plauncher is not None else None
         args = (xq, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
-                dummy, dummy, dummy, bias if bias is not None else dummy, out, ws,
+                gw.dq_scale if gw.dq_scale is not None else dummy,
+                gw.dq_offset if gw.dq_offset is not None else dummy,
+                nf4_idot_lut(dev) if gw.fmt == "nf4" else dummy,
+                bias if bias is not None else dummy, out, ws,
                 cnt if cnt is not None else dummy, M, N, gw.words_per_row, gw.n_groups,
                 out.stride(0), steps, split_k)
         kernel = _gemv_idot_kernel
@@ -763,7 +929,10 @@ def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN
                  EMULATE_BF16=emulate_bf16(out_dtype), STEPS_CONST=steps if interp else 0,
                  SPLIT_CONST=SPLIT_K if interp else 0)
         if idot:  # (always loads one step ahead)
-            c.update(EMU=interp, PDL=pdl)
+            nf4 = gw.fmt == "nf4"
+            c.update(EMU=interp, PDL=pdl, NF4=nf4, DQ=nf4 and gw.double_quant)
+            if nf4:
+                c["ZERO_CONST"] = 8192  # nf4_idot_codes' offset, taken off as a zero point
             if pdl:
                 c["launch_pdl"] = True  # a launch option (programmatic dependent launch)
         else:
@@ -771,6 +940,7 @@ def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN
                      LUT_GATHER=bool(LUT_GATHER) and fmt >= 2)
         consts[fixup] = c
     # the x quantization's constexprs (integer-dot GEMV only)
-    xq_consts = dict(P=gw.per_word, GROUPED=scale_mode(gw, gw.block) == SCALE_PLANE,
+    xq_consts = dict(P=gw.per_word, GROUPED=(scale_mode(gw, gw.block) == SCALE_PLANE
+                                             or gw.fmt == "nf4"),  # (nf4: always halves)
                      PDL=pdl) if idot else None
     return SPLIT_K, grid, steps, lut, consts, xq_consts

@@ -140,12 +140,12 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
     kb = 16 * (32 // bits)  # elements per layout block
     nblk = -(-K // kb)
     if M <= (8 if dtype == torch.float32 else 2):
-        if (fmt in ("int4", "int8") and dtype != torch.float32
+        if (fmt in ("int4", "int8", "nf4") and dtype != torch.float32
                 and (group < 0 or group >= K or group % kb == 0
-                     or (fmt == "int4" and group == 64))):
+                     or (fmt in ("int4", "nf4") and group == 64))):
             # the integer-dot GEMV (kernels/gemv.py): since its [CB, BN, 16] tiles (session
-            # 13) ahead of the float32 one on every tuned H200 shape, int4 and int8; tuned
-            # configs use 4 warps and 2-4 programs per SM
+            # 13) ahead of the float32 one on every tuned H200 shape, int4, int8 and nf4 (its
+            # codebook as 14-bit integers); tuned configs use 4 warps and 2-4 programs per SM
             BN, CB = 32, 4
             split = _split_for(M * -(-N // BN), max(1, nblk // CB), sms, 4)
             return Choice("gemv", {"BN": BN, "CB": CB, "num_warps": 4, "num_stages": 1,

@@ -182,12 +182,14 @@ def test_gemv_matches_reference(case):
                                 msg=f"gemv {fmt} {opts} M={M} N={N} K={K} {dt} {params}")
 
 
-# the integer-dot GEMV: int4 / int8 whose groups hold whole layout blocks, 16-bit activations
+# the integer-dot GEMV: int4 / int8 whose groups hold whole layout blocks, nf4 with blocks of 64;
+# 16-bit activations
 IDOT_CASES = [("int4", {}), ("int4", {"symmetric": True}), ("int4", {"group_size": 256}),
               ("int4", {"group_size": 64}), ("int4", {"group_size": 64, "symmetric": True}),
               ("int4", {"group_size": -1, "symmetric": True}), ("int8", {}),
               ("int8", {"symmetric": False}), ("int8", {"group_size": 128}),
-              ("int8", {"group_size": 64, "symmetric": False})]
+              ("int8", {"group_size": 64, "symmetric": False}), ("nf4", {}),
+              ("nf4", {"double_quant": True})]
 
 
 @pytest.mark.parametrize("case", IDOT_CASES, ids=case_id)
@@ -220,8 +222,9 @@ def test_gemv_idot_matches_reference(case):
             out = gemv(x, gw, bias, poisoned(M, N, dt), IDOT=True, **params)
             msg = f"idot {fmt} {opts} M={M} N={N} K={K} {dt} {params}"
             x_hat, _, _ = gpu_quantize_activations(x, GPU_XQ_BLOCK[fmt])
-            assert_linear_close(out, R.linear(x_hat, qw, bias).to(dt), x_hat, qw, bias=bias,
-                                msg=msg)
+            if fmt != "nf4":  # (nf4 also rounds its codebook to 14 bits: the bound below)
+                assert_linear_close(out, R.linear(x_hat, qw, bias).to(dt), x_hat, qw, bias=bias,
+                                    msg=msg)
             want = R.linear(x, qw, bias)
             r = linear_mismatch(out, want, x, qw, bias=bias,
                                 tol=idot_linear_tolerance(x, qw, want, bias))
@@ -719,9 +722,9 @@ def test_torch_compile_fullgraph():
 
 
 def test_idot_selection_and_exact_switch(monkeypatch):
-    """The heuristics take the integer-dot GEMV for int4 / int8 weights whose groups hold whole
-    layout blocks (or groups of 64 for int4), with 16-bit activations only; LOWBIT_GPU_EXACT=1
-    runs the float32 GEMV even where a config asks for it."""
+    """The heuristics take the integer-dot GEMV for int4 / int8 / nf4 weights whose groups hold
+    whole layout blocks (or groups of 64 for int4 and nf4), with 16-bit activations only;
+    LOWBIT_GPU_EXACT=1 runs the float32 GEMV even where a config asks for it."""
     c = S.heuristic(1, 14336, 4096, "int4", 128, torch.bfloat16)
     assert c.kernel == "gemv" and c.params.get("IDOT") is True
     assert not S.heuristic(1, 14336, 4096, "int4", 128, torch.float32).params.get("IDOT")
@@ -731,7 +734,9 @@ def test_idot_selection_and_exact_switch(monkeypatch):
     assert S.heuristic(2, 4096, 11008, "int8", -1, torch.float16).params.get("IDOT")
     assert S.heuristic(1, 4096, 4096, "int8", 128, torch.bfloat16).params.get("IDOT")
     assert not S.heuristic(1, 4096, 4096, "int8", 32, torch.bfloat16).params.get("IDOT")
-    assert not S.heuristic(1, 4096, 4096, "nf4", 64, torch.bfloat16).params.get("IDOT")
+    assert S.heuristic(1, 4096, 4096, "nf4", 64, torch.bfloat16).params.get("IDOT")
+    assert not S.heuristic(1, 4096, 4096, "nf4", 32, torch.bfloat16).params.get("IDOT")
+    assert not S.heuristic(1, 4096, 4096, "fp4", 64, torch.bfloat16).params.get("IDOT")
     assert not S.heuristic(3, 4096, 4096, "int4", 128, torch.bfloat16).params.get("IDOT")
     from lowbit.kernels import gemv as G
     ran = []
@@ -752,9 +757,10 @@ def test_idot_selection_and_exact_switch(monkeypatch):
     gemv(x, gw, None, poisoned(1, 40, x.dtype), BN=16, CB=1, IDOT=True)
     assert ran == [G._gemv_kernel]
     monkeypatch.delenv("LOWBIT_GPU_EXACT")
-    # the integer-dot GEMV does not take float32 activations, codebook formats or groups that
-    # split a layout block: those run the float32 GEMV with the same parameters
-    for fmt, opts, dt in (("int4", {}, torch.float32), ("nf4", {}, torch.bfloat16),
+    # the integer-dot GEMV does not take float32 activations, fp4, nf4 with blocks of 32 or
+    # groups that split a layout block: those run the float32 GEMV with the same parameters
+    for fmt, opts, dt in (("int4", {}, torch.float32), ("fp4", {}, torch.bfloat16),
+                          ("nf4", {"group_size": 32}, torch.bfloat16),
                           ("int4", {"group_size": 32}, torch.float16)):
         qw = quantized(40, 256, fmt, opts)
         gw = layout.gpu_weight(qw)

@@ -274,7 +274,7 @@ def assert_fast_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: to
 # ---- the integer-dot GPU GEMV -------------------------------------------------------------------
 # Its activations are quantized to 16-bit integers with a power-of-two scale per layout block
 # (kernels/gemv.py, _xquant_kernel); this is that quantizer in torch, for tests and selftest.
-GPU_XQ_BLOCK = {"int4": 128, "int8": 64}  # elements per block, by weight format
+GPU_XQ_BLOCK = {"int4": 128, "int8": 64, "nf4": 128}  # elements per block, by weight format
 
 
 def gpu_quantize_activations(x2d: torch.Tensor, block: int):
@@ -313,6 +313,17 @@ def idot_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
     # a block quantized to zeros (max |x| below 2**-112) loses its whole contribution
     lost = torch.where(s_el == 0, x2.double().abs(), 0.5 * s_el)
     extra = lost @ R.dequantize(qw).double().abs().T
+    if qw.fmt == "nf4":
+        # its 14-bit codes (at most e_cb absmax from the codebook) and the float32 sums of
+        # terms up to (16320 / 8128) absmax per weight (the codes offset by 8192, taken back
+        # out with the block sums)
+        from . import formats as F
+        from .qweight import QuantizedWeight
+        absmax = R.dequantize(QuantizedWeight(
+            "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
+            double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
+        e_cb = max(abs(i / 8128 - v) for i, v in zip(fast_nf4_codes(), F.NF4_CODEBOOK))
+        extra = extra + x2.double().abs() @ (absmax * (e_cb + 1e-5 * 16320 / 8128)).T
     eps = output_eps(expected.dtype)
     return (tol.double().reshape(-1, N) + extra * (1 + eps)).reshape(*expected.shape).float()
 

@@ -219,6 +219,8 @@ def _select(M, N, K, fmt, group, card, dtype, variant, sms, table) -> Choice:
             dm = abs(math.log2(key[5] / mb))
             if dm > 2:  # a config tuned for M 4x away is no better than the heuristics
                 continue
+            if (key[5] <= 2) != (mb <= 2):  # the GEMV's M range and the GEMMs' do not lend
+                continue
             d = (abs(math.log(key[3] / N)) + abs(math.log(key[4] / K)) + 0.5 * dm
                  + (0.01 if key[1] != variant else 0.0))
             # ties (an M bucket halfway between two tuned ones) go to the smaller M bucket,

@@ -626,6 +626,11 @@ def test_select_tuned_nearest_heuristic():
     assert (c.kernel, c.source) == ("gemv", "nearest")
     c = S.select(64, 4096, 4096, "int4", 128, "x", variant="asym", table=table)
     assert c.source == "heuristic"  # 64x away in M: not borrowed
+    c = S.select(4, 4096, 4096, "int4", 128, "x", variant="asym", table=table)
+    assert c.source == "heuristic"  # a GEMV config (M <= 2) is not lent to a GEMM's M
+    gemm4 = dict(rec, M_bucket=4, kernel="gemm", params={"BM": 16, "BN": 64, "CB": 1})
+    c = S.select(1, 4096, 4096, "int4", 128, "x", variant="asym", table=S.choices_for([gemm4]))
+    assert c.source == "heuristic" and c.kernel == "gemv"  # nor a GEMM config to M = 1
     assert S.select(1, 4096, 4096, "int4", 128, "x", dtype=torch.float32, table=table).kernel == "gemv"
     # int4 at small M with 16-bit activations: the register-operand GEMM; nf4 / groups of 64 not
     for M in (3, 16, 64):

@@ -2,7 +2,8 @@
 
 - ``--emulate idot`` (default): the GPU integer-dot GEMV (kernels/gemv.py) multiplies
   16-bit-quantized activations: every quantized layer's input is replaced by
-  ``lowbit.testing.gpu_quantize_activations`` (the same quantization, in torch).
+  ``lowbit.testing.gpu_quantize_activations`` (the same quantization, in torch); for nf4 also
+  its codebook as 14-bit integers (the difference added to the layer's output).
 - ``--emulate bf16``: the CPU tile path (AMX, csrc/kernel_api.h "tile path") rounds the
   activations to bfloat16 (at M >= 16 rows, i.e. every prefill chunk of the perplexity run).
 
@@ -22,6 +23,23 @@ import torch
 from lowbit import evaluate as E
 from lowbit.nn import QuantLinear
 from lowbit.testing import GPU_XQ_BLOCK, gpu_quantize_activations
+
+
+def nf4_codebook_delta(qw) -> torch.Tensor:
+    """float32 [N, K]: the weight as the integer-dot GEMV multiplies nf4 (codebook rounded to
+    round(8128 v) / 8128, lowbit.testing.fast_nf4_codes) minus the weight as stored."""
+    from lowbit import formats as F
+    from lowbit import reference as R
+    from lowbit.qweight import QuantizedWeight
+    from lowbit.testing import fast_nf4_codes
+    N, K = qw.shape
+    absmax = R.dequantize(QuantizedWeight(
+        "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
+        double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).float()
+    d = torch.tensor([i / 8128 - v for i, v in zip(fast_nf4_codes(), F.NF4_CODEBOOK)],
+                     dtype=torch.float64)
+    c = R.unpack_nibbles(qw.data, K).long()
+    return (d[c] * absmax.double()).float()
 
 
 def main(argv=None) -> int:
@@ -48,12 +66,20 @@ def main(argv=None) -> int:
                     hooks.append(mod.register_forward_pre_hook(pre))
                 elif mod.qweight.fmt in GPU_XQ_BLOCK:
                     blk = GPU_XQ_BLOCK[mod.qweight.fmt]
+                    seen = {}
 
-                    def pre(m, args, blk=blk):
+                    def pre(m, args, blk=blk, seen=seen):
                         x = args[0]
                         xh, _, _ = gpu_quantize_activations(x.reshape(-1, x.shape[-1]), blk)
-                        return (xh.reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+                        seen["x"] = xh.reshape(x.shape).to(x.dtype)
+                        return (seen["x"],) + tuple(args[1:])
                     hooks.append(mod.register_forward_pre_hook(pre))
+                    if mod.qweight.fmt == "nf4":  # and its codebook as 14-bit integers
+                        dw = nf4_codebook_delta(mod.qweight)
+
+                        def post(m, args, out, dw=dw, seen=seen):
+                            return out + (seen["x"].float() @ dw.T).to(out.dtype)
+                        hooks.append(mod.register_forward_hook(post))
             q = E.perplexity(model, ids, a.ctx, progress=False)["perplexity"]
         how = "rounded to bfloat16 (the CPU tile path)" if a.emulate == "bf16" else \
             "quantized as the integer-dot GEMV does"

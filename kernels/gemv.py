@@ -4,11 +4,13 @@ y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]), W read from the GPU layout (kerne
 
 Grid: (M, cdiv(N, BN), SPLIT_K); m varies fastest so the programs that share a weight tile run
 together and the second..M-th reads of it hit L2. A program owns BN rows and a K range of
-``BLOCKS_PER_SPLIT`` layout blocks; each step loads a [BN, CB, 16] tile of words (CB blocks of
-16 words, 16-byte loads) and, for each of the P codes per word ("planes"), decodes one
-[BN, CB, 16] slice with a shift, a mask, an OR and one FADD (code - zero, see _common.MAGIC_BITS)
-and multiplies it with one contiguous [CB, 16] slice of x. Scales are applied after the sum over
-the part of K they cover (a block, a plane, or the whole row), not per element.
+``BLOCKS_PER_SPLIT`` layout blocks; each step loads a [CB, BN, 16] tile of words (CB blocks of
+16 words for each of BN rows, 16-byte loads; blocks first, so that a thread holds one block of
+several rows and needs that block's x only) and, for each of the P codes per word ("planes"),
+decodes one [CB, BN, 16] slice with a shift, a mask, an OR and one FADD (code - zero, see
+_common.MAGIC_BITS) and multiplies it with one contiguous [CB, 16] slice of x. Scales are
+applied after the sum over the part of K they cover (a block, a plane, or the whole row), not
+per element. The integer-dot GEMV below (IDOT) shares the grid, the split and the epilogue.
 
 SPLIT_K > 1 writes float32 partials [SPLIT_K, M, N] that _common.splitk_reduce sums in a fixed
 order (deterministic), adds the bias and casts; SPLIT_K == 1 writes the output directly.

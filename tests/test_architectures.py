@@ -371,3 +371,174 @@ def test_large_float_parameters_outside_linear_layers_are_noted():
     plain = tiny_gpt2()  # nothing of the kind: no note
     quantize_model(plain, QuantConfig(format="int8"), progress=False)
     assert not [n for n in plain.lowbit_report.notes if "stay in float" in n]
+
+
+# ---- nn.Linear subclasses whose own forward is still x @ W^T + b ---------------------------
+def tiny_falcon(seed=0, **kw):
+    from transformers import FalconConfig, FalconForCausalLM
+    torch.manual_seed(seed)
+    cfg = FalconConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **kw)
+    return FalconForCausalLM(cfg).eval()
+
+
+def falcon_linear_names(model):
+    return [n for n, m in model.named_modules() if type(m).__name__ == "FalconLinear"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"new_decoder_architecture": True, "num_kv_heads": 2},
+                                {"multi_query": True, "parallel_attn": False, "bias": True}])
+def test_falcon_linear_layers_are_quantized_and_reload(kw, tmp_path, exact_cpu_path):
+    """FalconLinear overrides forward with `input @ W.T + b`: the same function as nn.Linear,
+    so it must be quantized (it used to be left in float, i.e. the whole model), and load()
+    must rebuild it on the meta skeleton, where its forward cannot be probed."""
+    model = tiny_falcon(**kw)
+    names = falcon_linear_names(model)
+    assert len(names) == 8
+    cfg = QuantConfig(format="int4", group_size=32)
+    fake = copy.deepcopy(model)
+    E.fake_quantize_config(fake, cfg)
+    ids = token_batches(vocab=V)[0]
+    quantize_model(model, cfg, progress=False)
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
+    assert any("FalconLinear" in n and "x @ W^T + b" in n for n in model.lowbit_report.notes)
+    with torch.no_grad():
+        got = model(ids).logits
+        want = fake(ids).logits
+        assert float((want - tiny_falcon(**kw)(ids).logits).abs().max()) > 1e-3  # quantized
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    path = tmp_path / "falcon.lowbit"
+    lowbit.save(model, path)
+    again = lowbit.load(path, lambda: tiny_falcon(seed=1, **kw))
+    assert all(isinstance(again.get_submodule(n), QuantLinear) for n in names)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, got)
+    out = again.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 7)
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "gptq", "format": "int4", "group_size": 32},
+    {"method": "awq", "format": "int4", "group_size": 32},
+    {"method": "llm.int8", "format": "int8"},
+    {"format": "int4", "group_size": 32, "max_bits_per_weight": 5.0},
+])
+def test_falcon_calibrated_methods_quantize_every_falcon_linear(config):
+    model = tiny_falcon()
+    ids = token_batches(vocab=V)[0]
+    with torch.no_grad():
+        ref = model(ids).logits
+    names = falcon_linear_names(model)
+    quantize_model(model, QuantConfig(**config), calibration=token_batches(vocab=V), progress=False)
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.isfinite(got).all()
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.2
+
+
+class _Rewritten(nn.Linear):  # Falcon-style: its own forward, the same function
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class _Scaled(nn.Linear):  # its own forward, another function (a logit scale, a gain)
+    def forward(self, x):
+        return super().forward(x) * 1.5
+
+
+@torch.no_grad()
+def test_only_linear_subclasses_computing_x_wt_b_are_quantized():
+    from lowbit.nn import computes_linear, is_linear_like
+    torch.manual_seed(0)
+    net = nn.Sequential(_Rewritten(64, 64), nn.ReLU(), _Scaled(64, 64), _Router(64, 32),
+                        _Rewritten(64, 32, bias=False)).eval()
+    assert computes_linear(net[0]) and computes_linear(net[4])
+    assert not computes_linear(net[2]) and not computes_linear(net[3])
+    assert not is_linear_like(_Rewritten(64, 64, device="meta"))  # cannot be probed
+    m = nn.Sequential(_Rewritten(64, 64), nn.ReLU(), _Scaled(64, 64), _Rewritten(64, 32)).eval()
+    x = torch.randn(3, 64)
+    ref = m(x)
+    quantize_model(m, QuantConfig(format="int8"), progress=False)
+    assert isinstance(m[0], QuantLinear) and isinstance(m[3], QuantLinear)
+    assert type(m[2]) is _Scaled
+    row = {r.name: r for r in m.lowbit_report.layers}["2"]
+    assert row.method == "skip" and "overrides nn.Linear.forward" in row.rule
+    assert float((m(x) - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    with pytest.raises(TypeError, match="overrides nn.Linear.forward"):
+        QuantLinear.from_linear(_Scaled(64, 4), "int8")
+    assert isinstance(QuantLinear.from_linear(_Rewritten(64, 4), "int8"), QuantLinear)
+
+
+# ---- layers whose weight the model reads instead of calling them (Mamba's dt_proj) --------
+def tiny_mamba(seed=0):
+    from transformers import MambaConfig, MambaForCausalLM
+    torch.manual_seed(seed)
+    cfg = MambaConfig(vocab_size=V, hidden_size=64, state_size=8, num_hidden_layers=2,
+                      expand=2, conv_kernel=4, time_step_rank=4)
+    return MambaForCausalLM(cfg).eval()
+
+
+def test_mixed_precision_plans_layers_read_by_weight(tmp_path):
+    """Mamba's slow path computes `dt_proj.weight @ x`: the layer is never called, so no
+    sensitivity can be measured for it. The plan used to refuse the whole model; now such a
+    layer gets the config's own format, the others share the rest of the budget."""
+    pytest.importorskip("transformers.models.mamba")
+    model = tiny_mamba()
+    ids = token_batches(vocab=V)[0]
+    with torch.no_grad():
+        ref = model(ids).logits
+    cfg = QuantConfig(format="int4", group_size=32, max_bits_per_weight=5.0)
+    quantize_model(model, cfg, calibration=token_batches(vocab=V), progress=False)
+    dt = [n for n, _ in model.named_modules() if n.endswith("dt_proj")]
+    assert len(dt) == 2
+    rep = {r.name: r for r in model.lowbit_report.layers}
+    for n in dt:
+        m = model.get_submodule(n)
+        assert isinstance(m, QuantLinear) and m.fmt == "int4" and m.qweight.group_size == 32
+        assert rep[n].rule == "mixed-precision plan"
+    assert any("never called on the calibration data" in n for n in model.lowbit_report.notes)
+    quantized = [r for r in model.lowbit_report.layers if r.method != "skip"]
+    bits = sum(r.bits_per_weight * r.info["weights"] for r in quantized)
+    assert bits <= 5.0 * sum(r.info["weights"] for r in quantized) + 1e-6
+    with torch.no_grad():
+        got = model(ids).logits
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.2
+    path = tmp_path / "mamba.lowbit"
+    lowbit.save(model, path)
+    again = lowbit.load(path, lambda: tiny_mamba(seed=1))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, got)
+
+
+def test_mixed_plan_gives_unmeasured_layers_the_config_format():
+    from lowbit.quantize import mixed as M
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, 64)
+            self.a = nn.Linear(64, 64)
+            self.dt = nn.Linear(64, 64)
+            self.head = nn.Linear(64, V)
+
+        def forward(self, input_ids):
+            h = self.a(self.emb(input_ids)) @ self.dt.weight.T
+            return self.head(torch.relu(h))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    targets = {"a": net.a, "dt": net.dt}
+    calib = token_batches(vocab=V, n=2)
+    plan = M.plan_mixed_precision(net, targets, calib,
+                                  QuantConfig(format="int4", group_size=64, max_bits_per_weight=8.5))
+    assert plan.choices["dt"]["format"] == "int4" and plan.choices["dt"]["group_size"] == 64
+    assert plan.choices["a"]["format"] == "int8"  # the budget left goes to the measured layer
+    assert any("never called" in n and "dt" in n for n in plan.notes)
+    # a budget that cannot hold the pinned layer: it is planned as if insensitive
+    tight = M.plan_mixed_precision(net, targets, calib,
+                                   QuantConfig(format="int8", max_bits_per_weight=4.6))
+    assert tight.bits_per_weight <= 4.6 and any("as if insensitive" in n for n in tight.notes)
+    with pytest.raises(ValueError, match="never ran"):  # not a module of the model: an error
+        M.plan_mixed_precision(net, {"stray": nn.Linear(64, 8)}, calib,
+                               QuantConfig(max_bits_per_weight=6.0))

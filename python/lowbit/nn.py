@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -31,11 +32,52 @@ def is_conv1d(mod: nn.Module) -> bool:
 
 
 def is_linear_like(mod: nn.Module) -> bool:
-    """An ``nn.Linear`` (a subclass too, unless it overrides ``forward``: a router returning
-    a tuple, a grouped linear) or a transformers ``Conv1D``: the layers lowbit quantizes."""
+    """An ``nn.Linear`` (a subclass too, unless it overrides ``forward`` with something else
+    than ``x @ W^T + b``: a router returning a tuple, a grouped linear; see
+    :func:`computes_linear`) or a transformers ``Conv1D``: the layers lowbit quantizes."""
     if isinstance(mod, nn.Linear):
-        return type(mod).forward is nn.Linear.forward
+        return type(mod).forward is nn.Linear.forward or computes_linear(mod)
     return is_conv1d(mod)
+
+
+# nn.Linear subclasses with their own forward, probed once each: module -> computes x W^T + b
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def computes_linear(mod: nn.Module) -> bool:
+    """Whether an nn.Linear whose class overrides ``forward`` still computes exactly
+    ``x @ W^T + b`` (Falcon's ``FalconLinear`` is such a rewrite), so that a QuantLinear can
+    replace it: its forward is called once (without hooks) on a seeded random [2, 3, in] input
+    and must return a tensor of that function's shape and dtype, equal to ``F.linear`` up to
+    rounding. A forward that fails, returns something else (a router's tuple), scales, routes
+    or groups differently does not. Weights on the meta device cannot be probed: False. The
+    answer is kept per module."""
+    if not isinstance(mod, nn.Linear):
+        return False
+    if type(mod).forward is nn.Linear.forward:
+        return True
+    known = _PROBED.get(mod)
+    if known is not None:
+        return known
+    w, b = mod.weight, mod.bias
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.device.type == "meta" \
+            or not w.is_floating_point():
+        return False  # not probed, not remembered: the weights may be loaded later
+    ok = False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 3, w.shape[1], generator=g).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            want = torch.nn.functional.linear(x, w, b)
+            got = type(mod).forward(mod, x.clone())
+        if isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype:
+            tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2
+            err = float((got.float() - want.float()).norm())
+            ok = err <= tol * max(float(want.float().norm()), 1e-12)
+    except Exception:  # a forward that needs other arguments or state: not a plain linear
+        ok = False
+    _PROBED[mod] = ok
+    return ok
 
 
 def linear_weight(mod: nn.Module) -> torch.Tensor:
@@ -169,8 +211,9 @@ class QuantLinear(nn.Module):
         ignore them. An empty tensor or None gives the plain layer."""
         if not is_linear_like(linear):
             if isinstance(linear, nn.Linear):
-                raise TypeError(f"from_linear: {type(linear).__name__} overrides nn.Linear.forward; "
-                                "a QuantLinear computes only x @ W^T + b, so it cannot replace it")
+                raise TypeError(f"from_linear: {type(linear).__name__} overrides nn.Linear.forward "
+                                "with something other than x @ W^T + b (what a QuantLinear "
+                                "computes), so a QuantLinear cannot replace it")
             raise TypeError("from_linear expects an nn.Linear (or a transformers Conv1D), got "
                             f"{type(linear).__name__}")
         w = linear_weight(linear).detach()

@@ -415,7 +415,10 @@ def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
             raise CheckpointError(f"{path}: layer {name!r} has no valid shape in its state") from None
         if isinstance(mod, cls):
             target = mod
-        elif is_linear_like(mod):  # an nn.Linear, or a transformers Conv1D (weight [in, out])
+        elif is_linear_like(mod) or isinstance(mod, nn.Linear):
+            # an nn.Linear, or a transformers Conv1D (weight [in, out]); an nn.Linear subclass
+            # with its own forward too (e.g. FalconLinear): quantize_model replaced it only
+            # after checking that it computes x @ W^T + b, which the meta skeleton cannot show
             out_f, in_f = linear_weight(mod).shape
             if [out_f, in_f] != shape:
                 raise CheckpointError(

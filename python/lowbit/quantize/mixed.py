@@ -235,7 +235,9 @@ def _collect_stats(model: nn.Module, mods: Dict[str, nn.Linear], batches, fisher
                    progress: bool, desc: str) -> Dict[str, _LayerStats]:
     """One pass over the batches: H = E[x x^T] per layer and, with ``fisher`` ("sampled" or
     "data" labels), F_n = E[g_n^2] (g: gradient of each sequence's summed NLL w.r.t. the layer
-    output, E per predicted token)."""
+    output, E per predicted token). A layer of ``model`` that the pass never calls (model code
+    that reads its weight, as Mamba's ``dt_proj.weight @ x``, or an expert no token reached)
+    keeps ``rows == 0``; one that is not a module of ``model`` raises."""
     device = _model_device(model)
     stats = {n: _LayerStats(m.in_features, m.out_features, fisher, device) for n, m in mods.items()}
     last: Dict[str, Any] = {"x": None, "p": None, "rows": 0}
@@ -293,7 +295,8 @@ def _collect_stats(model: nn.Module, mods: Dict[str, nn.Linear], batches, fisher
             p.requires_grad_(req)
         outs.clear()
         last.update(x=None, p=None)
-    unseen = [n for n, st in stats.items() if st.rows == 0]
+    own = {id(m) for m in model.modules()}
+    unseen = [n for n, st in stats.items() if st.rows == 0 and id(mods[n]) not in own]
     if unseen:
         raise ValueError(f"layer(s) {unseen[:3]}{' ...' if len(unseen) > 3 else ''} never ran on the "
                          "calibration data, so their sensitivity can't be measured; they must be "
@@ -301,7 +304,8 @@ def _collect_stats(model: nn.Module, mods: Dict[str, nn.Linear], batches, fisher
     if fisher and tokens == 0:
         raise ValueError("the calibration data has no token to predict (sequences of length 1?)")
     for st in stats.values():
-        st.H /= st.rows
+        if st.rows:
+            st.H /= st.rows
         if fisher:
             st.F /= tokens
     return stats
@@ -322,6 +326,9 @@ class SensitivityTable:
     calibration_tokens: int
     base_loss: Optional[float] = None  # calibration loss of the float model ("loss" only)
     seconds: float = 0.0
+    # layers the calibration pass never called (their weight read directly, or unused): no
+    # activations, so no sensitivity (their values are 0); the plan gives them candidate 0
+    unmeasured: List[str] = field(default_factory=list)
 
 
 def _error_terms(w: torch.Tensor, cand: Dict[str, Any]) -> Tuple[int, torch.Tensor]:
@@ -347,6 +354,7 @@ def measure_sensitivity(model: nn.Module, targets: Dict[str, nn.Linear], calib,
                  if isinstance(kw.get("input_ids"), torch.Tensor))
     bits: Dict[str, List[int]] = {}
     values: Dict[str, List[float]] = {}
+    unmeasured: List[str] = []
     base_loss = None
     pbar = None
     if progress:
@@ -383,8 +391,14 @@ def measure_sensitivity(model: nn.Module, targets: Dict[str, nn.Linear], calib,
                 st = stats.pop(name)
                 w = targets[name].weight.detach().float()
                 bits[name], values[name] = [], []
+                if st.rows == 0:
+                    unmeasured.append(name)
                 for cand in candidates:
                     b, dw = _error_terms(w, cand)
+                    if st.rows == 0:
+                        bits[name].append(b)
+                        values[name].append(0.0)
+                        continue
                     per_row = ((dw @ st.H) * dw).sum(1, dtype=torch.float64)  # (dW H dW^T)_nn
                     v = 0.5 * float((st.F * per_row).sum()) if fisher else float(per_row.sum())
                     bits[name].append(b)
@@ -398,7 +412,7 @@ def measure_sensitivity(model: nn.Module, targets: Dict[str, nn.Linear], calib,
                             candidates=[dict(c) for c in candidates],
                             bits=[bits[n] for n in names], values=[values[n] for n in names],
                             method=method, calibration_tokens=tokens, base_loss=base_loss,
-                            seconds=time.perf_counter() - t0)
+                            seconds=time.perf_counter() - t0, unmeasured=unmeasured)
 
 
 def _stat_chunks(names: List[str], targets: Dict[str, nn.Linear]) -> List[List[str]]:
@@ -609,13 +623,37 @@ def plan_from_table(table: SensitivityTable, max_bits_per_weight: float) -> Mixe
                          f"{cheapest / total:.4f} bits per weight with every layer in its cheapest "
                          f"candidate (e.g. {_label(table.candidates[j])}); raise the budget or add "
                          "cheaper candidates")
-    sel = solve_budget(table.bits, table.values, budget_bits)
+    notes: List[str] = []
+    pinned = set(getattr(table, "unmeasured", None) or ()) & set(table.names)
+    sel = None
+    if pinned:
+        # No activations, no sensitivity: those layers take candidate 0 (the config's own
+        # format, what GPTQ / AWQ give a layer they never see) and the others share the rest
+        # of the budget; if that does not fit, they join the knapsack as if insensitive.
+        free = [i for i, n in enumerate(table.names) if n not in pinned]
+        rest = budget_bits - sum(table.bits[i][0] for i, n in enumerate(table.names) if n in pinned)
+        if rest >= sum(min(table.bits[i]) for i in free):
+            sub = solve_budget([table.bits[i] for i in free], [table.values[i] for i in free],
+                               rest) if free else []
+            sel = [0] * len(table.names)
+            for i, j in zip(free, sub):
+                sel[i] = j
+            how = f"given {_label(table.candidates[0])}"
+        else:
+            how = ("planned as if insensitive (the budget does not fit them in "
+                   f"{_label(table.candidates[0])})")
+        shown = sorted(pinned)
+        notes.append(f"{len(shown)} layer(s) never called on the calibration data (model code reads "
+                     f"their weight, or no token reaches them), so no sensitivity: {how}: "
+                     + ", ".join(shown[:4]) + (" ..." if len(shown) > 4 else ""))
+    if sel is None:
+        sel = solve_budget(table.bits, table.values, budget_bits)
     layers = [LayerPlan(n, p, j, list(b), list(v)) for n, p, j, b, v in
               zip(table.names, table.params, sel, table.bits, table.values)]
     return MixedPrecisionPlan(budget=float(max_bits_per_weight), method=table.method,
                               candidates=[dict(c) for c in table.candidates], layers=layers,
                               calibration_tokens=table.calibration_tokens, seconds=table.seconds,
-                              base_loss=table.base_loss)
+                              base_loss=table.base_loss, notes=notes)
 
 
 def _check_budget(b) -> None:

@@ -126,11 +126,17 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     keep_float = _keep_in_float_patterns(model)
     conv1d: Dict[str, nn.Module] = {}  # transformers Conv1D layers, by name, while converted
     head = output_head_name(model)
+    rewritten: Dict[str, int] = {}  # nn.Linear subclasses whose own forward is x W^T + b
     for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and type(mod).forward is not nn.Linear.forward \
+                and is_linear_like(mod):
+            cls = type(mod).__name__
+            rewritten[cls] = rewritten.get(cls, 0) + 1
         if isinstance(mod, nn.Linear) and not is_linear_like(mod):
             # an nn.Linear subclass with its own forward (e.g. a router returning a tuple):
             # QuantLinear computes only x @ W^T + b, so it stays in float
-            why = f"{type(mod).__name__} overrides nn.Linear.forward"
+            why = (f"{type(mod).__name__} overrides nn.Linear.forward with something other "
+                   "than x @ W^T + b")
             rules[name] = why
             report.layers.append(LayerReport(name, "skip", None, 8.0 * mod.weight.element_size(),
                                              0.0, why, {"weights": mod.weight.numel()}))
@@ -152,6 +158,10 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
                 mod = conv1d_to_linear(mod)
                 replace_module(model, name, mod)
             targets[name] = (mod, fmt)
+    for cls, n in rewritten.items():
+        report.notes.append(f"{n} {cls} layer(s): the class overrides nn.Linear.forward, but it "
+                            "computes x @ W^T + b (checked on a random input), so they are "
+                            "treated as nn.Linear")
     n_experts = _quantize_fused_experts(model, config, keep_float, report, rules)
     if not targets:
         if not n_experts:
@@ -174,6 +184,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
                                  resolve_format(dict(choice), f"mixed-precision plan for {name!r}"))
                 rules[name] = "mixed-precision plan"
             report.plan = plan.table()
+            report.notes.extend(plan.notes)
 
         sink = _Sink(model, targets, report, rules)
         if config.method == "rtn":

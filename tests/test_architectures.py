@@ -31,6 +31,18 @@ def tiny_gpt2(seed=0):
     return model
 
 
+def assert_reloads(model, path, builder, ids, logits):
+    """lowbit.save(model) then lowbit.load into builder(): the same logits on ids, and
+    generate() runs. Returns the reloaded model."""
+    lowbit.save(model, path)
+    again = lowbit.load(path, builder)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)
+    out = again.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (ids.shape[0], 7)
+    return again
+
+
 def conv1d_names(model):
     return [n for n, m in model.named_modules() if is_conv1d(m)]
 
@@ -67,13 +79,7 @@ def test_gpt2_rtn_matches_fake_quantization_and_reloads(fmt, tmp_path, exact_cpu
     with torch.no_grad():
         got = model(ids).logits
         torch.testing.assert_close(got, fake(ids).logits, rtol=1e-4, atol=1e-4)
-    path = tmp_path / "gpt2.lowbit"
-    lowbit.save(model, path)
-    again = lowbit.load(path, lambda: tiny_gpt2(seed=1))
-    with torch.no_grad():
-        assert torch.equal(again(ids).logits, got)
-    out = again.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert out.shape == (2, 7)
+    assert_reloads(model, tmp_path / "gpt2.lowbit", lambda: tiny_gpt2(seed=1), ids, got)
 
 
 @pytest.mark.parametrize("config", [
@@ -406,14 +412,9 @@ def test_falcon_linear_layers_are_quantized_and_reload(kw, tmp_path, exact_cpu_p
         want = fake(ids).logits
         assert float((want - tiny_falcon(**kw)(ids).logits).abs().max()) > 1e-3  # quantized
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    path = tmp_path / "falcon.lowbit"
-    lowbit.save(model, path)
-    again = lowbit.load(path, lambda: tiny_falcon(seed=1, **kw))
+    again = assert_reloads(model, tmp_path / "falcon.lowbit", lambda: tiny_falcon(seed=1, **kw),
+                           ids, got)
     assert all(isinstance(again.get_submodule(n), QuantLinear) for n in names)
-    with torch.no_grad():
-        assert torch.equal(again(ids).logits, got)
-    out = again.generate(ids[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert out.shape == (2, 7)
 
 
 @pytest.mark.parametrize("config", [

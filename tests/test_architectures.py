@@ -82,26 +82,6 @@ def test_gpt2_rtn_matches_fake_quantization_and_reloads(fmt, tmp_path, exact_cpu
     assert_reloads(model, tmp_path / "gpt2.lowbit", lambda: tiny_gpt2(seed=1), ids, got)
 
 
-@pytest.mark.parametrize("config", [
-    {"method": "gptq", "format": "int4", "group_size": 32},
-    {"method": "awq", "format": "int4", "group_size": 32},
-    {"method": "llm.int8", "format": "int8"},
-    {"format": "int4", "group_size": 32, "max_bits_per_weight": 6.0},
-])
-def test_gpt2_calibrated_methods_quantize_every_conv1d(config):
-    model = tiny_gpt2()
-    ids = token_batches(vocab=V)[0]
-    with torch.no_grad():
-        ref = model(ids).logits
-    names = conv1d_names(model)
-    quantize_model(model, QuantConfig(**config), calibration=token_batches(vocab=V), progress=False)
-    assert all(type(model.get_submodule(n)).__name__ != "Conv1D" for n in names)
-    assert all(not isinstance(model.get_submodule(n), nn.Linear) for n in names)
-    with torch.no_grad():
-        got = model(ids).logits
-    assert float((got - ref).norm() / ref.norm()) < 0.2
-
-
 @torch.no_grad()
 def test_a_skipped_conv1d_stays_a_conv1d():
     model = tiny_gpt2()
@@ -417,18 +397,23 @@ def test_falcon_linear_layers_are_quantized_and_reload(kw, tmp_path, exact_cpu_p
     assert all(isinstance(again.get_submodule(n), QuantLinear) for n in names)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "falcon"])
 @pytest.mark.parametrize("config", [
     {"method": "gptq", "format": "int4", "group_size": 32},
     {"method": "awq", "format": "int4", "group_size": 32},
     {"method": "llm.int8", "format": "int8"},
     {"format": "int4", "group_size": 32, "max_bits_per_weight": 5.0},
 ])
-def test_falcon_calibrated_methods_quantize_every_falcon_linear(config):
-    model = tiny_falcon()
+def test_calibrated_methods_quantize_every_conv1d_and_falcon_linear(arch, config):
+    """GPT-2's Conv1D layers and Falcon's FalconLinear (nn.Linear subclasses with their own
+    forward) all become QuantLinear under the calibrated methods, close to the float model."""
+    model, names_of = (tiny_gpt2(), conv1d_names) if arch == "gpt2" else \
+        (tiny_falcon(), falcon_linear_names)
     ids = token_batches(vocab=V)[0]
     with torch.no_grad():
         ref = model(ids).logits
-    names = falcon_linear_names(model)
+    names = names_of(model)
+    assert names
     quantize_model(model, QuantConfig(**config), calibration=token_batches(vocab=V), progress=False)
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
     with torch.no_grad():

@@ -30,16 +30,11 @@ def nf4_codebook_delta(qw) -> torch.Tensor:
     round(8128 v) / 8128, lowbit.testing.fast_nf4_codes) minus the weight as stored."""
     from lowbit import formats as F
     from lowbit import reference as R
-    from lowbit.qweight import QuantizedWeight
-    from lowbit.testing import fast_nf4_codes
-    N, K = qw.shape
-    absmax = R.dequantize(QuantizedWeight(
-        "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
-        double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).float()
+    from lowbit.testing import fast_nf4_codes, nf4_absmax
     d = torch.tensor([i / 8128 - v for i, v in zip(fast_nf4_codes(), F.NF4_CODEBOOK)],
                      dtype=torch.float64)
-    c = R.unpack_nibbles(qw.data, K).long()
-    return (d[c] * absmax.double()).float()
+    c = R.unpack_nibbles(qw.data, qw.shape[1]).long()
+    return (d[c] * nf4_absmax(qw)).float()
 
 
 def main(argv=None) -> int:

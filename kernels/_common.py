@@ -343,18 +343,23 @@ def split_counters(device: torch.device, n: int):
 _LUTS = {}
 
 
-def codebook_lut(device: torch.device, fmt: str = "nf4") -> torch.Tensor:
-    """The codebook of ``fmt`` (nf4 / fp4) as a float32 tensor on ``device`` (cached; made
-    before graph capture)."""
-    key = (str(device), fmt)
+def device_table(name: str, device: torch.device, values, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant table on ``device``, cached per (name, device). Written by fills, not a
+    host copy, so that a first call inside CUDA-graph capture is safe."""
+    key = (str(device), name)
     t = _LUTS.get(key)
     if t is None:
-        from lowbit.formats import CODEBOOKS
-        t = torch.empty(16, dtype=torch.float32, device=device)
-        for i, v in enumerate(CODEBOOKS[fmt]):  # fills, not a host copy: safe during graph capture
+        t = torch.empty(len(values), dtype=dtype, device=device)
+        for i, v in enumerate(values):
             t[i].fill_(v)  # (fill_ keeps the sign of fp4's -0.0)
         _LUTS[key] = t
     return t
+
+
+def codebook_lut(device: torch.device, fmt: str = "nf4") -> torch.Tensor:
+    """The codebook of ``fmt`` (nf4 / fp4) as a float32 tensor on ``device`` (cached)."""
+    from lowbit.formats import CODEBOOKS
+    return device_table(fmt, device, CODEBOOKS[fmt], torch.float32)
 
 
 def nf4_lut(device: torch.device) -> torch.Tensor:

@@ -33,7 +33,8 @@ except ImportError:  # pragma: no cover - older Triton
     _HAS_GDC = False
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, cast_out,
-                      codebook_lut, codebook_values, decode_absmax, emulate_bf16, hi_shift,
+                      codebook_lut, codebook_values, decode_absmax, device_table, emulate_bf16,
+                      hi_shift,
                       interpreting, k_split, launch, plane_value, split_counters,
                       splitk_reduce)
 from .layout import GPUWeight, group_const
@@ -501,8 +502,8 @@ def _quad_asm_nf4() -> str:
     x = lambda j, i: f"${8 + 4 * j + i}"  # xa, xb, xc, xd: high a, high b, low a, low b
     lines = [".reg .b32 s0, s1, x0, x1, t, u, h, l;",
              ".reg .b32 hha, hla, lha, lla, hhb, hlb, lhb, llb;"]
-    # the tables come in as operands $24-$31 (constants the compiler keeps in registers across
-    # the loop; as immediates inside the asm, ptxas copied one into a register per PRMT)
+    # the tables come in as operands $24-$31, loaded once per program (as immediates inside the
+    # asm the SASS was the same: ptxas copies one table word into a register per PRMT pair)
     tables = {f"H{j}": f"${24 + j}" for j in range(4)}
     tables.update({f"L{j}": f"${28 + j}" for j in range(4)})
     lines += [f"mov.b32 {r}, 0;" for r in ("hha", "hla", "lha", "lla", "hhb", "hlb", "lhb", "llb")]
@@ -590,8 +591,8 @@ def _idot_quad_nf4(words, xa, xb, xc, xd, lut_ptr, CB: tl.constexpr, BN: tl.cons
                    EMU: tl.constexpr):
     """nf4 codes (see _quad_asm_nf4) summed over each run of 4 words: [CB, BN, 16] words and
     [CB, 1, 16] GROUPED operands -> (A, B) of the first group of 64 and (A, B) of the second,
-    [CB, BN, 4] int32 each (the dot is 128 A + B). |A|, |B| < 2**27. ``lut_ptr``: the int32
-    table of nf4_idot_codes, read by the interpreter's emulation only."""
+    [CB, BN, 4] int32 each (the dot is 128 A + B). |A|, |B| < 2**27. ``lut_ptr``: nf4_idot_lut
+    (its codes for the interpreter's emulation, its table words as the asm's operands)."""
     w0, w1, w2, w3 = _quads(words, CB, BN)
     a0, a1, a2, a3 = _quads(xa, CB, 1)
     b0, b1, b2, b3 = _quads(xb, CB, 1)
@@ -783,20 +784,12 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
             ws_ptr, cnt_ptr, BN, HAS_BIAS, USE_WS, FIXUP, EMULATE_BF16, SPLIT_CONST)
 
 
-_NF4_LUTS: dict = {}
-
-
 def nf4_idot_lut(device: torch.device) -> torch.Tensor:
-    """nf4_idot_codes (16 int32, for the interpreter's emulation), then _nf4_tables (8 words,
-    read once per program by the kernel: as run-time values they stay in registers) as an
-    int32 tensor on ``device`` (cached; made before graph capture)."""
-    key = str(device)
-    t = _NF4_LUTS.get(key)
-    if t is None:
-        words = [v - (1 << 32) if v >= 1 << 31 else v for v in _nf4_tables()]
-        t = _NF4_LUTS[key] = torch.tensor(nf4_idot_codes() + words, dtype=torch.int32,
-                                          device=device)
-    return t
+    """int32 on ``device`` (cached): nf4_idot_codes (16, for the interpreter's emulation), then
+    _nf4_tables (8 words, which the kernel loads once per program and passes to the asm as
+    operands)."""
+    words = [v - (1 << 32) if v >= 1 << 31 else v for v in _nf4_tables()]
+    return device_table("nf4-idot", device, nf4_idot_codes() + words, torch.int32)
 
 
 def idot_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:

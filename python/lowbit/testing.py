@@ -153,6 +153,24 @@ def assert_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: torch.T
 FAST_QBLOCK = {"int8": 16, "int4": 8, "nf4": 8, "fp4": 8}
 FAST_QCHUNK = 32  # the quantized row is zero-padded to a multiple of this many columns
 @functools.lru_cache(maxsize=None)
+def nf4_absmax(qw) -> torch.Tensor:
+    """float64 [N, K]: each nf4 weight's block absmax (the decode of code 15, value 1.0; double
+    quantization included)."""
+    from . import reference as R
+    from .qweight import QuantizedWeight
+    return R.dequantize(QuantizedWeight(
+        "nf4", tuple(qw.shape), torch.full_like(qw.data, 0xFF), qw.scales,
+        group_size=qw.group_size, double_quant=qw.double_quant, dq_scale=qw.dq_scale,
+        dq_offset=qw.dq_offset)).double().abs()
+
+
+def nf4_code_error() -> float:
+    """max_i |round(8128 cb_i) / 8128 - cb_i|: how far the 14-bit nf4 codes (fast_nf4_codes,
+    used by the CPU fast path and the GPU integer-dot GEMV) are from the codebook, in absmax."""
+    from . import formats as F
+    return max(abs(i / 8128 - v) for i, v in zip(fast_nf4_codes(), F.NF4_CODEBOOK))
+
+
 def fast_nf4_codes() -> Tuple[int, ...]:
     """nf4's fast-path codes: the codebook rounded to 14 bits, round(8128 * value) (127 * 64)."""
     from . import formats as F
@@ -211,7 +229,6 @@ def fast_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
     """
     from . import formats as F
     from . import reference as R
-    from .qweight import QuantizedWeight
     N, K = qw.shape
     x2 = x.reshape(-1, K).float()
     B = FAST_QBLOCK[qw.fmt]
@@ -229,11 +246,9 @@ def fast_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
         z = torch.full_like(qw.scales, 8.0) if qw.zeros is None else qw.zeros.double()
         wmag = (c + R.per_element(z, g, K).double()) * R.per_element(qw.scales, g, K).double().abs()
     else:  # nf4: absmax per element = the decode of code 15 (1.0)
-        absmax = R.dequantize(QuantizedWeight(
-            "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
-            double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
+        absmax = nf4_absmax(qw)
         i16 = fast_nf4_codes()
-        e_cb = max(abs(i / 8128 - v) for i, v in zip(i16, F.NF4_CODEBOOK))
+        e_cb = nf4_code_error()
         tol = tol + xh.abs() @ (absmax * (e_cb + 1e-6)).T
         c = R.unpack_nibbles(qw.data, K).long()
         wmag = (torch.tensor(i16, dtype=torch.float64).abs()[c] + 128 * 129) * absmax / 8128
@@ -317,13 +332,8 @@ def idot_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
         # its 14-bit codes (at most e_cb absmax from the codebook) and the float32 sums of
         # terms up to (16320 / 8128) absmax per weight (the codes offset by 8192, taken back
         # out with the block sums)
-        from . import formats as F
-        from .qweight import QuantizedWeight
-        absmax = R.dequantize(QuantizedWeight(
-            "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
-            double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
-        e_cb = max(abs(i / 8128 - v) for i, v in zip(fast_nf4_codes(), F.NF4_CODEBOOK))
-        extra = extra + x2.double().abs() @ (absmax * (e_cb + 1e-5 * 16320 / 8128)).T
+        extra = extra + x2.double().abs() @ (nf4_absmax(qw) * (nf4_code_error()
+                                                               + 1e-5 * 16320 / 8128)).T
     eps = output_eps(expected.dtype)
     return (tol.double().reshape(-1, N) + extra * (1 + eps)).reshape(*expected.shape).float()
 

@@ -396,7 +396,7 @@ def _install_experts(model: nn.Module, doc: dict, path: str) -> None:
 
 def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
     """Replace every layer the file records as quantized by an empty one of that format."""
-    from ..nn import QuantLinear, is_linear_like, linear_weight
+    from ..nn import QuantLinear, is_conv1d, linear_weight
     from ..quantize.blocks import replace_module
     classes = _layer_classes()
     for name, layer in doc["layers"].items():
@@ -415,7 +415,7 @@ def _install_layers(model: nn.Module, doc: dict, path: str) -> None:
             raise CheckpointError(f"{path}: layer {name!r} has no valid shape in its state") from None
         if isinstance(mod, cls):
             target = mod
-        elif is_linear_like(mod) or isinstance(mod, nn.Linear):
+        elif isinstance(mod, nn.Linear) or is_conv1d(mod):
             # an nn.Linear, or a transformers Conv1D (weight [in, out]); an nn.Linear subclass
             # with its own forward too (e.g. FalconLinear): quantize_model replaced it only
             # after checking that it computes x @ W^T + b, which the meta skeleton cannot show

@@ -624,7 +624,7 @@ def plan_from_table(table: SensitivityTable, max_bits_per_weight: float) -> Mixe
                          f"candidate (e.g. {_label(table.candidates[j])}); raise the budget or add "
                          "cheaper candidates")
     notes: List[str] = []
-    pinned = set(getattr(table, "unmeasured", None) or ()) & set(table.names)
+    pinned = set(table.unmeasured) & set(table.names)
     sel = None
     if pinned:
         # No activations, no sensitivity: those layers take candidate 0 (the config's own

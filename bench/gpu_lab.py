@@ -86,12 +86,15 @@ def main(argv=None) -> int:
     ap.add_argument("--exact", default="1", help="gemm: EXACT values to try (int4)")
     ap.add_argument("--rega", default="0", help="gemm: REGA values to try (1: the register-operand "
                     "kernel, int4 with groups of a multiple of 128)")
+    ap.add_argument("--imma", default="0", help="gemm: IMMA values to try (1: the integer "
+                    "tensor-core GEMM, kernels/imma.py, where it takes the weight)")
     ap.add_argument("--verbose", action="store_true", help="print every candidate")
     ap.add_argument("--rep-ms", type=float, default=20)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     from lowbit.kernels import layout, plan, run_choice
     from lowbit.kernels.gemm import _gemm_kernel, _gemm_rega_kernel, gemm
+    from lowbit.kernels.imma import _gemm_imma_kernel
     from lowbit.kernels.gemv import _gemv_idot_kernel, _gemv_kernel, gemv
     from lowbit.kernels.select import Choice, sm_count
     dev = torch.device("cuda")
@@ -128,12 +131,13 @@ def main(argv=None) -> int:
                                  ints(a.prefetch), ints(a.idot))]
                 else:
                     space = [dict(BM=BM, BN=BN, CB=CB, num_warps=nw, num_stages=st, FULL_TILE=bool(fu),
-                                  SWAP=bool(sw), EXACT=bool(ex), REGA=bool(rg), GROUP_M=8,
-                                  _waves=waves, _gather=gather)
-                             for BM, BN, CB, st, nw, fu, sw, ex, rg, waves, gather in itertools.product(
+                                  SWAP=bool(sw), EXACT=bool(ex), REGA=bool(rg), IMMA=bool(im),
+                                  GROUP_M=8, _waves=waves, _gather=gather)
+                             for BM, BN, CB, st, nw, fu, sw, ex, rg, im, waves, gather in itertools.product(
                                  ints(a.bm), ints(a.bn), ints(a.cb), ints(a.stages), ints(a.warps),
                                  ints(a.full), ints(a.swap), ints(a.exact), ints(a.rega),
-                                 [float(v) for v in a.waves.split(",")], ints(a.gather))]
+                                 ints(a.imma), [float(v) for v in a.waves.split(",")],
+                                 ints(a.gather))]
                 for p in space:
                     waves, gather = p.pop("_waves"), p.pop("_gather")
                     nblk = gw.words_per_row // 16
@@ -146,6 +150,8 @@ def main(argv=None) -> int:
                         kern = _gemv_idot_kernel
                     if p.get("REGA"):
                         kern = _gemm_rega_kernel
+                    if p.get("IMMA"):
+                        kern = _gemm_imma_kernel
                     try:
                         fn = lambda: call(x, gw, None, out, LUT_GATHER=bool(gather), **p)  # noqa: E731
                         before = _compiled(kern)
@@ -168,7 +174,7 @@ def main(argv=None) -> int:
                     if err > 1e-2 or not math.isfinite(err):
                         print(f"  WRONG {fmt} {N}x{K} M={M} {p} gather={gather} err={err:.3g}", flush=True)
                         continue
-                    bk = p.get("IDOT", False)
+                    bk = (p.get("IDOT", False), p.get("REGA", False), p.get("IMMA", False))
                     if bk not in bests or us < bests[bk]["us"]:
                         bests[bk] = rec
                 for best in bests.values():

@@ -69,7 +69,8 @@ def candidates(M, N, K, fmt, sms):
                 p["IDOT"] = True
             out.append(Choice("gemv", p))
 
-    def gemm(BM, BN, CB, swap, warps, stages, full, exact=True, max_splits=3, rega=False):
+    def gemm(BM, BN, CB, swap, warps, stages, full, exact=True, max_splits=3, rega=False,
+             imma=False):
         progs = -(-M // BM) * -(-N // BN)
         for sk in splits(progs, max(1, nblk // CB))[:max_splits]:
             p = {"BM": BM, "BN": BN, "CB": CB, "SWAP": swap, "GROUP_M": 8, "SPLIT_K": sk,
@@ -78,6 +79,8 @@ def candidates(M, N, K, fmt, sms):
                 p["EXACT"] = False
             if rega:
                 p["REGA"] = True
+            if imma:
+                p["IMMA"] = True
             out.append(Choice("gemm", p))
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -99,6 +102,10 @@ def candidates(M, N, K, fmt, sms):
     if fmt == "int4" and 2 <= M <= 64:  # the register-operand GEMM (gemm_rega)
         for BN, stages in ((64, 3), (128, 3), (128, 4)):
             gemm(bm, BN, 1, True, 4, stages, False, max_splits=4, rega=True)
+        # the integer tensor-core GEMM (kernels/imma.py): H200 lab, M = 16: 0.97-1.10x of the
+        # register-operand GEMM; at M = 64 with x tiles of 32 rows (kernels/NOTES.md item 23)
+        for BM, BN, warps in ((16, 64, 4), (16, 128, 4), (min(bm, 32), 128, 4)):
+            gemm(BM, BN, 1, True, warps, 4, False, max_splits=4, imma=True)
     if 16 < M <= 64:
         for BN, CB, full in ((128, 1, False), (64, 2, True), (128, 1, True), (128, 2, True)):
             gemm(bm, BN, CB, True, 4, 3, full, max_splits=2)

@@ -39,7 +39,7 @@ from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_BLOCK_W, SCALE_PLA
                       TWO23, cast_out, codebook_lut, codebook_values, decode_absmax, hi_shift,
                       interpreting, k_split, launch, plane_value, rne_bf16, splitk_reduce,
                       tl_dtype)
-from .gemv import _use_pdl, gdc_launch_dependents, gdc_wait
+from .gemv import _use_pdl, gdc_launch_dependents, gdc_wait, idot_enabled
 from .layout import GPUWeight, group_const
 
 
@@ -324,13 +324,19 @@ def gemm_scale_mode(gw: GPUWeight, BK: int, exact: bool = True) -> int:
 
 def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, BN: int, CB: int,
          SPLIT_K: int = 1, GROUP_M: int = 8, SWAP: bool = False, EXACT: bool = True,
-         FULL_TILE: bool = False, REGA: bool = False, ASM: bool = True,
+         FULL_TILE: bool = False, REGA: bool = False, IMMA: bool = False, ASM: bool = True,
          num_warps: int = 4, num_stages: int = 3, dot_f32: bool = False, LUT_GATHER: bool = True,
          bind=None, **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias); x2d float16/bfloat16 with unit stride along K.
     ``bind``: as for gemv(), ``post`` the split-K reduction's (Launcher, args, grid) or None,
     ``pre`` None. ``REGA``: the register-operand kernel (gemm_rega) where it takes the weight
-    (else this kernel with the other parameters)."""
+    (else this kernel with the other parameters). ``IMMA``: the integer tensor-core GEMM on
+    15-bit-quantized x (kernels/imma.py) where it takes the weight and LOWBIT_GPU_EXACT is not
+    set (else REGA or this kernel)."""
+    from .imma import gemm_imma, imma_supported  # (imma.py builds on this module's helpers)
+    if IMMA and imma_supported(gw, x2d.dtype) and idot_enabled(x2d.device):
+        return gemm_imma(x2d, gw, bias, out, BM=BM, BN=BN, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M,
+                         num_warps=num_warps, num_stages=num_stages, bind=bind)
     KW = gw.words_per_row
     nblk = KW // 16
     CB, SPLIT_K, steps = k_split(nblk, CB, SPLIT_K)

@@ -311,6 +311,68 @@ def test_gemm_rega_rejects_what_it_cannot_take():
         gemm_rega(xf, layout.gpu_weight(qw), None, poisoned(2, 16, xf.dtype), BM=16, BN=16, CB=1)
 
 
+@pytest.mark.parametrize("case", REGA_CASES, ids=case_id)
+def test_gemm_imma_matches_reference(case, monkeypatch):
+    """The integer tensor-core GEMM (int4, kernels/imma.py), like the integer-dot GEMV's test:
+    on x as the kernel quantizes it (15-bit, testing.IMMA_XQ) it is float32 math on the
+    dequantized weight (exact integer sums, float32 scaling: the default tolerance); against
+    the reference on x itself it is within the bound of that quantization. Weights it does not
+    take (groups of 32 / 64) go to the GEMM with the other parameters, checked too."""
+    from lowbit.kernels import imma as IM
+    from lowbit.testing import IMMA_XQ, gpu_quantize_activations, idot_linear_tolerance
+    ran, orig = [], IM.gemm_imma
+    monkeypatch.setattr(IM, "gemm_imma", lambda *a, **k: ran.append(1) or orig(*a, **k))
+    fmt, opts = case
+    Ms = (1, 5, 16, 64, 300) if REAL_GPU else (1, 3, 17)
+    shapes = SHAPES if REAL_GPU else ((17, 300), (40, 256), (5, 128))
+    for i, (N, K) in enumerate(shapes):
+        qw = quantized(N, K, fmt, opts, seed=40 + i)
+        gw = layout.gpu_weight(qw)
+        for j, M in enumerate(Ms):
+            dt = HALF[(i + j) % 2]
+            g = torch.Generator().manual_seed(50 + i + j)
+            # activations with an outlier column and a spread of magnitudes within blocks
+            x = torch.randn(M, K, generator=g) * torch.rand(M, K, generator=g) * 2
+            x[:, (7 * i) % K] *= 40
+            if K > 128 and j == 0:  # a block below 2**-112: quantized to zeros
+                x[:, 128:256] = 1e-36
+            x = x.to(dt).to(DEV)
+            bias = make_x(1, N, torch.bfloat16, seed=51)[0] if (i + j) % 2 else None
+            BM = 16 if j % 2 else min(64, max(16, 1 << (M - 1).bit_length()))
+            params = dict(BM=BM, BN=(64, 128)[j % 2] if REAL_GPU else 16, CB=1, SWAP=True,
+                          IMMA=True, SPLIT_K=1 + (i + j) % 3, num_warps=4 + 4 * (j % 2),
+                          dot_f32=not REAL_GPU and dt == torch.bfloat16)
+            ran.clear()
+            out = gemm(x, gw, bias, poisoned(M, N, dt), **params)
+            took = IM.imma_supported(gw, dt)
+            assert len(ran) == int(took), (params, took)
+            msg = f"gemm IMMA {fmt} {opts} M={M} N={N} K={K} {dt} {params} (IMMA kernel: {took})"
+            if not took:
+                assert_linear_close(out, R.linear(x, qw, bias), x, qw, bias=bias,
+                                    rtol=gemm_rtol(qw, gw, K, dt, gw.block), msg=msg)
+                continue
+            x_hat, _, _ = gpu_quantize_activations(x, **IMMA_XQ)
+            assert_linear_close(out, R.linear(x_hat, qw, bias).to(dt), x_hat, qw, bias=bias,
+                                msg=msg)
+            want = R.linear(x, qw, bias)
+            r = linear_mismatch(out, want, x, qw, bias=bias,
+                                tol=idot_linear_tolerance(x, qw, want, bias, xq=IMMA_XQ))
+            assert r["ok"], (msg, r)
+
+
+def test_gemm_imma_rejects_what_it_cannot_take():
+    from lowbit.kernels.imma import gemm_imma
+    x = make_x(2, 256, torch.bfloat16)
+    for fmt, opts in (("nf4", {}), ("int4", {"group_size": 64}), ("int8", {})):
+        qw = quantized(16, 256, fmt, opts)
+        with pytest.raises(ValueError, match="IMMA"):
+            gemm_imma(x, layout.gpu_weight(qw), None, poisoned(2, 16, x.dtype), BM=16, BN=16)
+    qw = quantized(16, 256, "int4", {})
+    xf = make_x(2, 256, torch.float32)
+    with pytest.raises(ValueError, match="IMMA"):
+        gemm_imma(xf, layout.gpu_weight(qw), None, poisoned(2, 16, xf.dtype), BM=16, BN=16)
+
+
 def test_odd_group_sizes():
     """Groups that are multiples of 16 but not powers of two (48, 80): every kernel."""
     for fmt, g in (("int4", 48), ("nf4", 80), ("int8", 48), ("fp4", 80)):
@@ -440,13 +502,18 @@ def test_bound_gemm_calls_match_full_path(M, monkeypatch):
     lin = torch.nn.Linear(K, N).to(DEV)
     ql = lowbit.QuantLinear.from_linear(lin, "int4", group_size=128).to(DEV)
     qw = ql.qweight
-    for shape, bias, split in (((M, K), ql.bias, None), ((2, M, K), None, None),
-                               ((M, K), ql.bias, 4), ((M, K), None, 4)):
+    for shape, bias, split, extra in (((M, K), ql.bias, None, {}), ((2, M, K), None, None, {}),
+                                      ((M, K), ql.bias, 4, {}), ((M, K), None, 4, {}),
+                                      ((M, K), ql.bias, 2, {"REGA": True}),
+                                      ((M, K), ql.bias, 1, {"IMMA": True}),
+                                      ((M, K), None, 2, {"IMMA": True})):
         x = torch.randn(*shape, device=DEV).to(torch.bfloat16)
         qw.cache.pop(LK._BOUND, None)  # (a shape bound in an earlier round)
         ch = LK.plan(x, qw, x.numel() // K)
-        if split is not None:  # force the GEMM with split K (its own reduction launch)
-            ch = S.Choice("gemm", dict(BM=16, BN=64, CB=1, SWAP=True, SPLIT_K=split), "test")
+        if split is not None:  # force the GEMM with split K (its own reduction launch), the
+            # register-operand GEMM or the IMMA GEMM (each with its x preparation launch)
+            ch = S.Choice("gemm", dict(BM=16, BN=64, CB=1, SWAP=True, SPLIT_K=split, **extra),
+                          "test")
         assert ch.kernel in ("gemv", "gemm"), ch
         monkeypatch.setattr(LK, "plan", lambda *a, **k: ch)
         with torch.no_grad():
@@ -460,7 +527,14 @@ def test_bound_gemm_calls_match_full_path(M, monkeypatch):
         for y in ys:
             assert y.shape == (*shape[:-1], N)
             assert torch.equal(y, full), (shape, ch)
-        assert_linear_close(full, R.linear(x, qw, bias), x, qw, bias=bias)
+        if ch.params.get("IMMA"):  # x quantized to 15 bits (test_gemm_imma_matches_reference)
+            from lowbit.testing import IMMA_XQ, idot_linear_tolerance
+            want = R.linear(x, qw, bias)
+            r = linear_mismatch(full, want, x, qw, bias=bias,
+                                tol=idot_linear_tolerance(x, qw, want, bias, xq=IMMA_XQ))
+            assert r["ok"], (shape, ch, r)
+        else:
+            assert_linear_close(full, R.linear(x, qw, bias), x, qw, bias=bias)
 
 
 def test_launcher_direct_path_assembles_the_arguments(monkeypatch):

@@ -290,22 +290,26 @@ def assert_fast_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: to
 # Its activations are quantized to 16-bit integers with a power-of-two scale per layout block
 # (kernels/gemv.py, _xquant_kernel); this is that quantizer in torch, for tests and selftest.
 GPU_XQ_BLOCK = {"int4": 128, "int8": 64, "nf4": 128}  # elements per block, by weight format
+IMMA_XQ = dict(block=128, shift=13, qmax=1 << 14)  # the IMMA GEMM's x quantization (int4)
 
 
-def gpu_quantize_activations(x2d: torch.Tensor, block: int):
+def gpu_quantize_activations(x2d: torch.Tensor, block: int, shift: int = 14,
+                             qmax: int = 32767):
     """``x [M, K]`` -> ``(x_hat, q, scale)``: per block of ``block`` columns (the row
-    zero-padded), E the exponent of max |x|, scale = 2**(E - 14), q = round_half_even(x / scale)
-    clamped to +-32767, x_hat = q * scale (float32, exact) [M, K]. A block with max |x| below
-    2**-112 gives scale 0 and q = 0; a non-finite block gives scale NaN and q = 0."""
+    zero-padded), E the exponent of max |x|, scale = 2**(E - shift),
+    q = round_half_even(x / scale) clamped to +-qmax, x_hat = q * scale (float32, exact) [M, K].
+    A block with max |x| below 2**-112 gives scale 0 and q = 0; a non-finite block gives scale
+    NaN and q = 0. The integer-dot GEMV's scheme is the default (shift 14, qmax 32767); the IMMA
+    GEMM's is ``IMMA_XQ`` (shift 13: |q| <= 2**14, no clamp)."""
     M, K = x2d.shape
     nb = -(-K // block)
     xp, bits = _blocks_absmax_bits(x2d, block, nb * block)
     E = (bits >> 23) - 127
     finite = bits < 0x7F800000
     live = finite & (E >= -112)
-    e = torch.where(live, E - 14, torch.zeros_like(E))
+    e = torch.where(live, E - shift, torch.zeros_like(E))
     inv = ((127 - e) << 23).view(torch.float32)
-    q = torch.round(xp * inv[..., None]).clamp(-32767, 32767)
+    q = torch.round(xp * inv[..., None]).clamp(-qmax, qmax)
     q = torch.where(live[..., None], q, torch.zeros_like(q))
     scale = torch.where(live, ((127 + e) << 23).view(torch.float32),
                         torch.where(finite, torch.zeros_like(inv), torch.full_like(inv, math.nan)))
@@ -314,16 +318,19 @@ def gpu_quantize_activations(x2d: torch.Tensor, block: int):
 
 
 def idot_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
-                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Bound on |integer-dot GEMV - reference| for ``linear(x, qw, bias)``: the float32
+                          bias: Optional[torch.Tensor] = None, xq: Optional[dict] = None
+                          ) -> torch.Tensor:
+    """Bound on |integer-dot kernel - reference| for ``linear(x, qw, bias)``: the float32
     tolerance of :func:`linear_tolerance` plus the activation rounding, sum_k |w_k| scale_k / 2
-    (scale_k <= 2**-14 max |x| of x_k's block; |x_k| where a block quantizes to zeros), not
-    fitted."""
+    (scale_k the quantization step of x_k's block; |x_k| where a block quantizes to zeros), not
+    fitted. ``xq``: the kernel's quantization of x (:func:`gpu_quantize_activations`'
+    arguments: ``IMMA_XQ`` for the IMMA GEMM; default the integer-dot GEMV's)."""
     from . import reference as R
     N, K = qw.shape
     x2 = x.reshape(-1, K)
-    _, _, scale = gpu_quantize_activations(x2, GPU_XQ_BLOCK[qw.fmt])
-    s_el = scale.repeat_interleave(GPU_XQ_BLOCK[qw.fmt], dim=1)[:, :K].double()
+    xq = xq or dict(block=GPU_XQ_BLOCK[qw.fmt])
+    _, _, scale = gpu_quantize_activations(x2, **xq)
+    s_el = scale.repeat_interleave(xq["block"], dim=1)[:, :K].double()
     tol = linear_tolerance(x, qw, expected=expected, bias=bias, out_dtype=expected.dtype)
     # a block quantized to zeros (max |x| below 2**-112) loses its whole contribution
     lost = torch.where(s_el == 0, x2.double().abs(), 0.5 * s_el)
@@ -341,4 +348,4 @@ def idot_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
 __all__ = ["accumulation_rtol", "output_eps", "linear_tolerance", "linear_mismatch",
            "assert_linear_close", "UNIT_ROUNDOFF_F32", "fast_quantize_activations",
            "fast_linear_tolerance", "fast_linear_mismatch", "assert_fast_linear_close",
-           "GPU_XQ_BLOCK", "gpu_quantize_activations", "idot_linear_tolerance"]
+           "GPU_XQ_BLOCK", "IMMA_XQ", "gpu_quantize_activations", "idot_linear_tolerance"]

@@ -108,6 +108,29 @@ def decode_absmax(codes, step, lo, zero_rt):
     return t + lo
 
 
+XQ_MIN_EXP = tl.constexpr(-112)  # a block whose max |x| is below 2**-112 quantizes to zeros
+
+
+@triton.jit
+def pow2_block_quantize(x, SHIFT: tl.constexpr):
+    """One block of activations (float32, 2-D) -> (r, scale, live) for the integer kernels:
+    E the exponent of the block's max |x|, e = E - SHIFT, r = x / 2**e rounded to the nearest
+    integer (ties to even; exact steps: a power-of-two scaling, then one rounding), as float32
+    with |r| <= 2**(SHIFT + 1); scale = 2**e. A block below 2**XQ_MIN_EXP is not ``live``
+    (the caller zeroes it; scale 0); a non-finite block has scale NaN."""
+    amax = tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0)
+    E = (amax >> 23) - 127
+    finite = amax < 0x7F800000
+    live = finite & (E >= XQ_MIN_EXP)
+    e = tl.where(live, E - SHIFT, 0)
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
+    v = x * inv  # exact
+    r = (v + 12582912.0) - 12582912.0  # nearest integer, ties to even (|v| < 2**22)
+    scale = tl.where(live, ((127 + e) << 23).to(tl.float32, bitcast=True),
+                     tl.where(finite, 0.0, float("nan")))
+    return r, scale, live
+
+
 @triton.jit
 def rne_bf16(x):
     """float32 rounded to the nearest bfloat16 (ties to even), kept in float32.

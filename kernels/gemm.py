@@ -574,14 +574,23 @@ def gemm_rega(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
                   GROUP_M=GROUP_M, DOT_DTYPE=tl_dtype(x2d.dtype), DOT_F32=bool(dot_f32),
                   STEPS_CONST=steps if interpreting() else 0, PDL=pdl,
                   ASM=bool(ASM) and not interpreting())
+    return launch_after_prep(_gemm_rega_kernel, grid, args, consts, num_warps, num_stages,
+                             (plauncher, pargs, (M, nblk)), pdl, ws, bias, out, bind)
+
+
+def launch_after_prep(kernel, grid, args, consts: dict, num_warps: int, num_stages: int, pre,
+                      pdl: bool, ws, bias, out, bind) -> torch.Tensor:
+    """Launch a GEMM that reads a buffer its x preparation ``pre`` = (launcher, args, grid)
+    wrote (as its programmatic dependent when ``pdl``), then the split-K reduction when its
+    grid splits K (``ws`` is the workspace), and record the launches in ``bind`` (as gemm())."""
     if pdl:
         consts["launch_pdl"] = True  # a launch option (programmatic dependent launch)
-    launcher = launch(_gemm_rega_kernel, grid, args, consts, num_warps, num_stages)
+    launcher = launch(kernel, grid, args, consts, num_warps, num_stages)
+    split_k = grid[1]
     post: list = []
-    if SPLIT_K > 1:
+    if split_k > 1:
         splitk_reduce(ws, bias, out, bind=post if bind is not None else None)
-    if (bind is not None and launcher is not None and plauncher is not None
-            and (SPLIT_K == 1 or post)):
-        bind.append((launcher, args, grid, SPLIT_K, post[0] if post else None,
-                     (plauncher, pargs, (M, nblk))))
+    if (bind is not None and launcher is not None and pre[0] is not None
+            and (split_k == 1 or post)):
+        bind.append((launcher, args, grid, split_k, post[0] if post else None, pre))
     return out

@@ -34,9 +34,8 @@ except ImportError:  # pragma: no cover - older Triton
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, cast_out,
                       codebook_lut, codebook_values, decode_absmax, device_table, emulate_bf16,
-                      hi_shift,
-                      interpreting, k_split, launch, plane_value, split_counters,
-                      splitk_reduce)
+                      hi_shift, interpreting, k_split, launch, plane_value,
+                      pow2_block_quantize, split_counters, splitk_reduce)
 from .layout import GPUWeight, group_const
 
 
@@ -235,7 +234,6 @@ def _finish(y, m, pid_n, pid_k, offs_n, n_ok, M, N, stride_om, split_k, bias_ptr
 # instead of 3-5 instructions per weight. Per block: y += s_w * 2**e * (sum - zero * sum_i q_i).
 # Under the Triton interpreter (no inline PTX) the same integers come from shifts and products.
 # float32 activations keep the float32 GEMV (exact products); LOWBIT_GPU_EXACT=1 turns IDOT off.
-XQ_MIN_EXP = tl.constexpr(-112)  # a block whose max |x| is below 2**-112 quantizes to zeros (scale 0)
 
 
 def idot_ops(bits: int) -> int:
@@ -269,17 +267,8 @@ def _xquant_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, P: tl.constexpr, GROUPE
     jj = tl.arange(0, 16)[None, :]
     k = b * (16 * P) + ii * 16 + jj  # [P, 16]: plane i, word j
     x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0)
-    E = (amax >> 23) - 127
-    finite = amax < 0x7F800000
-    live = finite & (E >= XQ_MIN_EXP)
-    e = tl.where(live, E - 14, 0)
-    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
-    v = x * inv  # exact
-    r = (v + 12582912.0) - 12582912.0  # round to the nearest integer, ties to even (|v| < 2**22)
+    r, scale, live = pow2_block_quantize(x, 14)
     q = tl.where(live, tl.minimum(tl.maximum(r, -32767.0), 32767.0), 0.0).to(tl.int32)
-    scale = tl.where(live, ((127 + e) << 23).to(tl.float32, bitcast=True),
-                     tl.where(finite, 0.0, float("nan")))
     hi = (q >> 8) & 255
     lo = q & 255
     row = m.to(tl.int64) * NBLK + b

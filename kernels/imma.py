@@ -31,13 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import emulate_bf16, interpreting, k_split, launch, splitk_reduce
-from .gemm import _mn_tile, _store_tile
+from ._common import emulate_bf16, interpreting, k_split, launch, pow2_block_quantize
+from .gemm import _mn_tile, _store_tile, launch_after_prep
 from .gemv import _use_pdl, gdc_launch_dependents, gdc_wait
 from .layout import GPUWeight, group_const
-
-XQ8_MIN_EXP = tl.constexpr(-112)  # a block whose max |x| is below 2**-112 quantizes to zeros
-
 
 def xq8_numel(M: int, nblk: int) -> int:
     """int32 elements of the prepared x: bytes [M, nblk, plane 2, half 2, 64], then the float32
@@ -56,14 +53,7 @@ def _xq8_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, PDL: tl.constexpr):
     j = tl.arange(0, 64)[None, :]
     k = b * 128 + 32 * (j % 4) + 16 * p + j // 4  # [2, 64]: plane p, byte j
     x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0)
-    E = (amax >> 23) - 127
-    finite = amax < 0x7F800000
-    live = finite & (E >= XQ8_MIN_EXP)
-    e = tl.where(live, E - 13, 0)
-    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
-    v = x * inv  # exact
-    r = (v + 12582912.0) - 12582912.0  # nearest integer, ties to even (|v| < 2**22)
+    r, scale, live = pow2_block_quantize(x, 13)
     q = tl.where(live, r, 0.0).to(tl.int32)
     h = (q + 128) >> 8
     lo = q - 256 * h
@@ -71,8 +61,6 @@ def _xq8_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, PDL: tl.constexpr):
     dst = xq_ptr.to(tl.pointer_type(tl.int8)) + row * 256 + p * 128 + j
     tl.store(dst, h.to(tl.int8))
     tl.store(dst + 64, lo.to(tl.int8))
-    scale = tl.where(live, ((127 + e) << 23).to(tl.float32, bitcast=True),
-                     tl.where(finite, 0.0, float("nan")))
     tail = xq_ptr + tl.cast(M, tl.int64) * NBLK * 64
     tl.store(tail.to(tl.pointer_type(tl.float32)) + row, scale)
     tl.store(tail + tl.cast(M, tl.int64) * NBLK + row, tl.sum(tl.sum(q, axis=1), axis=0))
@@ -222,14 +210,5 @@ def gemm_imma(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
                   K_EXACT=nblk % steps == 0, BM=BM, BN=BN, GROUP_M=GROUP_M, EMU=emu,
                   EMULATE_BF16=emulate_bf16(out.dtype),
                   STEPS_CONST=steps if emu else 0, PDL=pdl)
-    if pdl:
-        consts["launch_pdl"] = True
-    launcher = launch(_gemm_imma_kernel, grid, args, consts, num_warps, num_stages)
-    post: list = []
-    if SPLIT_K > 1:
-        splitk_reduce(ws, bias, out, bind=post if bind is not None else None)
-    if (bind is not None and launcher is not None and plauncher is not None
-            and (SPLIT_K == 1 or post)):
-        bind.append((launcher, args, grid, SPLIT_K, post[0] if post else None,
-                     (plauncher, pargs, (M, nblk))))
-    return out
+    return launch_after_prep(_gemm_imma_kernel, grid, args, consts, num_warps, num_stages,
+                             (plauncher, pargs, (M, nblk)), pdl, ws, bias, out, bind)

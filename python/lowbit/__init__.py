@@ -65,10 +65,11 @@ def backend_info() -> dict:
                            else "dequantize + torch matmul (no Triton kernels on this machine)")
     if kernels is not None:
         from lowbit.kernels.gemv import idot_enabled
-        info["gpu_small_m"] = ("float32 GEMV only (LOWBIT_GPU_EXACT=1)" if not idot_enabled() else
-                               "integer-dot GEMV where tuned / chosen (16-bit activations, "
-                               "int4 / int8), float32 GEMV elsewhere; int4 at M 3-64: "
-                               "register-operand tensor-core GEMM")
+        info["gpu_small_m"] = ("float32 GEMV and exact GEMMs only (LOWBIT_GPU_EXACT=1)"
+                               if not idot_enabled() else
+                               "integer-dot GEMV at M <= 2 (16-bit activations, int4 / int8 / "
+                               "nf4), float32 GEMV elsewhere; int4 at M 3-64: register-operand "
+                               "tensor-core GEMM, or the integer tensor-core GEMM where tuned")
     return info
 
 

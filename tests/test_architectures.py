@@ -204,10 +204,97 @@ def test_quant_linear_weight_is_a_read_only_copy():
     w = q.weight
     assert w.dtype == torch.bfloat16 and torch.equal(w, q.dequantize(torch.bfloat16))
     assert type(w @ torch.ones(64, dtype=torch.bfloat16)) is torch.Tensor
-    for write in (lambda t: t.div_(2), lambda t: t.copy_(t), lambda t: t.__setitem__(0, 1.0),
-                  lambda t: t.__imul__(2)):
+    before = q.dequantize()
+    for write in (lambda t: t.copy_(t), lambda t: t.__setitem__(0, 1.0), lambda t: t.add_(1),
+                  lambda t: t.mul_(-2), lambda t: t.mul_(0), lambda t: t.div_(float("inf")),
+                  lambda t: t.mul_(torch.ones(2)), lambda t: t.mul_(t),
+                  lambda t: t.div_(2, rounding_mode="floor"), lambda t: t.__iadd__(2)):
         with pytest.raises(RuntimeError, match="in-place .* QuantLinear's weight"):
             write(q.weight)
+    assert torch.equal(q.dequantize(), before)  # nothing changed
+    w = q.weight
+    del q  # the layer is gone: nothing to scale
+    with pytest.raises(RuntimeError, match="in-place"):
+        w.mul_(2)
+
+
+@pytest.mark.parametrize("fmt,opts", [("int8", {}), ("int4", {"group_size": 32}),
+                                      ("int4", {"symmetric": True}),
+                                      ("int4", {"zero_point": "float", "group_size": 32}),
+                                      ("nf4", {"double_quant": True}), ("fp4", {})])
+def test_quant_linear_weight_scaling_in_place_reaches_the_packed_weight(fmt, opts):
+    """weight.div_(2 ** k) / mul_ (what RWKV does to two weights per block) scales the packed
+    weight's scales: exactly for powers of two, codes untouched, caches rebuilt, and mul_
+    undoes div_ bit for bit; outlier columns scale with it."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48)
+    q = QuantLinear.from_linear(lin, fmt, **opts)
+    x = torch.randn(3, 128)
+    y0 = q(x)  # (caches the CPU packed copy)
+    w0, codes = q.dequantize(), q.weight_data.clone()
+    q.weight.div_(8)
+    assert torch.equal(q.weight_data, codes)
+    assert torch.equal(q.dequantize(), w0 / 8)
+    torch.testing.assert_close(q(x), (y0 - q.bias) / 8 + q.bias, rtol=1e-5, atol=1e-5)
+    w = q.weight
+    w *= 8
+    assert torch.equal(w, w0) and torch.equal(q.dequantize(), w0) and torch.equal(q(x), y0)
+    q.weight.mul_(torch.tensor(3.0))  # not a power of two: one rounding per scale (and offset)
+    # a few float32 roundings of terms up to ~2x the largest weight (the float offset and
+    # q * s of int4 zero_point="float" cancel), times the 3
+    torch.testing.assert_close(q.dequantize(), w0 * 3, rtol=0,
+                               atol=3 * 2 ** -19 * float(w0.abs().max()))
+    w3 = q.dequantize()
+    for divide in (False, True):  # float32 scales of ~1e-3 times / over 1e45: out of range
+        with pytest.raises(ValueError, match="over- or underflows"):
+            q.scale_weight_(1e45, divide=divide)
+    assert torch.equal(q.dequantize(), w3)  # refused: nothing changed
+
+
+def test_scaling_in_place_covers_outlier_columns():
+    torch.manual_seed(1)
+    lin = nn.Linear(64, 16)
+    cols = torch.tensor([3, 40])
+    q = QuantLinear.from_quantized(lowbit.quantize_weight(lin.weight.detach(), "int8"), lin.bias,
+                                   outlier_cols=cols, outlier_weight=lin.weight.detach()[:, cols])
+    w0 = q.dequantize()
+    q.weight.div_(4)
+    assert torch.equal(q.dequantize(), w0 / 4)
+
+
+def tiny_rwkv(seed=0):
+    from transformers import RwkvConfig, RwkvForCausalLM
+    torch.manual_seed(seed)
+    cfg = RwkvConfig(vocab_size=V, hidden_size=64, num_hidden_layers=4, attention_hidden_size=64,
+                     intermediate_size=128, context_length=64, rescale_every=2)
+    return RwkvForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def test_rwkv_rescales_its_quantized_layers(tmp_path):
+    """RWKV divides two weights of every block by 2 ** (block // rescale_every) in place on its
+    first inference forward (and multiplies them back for training): with QuantLinear layers
+    that reaches the packed scales, so the quantized model runs, matches its fake-quantized
+    float twin, and survives train() / eval() round trips."""
+    model = tiny_rwkv()
+    cfg = QuantConfig(format="int8")
+    fake = copy.deepcopy(model)
+    E.fake_quantize_config(fake, cfg)
+    ids = token_batches(vocab=V)[0]
+    quantize_model(model, cfg, progress=False)
+    assert isinstance(model.rwkv.blocks[3].attention.output, QuantLinear)
+    got = model(ids).logits
+    assert model.rwkv.layers_are_rescaled
+    torch.testing.assert_close(got, fake(ids).logits, rtol=1e-4, atol=1e-4)
+    model.train()
+    model(ids)  # multiplies the weights back
+    model.eval()
+    assert torch.equal(model(ids).logits, got)
+    out = model.generate(ids[:, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (ids.shape[0], 7)
+    # saved rescaled: the file says so, and the fresh model does not rescale a second time
+    again = assert_reloads(model, tmp_path / "rwkv.lowbit", lambda: tiny_rwkv(seed=1), ids, got)
+    assert again.rwkv.layers_are_rescaled
 
 
 class _TwoWidths(nn.Module):

@@ -124,9 +124,14 @@ def _probe(cfg: Dict[str, Any]) -> QuantizedWeight:
 
 class DequantizedWeight(torch.Tensor):
     """What ``QuantLinear.weight`` returns: a float copy of the packed weight. Any operation
-    gives plain tensors; an in-place one (``div_``, ``copy_``, ``x[i] = v``, ``x *= 2``)
-    raises, since the change would be lost with the copy (RWKV's rescaling writes to its
-    layers' weights, for instance)."""
+    gives plain tensors. In place, only a scaling by a positive finite scalar (``mul_``,
+    ``div_``, ``*=``, ``/=``) is allowed: it is applied to the layer's packed weight too, by
+    scaling its scales (and float offsets, double-quantization constants and float outlier
+    columns), exactly for powers of two (RWKV rescales two weights of every block that way when
+    it switches between training and inference). Any other in-place operation (``copy_``,
+    ``x[i] = v``, ``add_``, ...) raises, since the change would be lost with the copy."""
+
+    _lowbit_owner = None  # weakref to the QuantLinear it was decoded from
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -134,12 +139,35 @@ class DequantizedWeight(torch.Tensor):
         inplace = (name.endswith("_") and not name.endswith("__")) or name == "__setitem__" or (
             name.startswith("__i") and name.endswith("__") and name[3:-2] in _INPLACE_DUNDERS)
         if inplace:
-            raise RuntimeError(
-                f"in-place {name} on a QuantLinear's weight: it is a float copy decoded from the "
-                "packed weight, so the change would be lost. Change the float model before "
-                "quantizing it (or quantize the changed weight again)")
+            ref = getattr(args[0], "_lowbit_owner", None) if args else None
+            owner = ref() if ref is not None else None
+            op = _SCALINGS.get(name)
+            c = _positive_scalar(args[1]) if op and len(args) == 2 and not kwargs else None
+            if owner is None or c is None:
+                raise RuntimeError(
+                    f"in-place {name} on a QuantLinear's weight: it is a float copy decoded from "
+                    "the packed weight, so the change would be lost (only a scaling by a positive "
+                    "scalar, mul_ / div_, is applied to the packed weight). Change the float "
+                    "model before quantizing it (or quantize the changed weight again)")
+            owner.scale_weight_(c, divide=op == "div")
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
+
+
+_SCALINGS = {"mul_": "mul", "__imul__": "mul", "div_": "div", "__itruediv__": "div"}
+
+
+def _positive_scalar(v) -> Optional[float]:
+    """``v`` as a float when it is a positive finite real scalar (a number or a one-element
+    tensor), else None."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.is_complex() or v.dtype == torch.bool:
+            return None
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if np.isfinite(v) and v > 0 else None
 
 
 _INPLACE_DUNDERS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and",
@@ -332,9 +360,43 @@ class QuantLinear(nn.Module):
         model code that reads ``layer.weight`` of a linear directly (``nn.MultiheadAttention``'s
         out_proj, Mamba's ``dt_proj.weight @ x``, ``.weight.dtype`` checks). Decoded on every
         access and never kept, so it costs a dequantization each time; it is a copy, so
-        writing to it in place raises (:class:`DequantizedWeight`)."""
+        writing to it in place raises, except a scaling by a positive scalar, which reaches the
+        packed weight (:class:`DequantizedWeight`, :meth:`scale_weight_`)."""
         dtype = self.bias.dtype if self.bias is not None else torch.float32
-        return self.dequantize(dtype).as_subclass(DequantizedWeight)
+        w = self.dequantize(dtype).as_subclass(DequantizedWeight)
+        w._lowbit_owner = weakref.ref(self)
+        return w
+
+    @torch.no_grad()
+    def scale_weight_(self, c: float, divide: bool = False) -> "QuantLinear":
+        """Scale the effective weight in place, W <- W * c (W / c with ``divide``), c a positive
+        finite scalar, through the packed weight's scales (with double quantization: its
+        constants; int4 with float offsets: the offsets too) and the float outlier columns;
+        the codes are untouched. Exact when c is a power of two (and nothing over- or
+        underflows); otherwise each scale is rounded once. Bias and input transforms are
+        unchanged."""
+        c = _positive_scalar(c)
+        if c is None:
+            raise ValueError("scale_weight_ takes a positive finite scalar")
+        names = ["weight_dq_scale", "weight_dq_offset"] if self._config["double_quant"] else \
+            ["weight_scales"]
+        if self._config.get("zero_point") == "float" and not self._config["symmetric"]:
+            names.append("weight_zeros")
+        names.append("outlier_weight")
+        new = {}
+        for n in names:
+            t = self._buffers.get(n)
+            if t is None:
+                continue
+            v = t / c if divide else t * c
+            if not torch.isfinite(v).all() or bool(((v == 0) & (t != 0)).any()):
+                raise ValueError(f"scaling {n} by {'1 / ' if divide else ''}{c:g} over- or "
+                                 "underflows its dtype")
+            new[n] = v
+        for n, v in new.items():
+            self._buffers[n].copy_(v)
+        self.__dict__.pop("_qw", None)  # a fresh QuantizedWeight: no repacked copy of the old
+        return self
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The effective weight [N, K]: the packed weight with the outlier columns (if any)

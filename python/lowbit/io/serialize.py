@@ -22,6 +22,7 @@ File format (one ``.safetensors`` file, readable by any safetensors reader)
        "aliases": {"lm_head.weight": "model.embed_tokens.weight"},
        "non_persistent": ["model.rotary_emb.inv_freq", ...],
        "extra_state": {},            # other modules' JSON-serialisable get_extra_state()
+       "module_flags": {"rwkv": {"layers_are_rescaled": true}},  # WEIGHT_STATE_FLAGS, set on load
        "crc32": {"<tensor name>": <zlib.crc32 of its bytes>, ...}}
 
   ``state`` is the layer's ``get_extra_state()`` (``QuantizedWeight.config()`` plus a version).
@@ -170,6 +171,9 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
 
 
 # ---- save ---------------------------------------------------------------------------------
+WEIGHT_STATE_FLAGS = ("layers_are_rescaled",)  # transformers' RWKV (see save)
+
+
 def save(model: nn.Module, path: PathLike) -> None:
     """Write ``model`` (quantized with lowbit or not) to ``path`` as a lowbit checkpoint.
 
@@ -208,6 +212,14 @@ def save(model: nn.Module, path: PathLike) -> None:
                                 "JSON-serialisable; lowbit checkpoints store no pickled objects") from None
             extra[name] = state
 
+    # module flags that say the stored weights were already transformed in place (RWKV scales
+    # two weights per block for inference and marks it): restored on load, so the fresh model
+    # does not apply the transformation a second time
+    flags = {name: {a: getattr(mod, a) for a in WEIGHT_STATE_FLAGS
+                    if isinstance(getattr(mod, a, None), bool)}
+             for name, mod in model.named_modules()}
+    flags = {k: v for k, v in flags.items() if v}
+
     tensors: Dict[str, torch.Tensor] = {}
     aliases: Dict[str, str] = {}
     non_persistent: List[str] = []
@@ -234,7 +246,8 @@ def save(model: nn.Module, path: PathLike) -> None:
         tensors[name] = c
     doc = {"format_version": FORMAT_VERSION, "lowbit_version": lowbit.__version__,
            "layers": layers, "experts": experts, "aliases": aliases, "non_persistent": non_persistent,
-           "extra_state": extra, "crc32": {k: _crc32(v) for k, v in tensors.items()}}
+           "extra_state": extra, "module_flags": flags,
+           "crc32": {k: _crc32(v) for k, v in tensors.items()}}
     metadata = {"format": "pt", VERSION_KEY: str(FORMAT_VERSION), DOC_KEY: json.dumps(doc)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -329,6 +342,9 @@ def _check_doc(doc, info: dict, path: str) -> None:
                      ("extra_state", dict), ("crc32", dict)):
         if not isinstance(doc.get(key), typ):
             bad(f"{key!r} missing or not a {typ.__name__}")
+    if not isinstance(doc.get("module_flags", {}), dict) or not all(
+            isinstance(v, dict) for v in doc.get("module_flags", {}).values()):
+        bad("'module_flags' not an object of objects")
     classes = _layer_classes()
     for name, layer in doc["layers"].items():
         if not isinstance(layer, dict) or not isinstance(layer.get("state"), dict) \
@@ -585,6 +601,16 @@ def _load_into(path: str, doc: dict, info: Dict[str, dict], model: nn.Module,
                     lowbit_nn._check_outlier_cols(cols, mod.in_features, cols.device, sort=True)
             except (ValueError, TypeError) as e:
                 raise CheckpointError(f"{path}: layer {name!r}: {e}") from None
+    for name, fl in doc.get("module_flags", {}).items():  # (files before session 14: none)
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: module flags for {name!r}, which the model lacks") from None
+        for a, v in fl.items():
+            if a not in WEIGHT_STATE_FLAGS or not isinstance(v, bool) \
+                    or not isinstance(getattr(target, a, None), bool):
+                raise CheckpointError(f"{path}: module {name!r}: unexpected flag {a!r} = {v!r}")
+            setattr(target, a, v)
     for name, state in doc["extra_state"].items():
         try:
             target = model.get_submodule(name)

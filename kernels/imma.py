@@ -36,6 +36,7 @@ from .gemm import _mn_tile, _store_tile, launch_after_prep
 from .gemv import _use_pdl, gdc_launch_dependents, gdc_wait
 from .layout import GPUWeight, group_const
 
+
 def xq8_numel(M: int, nblk: int) -> int:
     """int32 elements of the prepared x: bytes [M, nblk, plane 2, half 2, 64], then the float32
     block scales [M, nblk] and the int32 block sums of q [M, nblk]."""

@@ -152,7 +152,8 @@ def assert_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: torch.T
 # C.QBLOCK (tests check they agree).
 FAST_QBLOCK = {"int8": 16, "int4": 8, "nf4": 8, "fp4": 8}
 FAST_QCHUNK = 32  # the quantized row is zero-padded to a multiple of this many columns
-@functools.lru_cache(maxsize=None)
+
+
 def nf4_absmax(qw) -> torch.Tensor:
     """float64 [N, K]: each nf4 weight's block absmax (the decode of code 15, value 1.0; double
     quantization included)."""
@@ -171,6 +172,7 @@ def nf4_code_error() -> float:
     return max(abs(i / 8128 - v) for i, v in zip(fast_nf4_codes(), F.NF4_CODEBOOK))
 
 
+@functools.lru_cache(maxsize=None)
 def fast_nf4_codes() -> Tuple[int, ...]:
     """nf4's fast-path codes: the codebook rounded to 14 bits, round(8128 * value) (127 * 64)."""
     from . import formats as F

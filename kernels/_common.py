@@ -338,6 +338,17 @@ def launch(kernel, grid, args, constexprs: dict, num_warps: int, num_stages: int
     return launcher
 
 
+def launch_x_prep(kernel, numel: int, x2d: torch.Tensor, nblk: int, constexprs: dict,
+                  num_warps: int):
+    """The x preparation of the integer-dot GEMV and the register-operand / IMMA GEMMs: one
+    program per (row of x, layout block) writes an int32 buffer of ``numel`` elements that the
+    matmul then reads in x's place. Returns (buffer, (Launcher, args, grid)) for binding."""
+    M, K = x2d.shape
+    xq = torch.empty(numel, dtype=torch.int32, device=x2d.device)
+    args = (x2d, xq, M, K, nblk, x2d.stride(0))
+    return xq, (launch(kernel, (M, nblk), args, constexprs, num_warps, 1), args, (M, nblk))
+
+
 def _stage_key(kernel, constexprs, num_warps, num_stages):
     return (id(kernel), tuple(sorted((k, str(v)) for k, v in constexprs.items())), num_warps,
             num_stages)

@@ -37,8 +37,8 @@ import triton.language as tl
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_BLOCK_W, SCALE_PLANE, SCALE_ROW,
                       TWO23, cast_out, codebook_lut, codebook_values, decode_absmax, hi_shift,
-                      interpreting, k_split, launch, plane_value, rne_bf16, splitk_reduce,
-                      tl_dtype)
+                      interpreting, k_split, launch, launch_x_prep, plane_value, rne_bf16,
+                      splitk_reduce, tl_dtype)
 from .gemv import _use_pdl, gdc_launch_dependents, gdc_wait, idot_enabled
 from .layout import GPUWeight, group_const
 
@@ -333,10 +333,12 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
     (else this kernel with the other parameters). ``IMMA``: the integer tensor-core GEMM on
     15-bit-quantized x (kernels/imma.py) where it takes the weight and LOWBIT_GPU_EXACT is not
     set (else REGA or this kernel)."""
-    from .imma import gemm_imma, imma_supported  # (imma.py builds on this module's helpers)
-    if IMMA and imma_supported(gw, x2d.dtype) and idot_enabled(x2d.device):
-        return gemm_imma(x2d, gw, bias, out, BM=BM, BN=BN, SPLIT_K=SPLIT_K, GROUP_M=GROUP_M,
-                         num_warps=num_warps, num_stages=num_stages, bind=bind)
+    if IMMA:
+        from .imma import gemm_imma, imma_supported  # (imma.py builds on this module's helpers)
+        if imma_supported(gw, x2d.dtype) and idot_enabled(x2d.device):
+            return gemm_imma(x2d, gw, bias, out, BM=BM, BN=BN, SPLIT_K=SPLIT_K,
+                             GROUP_M=GROUP_M, num_warps=num_warps, num_stages=num_stages,
+                             bind=bind)
     KW = gw.words_per_row
     nblk = KW // 16
     CB, SPLIT_K, steps = k_split(nblk, CB, SPLIT_K)
@@ -557,9 +559,7 @@ def gemm_rega(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
                          f"with CB {CB} and {x2d.dtype} activations")
     dev = x2d.device
     pdl = _use_pdl(dev)
-    xq = torch.empty(xprep_numel(M, nblk), dtype=torch.int32, device=dev)
-    pargs = (x2d, xq, M, K, nblk, x2d.stride(0))
-    plauncher = launch(_xprep_kernel, (M, nblk), pargs, dict(PDL=pdl), 4, 1)
+    xq, pre = launch_x_prep(_xprep_kernel, xprep_numel(M, nblk), x2d, nblk, dict(PDL=pdl), 4)
     dummy = gw.scales
     ws = torch.empty((SPLIT_K, M, N), dtype=torch.float32, device=dev) if SPLIT_K > 1 else out
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), SPLIT_K)
@@ -575,7 +575,7 @@ def gemm_rega(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
                   STEPS_CONST=steps if interpreting() else 0, PDL=pdl,
                   ASM=bool(ASM) and not interpreting())
     return launch_after_prep(_gemm_rega_kernel, grid, args, consts, num_warps, num_stages,
-                             (plauncher, pargs, (M, nblk)), pdl, ws, bias, out, bind)
+                             pre, pdl, ws, bias, out, bind)
 
 
 def launch_after_prep(kernel, grid, args, consts: dict, num_warps: int, num_stages: int, pre,

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - older Triton
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, cast_out,
                       codebook_lut, codebook_values, decode_absmax, device_table, emulate_bf16,
-                      hi_shift, interpreting, k_split, launch, plane_value,
+                      hi_shift, interpreting, k_split, launch, launch_x_prep, plane_value,
                       pow2_block_quantize, split_counters, splitk_reduce)
 from .layout import GPUWeight, group_const
 
@@ -863,10 +863,9 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
     pre = None
     if idot:
         nblk = gw.words_per_row // 16
-        xq = torch.empty(xq_numel(M, nblk, gw.bits), dtype=torch.int32, device=dev)
-        pargs = (x2d, xq, M, K, nblk, x2d.stride(0))
-        plauncher = launch(_xquant_kernel, (M, nblk), pargs, xq_consts, 1, 1)
-        pre = (plauncher, pargs, (M, nblk)) if plauncher is not None else None
+        xq, pre = launch_x_prep(_xquant_kernel, xq_numel(M, nblk, gw.bits), x2d, nblk,
+                                xq_consts, 1)
+        pre = pre if pre[0] is not None else None
         args = (xq, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
                 gw.dq_scale if gw.dq_scale is not None else dummy,
                 gw.dq_offset if gw.dq_offset is not None else dummy,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import emulate_bf16, interpreting, k_split, launch, pow2_block_quantize
+from ._common import emulate_bf16, interpreting, k_split, launch_x_prep, pow2_block_quantize
 from .gemm import _mn_tile, _store_tile, launch_after_prep
 from .gemv import _use_pdl, gdc_launch_dependents, gdc_wait
 from .layout import GPUWeight, group_const
@@ -196,9 +196,7 @@ def gemm_imma(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
     dev = x2d.device
     pdl = _use_pdl(dev)
     emu = interpreting()
-    xq = torch.empty(xq8_numel(M, nblk), dtype=torch.int32, device=dev)
-    pargs = (x2d, xq, M, K, nblk, x2d.stride(0))
-    plauncher = launch(_xq8_kernel, (M, nblk), pargs, dict(PDL=pdl), 1, 1)
+    xq, pre = launch_x_prep(_xq8_kernel, xq8_numel(M, nblk), x2d, nblk, dict(PDL=pdl), 1)
     dummy = gw.scales
     ws = torch.empty((SPLIT_K, M, N), dtype=torch.float32, device=dev) if SPLIT_K > 1 else out
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), SPLIT_K)
@@ -212,4 +210,4 @@ def gemm_imma(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
                   EMULATE_BF16=emulate_bf16(out.dtype),
                   STEPS_CONST=steps if emu else 0, PDL=pdl)
     return launch_after_prep(_gemm_imma_kernel, grid, args, consts, num_warps, num_stages,
-                             (plauncher, pargs, (M, nblk)), pdl, ws, bias, out, bind)
+                             pre, pdl, ws, bias, out, bind)

@@ -817,15 +817,18 @@ def test_idot_selection_and_exact_switch(monkeypatch):
     assert not S.heuristic(1, 4096, 4096, "nf4", 32, torch.bfloat16).params.get("IDOT")
     assert not S.heuristic(1, 4096, 4096, "fp4", 64, torch.bfloat16).params.get("IDOT")
     assert not S.heuristic(3, 4096, 4096, "int4", 128, torch.bfloat16).params.get("IDOT")
+    from lowbit.kernels import _common as C
     from lowbit.kernels import gemv as G
     ran = []
-    real_launch = G.launch
+    real_launch = C.launch
 
     def spy(kernel, *a, **k):
         ran.append(kernel)
         return real_launch(kernel, *a, **k)
 
+    # (the x quantization is launched through _common.launch_x_prep)
     monkeypatch.setattr(G, "launch", spy)
+    monkeypatch.setattr(C, "launch", spy)
     qw = quantized(40, 256, "int4", {})
     gw = layout.gpu_weight(qw)
     x = make_x(1, 256, torch.bfloat16, seed=5)

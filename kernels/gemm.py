@@ -336,7 +336,7 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
     if IMMA:
         from .imma import gemm_imma, imma_supported  # (imma.py builds on this module's helpers)
         if imma_supported(gw, x2d.dtype) and idot_enabled(x2d.device):
-            return gemm_imma(x2d, gw, bias, out, BM=BM, BN=BN, SPLIT_K=SPLIT_K,
+            return gemm_imma(x2d, gw, bias, out, BM=BM, BN=BN, CB=CB, SPLIT_K=SPLIT_K,
                              GROUP_M=GROUP_M, num_warps=num_warps, num_stages=num_stages,
                              bind=bind)
     KW = gw.words_per_row

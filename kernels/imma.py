@@ -115,19 +115,19 @@ def _gemm_imma_kernel(xq_ptr, c8_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, b
                       stride_om, stride_xq, steps_per_split,
                       HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr, GROUP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, K_EXACT: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                      EMU: tl.constexpr, EMULATE_BF16: tl.constexpr, STEPS_CONST: tl.constexpr,
-                      PDL: tl.constexpr):
-    """y^T[BN, BM] tiles of int4 weights times x prepared by _xq8_kernel, one 128-element
-    block per step (module docstring). dqs/dqo/lut are unused: the argument order of the other
+                      BM: tl.constexpr, BN: tl.constexpr, CB: tl.constexpr,
+                      GROUP_M: tl.constexpr, EMU: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                      STEPS_CONST: tl.constexpr, PDL: tl.constexpr):
+    """y^T[BN, BM] tiles of int4 weights times x prepared by _xq8_kernel, CB 128-element
+    blocks per step (module docstring). dqs/dqo/lut are unused: the argument order of the other
     matmul kernels, whose per-call slots (x, bias, out, workspace) lowbit.kernels binds."""
     if PDL:
         gdc_wait()
     pid_k = tl.program_id(1)
     offs_m, offs_n, m_ok, n_ok = _mn_tile(M, N, BM, BN, GROUP_M)
     nblk = KW // 16
-    b_begin = pid_k * steps_per_split
-    b_end = tl.minimum(b_begin + steps_per_split, nblk)
+    b_begin = pid_k * steps_per_split * CB
+    b_end = tl.minimum(b_begin + steps_per_split * CB, nblk)
     offs_j = tl.arange(0, 64)
     # the wgmma's N side: column 2i + t is half t (0: h, 1: l) of x row offs_m[i]
     m_r = tl.reshape(tl.broadcast_to(offs_m[:, None], [BM, 2]), [2 * BM])
@@ -148,27 +148,30 @@ def _gemm_imma_kernel(xq_ptr, c8_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, b
     xs, qs, s_g, z_g = _block_consts(b_begin, b_begin < b_end, xs_rows, qs_rows, s_ptr, z_ptr,
                                      offs_n, m_ok, n_ok, N, HAS_ZEROS, ZERO_CONST, GROUP, BN)
     for step in range(0, STEPS_CONST if STEPS_CONST > 0 else steps_per_split):
-        b = b_begin + step
-        if K_EXACT:
-            cmask = n_ok[:, None]
-            xmask = r_ok[:, None]
-        else:
-            live = b < b_end
-            cmask = n_ok[:, None] & live
-            xmask = r_ok[:, None] & live
-        c = tl.load(c_rows + b * 64, mask=cmask, other=0)
-        x0 = tl.load(x_rows + b * 256, mask=xmask, other=0)
-        x1 = tl.load(x_rows + b * 256 + 128, mask=xmask, other=0)
-        xs_n, qs_n, s_n, z_n = _block_consts(b + 1, b + 1 < b_end, xs_rows, qs_rows, s_ptr,
-                                             z_ptr, offs_n, m_ok, n_ok, N, HAS_ZEROS,
-                                             ZERO_CONST, GROUP, BN)
-        part = tl.zeros([BN, 2 * BM], dtype=tl.int32)
-        part = _idot(_plane(c, 0, EMU), tl.trans(x0), part, EMU)
-        part = _idot(_plane(c, 1, EMU), tl.trans(x1), part, EMU)
-        hsum, lsum = tl.split(tl.reshape(part, [BN, BM, 2]))
-        dot = hsum * 256 + lsum - z_g[:, None] * qs[None, :]
-        acc += dot.to(tl.float32) * (s_g[:, None] * xs[None, :])
-        xs, qs, s_g, z_g = xs_n, qs_n, s_n, z_n
+        # CB blocks per step, unrolled: the loop's own work (pipeline waits and barriers, the
+        # loop counter, the load bookkeeping) is shared by CB blocks' dots and epilogues
+        for j in tl.static_range(CB):
+            b = b_begin + step * CB + j
+            if K_EXACT:
+                cmask = n_ok[:, None]
+                xmask = r_ok[:, None]
+            else:
+                live = b < b_end
+                cmask = n_ok[:, None] & live
+                xmask = r_ok[:, None] & live
+            c = tl.load(c_rows + b * 64, mask=cmask, other=0)
+            x0 = tl.load(x_rows + b * 256, mask=xmask, other=0)
+            x1 = tl.load(x_rows + b * 256 + 128, mask=xmask, other=0)
+            xs_n, qs_n, s_n, z_n = _block_consts(b + 1, b + 1 < b_end, xs_rows, qs_rows, s_ptr,
+                                                 z_ptr, offs_n, m_ok, n_ok, N, HAS_ZEROS,
+                                                 ZERO_CONST, GROUP, BN)
+            part = tl.zeros([BN, 2 * BM], dtype=tl.int32)
+            part = _idot(_plane(c, 0, EMU), tl.trans(x0), part, EMU)
+            part = _idot(_plane(c, 1, EMU), tl.trans(x1), part, EMU)
+            hsum, lsum = tl.split(tl.reshape(part, [BN, BM, 2]))
+            dot = hsum * 256 + lsum - z_g[:, None] * qs[None, :]
+            acc += dot.to(tl.float32) * (s_g[:, None] * xs[None, :])
+            xs, qs, s_g, z_g = xs_n, qs_n, s_n, z_n
     _store_tile(acc, offs_m, offs_n, m_ok, n_ok, pid_k, M, N, stride_om, bias_ptr, out_ptr,
                 ws_ptr, True, HAS_BIAS, USE_WS, EMULATE_BF16)
 
@@ -181,7 +184,7 @@ def imma_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:
 
 
 def gemm_imma(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, BN: int,
-              SPLIT_K: int = 1, GROUP_M: int = 8, num_warps: int = 4, num_stages: int = 3,
+              CB: int = 1, SPLIT_K: int = 1, GROUP_M: int = 8, num_warps: int = 4, num_stages: int = 3,
               bind=None, **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias) by _xq8_kernel then _gemm_imma_kernel (int4, see
     imma_supported). ``bind``: as for gemm.gemm, with ``pre`` the x preparation's launch."""
@@ -192,7 +195,7 @@ def gemm_imma(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
     if not imma_supported(gw, x2d.dtype):
         raise ValueError(f"the IMMA GEMM does not take {gw.fmt} group {gw.group} with "
                          f"{x2d.dtype} activations")
-    _, SPLIT_K, steps = k_split(nblk, 1, SPLIT_K)
+    CB, SPLIT_K, steps = k_split(nblk, CB, SPLIT_K)
     dev = x2d.device
     pdl = _use_pdl(dev)
     emu = interpreting()
@@ -206,7 +209,8 @@ def gemm_imma(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
             nblk * 256, steps)
     consts = dict(HAS_ZEROS=gw.zeros is not None, ZERO_CONST=8, GROUP=group_const(gw),
                   HAS_BIAS=bias is not None and SPLIT_K == 1, USE_WS=SPLIT_K > 1,
-                  K_EXACT=nblk % steps == 0, BM=BM, BN=BN, GROUP_M=GROUP_M, EMU=emu,
+                  K_EXACT=nblk % (steps * CB) == 0, BM=BM, BN=BN, CB=CB, GROUP_M=GROUP_M,
+                  EMU=emu,
                   EMULATE_BF16=emulate_bf16(out.dtype),
                   STEPS_CONST=steps if emu else 0, PDL=pdl)
     return launch_after_prep(_gemm_imma_kernel, grid, args, consts, num_warps, num_stages,

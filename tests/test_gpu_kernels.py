@@ -339,7 +339,8 @@ def test_gemm_imma_matches_reference(case, monkeypatch):
             x = x.to(dt).to(DEV)
             bias = make_x(1, N, torch.bfloat16, seed=51)[0] if (i + j) % 2 else None
             BM = 16 if j % 2 else min(64, max(16, 1 << (M - 1).bit_length()))
-            params = dict(BM=BM, BN=(64, 128)[j % 2] if REAL_GPU else 16, CB=1, SWAP=True,
+            params = dict(BM=BM, BN=(64, 128)[j % 2] if REAL_GPU else 16,
+                          CB=(1, 2, 4)[(i + 2 * j) % 3], SWAP=True,
                           IMMA=True, SPLIT_K=1 + (i + j) % 3, num_warps=4 + 4 * (j % 2),
                           dot_f32=not REAL_GPU and dt == torch.bfloat16)
             ran.clear()

@@ -53,6 +53,8 @@ def test_quantize_rejects_bad_weights():
         lowbit.quantize_weight(torch.ones(4, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="non-empty"):
         lowbit.quantize_weight(torch.randn(0, 4))
+    with pytest.raises(ValueError, match="meta device"):
+        lowbit.quantize_weight(torch.empty(4, 64, device="meta"), "int4")
     with pytest.raises(ValueError, match="double_quant"):
         lowbit.quantize_weight(torch.randn(4, 64), "int4", double_quant=True)
     with pytest.raises(ValueError, match="group_size"):

@@ -283,6 +283,9 @@ def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[
         raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
     if w.shape[0] == 0 or w.shape[1] == 0:
         raise ValueError(f"w must be non-empty, got shape {tuple(w.shape)}")
+    if w.is_meta:
+        raise ValueError("w is on the meta device (shape only, no values): load or initialise "
+                         "the weights before quantizing them")
     spec = F.get_format(fmt)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")

@@ -40,14 +40,16 @@ def parse_formats(text):
     return out
 
 
-def candidates(M, N, K, fmt, sms):
-    """The candidate Choices for one case (kept small: each distinct constexpr set compiles)."""
+def candidates(M, N, K, fmt, sms, group=128):
+    """The candidate Choices for one case (kept small: each distinct constexpr set compiles).
+    ``group``: the weight's group size (-1 or None: one per row)."""
     from lowbit.kernels.select import Choice, heuristic
     import torch
     bits = 8 if fmt == "int8" else 4
     kb = 16 * (32 // bits)
     nblk = -(-K // kb)
-    out = [heuristic(M, N, K, fmt, 128, torch.bfloat16, sms)]
+    group = -1 if group is None else group
+    out = [heuristic(M, N, K, fmt, group, torch.bfloat16, sms)]
 
     def splits(programs, steps):
         """1 and the divisors of the K steps nearest to 1, 2, 4, 8 and 16 programs per SM (a
@@ -99,6 +101,9 @@ def candidates(M, N, K, fmt, sms):
         for BN, CB, full in ((64, 1, False), (128, 1, False), (128, 2, False), (64, 2, True),
                              (128, 1, True), (128, 2, True)):
             gemm(bm, BN, CB, True, 4, 3, full)
+    if fmt == "int4" and 0 < group < 128 and M <= 2:  # IMMA where the GEMVs are slowest
+        for BN in (64, 128):
+            gemm(16, BN, 1, True, 4, 3, False, max_splits=4, imma=True)
     if fmt == "int4" and 2 <= M <= 64:  # the register-operand GEMM (gemm_rega)
         for BN, stages in ((64, 3), (128, 3), (128, 4)):
             gemm(bm, BN, 1, True, 4, stages, False, max_splits=4, rega=True)
@@ -203,7 +208,8 @@ def main(argv=None):
     ms = [int(v) for v in a.ms.split(",")]
     cases = [(fmt, tuple(sorted(opts.items())), N, K, M) for fmt, opts in formats
              for N, K in shapes for M in ms]
-    cands = {c: candidates(c[4], c[2], c[3], c[0], sms) for c in cases}
+    cands = {c: candidates(c[4], c[2], c[3], c[0], sms, dict(c[1]).get("group_size", -1))
+             for c in cases}
     print(f"{card}: {len(cases)} cases, {sum(len(v) for v in cands.values())} candidates", flush=True)
 
     # 1) compile everything in parallel (fresh processes share Triton's on-disk cache)

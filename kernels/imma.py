@@ -37,15 +37,17 @@ from .gemv import _use_pdl, gdc_launch_dependents, gdc_wait
 from .layout import GPUWeight, group_const
 
 
-def xq8_numel(M: int, nblk: int) -> int:
-    """int32 elements of the prepared x: bytes [M, nblk, plane 2, half 2, 64], then the float32
-    block scales [M, nblk] and the int32 block sums of q [M, nblk]."""
-    return M * nblk * 64 + 2 * M * nblk
+def xq8_numel(M: int, nblk: int, GB: int = 1) -> int:
+    """int32 elements of the prepared x: bytes [M, nblk, plane 2, group slot GB, half 2, 64],
+    then the float32 block scales [M, nblk] and the int32 sums of q [M, nblk, GB]."""
+    return M * nblk * 64 * GB + M * nblk + M * nblk * GB
 
 
 @triton.jit
-def _xq8_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, PDL: tl.constexpr):
-    """One 128-element block of one row of x: quantize, split and reorder (module docstring)."""
+def _xq8_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, GB: tl.constexpr, PDL: tl.constexpr):
+    """One 128-element block of one row of x: quantize, split and reorder (module docstring);
+    with GB > 1 groups per block, one copy per group slot u holding only the bytes of the
+    block's u-th group (zeros elsewhere), and the sums of q per group."""
     if PDL:
         gdc_launch_dependents()
     m = tl.program_id(0)
@@ -56,15 +58,19 @@ def _xq8_kernel(x_ptr, xq_ptr, M, K, NBLK, stride_xm, PDL: tl.constexpr):
     x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
     r, scale, live = pow2_block_quantize(x, 13)
     q = tl.where(live, r, 0.0).to(tl.int32)
-    h = (q + 128) >> 8
-    lo = q - 256 * h
     row = m.to(tl.int64) * NBLK + b
-    dst = xq_ptr.to(tl.pointer_type(tl.int8)) + row * 256 + p * 128 + j
-    tl.store(dst, h.to(tl.int8))
-    tl.store(dst + 64, lo.to(tl.int8))
-    tail = xq_ptr + tl.cast(M, tl.int64) * NBLK * 64
+    tail = xq_ptr + tl.cast(M, tl.int64) * NBLK * 64 * GB
     tl.store(tail.to(tl.pointer_type(tl.float32)) + row, scale)
-    tl.store(tail + tl.cast(M, tl.int64) * NBLK + row, tl.sum(tl.sum(q, axis=1), axis=0))
+    qs_ptr = tail + tl.cast(M, tl.int64) * NBLK + row * GB
+    for u in tl.static_range(GB):
+        # byte j holds elements 32 (j % 4) + 16 p + j // 4: group slot (j % 4) // (4 // GB)
+        qu = q if GB == 1 else tl.where((j % 4) // (4 // GB) == u, q, 0)
+        h = (qu + 128) >> 8
+        lo = qu - 256 * h
+        dst = xq_ptr.to(tl.pointer_type(tl.int8)) + row * (256 * GB) + p * (128 * GB) + u * 128 + j
+        tl.store(dst, h.to(tl.int8))
+        tl.store(dst + 64, lo.to(tl.int8))
+        tl.store(qs_ptr + u, tl.sum(tl.sum(qu, axis=1), axis=0))
 
 
 @triton.jit
@@ -93,19 +99,31 @@ def _idot(a, b, acc, EMU: tl.constexpr):
 
 
 @triton.jit
-def _block_consts(b, ok, xs_rows, qs_rows, s_ptr, z_ptr, offs_n, m_ok, n_ok, N,
+def _block_consts(b, ok, xs_rows, qs_rows, s_ptr, z_ptr, offs_n, offs_u, m_ok, n_ok, N, G,
                   HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr, GROUP: tl.constexpr,
-                  BN: tl.constexpr):
-    """Block b's x scales and sums of q [BM], and its group's weight scales and zero points
-    [BN] (zeros where not ok: past the program's K range)."""
+                  BN: tl.constexpr, GB: tl.constexpr):
+    """Block b's x scales [BM] and sums of q, and its groups' weight scales and zero points
+    (zeros where not ok: past the program's K range). GB == 1: sums [BM], scales and zero
+    points [BN]; else sums [GB, BM], scales and zero points [BN, GB] (group slot u of the
+    block is group b * GB + u)."""
     xs = tl.load(xs_rows + b, mask=m_ok & ok, other=0.0)
-    qs = tl.load(qs_rows + b, mask=m_ok & ok, other=0)
-    g = (b * 128) // GROUP
-    s_g = tl.load(s_ptr + g * N + offs_n, mask=n_ok & ok, other=0.0)
-    if HAS_ZEROS:
-        z_g = tl.load(z_ptr + g * N + offs_n, mask=n_ok & ok, other=0).to(tl.int32)
+    if GB == 1:
+        qs = tl.load(qs_rows + b, mask=m_ok & ok, other=0)
+        g = (b * 128) // GROUP
+        s_g = tl.load(s_ptr + g * N + offs_n, mask=n_ok & ok, other=0.0)
+        if HAS_ZEROS:
+            z_g = tl.load(z_ptr + g * N + offs_n, mask=n_ok & ok, other=0).to(tl.int32)
+        else:
+            z_g = tl.full([BN], ZERO_CONST, tl.int32)
     else:
-        z_g = tl.full([BN], ZERO_CONST, tl.int32)
+        qs = tl.load(qs_rows[None, :] + b * GB + offs_u[:, None], mask=m_ok[None, :] & ok, other=0)
+        g = b * GB + offs_u  # [GB]
+        gm = n_ok[:, None] & (g < G)[None, :] & ok
+        s_g = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=gm, other=0.0)
+        if HAS_ZEROS:
+            z_g = tl.load(z_ptr + g[None, :] * N + offs_n[:, None], mask=gm, other=0).to(tl.int32)
+        else:
+            z_g = tl.full([BN, GB], ZERO_CONST, tl.int32)
     return xs, qs, s_g, z_g
 
 
@@ -116,6 +134,7 @@ def _gemm_imma_kernel(xq_ptr, c8_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, b
                       HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr, GROUP: tl.constexpr,
                       HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr, K_EXACT: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, CB: tl.constexpr,
+                      GB: tl.constexpr,  # weight groups per 128-element block (1, 2 or 4)
                       GROUP_M: tl.constexpr, EMU: tl.constexpr, EMULATE_BF16: tl.constexpr,
                       STEPS_CONST: tl.constexpr, PDL: tl.constexpr):
     """y^T[BN, BM] tiles of int4 weights times x prepared by _xq8_kernel, CB 128-element
@@ -129,24 +148,30 @@ def _gemm_imma_kernel(xq_ptr, c8_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, b
     b_begin = pid_k * steps_per_split * CB
     b_end = tl.minimum(b_begin + steps_per_split * CB, nblk)
     offs_j = tl.arange(0, 64)
-    # the wgmma's N side: column 2i + t is half t (0: h, 1: l) of x row offs_m[i]
-    m_r = tl.reshape(tl.broadcast_to(offs_m[:, None], [BM, 2]), [2 * BM])
-    t_r = tl.arange(0, 2 * BM) % 2
+    offs_u = tl.arange(0, GB)
+    # the wgmma's N side: column 2 BM u + 2 i + t is half t (0: h, 1: l) of group slot u of x
+    # row offs_m[i] (group slot outermost: a thread's accumulator registers then hold every
+    # slot of its columns, so the sum over slots stays in the thread)
+    c_r = tl.arange(0, 2 * GB * BM)
+    m_r = tl.min(offs_m, axis=0) + (c_r // 2) % BM  # (offs_m: BM consecutive rows)
+    u_r = c_r // (2 * BM)
+    t_r = c_r % 2
     r_ok = m_r < M
     x8 = xq_ptr.to(tl.pointer_type(tl.int8))
-    # (stride_xq = nblk * 256 bytes, an argument so that Triton sees its divisibility by 16:
-    # 16-byte cp.async of x)
-    x_rows = x8 + (m_r.to(tl.int64) * stride_xq + t_r * 64)[:, None] + offs_j[None, :]
-    tail = xq_ptr + tl.cast(M, tl.int64) * nblk * 64
+    # (stride_xq = nblk * 256 * GB bytes, an argument so that Triton sees its divisibility by
+    # 16: 16-byte cp.async of x)
+    x_rows = x8 + (m_r.to(tl.int64) * stride_xq + u_r * 128 + t_r * 64)[:, None] + offs_j[None, :]
+    tail = xq_ptr + tl.cast(M, tl.int64) * nblk * 64 * GB
     xs_rows = tail.to(tl.pointer_type(tl.float32)) + offs_m.to(tl.int64) * nblk
-    qs_rows = tail + tl.cast(M, tl.int64) * nblk + offs_m.to(tl.int64) * nblk
+    qs_rows = tail + tl.cast(M, tl.int64) * nblk + offs_m.to(tl.int64) * (nblk * GB)
     c_rows = c8_ptr + offs_n.to(tl.int64)[:, None] * (4 * KW) + offs_j[None, :]
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     # the block's scales, zero points and x sums are loaded one step ahead (registers): loaded
     # in the step that uses them, their latency stalled every step (SASS: the loads issued at
     # the top of the loop, consumed after the MMAs)
     xs, qs, s_g, z_g = _block_consts(b_begin, b_begin < b_end, xs_rows, qs_rows, s_ptr, z_ptr,
-                                     offs_n, m_ok, n_ok, N, HAS_ZEROS, ZERO_CONST, GROUP, BN)
+                                     offs_n, offs_u, m_ok, n_ok, N, G, HAS_ZEROS, ZERO_CONST,
+                                     GROUP, BN, GB)
     for step in range(0, STEPS_CONST if STEPS_CONST > 0 else steps_per_split):
         # CB blocks per step, unrolled: the loop's own work (pipeline waits and barriers, the
         # loop counter, the load bookkeeping) is shared by CB blocks' dots and epilogues
@@ -160,17 +185,22 @@ def _gemm_imma_kernel(xq_ptr, c8_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, b
                 cmask = n_ok[:, None] & live
                 xmask = r_ok[:, None] & live
             c = tl.load(c_rows + b * 64, mask=cmask, other=0)
-            x0 = tl.load(x_rows + b * 256, mask=xmask, other=0)
-            x1 = tl.load(x_rows + b * 256 + 128, mask=xmask, other=0)
+            x0 = tl.load(x_rows + b * (256 * GB), mask=xmask, other=0)
+            x1 = tl.load(x_rows + b * (256 * GB) + 128 * GB, mask=xmask, other=0)
             xs_n, qs_n, s_n, z_n = _block_consts(b + 1, b + 1 < b_end, xs_rows, qs_rows, s_ptr,
-                                                 z_ptr, offs_n, m_ok, n_ok, N, HAS_ZEROS,
-                                                 ZERO_CONST, GROUP, BN)
-            part = tl.zeros([BN, 2 * BM], dtype=tl.int32)
+                                                 z_ptr, offs_n, offs_u, m_ok, n_ok, N, G,
+                                                 HAS_ZEROS, ZERO_CONST, GROUP, BN, GB)
+            part = tl.zeros([BN, 2 * GB * BM], dtype=tl.int32)
             part = _idot(_plane(c, 0, EMU), tl.trans(x0), part, EMU)
             part = _idot(_plane(c, 1, EMU), tl.trans(x1), part, EMU)
-            hsum, lsum = tl.split(tl.reshape(part, [BN, BM, 2]))
-            dot = hsum * 256 + lsum - z_g[:, None] * qs[None, :]
-            acc += dot.to(tl.float32) * (s_g[:, None] * xs[None, :])
+            if GB == 1:
+                hsum, lsum = tl.split(tl.reshape(part, [BN, BM, 2]))
+                dot = hsum * 256 + lsum - z_g[:, None] * qs[None, :]
+                acc += dot.to(tl.float32) * (s_g[:, None] * xs[None, :])
+            else:  # per group slot, then summed (the block's x scale is common to its groups)
+                hsum, lsum = tl.split(tl.reshape(part, [BN, GB, BM, 2]))
+                dot = hsum * 256 + lsum - z_g[:, :, None] * qs[None, :, :]
+                acc += tl.sum(dot.to(tl.float32) * s_g[:, :, None], axis=1) * xs[None, :]
             xs, qs, s_g, z_g = xs_n, qs_n, s_n, z_n
     _store_tile(acc, offs_m, offs_n, m_ok, n_ok, pid_k, M, N, stride_om, bias_ptr, out_ptr,
                 ws_ptr, True, HAS_BIAS, USE_WS, EMULATE_BF16)
@@ -180,7 +210,12 @@ def imma_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:
     """Whether the IMMA GEMM takes this weight: int4 (symmetric or integer zero points) with
     one group per row or groups of a multiple of 128, and 16-bit activations."""
     return (gw.fmt == "int4" and dtype in (torch.float16, torch.bfloat16)
-            and (gw.n_groups == 1 or gw.group % 128 == 0))
+            and (gw.n_groups == 1 or gw.group % 128 == 0 or gw.group in (32, 64)))
+
+
+def groups_per_block(gw: GPUWeight) -> int:
+    """Weight groups per 128-element layout block (1, 2 or 4) for the IMMA GEMM."""
+    return 128 // gw.group if gw.n_groups > 1 and gw.group < 128 else 1
 
 
 def gemm_imma(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, BN: int,
@@ -199,18 +234,20 @@ def gemm_imma(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
     dev = x2d.device
     pdl = _use_pdl(dev)
     emu = interpreting()
-    xq, pre = launch_x_prep(_xq8_kernel, xq8_numel(M, nblk), x2d, nblk, dict(PDL=pdl), 1)
+    GB = groups_per_block(gw)
+    xq, pre = launch_x_prep(_xq8_kernel, xq8_numel(M, nblk, GB), x2d, nblk,
+                            dict(GB=GB, PDL=pdl), 1)
     dummy = gw.scales
     ws = torch.empty((SPLIT_K, M, N), dtype=torch.float32, device=dev) if SPLIT_K > 1 else out
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), SPLIT_K)
     args = (xq, gw.codes.view(torch.int8), gw.scales,
             gw.zeros if gw.zeros is not None else dummy, dummy, dummy, dummy,
             bias if bias is not None else dummy, out, ws, M, N, KW, gw.n_groups, out.stride(0),
-            nblk * 256, steps)
+            nblk * 256 * GB, steps)
     consts = dict(HAS_ZEROS=gw.zeros is not None, ZERO_CONST=8, GROUP=group_const(gw),
                   HAS_BIAS=bias is not None and SPLIT_K == 1, USE_WS=SPLIT_K > 1,
-                  K_EXACT=nblk % (steps * CB) == 0, BM=BM, BN=BN, CB=CB, GROUP_M=GROUP_M,
-                  EMU=emu,
+                  K_EXACT=nblk % (steps * CB) == 0, BM=BM, BN=BN, CB=CB, GB=GB,
+                  GROUP_M=GROUP_M, EMU=emu,
                   EMULATE_BF16=emulate_bf16(out.dtype),
                   STEPS_CONST=steps if emu else 0, PDL=pdl)
     return launch_after_prep(_gemm_imma_kernel, grid, args, consts, num_warps, num_stages,

@@ -122,12 +122,19 @@ def card_name(device: torch.device) -> str:
 
 # ---- heuristics ---------------------------------------------------------------------------
 def _split_for(programs: int, k_steps: int, sms: int, per_sm: int = 2) -> int:
-    """Split K until about ``per_sm`` programs per SM run, keeping >= 4 K steps per split; a
-    divisor of the step count, so every split is full (no K masks in the kernel)."""
+    """Split K until about ``per_sm`` programs per SM run, keeping >= 4 K steps per split.
+    A divisor of the step count where one comes within 3/4 of that (every split full: no K
+    masks in the kernel); else the wanted split with the last one shorter. (Divisors only
+    left K = 11008, 86 blocks of 128 = 2 x 43, at 2 splits: 64 programs on 132 SMs, 0.29x of
+    cuBLAS at M = 16 on the H200.)"""
     if programs >= per_sm * sms:
         return 1
     want = min(math.ceil(per_sm * sms / max(1, programs)), max(1, k_steps // 4), 16)
-    return max(d for d in range(1, want + 1) if k_steps % d == 0)
+    div = max(d for d in range(1, want + 1) if k_steps % d == 0)
+    if 4 * div >= 3 * want:
+        return div
+    steps = -(-k_steps // want)
+    return -(-k_steps // steps)  # (no split left empty)
 
 
 def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
@@ -168,6 +175,16 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
                                    "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
                                    "SPLIT_K": _split_for(programs, nblk, sms,
                                                          6 if M <= 32 else 1)})
+        if fmt == "int4" and group in (32, 64) and M <= 32 and group < K:
+            # the integer tensor-core GEMM with two / four groups per block (kernels/imma.py):
+            # the per-plane SWAP GEMM ran int4 groups of 64 at 0.29-0.90x of cuBLAS at M = 16
+            # on untuned H200 shapes (kernels/NOTES.md item 25); BM 32 only for two groups
+            # (four groups x 32 rows x two halves would be a 256-wide int32 partial)
+            BM = 16 if M <= 16 or group == 32 else 32
+            programs = -(-M // BM) * -(-N // 64)
+            return Choice("gemm", {"BM": BM, "BN": 64, "CB": 1, "SWAP": True, "IMMA": True,
+                                   "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
+                                   "SPLIT_K": _split_for(programs, nblk, sms, 4)})
         return Choice("gemm", {"BM": BM, "BN": 128, "CB": 1, "SWAP": True, "GROUP_M": 8,
                                "num_warps": 4, "num_stages": 3,
                                "SPLIT_K": _split_for(programs, nblk, sms)})

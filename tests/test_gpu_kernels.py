@@ -311,13 +311,19 @@ def test_gemm_rega_rejects_what_it_cannot_take():
         gemm_rega(xf, layout.gpu_weight(qw), None, poisoned(2, 16, xf.dtype), BM=16, BN=16, CB=1)
 
 
-@pytest.mark.parametrize("case", REGA_CASES, ids=case_id)
+# (groups of 16 and 48 split a 128-element block other than in halves or quarters: the GEMM)
+IMMA_CASES = REGA_CASES + [("int4", {"group_size": 16}), ("int4", {"group_size": 96})]
+
+
+@pytest.mark.parametrize("case", IMMA_CASES, ids=case_id)
 def test_gemm_imma_matches_reference(case, monkeypatch):
     """The integer tensor-core GEMM (int4, kernels/imma.py), like the integer-dot GEMV's test:
     on x as the kernel quantizes it (15-bit, testing.IMMA_XQ) it is float32 math on the
     dequantized weight (exact integer sums, float32 scaling: the default tolerance); against
-    the reference on x itself it is within the bound of that quantization. Weights it does not
-    take (groups of 32 / 64) go to the GEMM with the other parameters, checked too."""
+    the reference on x itself it is within the bound of that quantization. Groups of 32 and 64
+    (two or four per block: x copied once per group with the other groups' bytes zeroed) are
+    taken; weights it does not take (groups of 16 or 96) go to the GEMM with the other
+    parameters, checked too."""
     from lowbit.kernels import imma as IM
     from lowbit.testing import IMMA_XQ, gpu_quantize_activations, idot_linear_tolerance
     ran, orig = [], IM.gemm_imma
@@ -364,7 +370,8 @@ def test_gemm_imma_matches_reference(case, monkeypatch):
 def test_gemm_imma_rejects_what_it_cannot_take():
     from lowbit.kernels.imma import gemm_imma
     x = make_x(2, 256, torch.bfloat16)
-    for fmt, opts in (("nf4", {}), ("int4", {"group_size": 64}), ("int8", {})):
+    for fmt, opts in (("nf4", {}), ("int4", {"group_size": 16}), ("int4", {"group_size": 96}),
+                      ("int8", {})):
         qw = quantized(16, 256, fmt, opts)
         with pytest.raises(ValueError, match="IMMA"):
             gemm_imma(x, layout.gpu_weight(qw), None, poisoned(2, 16, x.dtype), BM=16, BN=16)

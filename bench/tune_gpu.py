@@ -260,7 +260,8 @@ def main(argv=None):
         us, ch = best
         heur = S.heuristic(M, N, K, fmt, qw.group_size, torch.bfloat16, sms)
         h_us = next((r["us"] for r in log if r["N"] == N and r["K"] == K and r["M"] == M
-                     and r["format"] == fmt and r["kernel"] == heur.kernel and r["params"] == heur.params), None)
+                     and r["format"] == fmt and r["group"] == qw.group_size
+                     and r["kernel"] == heur.kernel and r["params"] == heur.params), None)
         print(f"{fmt:<5} g{qw.group_size:<4} N={N:<6} K={K:<6} M={M:<5} best {us:8.1f} us {ch.kernel} "
               f"{ch.params}  (heuristic {h_us if h_us is None else round(h_us, 1)})", flush=True)
         records.append(dict(format=fmt, variant=S.variant_of(fmt, qw.symmetric, qw.double_quant),

@@ -185,6 +185,13 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
             return Choice("gemm", {"BM": BM, "BN": 64, "CB": 1, "SWAP": True, "IMMA": True,
                                    "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
                                    "SPLIT_K": _split_for(programs, nblk, sms, 4)})
+        if fmt == "int4" and 0 < group < 128 and M > 32 and group < K:
+            # H200 tuning, int4 groups of 32 / 64 at M = 64: the full-tile GEMM with x as the
+            # MMA's M side, 46.6 against 93 us for this SWAP GEMM at 14336 x 4096
+            programs = -(-M // 64) * -(-N // 128)
+            return Choice("gemm", {"BM": 64, "BN": 128, "CB": 1, "SWAP": False, "GROUP_M": 8,
+                                   "FULL_TILE": True, "num_warps": 4, "num_stages": 3,
+                                   "SPLIT_K": _split_for(programs, nblk, sms)})
         return Choice("gemm", {"BM": BM, "BN": 128, "CB": 1, "SWAP": True, "GROUP_M": 8,
                                "num_warps": 4, "num_stages": 3,
                                "SPLIT_K": _split_for(programs, nblk, sms)})

@@ -600,3 +600,19 @@ def test_non_persistent_buffers(tmp_path):
     assert torch.equal(kept.table, torch.arange(4.0) * 0.5)
     with pytest.raises(CheckpointError, match=r"missing from the file \(first: \['table'\]"):
         lowbit.load(p2, _WithDerived)
+
+
+def test_loaded_model_is_in_evaluation_mode(tmp_path):
+    """As transformers' from_pretrained: a model with dropout gives the same logits twice after
+    load (a builder's fresh model, or one passed in training mode, comes back in eval mode)."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(32, 64), nn.Dropout(0.5), nn.Linear(64, 8))  # noqa: E731
+    model = make().eval()
+    lowbit.quantize_model(model, lowbit.QuantConfig(format="int8"), progress=False)
+    path = tmp_path / "d.safetensors"
+    lowbit.save(model, path)
+    x = torch.randn(4, 32)
+    for target in (make, make().train()):
+        loaded = lowbit.load(path, target)
+        assert not any(m.training for m in loaded.modules())
+        assert torch.equal(loaded(x), model(x))

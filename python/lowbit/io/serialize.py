@@ -484,8 +484,9 @@ def load(path: PathLike, model_or_builder: Union[nn.Module, Callable[[], nn.Modu
     ``torch.device("meta")`` so that no weight memory is allocated. Each Linear the file stores
     quantized is replaced by a QuantLinear of the recorded format; every parameter and buffer
     is then read from the file (in its stored dtype), a few at a time, into owned memory on the
-    CPU; ties between tensors (as saved, or as the model has them) are kept. ``device``: move
-    the model there afterwards.
+    CPU; ties between tensors (as saved, or as the model has them) are kept. The model comes
+    back in evaluation mode, as transformers' ``from_pretrained`` returns one (dropout off:
+    call ``.train()`` to fine-tune). ``device``: move the model there afterwards.
 
     Raises :class:`CheckpointError` (a ValueError) when the file is not a lowbit checkpoint, is
     truncated or corrupted (every tensor's CRC-32 is checked), has an unknown format version,
@@ -624,6 +625,7 @@ def _load_into(path: str, doc: dict, info: Dict[str, dict], model: nn.Module,
         except (ValueError, TypeError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path}: module {name!r}: invalid extra state "
                                   f"({type(e).__name__}: {e})") from None
+    model.eval()  # (as transformers' from_pretrained: dropout off; .train() to fine-tune)
     if device is not None:
         model.to(device)
     return model

@@ -15,7 +15,6 @@ kind; at run time select() only reads the JSON.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os

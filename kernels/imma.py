@@ -21,8 +21,18 @@ error next to float32 math on the dequantized weight is x's 15-bit rounding.
 Byte j (0..63) of a 128-element block is byte j % 4 of word j // 4, so its low nibble is
 element 32 (j % 4) + j // 4 and its high nibble element 32 (j % 4) + 16 + j // 4
 (kernels/layout.py); the x preparation (_xq8_kernel) writes x in that order, so the codes
-are loaded as plain contiguous bytes. Groups must hold whole blocks (a multiple of 128, or
-one group per row); int4 with groups of 64 keeps the bf16 GEMM.
+are loaded as plain contiguous bytes.
+
+Groups: one per row, a multiple of 128 (GB = 1 group per block), or 64 / 32 (GB = 2 / 4):
+byte j's elements lie in group slot (j % 4) // (4 / GB) of its block, so the x preparation
+writes GB copies of each block, copy u holding only slot u's bytes (the others zero), with
+the sums of q per slot; the copies sit side by side on the N side (column 2 BM u + 2 i + t:
+slot outermost, so every slot of a thread's accumulator columns is in that thread), and per
+slot
+
+    y[m, n] += 2**e[m, b] * sum_u s[n, g_u] * (256 H_u + L_u - zero[n, g_u] * sum_{k in u} q[m, k])
+
+Other group sizes (16, 48, 96, ...) take the bf16 GEMMs.
 """
 
 from __future__ import annotations

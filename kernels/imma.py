@@ -229,8 +229,8 @@ def groups_per_block(gw: GPUWeight) -> int:
 
 
 def gemm_imma(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, BN: int,
-              CB: int = 1, SPLIT_K: int = 1, GROUP_M: int = 8, num_warps: int = 4, num_stages: int = 3,
-              bind=None, **_ignored) -> torch.Tensor:
+              CB: int = 1, SPLIT_K: int = 1, GROUP_M: int = 8, num_warps: int = 4,
+              num_stages: int = 3, bind=None, **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias) by _xq8_kernel then _gemm_imma_kernel (int4, see
     imma_supported). ``bind``: as for gemm.gemm, with ``pre`` the x preparation's launch."""
     M, K = x2d.shape

@@ -509,12 +509,15 @@ def test_bound_gemm_calls_match_full_path(M, monkeypatch):
     N, K = 3072, 1024
     lin = torch.nn.Linear(K, N).to(DEV)
     ql = lowbit.QuantLinear.from_linear(lin, "int4", group_size=128).to(DEV)
-    qw = ql.qweight
+    q64 = lowbit.QuantLinear.from_linear(lin, "int4", group_size=64).to(DEV).qweight
     for shape, bias, split, extra in (((M, K), ql.bias, None, {}), ((2, M, K), None, None, {}),
                                       ((M, K), ql.bias, 4, {}), ((M, K), None, 4, {}),
                                       ((M, K), ql.bias, 2, {"REGA": True}),
                                       ((M, K), ql.bias, 1, {"IMMA": True}),
-                                      ((M, K), None, 2, {"IMMA": True})):
+                                      ((M, K), None, 2, {"IMMA": True}),
+                                      ((M, K), ql.bias, 2, {"IMMA": True, "g64": True})):
+        # (g64: the IMMA GEMM with two groups per block, kernels/imma.py)
+        qw = q64 if extra.pop("g64", False) else ql.qweight
         x = torch.randn(*shape, device=DEV).to(torch.bfloat16)
         qw.cache.pop(LK._BOUND, None)  # (a shape bound in an earlier round)
         ch = LK.plan(x, qw, x.numel() // K)

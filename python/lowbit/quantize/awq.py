@@ -57,7 +57,9 @@ Kept, on by default (``clip_coupled=2``): passes over the groups that re-choose 
 ratios against the whole layer objective, the other groups' errors entering through the
 off-diagonal blocks of X^T X (10-15% lower objective than the block-diagonal search on
 correlated synthetic inputs): g128 27.03 (27.26 without, same day), g64 25.90 (53% of the RTN
-increase removed; 26.37 without in session 11), about 1.5x the AWQ time.
+increase removed; 26.37 without in session 11), about 1.5x the AWQ time. Session 15 (same
+command): the activation statistic as sqrt(mean x^2) (from the diagonal of X^T X, weighting
+the large tokens more) instead of mean |x|: g128 27.10, no gain; not kept.
 
 :func:`scale_block` runs the scale search alone on one block, for GPTQ's ``awq_scales``
 (AWQ's scales folded, then GPTQ instead of round-to-nearest).

@@ -175,16 +175,21 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
                                    "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
                                    "SPLIT_K": _split_for(programs, nblk, sms,
                                                          6 if M <= 32 else 1)})
-        if fmt == "int4" and group in (32, 64) and M <= 32 and group < K:
-            # the integer tensor-core GEMM with two / four groups per block (kernels/imma.py):
-            # the per-plane SWAP GEMM ran int4 groups of 64 at 0.29-0.90x of cuBLAS at M = 16
-            # on untuned H200 shapes (kernels/NOTES.md item 25); BM 32 only for two groups
-            # (four groups x 32 rows x two halves would be a 256-wide int32 partial)
-            BM = 16 if M <= 16 or group == 32 else 32
+        if fmt == "int4" and group == 64 and M <= 32 and group < K:
+            # the integer tensor-core GEMM with two groups per block (kernels/imma.py): the
+            # per-plane SWAP GEMM ran int4 groups of 64 at 0.29-0.90x of cuBLAS at M = 16 on
+            # untuned H200 shapes; tuned, IMMA won groups of 64 at M = 16 on every benchmark
+            # shape (groups of 32, four per block, only 2 of 8 cases: the full-tile SWAP GEMM
+            # below the others; kernels/NOTES.md item 25)
+            BM = 16 if M <= 16 else 32
             programs = -(-M // BM) * -(-N // 64)
             return Choice("gemm", {"BM": BM, "BN": 64, "CB": 1, "SWAP": True, "IMMA": True,
                                    "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
                                    "SPLIT_K": _split_for(programs, nblk, sms, 4)})
+        if fmt == "int4" and group == 32 and M <= 32 and group < K:
+            return Choice("gemm", {"BM": BM, "BN": 128, "CB": 1, "SWAP": True, "FULL_TILE": True,
+                                   "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
+                                   "SPLIT_K": _split_for(programs, nblk, sms)})
         if fmt == "int4" and 0 < group < 128 and M > 32 and group < K:
             # H200 tuning, int4 groups of 32 / 64 at M = 64: the full-tile GEMM with x as the
             # MMA's M side, 46.6 against 93 us for this SWAP GEMM at 14336 x 4096

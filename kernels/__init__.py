@@ -9,8 +9,8 @@ Files, one kernel family each:
   gemm.py     fused tensor-core GEMM (fp16/bf16 activations), and the register-operand GEMM
               for int4 at small M (gemm_rega: the decoded codes reach the MMA in registers)
   imma.py     integer tensor-core GEMM for int4 (x quantized per block to 15-bit integers,
-              s8 x s8 wgmma on the codes; a tuned choice where it wins; LOWBIT_GPU_EXACT=1
-              turns it off)
+              s8 x s8 wgmma on the codes; groups of 32, 64 or multiples of 128; a tuned choice
+              where it wins, the heuristics' for groups of 64; LOWBIT_GPU_EXACT=1 turns it off)
   select.py   select(): kernel + parameters per (M, N, K, format, group, GPU) from the tuned
               JSON in configs/ (written by bench/tune_gpu.py) or heuristics
   _common.py  decode helpers and the split-K reduction

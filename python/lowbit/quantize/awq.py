@@ -59,7 +59,9 @@ off-diagonal blocks of X^T X (10-15% lower objective than the block-diagonal sea
 correlated synthetic inputs): g128 27.03 (27.26 without, same day), g64 25.90 (53% of the RTN
 increase removed; 26.37 without in session 11), about 1.5x the AWQ time. Session 15 (same
 command): the activation statistic as sqrt(mean x^2) (from the diagonal of X^T X, weighting
-the large tokens more) instead of mean |x|: g128 27.10, no gain; not kept.
+the large tokens more) instead of mean |x|: g128 27.10, no gain; not kept. clip_grid 40 with
+clip_coupled 2 (clip_grid 40 alone was the best H200 screen, 27.02 against 27.50 there):
+27.07 here at 1.8x the time; not kept.
 
 :func:`scale_block` runs the scale search alone on one block, for GPTQ's ``awq_scales``
 (AWQ's scales folded, then GPTQ instead of round-to-nearest).

@@ -342,11 +342,13 @@ def launch_x_prep(kernel, numel: int, x2d: torch.Tensor, nblk: int, constexprs: 
                   num_warps: int):
     """The x preparation of the integer-dot GEMV and the register-operand / IMMA GEMMs: one
     program per (row of x, layout block) writes an int32 buffer of ``numel`` elements that the
-    matmul then reads in x's place. Returns (buffer, (Launcher, args, grid)) for binding."""
+    matmul then reads in x's place. Returns (buffer, (Launcher, args, grid) for binding, or
+    None when the launch has no reusable launcher)."""
     M, K = x2d.shape
     xq = torch.empty(numel, dtype=torch.int32, device=x2d.device)
     args = (x2d, xq, M, K, nblk, x2d.stride(0))
-    return xq, (launch(kernel, (M, nblk), args, constexprs, num_warps, 1), args, (M, nblk))
+    launcher = launch(kernel, (M, nblk), args, constexprs, num_warps, 1)
+    return xq, ((launcher, args, (M, nblk)) if launcher is not None else None)
 
 
 def _stage_key(kernel, constexprs, num_warps, num_stages):

@@ -580,9 +580,10 @@ def gemm_rega(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: 
 
 def launch_after_prep(kernel, grid, args, consts: dict, num_warps: int, num_stages: int, pre,
                       pdl: bool, ws, bias, out, bind) -> torch.Tensor:
-    """Launch a GEMM that reads a buffer its x preparation ``pre`` = (launcher, args, grid)
-    wrote (as its programmatic dependent when ``pdl``), then the split-K reduction when its
-    grid splits K (``ws`` is the workspace), and record the launches in ``bind`` (as gemm())."""
+    """Launch a GEMM that reads a buffer its x preparation wrote (as its programmatic dependent
+    when ``pdl``; ``pre``: that launch's (launcher, args, grid), None when not bindable), then
+    the split-K reduction when its grid splits K (``ws`` is the workspace), and record the
+    launches in ``bind`` (as gemm())."""
     if pdl:
         consts["launch_pdl"] = True  # a launch option (programmatic dependent launch)
     launcher = launch(kernel, grid, args, consts, num_warps, num_stages)
@@ -590,7 +591,6 @@ def launch_after_prep(kernel, grid, args, consts: dict, num_warps: int, num_stag
     post: list = []
     if split_k > 1:
         splitk_reduce(ws, bias, out, bind=post if bind is not None else None)
-    if (bind is not None and launcher is not None and pre[0] is not None
-            and (split_k == 1 or post)):
+    if bind is not None and launcher is not None and pre is not None and (split_k == 1 or post):
         bind.append((launcher, args, grid, split_k, post[0] if post else None, pre))
     return out

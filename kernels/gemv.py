@@ -865,7 +865,6 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
         nblk = gw.words_per_row // 16
         xq, pre = launch_x_prep(_xquant_kernel, xq_numel(M, nblk, gw.bits), x2d, nblk,
                                 xq_consts, 1)
-        pre = pre if pre[0] is not None else None
         args = (xq, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
                 gw.dq_scale if gw.dq_scale is not None else dummy,
                 gw.dq_offset if gw.dq_offset is not None else dummy,

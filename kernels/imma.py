@@ -203,7 +203,7 @@ def _gemm_imma_kernel(xq_ptr, c8_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, b
             part = tl.zeros([BN, 2 * GB * BM], dtype=tl.int32)
             part = _idot(_plane(c, 0, EMU), tl.trans(x0), part, EMU)
             part = _idot(_plane(c, 1, EMU), tl.trans(x1), part, EMU)
-            if GB == 1:
+            if GB == 1:  # (the measured, tuned form; the general one below is not timed for it)
                 hsum, lsum = tl.split(tl.reshape(part, [BN, BM, 2]))
                 dot = hsum * 256 + lsum - z_g[:, None] * qs[None, :]
                 acc += dot.to(tl.float32) * (s_g[:, None] * xs[None, :])
@@ -218,7 +218,7 @@ def _gemm_imma_kernel(xq_ptr, c8_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, b
 
 def imma_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:
     """Whether the IMMA GEMM takes this weight: int4 (symmetric or integer zero points) with
-    one group per row or groups of a multiple of 128, and 16-bit activations."""
+    one group per row, groups of 32 or 64, or a multiple of 128, and 16-bit activations."""
     return (gw.fmt == "int4" and dtype in (torch.float16, torch.bfloat16)
             and (gw.n_groups == 1 or gw.group % 128 == 0 or gw.group in (32, 64)))
 

@@ -175,7 +175,16 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
                                    "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
                                    "SPLIT_K": _split_for(programs, nblk, sms,
                                                          6 if M <= 32 else 1)})
-        if fmt == "int4" and group == 64 and M <= 32 and group < K:
+        small_groups = fmt == "int4" and 0 < group < min(128, K)  # several per layout block
+        if small_groups and M > 32:
+            # int4 groups below a block (H200 tuning of groups of 32 / 64 at M = 64): the
+            # full-tile GEMM with x as the MMA's M side, 46.6 against 93 us for the SWAP GEMM
+            # below at 14336 x 4096
+            programs = -(-M // 64) * -(-N // 128)
+            return Choice("gemm", {"BM": 64, "BN": 128, "CB": 1, "SWAP": False, "GROUP_M": 8,
+                                   "FULL_TILE": True, "num_warps": 4, "num_stages": 3,
+                                   "SPLIT_K": _split_for(programs, nblk, sms)})
+        if small_groups and group == 64:
             # the integer tensor-core GEMM with two groups per block (kernels/imma.py): the
             # per-plane SWAP GEMM ran int4 groups of 64 at 0.29-0.90x of cuBLAS at M = 16 on
             # untuned H200 shapes; tuned, IMMA won groups of 64 at M = 16 on every benchmark
@@ -186,20 +195,11 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
             return Choice("gemm", {"BM": BM, "BN": 64, "CB": 1, "SWAP": True, "IMMA": True,
                                    "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
                                    "SPLIT_K": _split_for(programs, nblk, sms, 4)})
-        if fmt == "int4" and group == 32 and M <= 32 and group < K:
-            return Choice("gemm", {"BM": BM, "BN": 128, "CB": 1, "SWAP": True, "FULL_TILE": True,
-                                   "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
-                                   "SPLIT_K": _split_for(programs, nblk, sms)})
-        if fmt == "int4" and 0 < group < 128 and M > 32 and group < K:
-            # H200 tuning, int4 groups of 32 / 64 at M = 64: the full-tile GEMM with x as the
-            # MMA's M side, 46.6 against 93 us for this SWAP GEMM at 14336 x 4096
-            programs = -(-M // 64) * -(-N // 128)
-            return Choice("gemm", {"BM": 64, "BN": 128, "CB": 1, "SWAP": False, "GROUP_M": 8,
-                                   "FULL_TILE": True, "num_warps": 4, "num_stages": 3,
-                                   "SPLIT_K": _split_for(programs, nblk, sms)})
         return Choice("gemm", {"BM": BM, "BN": 128, "CB": 1, "SWAP": True, "GROUP_M": 8,
                                "num_warps": 4, "num_stages": 3,
-                               "SPLIT_K": _split_for(programs, nblk, sms)})
+                               "SPLIT_K": _split_for(programs, nblk, sms),
+                               # (groups of 32: the full-tile variant won 6 of 8 tuned cases)
+                               **({"FULL_TILE": True} if small_groups and group == 32 else {})})
     if M <= 128:
         programs = -(-M // 64) * -(-N // 128)
         return Choice("gemm", {"BM": 64, "BN": 128, "CB": 1, "SWAP": False, "GROUP_M": 8,

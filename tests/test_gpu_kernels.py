@@ -311,7 +311,7 @@ def test_gemm_rega_rejects_what_it_cannot_take():
         gemm_rega(xf, layout.gpu_weight(qw), None, poisoned(2, 16, xf.dtype), BM=16, BN=16, CB=1)
 
 
-# (groups of 16 and 48 split a 128-element block other than in halves or quarters: the GEMM)
+# (groups of 16 and 96 do not split a 128-element block into halves or quarters: the GEMM)
 IMMA_CASES = REGA_CASES + [("int4", {"group_size": 16}), ("int4", {"group_size": 96})]
 
 
@@ -509,15 +509,17 @@ def test_bound_gemm_calls_match_full_path(M, monkeypatch):
     N, K = 3072, 1024
     lin = torch.nn.Linear(K, N).to(DEV)
     ql = lowbit.QuantLinear.from_linear(lin, "int4", group_size=128).to(DEV)
+    q128 = ql.qweight
+    # (int4 groups of 64: the IMMA GEMM with two groups per block, kernels/imma.py)
     q64 = lowbit.QuantLinear.from_linear(lin, "int4", group_size=64).to(DEV).qweight
-    for shape, bias, split, extra in (((M, K), ql.bias, None, {}), ((2, M, K), None, None, {}),
-                                      ((M, K), ql.bias, 4, {}), ((M, K), None, 4, {}),
-                                      ((M, K), ql.bias, 2, {"REGA": True}),
-                                      ((M, K), ql.bias, 1, {"IMMA": True}),
-                                      ((M, K), None, 2, {"IMMA": True}),
-                                      ((M, K), ql.bias, 2, {"IMMA": True, "g64": True})):
-        # (g64: the IMMA GEMM with two groups per block, kernels/imma.py)
-        qw = q64 if extra.pop("g64", False) else ql.qweight
+    for qw, shape, bias, split, extra in ((q128, (M, K), ql.bias, None, {}),
+                                          (q128, (2, M, K), None, None, {}),
+                                          (q128, (M, K), ql.bias, 4, {}),
+                                          (q128, (M, K), None, 4, {}),
+                                          (q128, (M, K), ql.bias, 2, {"REGA": True}),
+                                          (q128, (M, K), ql.bias, 1, {"IMMA": True}),
+                                          (q128, (M, K), None, 2, {"IMMA": True}),
+                                          (q64, (M, K), ql.bias, 2, {"IMMA": True})):
         x = torch.randn(*shape, device=DEV).to(torch.bfloat16)
         qw.cache.pop(LK._BOUND, None)  # (a shape bound in an earlier round)
         ch = LK.plan(x, qw, x.numel() // K)

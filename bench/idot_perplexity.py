@@ -26,15 +26,17 @@ from lowbit.testing import GPU_XQ_BLOCK, gpu_quantize_activations
 
 
 def nf4_codebook_delta(qw) -> torch.Tensor:
-    """float32 [N, K]: the weight as the integer-dot GEMV multiplies nf4 (codebook rounded to
-    round(8128 v) / 8128, lowbit.testing.fast_nf4_codes) minus the weight as stored."""
+    """float32 [N, K]: the weight as the integer kernels multiply an nf4 / fp4 one (codebook
+    rounded to c / S, lowbit.formats.codebook_int_codes and CODE_SCALE) minus the weight as
+    stored."""
     from lowbit import formats as F
     from lowbit import reference as R
-    from lowbit.testing import fast_nf4_codes, nf4_absmax
-    d = torch.tensor([i / 8128 - v for i, v in zip(fast_nf4_codes(), F.NF4_CODEBOOK)],
+    from lowbit.testing import codebook_absmax
+    S = F.CODE_SCALE[qw.fmt]
+    d = torch.tensor([i / S - v for i, v in zip(F.codebook_int_codes(qw.fmt), F.CODEBOOKS[qw.fmt])],
                      dtype=torch.float64)
     c = R.unpack_nibbles(qw.data, qw.shape[1]).long()
-    return (d[c] * nf4_absmax(qw)).float()
+    return (d[c] * codebook_absmax(qw)).float()
 
 
 def main(argv=None) -> int:

@@ -45,7 +45,7 @@ MS = (1, 2, 3, 5, 9)
 # with them on a user's machine); these tests hold the kernels to them.
 QBLOCK = T.FAST_QBLOCK  # activation block per weight format (fp4 has no fast path)
 QCHUNK = T.FAST_QCHUNK  # weight-code chunk: groups must be whole chunks, or one group per row
-NF4_I16 = list(T.fast_nf4_codes())  # nf4's fast-path codes, round(8128 * codebook)
+NF4_I16 = list(F.codebook_int_codes("nf4"))  # nf4's fast-path codes, round(8128 * codebook)
 quantize_activations = T.fast_quantize_activations
 fast_tolerance = T.fast_linear_tolerance
 

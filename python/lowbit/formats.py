@@ -177,6 +177,19 @@ FP4 = FormatSpec(
 
 FORMATS = {f.name: f for f in (INT8, INT4, NF4, FP4)}
 CODEBOOKS = {"nf4": NF4_CODEBOOK, "fp4": FP4_CODEBOOK}
+
+# The codebooks as the integer kernels multiply them (the CPU fast path, the GPU integer-dot
+# GEMV): code i -> c_i = round(CODE_SCALE * codebook[i]), a 14-bit integer, with the weight's
+# scale absmax / CODE_SCALE. 14 bits split into two int8 terms c = 128 hi + lo with hi, lo in
+# [-64, 64] (csrc/formats.h). nf4: 8128 = 127 * 64, at most 0.5 / 8128 of absmax from the
+# codebook; fp4: 8064 = 42 * 192, exact (its values are multiples of 1/192: 0, 1, 32, 48, 64,
+# 96, 128 and 192 / 192; the float32 table differs from them by float32 rounding only).
+CODE_SCALE = {"nf4": 8128, "fp4": 8064}
+
+
+def codebook_int_codes(fmt: str) -> Tuple[int, ...]:
+    """The 16 integer codes of a codebook format (see CODE_SCALE), in code order."""
+    return tuple(round(CODE_SCALE[fmt] * v) for v in CODEBOOKS[fmt])
 FORMATS_BY_ID = {f.id: f for f in FORMATS.values()}
 
 

@@ -36,9 +36,8 @@ in float32 (float64 for ``mag``).
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -147,16 +146,15 @@ def assert_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: torch.T
 # ---- the activation-quantized CPU fast path ----------------------------------------------------
 # The statement and the bound are those of tests/test_fast_path.py (and csrc/kernel_api.h), kept
 # here so that `lowbit selftest` can check the fast path on a user's machine too.
-# Activations are quantized per row in blocks of this many columns, by weight format (fp4 has
-# no fast path: its entry is never used); the extension's own table is lowbit._backend's
-# C.QBLOCK (tests check they agree).
+# Activations are quantized per row in blocks of this many columns, by weight format; the
+# extension's own table is lowbit._backend's C.QBLOCK (tests check they agree).
 FAST_QBLOCK = {"int8": 16, "int4": 8, "nf4": 8, "fp4": 8}
 FAST_QCHUNK = 32  # the quantized row is zero-padded to a multiple of this many columns
 
 
-def nf4_absmax(qw) -> torch.Tensor:
-    """float64 [N, K]: each nf4 weight's block absmax (the decode of code 15, value 1.0; double
-    quantization included)."""
+def codebook_absmax(qw) -> torch.Tensor:
+    """float64 [N, K]: each nf4 / fp4 weight's block absmax (its scale decoded as nf4's code 15,
+    value 1.0; double quantization included)."""
     from . import reference as R
     from .qweight import QuantizedWeight
     return R.dequantize(QuantizedWeight(
@@ -165,18 +163,13 @@ def nf4_absmax(qw) -> torch.Tensor:
         dq_offset=qw.dq_offset)).double().abs()
 
 
-def nf4_code_error() -> float:
-    """max_i |round(8128 cb_i) / 8128 - cb_i|: how far the 14-bit nf4 codes (fast_nf4_codes,
-    used by the CPU fast path and the GPU integer-dot GEMV) are from the codebook, in absmax."""
+def codebook_code_error(fmt: str) -> float:
+    """max_i |c_i / S - cb_i|: how far the 14-bit codes of a codebook format (c_i =
+    formats.codebook_int_codes, S = formats.CODE_SCALE; used by the CPU fast path and the GPU
+    integer-dot GEMV) are from its codebook, in absmax (nf4 ~5e-5; fp4 only float32 rounding)."""
     from . import formats as F
-    return max(abs(i / 8128 - v) for i, v in zip(fast_nf4_codes(), F.NF4_CODEBOOK))
-
-
-@functools.lru_cache(maxsize=None)
-def fast_nf4_codes() -> Tuple[int, ...]:
-    """nf4's fast-path codes: the codebook rounded to 14 bits, round(8128 * value) (127 * 64)."""
-    from . import formats as F
-    return tuple(round(8128 * v) for v in F.NF4_CODEBOOK)
+    return max(abs(i / F.CODE_SCALE[fmt] - v)
+               for i, v in zip(F.codebook_int_codes(fmt), F.CODEBOOKS[fmt]))
 
 
 def _blocks_absmax_bits(x2d: torch.Tensor, block: int, length: int):
@@ -218,13 +211,13 @@ def fast_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
     the shape of ``expected``), derived from the activation quantization, not fitted::
 
         sum_k |w_k| (d_k / 2 + 1e-6 |x_k|)                  activation rounding (half a code)
-      + sum_k |x_hat_k| absmax_k (e_cb + 1e-6)              nf4 only: its 14-bit codebook
+      + sum_k |x_hat_k| absmax_k (e_cb + 1e-6)              nf4 / fp4: their 14-bit codes
       + 1e-5 (sum_k |w_k x_k| + sum_k |x_hat_k| |terms_k|)  float32 sums of the kernels' terms
       + the bf16/f16 output's ulp, as in :func:`linear_tolerance`
 
-    d_k the scale of x_k's block (:data:`FAST_QBLOCK`), x_hat = q * d, e_cb = max_i
-    |round(8128 cb_i) / 8128 - cb_i|; the terms are the codes, zero-points and the largest
-    constant an ISA adds to the codes to make them unsigned (int8 + 128, nf4 + 128 * 129),
+    d_k the scale of x_k's block (:data:`FAST_QBLOCK`), x_hat = q * d, e_cb =
+    :func:`codebook_code_error`; the terms are the codes, zero-points and the largest
+    constant an ISA adds to the codes to make them unsigned (int8 + 128, nf4 / fp4 + 128 * 129),
     taken back out in float32 with the activations' block sums. A worst case (all errors
     aligned); the typical error is far smaller. ``magnitude_only``: just the float32 term
     1e-5 * sum |terms| (two fast paths differ by no more).
@@ -247,13 +240,14 @@ def fast_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
         c = R.unpack_nibbles(qw.data, K).double()
         z = torch.full_like(qw.scales, 8.0) if qw.zeros is None else qw.zeros.double()
         wmag = (c + R.per_element(z, g, K).double()) * R.per_element(qw.scales, g, K).double().abs()
-    else:  # nf4: absmax per element = the decode of code 15 (1.0)
-        absmax = nf4_absmax(qw)
-        i16 = fast_nf4_codes()
-        e_cb = nf4_code_error()
+    else:  # nf4 / fp4: their 14-bit codes c (formats.codebook_int_codes), scale absmax / S
+        absmax = codebook_absmax(qw)
+        i16 = F.codebook_int_codes(qw.fmt)
+        e_cb = codebook_code_error(qw.fmt)
         tol = tol + xh.abs() @ (absmax * (e_cb + 1e-6)).T
         c = R.unpack_nibbles(qw.data, K).long()
-        wmag = (torch.tensor(i16, dtype=torch.float64).abs()[c] + 128 * 129) * absmax / 8128
+        wmag = ((torch.tensor(i16, dtype=torch.float64).abs()[c] + 128 * 129) * absmax
+                / F.CODE_SCALE[qw.fmt])
     mag = x64.abs() @ w.abs().T + xh.abs() @ wmag.T
     if bias is not None:
         mag = mag + bias.double().abs()
@@ -291,7 +285,7 @@ def assert_fast_linear_close(actual: torch.Tensor, expected: torch.Tensor, x: to
 # ---- the integer-dot GPU GEMV -------------------------------------------------------------------
 # Its activations are quantized to 16-bit integers with a power-of-two scale per layout block
 # (kernels/gemv.py, _xquant_kernel); this is that quantizer in torch, for tests and selftest.
-GPU_XQ_BLOCK = {"int4": 128, "int8": 64, "nf4": 128}  # elements per block, by weight format
+GPU_XQ_BLOCK = {"int4": 128, "int8": 64, "nf4": 128, "fp4": 128}  # elements per block, by weight format
 IMMA_XQ = dict(block=128, shift=13, qmax=1 << 14)  # the IMMA GEMM's x quantization (int4)
 
 
@@ -337,12 +331,14 @@ def idot_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
     # a block quantized to zeros (max |x| below 2**-112) loses its whole contribution
     lost = torch.where(s_el == 0, x2.double().abs(), 0.5 * s_el)
     extra = lost @ R.dequantize(qw).double().abs().T
-    if qw.fmt == "nf4":
-        # its 14-bit codes (at most e_cb absmax from the codebook) and the float32 sums of
-        # terms up to (16320 / 8128) absmax per weight (the codes offset by 8192, taken back
-        # out with the block sums)
-        extra = extra + x2.double().abs() @ (nf4_absmax(qw) * (nf4_code_error()
-                                                               + 1e-5 * 16320 / 8128)).T
+    if qw.fmt in ("nf4", "fp4"):
+        # their 14-bit codes (at most e_cb absmax from the codebook) and the float32 sums of
+        # terms up to (8192 + S) / S absmax per weight (the codes offset by 8192, taken back
+        # out with the block sums; S = formats.CODE_SCALE)
+        from . import formats as F
+        S = F.CODE_SCALE[qw.fmt]
+        extra = extra + x2.double().abs() @ (codebook_absmax(qw) * (
+            codebook_code_error(qw.fmt) + 1e-5 * (8192 + S) / S)).T
     eps = output_eps(expected.dtype)
     return (tol.double().reshape(-1, N) + extra * (1 + eps)).reshape(*expected.shape).float()
 

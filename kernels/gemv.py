@@ -37,6 +37,7 @@ from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_PLANE, SCALE_ROW, 
                       hi_shift, interpreting, k_split, launch, launch_x_prep, plane_value,
                       pow2_block_quantize, split_counters, splitk_reduce)
 from .layout import GPUWeight, group_const
+from lowbit.formats import CODE_SCALE
 
 
 @triton.jit
@@ -218,9 +219,10 @@ def _finish(y, m, pid_n, pid_k, offs_n, n_ok, M, N, stride_om, split_k, bias_ptr
 
 # ---- the integer-dot GEMV (IDOT) ---------------------------------------------------------------
 # For 16-bit activations and integer codes (int4, int8) whose groups hold whole layout blocks,
-# and nf4 (blocks of 64 or whole layout blocks) with its codebook as 14-bit integers
-# (nf4_idot_codes: at most 0.5 / 8128 of absmax from the float codebook, the CPU fast path's
-# nf4 codes), looked up per nibble by PRMT from two 16-byte tables (_quad_asm_nf4).
+# and the codebook formats nf4 / fp4 (blocks of 64 or whole layout blocks) with their codebooks
+# as 14-bit integers (codebook_idot_codes: the CPU fast path's codes, lowbit.formats.CODE_SCALE;
+# nf4 at most 0.5 / 8128 of absmax from its float codebook, fp4 exact), looked up per nibble by
+# PRMT from two 16-byte tables (_quad_asm_nf4).
 # x is first quantized to 16-bit integers per layout block (_xquant_kernel): a block of KB
 # elements (128 for 4-bit codes, 64 for int8) gets a power-of-two scale 2**e with e = E - 14,
 # E the exponent of the block's max |x|, so q = round(x / 2**e) (exact: a power-of-two scaling,
@@ -362,18 +364,19 @@ def _idot(words, xa, xb, xc, xd, BITS: tl.constexpr, EMU: tl.constexpr):
 
 
 @triton.jit
-def _idot_scale(s_ptr, dqs_ptr, dqo_ptr, gptr, cptr, mask, NF4: tl.constexpr, DQ: tl.constexpr):
+def _idot_scale(s_ptr, dqs_ptr, dqo_ptr, gptr, cptr, mask, CODE_SCALE: tl.constexpr,
+                DQ: tl.constexpr):
     """The weight scale of groups ``gptr`` as the integer dots need it: int4 / int8 the stored
-    scale; nf4 absmax / 8128 (its codes are nf4_idot_codes), absmax decoded from its uint8
-    code when double-quantized (``cptr``: the chunk's dq_scale / dq_offset)."""
+    scale; nf4 / fp4 absmax / CODE_SCALE (their codes are codebook_idot_codes), absmax decoded
+    from its uint8 code when double-quantized (``cptr``: the chunk's dq_scale / dq_offset)."""
     if DQ:
         s = decode_absmax(tl.load(s_ptr + gptr, mask=mask, other=0),
                           tl.load(dqs_ptr + cptr, mask=mask, other=0.0),
                           tl.load(dqo_ptr + cptr, mask=mask, other=0.0), 0.0)
     else:
         s = tl.load(s_ptr + gptr, mask=mask, other=0.0)
-    if NF4:
-        s = s * (1.0 / 8128.0)
+    if CODE_SCALE > 0:
+        s = s * (1.0 / CODE_SCALE)
     return s
 
 
@@ -381,7 +384,7 @@ def _idot_scale(s_ptr, dqs_ptr, dqo_ptr, gptr, cptr, mask, NF4: tl.constexpr, DQ
 def _idot_step_loads(ops_m, sx_m, sum_m, s_ptr, z_ptr, dqs_ptr, dqo_ptr, offs_n, n_ok, blk, b_ok,
                      offs_w, N, G, BITS: tl.constexpr, SCALE_MODE: tl.constexpr,
                      HAS_ZEROS: tl.constexpr, ZERO_CONST: tl.constexpr, GROUP: tl.constexpr,
-                     NF4: tl.constexpr, DQ: tl.constexpr):
+                     CODE_SCALE: tl.constexpr, DQ: tl.constexpr):
     """The small loads of one K step of _gemv_idot_kernel (blocks ``blk``, valid where
     ``b_ok``): the x operands [CB, 1, 16], x's block scales and sums [CB], and the weight
     scales and zero-points [CB, BN] (SCALE_BLOCK; SCALE_PLANE: groups of 64, the first half's
@@ -420,7 +423,7 @@ def _idot_step_loads(ops_m, sx_m, sum_m, s_ptr, z_ptr, dqs_ptr, dqo_ptr, offs_n,
         gptr = g[:, None] * N + offs_n[None, :]  # [CB, BN]: scales are stored [G, N]
         gmask = b_ok[:, None] & n_ok[None, :]
         sw = _idot_scale(s_ptr, dqs_ptr, dqo_ptr, gptr, g[:, None] // 256 * N + offs_n[None, :],
-                         gmask, NF4, DQ)
+                         gmask, CODE_SCALE, DQ)
         if HAS_ZEROS:
             zz = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
         else:
@@ -428,7 +431,7 @@ def _idot_step_loads(ops_m, sx_m, sum_m, s_ptr, z_ptr, dqs_ptr, dqo_ptr, offs_n,
         if SCALE_MODE == 2:  # the second half (past K in a ragged last block: zeros)
             gmask2 = gmask & ((g + 1) < G)[:, None]
             sw2 = _idot_scale(s_ptr, dqs_ptr, dqo_ptr, gptr + N,
-                              (g[:, None] + 1) // 256 * N + offs_n[None, :], gmask2, NF4, DQ)
+                              (g[:, None] + 1) // 256 * N + offs_n[None, :], gmask2, CODE_SCALE, DQ)
             if HAS_ZEROS:
                 zz2 = tl.load(z_ptr + gptr + N, mask=gmask2, other=0).to(tl.float32)
             else:
@@ -469,19 +472,21 @@ _QUAD8_ASM = tl.constexpr(_quad_asm(8))
 _QUADH_ASM = tl.constexpr(_quad_asm(4, halves=True))
 
 
-def nf4_idot_codes():
-    """nf4 as the integer-dot GEMV multiplies it: code i -> w'_i = round(8128 cb_i) + 8192, in
+def codebook_idot_codes(fmt: str):
+    """nf4 / fp4 as the integer-dot GEMV multiplies them: code i -> w'_i = c_i + 8192 with c_i
+    = round(S cb_i) (lowbit.formats.codebook_int_codes, S = CODE_SCALE: 8128 / 8064), in
     [64, 16320], as two 7-bit bytes h_i = w'_i >> 7 and l_i = w'_i & 127 (w' = 128 h + l). The
-    8192 comes off as a zero point (8192 * sum q); the scale is absmax / 8128. The 14-bit code
-    is at most 0.5 / 8128 of absmax from the float codebook (the CPU fast path's nf4 codes)."""
-    from lowbit.formats import NF4_CODEBOOK
-    return [round(8128 * v) + 8192 for v in NF4_CODEBOOK]
+    8192 comes off as a zero point (8192 * sum q); the scale is absmax / S. nf4's 14-bit code
+    is at most 0.5 / 8128 of absmax from its float codebook, fp4's is exact (the CPU fast
+    path's codes)."""
+    from lowbit.formats import codebook_int_codes
+    return [c + 8192 for c in codebook_int_codes(fmt)]
 
 
 def _quad_asm_nf4() -> str:
-    """PTX of _idot_quad_nf4: 4 words of nf4 codes (planes 0-3 / 4-7 = the block's two groups of
+    """PTX of _idot_quad_nf4: 4 words of nf4 / fp4 codes (planes 0-3 / 4-7 = the block's two groups of
     64) against the GROUPED x operands. Each nibble is looked up in two 16-byte tables (h, l of
-    nf4_idot_codes) by PRMT: its selector reads the low 16 bits as four nibbles, so a word's
+    codebook_idot_codes) by PRMT: its selector reads the low 16 bits as four nibbles, so a word's
     planes 0-3 select directly and planes 4-7 after a shift; codes 0-7 come from the first 8
     table bytes, codes 8-15 from the last 8 with the selector's bit 3 flipped (PRMT's sign mode
     then returns 0x00 for the other half, as every table byte is < 128), and an OR merges them.
@@ -513,9 +518,10 @@ def _quad_asm_nf4() -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-def _nf4_tables():
-    """The 8 table words of _quad_asm_nf4: h of codes 0-3, 4-7, 8-11, 12-15, then l's."""
-    w = nf4_idot_codes()
+def _nf4_tables(fmt: str):
+    """The 8 table words of _quad_asm_nf4 for ``fmt``: h of codes 0-3, 4-7, 8-11, 12-15, then
+    l's."""
+    w = codebook_idot_codes(fmt)
     pack = lambda vals: [sum(v << (8 * t) for t, v in enumerate(vals[4 * j:4 * j + 4])) for j in range(4)]
     return pack([v >> 7 for v in w]) + pack([v & 127 for v in w])
 
@@ -578,9 +584,9 @@ def _idot_quad(words, xa, xb, xc, xd, CB: tl.constexpr, BN: tl.constexpr, BITS: 
 @triton.jit
 def _idot_quad_nf4(words, xa, xb, xc, xd, lut_ptr, CB: tl.constexpr, BN: tl.constexpr,
                    EMU: tl.constexpr):
-    """nf4 codes (see _quad_asm_nf4) summed over each run of 4 words: [CB, BN, 16] words and
+    """nf4 / fp4 codes (see _quad_asm_nf4) summed over each run of 4 words: [CB, BN, 16] words and
     [CB, 1, 16] GROUPED operands -> (A, B) of the first group of 64 and (A, B) of the second,
-    [CB, BN, 4] int32 each (the dot is 128 A + B). |A|, |B| < 2**27. ``lut_ptr``: nf4_idot_lut
+    [CB, BN, 4] int32 each (the dot is 128 A + B). |A|, |B| < 2**27. ``lut_ptr``: codebook_idot_lut
     (its codes for the interpreter's emulation, its table words as the asm's operands)."""
     w0, w1, w2, w3 = _quads(words, CB, BN)
     a0, a1, a2, a3 = _quads(xa, CB, 1)
@@ -605,10 +611,10 @@ def _idot_quad_nf4(words, xa, xb, xc, xd, lut_ptr, CB: tl.constexpr, BN: tl.cons
 
 @triton.jit
 def _idot_whole(words, xa, xb, xc, xd, lut_ptr, CB: tl.constexpr, BN: tl.constexpr,
-                BITS: tl.constexpr, NF4: tl.constexpr, EMU: tl.constexpr):
+                BITS: tl.constexpr, CODEBOOK: tl.constexpr, EMU: tl.constexpr):
     """The dot of each run of 4 words over all its planes, float32 [CB, BN, 4] (one group
     covers the whole layout block)."""
-    if NF4:
+    if CODEBOOK:
         aa, ba, ab, bb = _idot_quad_nf4(words, xa, xb, xc, xd, lut_ptr, CB, BN, EMU)
         return (aa + ab).to(tl.float32) * 128.0 + (ba + bb).to(tl.float32)
     else:
@@ -687,15 +693,16 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
                       GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_WS: tl.constexpr,
                       FIXUP: tl.constexpr, K_EXACT: tl.constexpr,
                       BN: tl.constexpr, CB: tl.constexpr, EMU: tl.constexpr,
-                      NF4: tl.constexpr,  # nf4 codes (nf4_idot_codes; GROUPED x operands)
-                      DQ: tl.constexpr,  # nf4 double quantization
+                      CODE_SCALE: tl.constexpr,  # nf4 / fp4: codebook_idot_codes' scale, else 0
+                      DQ: tl.constexpr,  # nf4 / fp4 double quantization
                       PDL: tl.constexpr,  # launched as a programmatic dependent of _xquant_kernel
                       EMULATE_BF16: tl.constexpr, STEPS_CONST: tl.constexpr,
                       SPLIT_CONST: tl.constexpr):
     """The GEMV of _gemv_kernel (same grid, split K and epilogue) on x quantized by
     _xquant_kernel (xq_ptr): integer dots per word, one float scale per block (see above).
-    dqs_ptr / dqo_ptr: nf4's double quantization; lut_ptr: nf4_idot_codes for the interpreter
-    (same argument order as _gemv_kernel; unused otherwise)."""
+    dqs_ptr / dqo_ptr: nf4 / fp4 double quantization; lut_ptr: codebook_idot_lut (same argument
+    order as _gemv_kernel; unused for integer codes). nf4 / fp4 use GROUPED x operands."""
+    CODEBOOK: tl.constexpr = CODE_SCALE > 0
     NOPS: tl.constexpr = 4 if BITS == 4 else 2
     m, pid_n, pid_k, offs_n, n_ok, offs_b, offs_w, nblk, b_begin, b_end = _tile(
         N, KW, steps_per_split, BN, CB)
@@ -727,7 +734,7 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
         gdc_wait()
     xa, xb, xc, xd, sx, qs, sw, zz, qs2, sw2, zz2 = _idot_step_loads(
         ops_m, sx_m, sum_m, s_ptr, z_ptr, dqs_ptr, dqo_ptr, offs_n, n_ok, blk, b_ok, offs_w, N, G,
-        BITS, SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP, NF4, DQ)
+        BITS, SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP, CODE_SCALE, DQ)
     for step in range(0, STEPS_CONST if STEPS_CONST > 0 else steps_per_split):
         nxt_blk = blk + CB
         nb_ok = nxt_blk < b_end
@@ -735,9 +742,9 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
                          mask=nb_ok[:, None, None] & n_ok[None, :, None], other=0)
         nxa, nxb, nxc, nxd, nsx, nqs, nsw, nzz, nqs2, nsw2, nzz2 = _idot_step_loads(
             ops_m, sx_m, sum_m, s_ptr, z_ptr, dqs_ptr, dqo_ptr, offs_n, n_ok, nxt_blk, nb_ok,
-            offs_w, N, G, BITS, SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP, NF4, DQ)
+            offs_w, N, G, BITS, SCALE_MODE, HAS_ZEROS, ZERO_CONST, GROUP, CODE_SCALE, DQ)
         if SCALE_MODE == 2:  # groups of 64: each block holds two
-            if NF4:
+            if CODEBOOK:
                 aa, ba, ab, bb = _idot_quad_nf4(words, xa, xb, xc, xd, lut_ptr, CB, BN, EMU)
                 da = aa.to(tl.float32) * 128.0 + ba.to(tl.float32)
                 db = ab.to(tl.float32) * 128.0 + bb.to(tl.float32)
@@ -745,16 +752,16 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
                 da, db = _idot_quad(words, xa, xb, xc, xd, CB, BN, BITS, True, EMU)
             sc = sw * sx[:, None]
             sc2 = sw2 * sx[:, None]
-            acc += da.to(tl.float32) * sc[:, :, None]  # (nf4: float already)
+            acc += da.to(tl.float32) * sc[:, :, None]  # (nf4 / fp4: float already)
             acc += db.to(tl.float32) * sc2[:, :, None]
             zacc += sc * (zz * qs[:, None]) + sc2 * (zz2 * qs2[:, None])
         elif SCALE_MODE == 1:  # each block lies in one group
-            d = _idot_whole(words, xa, xb, xc, xd, lut_ptr, CB, BN, BITS, NF4, EMU)
+            d = _idot_whole(words, xa, xb, xc, xd, lut_ptr, CB, BN, BITS, CODEBOOK, EMU)
             sc = sw * sx[:, None]  # [CB, BN]
             acc += d * sc[:, :, None]
             zacc += sc * (zz * qs[:, None])
         else:  # one group per row: the row's scale and zero after the sum
-            d = _idot_whole(words, xa, xb, xc, xd, lut_ptr, CB, BN, BITS, NF4, EMU)
+            d = _idot_whole(words, xa, xb, xc, xd, lut_ptr, CB, BN, BITS, CODEBOOK, EMU)
             acc += d * sx[:, None, None]
             zacc += sx * qs
         blk = nxt_blk
@@ -763,7 +770,7 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
     if SCALE_MODE != 0:
         y = tl.sum(tl.sum(acc, axis=2), axis=0) - tl.sum(zacc, axis=0)
     else:
-        s_row = _idot_scale(s_ptr, dqs_ptr, dqo_ptr, offs_n, offs_n, n_ok, NF4, DQ)
+        s_row = _idot_scale(s_ptr, dqs_ptr, dqo_ptr, offs_n, offs_n, n_ok, CODE_SCALE, DQ)
         if HAS_ZEROS:
             z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)
         else:
@@ -773,20 +780,20 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
             ws_ptr, cnt_ptr, BN, HAS_BIAS, USE_WS, FIXUP, EMULATE_BF16, SPLIT_CONST)
 
 
-def nf4_idot_lut(device: torch.device) -> torch.Tensor:
-    """int32 on ``device`` (cached): nf4_idot_codes (16, for the interpreter's emulation), then
-    _nf4_tables (8 words, which the kernel loads once per program and passes to the asm as
-    operands)."""
-    words = [v - (1 << 32) if v >= 1 << 31 else v for v in _nf4_tables()]
-    return device_table("nf4-idot", device, nf4_idot_codes() + words, torch.int32)
+def codebook_idot_lut(device: torch.device, fmt: str) -> torch.Tensor:
+    """int32 on ``device`` (cached): codebook_idot_codes(fmt) (16, for the interpreter's
+    emulation), then _nf4_tables(fmt) (8 words, which the kernel loads once per program and
+    passes to the asm as operands)."""
+    words = [v - (1 << 32) if v >= 1 << 31 else v for v in _nf4_tables(fmt)]
+    return device_table(fmt + "-idot", device, codebook_idot_codes(fmt) + words, torch.int32)
 
 
 def idot_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:
     """Whether the integer-dot GEMV takes this weight and activation dtype."""
-    if gw.fmt not in ("int4", "int8", "nf4") or dtype not in (torch.float16, torch.bfloat16):
+    if gw.fmt not in ("int4", "int8", "nf4", "fp4") or dtype not in (torch.float16, torch.bfloat16):
         return False
     mode = scale_mode(gw, gw.block)
-    if gw.fmt == "nf4":  # groups of 64 (the layout block's two halves) or whole blocks
+    if gw.fmt in CODE_SCALE:  # groups of 64 (the layout block's two halves) or whole blocks
         return mode in (SCALE_ROW, SCALE_BLOCK) or (mode == SCALE_PLANE and gw.group == 64)
     return mode in (SCALE_ROW, SCALE_BLOCK) or (mode == SCALE_PLANE and gw.fmt == "int4"
                                                 and gw.group == 64)
@@ -868,7 +875,7 @@ def gemv(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BN: int, 
         args = (xq, gw.codes, gw.scales, gw.zeros if gw.zeros is not None else dummy,
                 gw.dq_scale if gw.dq_scale is not None else dummy,
                 gw.dq_offset if gw.dq_offset is not None else dummy,
-                nf4_idot_lut(dev) if gw.fmt == "nf4" else dummy,
+                codebook_idot_lut(dev, gw.fmt) if gw.fmt in CODE_SCALE else dummy,
                 bias if bias is not None else dummy, out, ws,
                 cnt if cnt is not None else dummy, M, N, gw.words_per_row, gw.n_groups,
                 out.stride(0), steps, split_k)
@@ -911,10 +918,11 @@ def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN
                  EMULATE_BF16=emulate_bf16(out_dtype), STEPS_CONST=steps if interp else 0,
                  SPLIT_CONST=SPLIT_K if interp else 0)
         if idot:  # (always loads one step ahead)
-            nf4 = gw.fmt == "nf4"
-            c.update(EMU=interp, PDL=pdl, NF4=nf4, DQ=nf4 and gw.double_quant)
-            if nf4:
-                c["ZERO_CONST"] = 8192  # nf4_idot_codes' offset, taken off as a zero point
+            cbook = gw.fmt in CODE_SCALE
+            c.update(EMU=interp, PDL=pdl, CODE_SCALE=CODE_SCALE.get(gw.fmt, 0),
+                     DQ=cbook and gw.double_quant)
+            if cbook:
+                c["ZERO_CONST"] = 8192  # codebook_idot_codes' offset, taken off as a zero point
             if pdl:
                 c["launch_pdl"] = True  # a launch option (programmatic dependent launch)
         else:
@@ -923,6 +931,6 @@ def _gemv_plan(gw: GPUWeight, M: int, K: int, dev, out_dtype, has_bias: bool, BN
         consts[fixup] = c
     # the x quantization's constexprs (integer-dot GEMV only)
     xq_consts = dict(P=gw.per_word, GROUPED=(scale_mode(gw, gw.block) == SCALE_PLANE
-                                             or gw.fmt == "nf4"),  # (nf4: always halves)
+                                             or gw.fmt in CODE_SCALE),  # (always halves)
                      PDL=pdl) if idot else None
     return SPLIT_K, grid, steps, lut, consts, xq_consts

@@ -14,9 +14,10 @@ Tuned configs are data: ``kernels/configs/<gpu name>.json`` (written by bench/tu
 loaded once per GPU name, never autotuned at run time. Each record names its key fields:
 format, variant, group, N, K, M bucket (M rounded up to a power of two, capped at 4096) and
 activation class ("16bit" or "fp32"); the rest is the kernel and its parameters. Lookup: exact
-key; else the record of the same format, group and activation class nearest in (log N, log K,
-log2 M bucket / 2), at most 4x away in M; else the heuristics below (also used for unknown
-cards and under the Triton interpreter).
+key; else the record of the same format (or of its kernel twin, LEND_FORMATS: fp4 runs nf4's
+kernels with another table), group and activation class nearest in (log N, log K, log2 M
+bucket / 2), at most 4x away in M; else the heuristics below (also used for unknown cards and
+under the Triton interpreter).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ import torch
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 KERNELS = ("gemv", "gemm", "dequant_mm")
+# Formats whose kernels are the same code and cost with another table: a format without tuned
+# records of its own borrows its twin's (at a small distance penalty, so its own win).
+LEND_FORMATS = {"fp4": "nf4", "nf4": "fp4"}
 
 
 @dataclass(frozen=True)
@@ -147,12 +151,12 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
     kb = 16 * (32 // bits)  # elements per layout block
     nblk = -(-K // kb)
     if M <= (8 if dtype == torch.float32 else 2):
-        if (fmt in ("int4", "int8", "nf4") and dtype != torch.float32
+        if (fmt in ("int4", "int8", "nf4", "fp4") and dtype != torch.float32
                 and (group < 0 or group >= K or group % kb == 0
-                     or (fmt in ("int4", "nf4") and group == 64))):
+                     or (fmt != "int8" and group == 64))):
             # the integer-dot GEMV (kernels/gemv.py): since its [CB, BN, 16] tiles (session
-            # 13) ahead of the float32 one on every tuned H200 shape, int4, int8 and nf4 (its
-            # codebook as 14-bit integers); tuned configs use 4 warps and 2-4 programs per SM
+            # 13) ahead of the float32 one on every tuned H200 shape, int4, int8, nf4 and fp4
+            # (codebooks as 14-bit integers); tuned configs use 4 warps and 2-4 programs per SM
             BN, CB = 32, 4
             split = _split_for(M * -(-N // BN), max(1, nblk // CB), sms, 4)
             return Choice("gemv", {"BN": BN, "CB": CB, "num_warps": 4, "num_stages": 1,
@@ -242,8 +246,9 @@ def _select(M, N, K, fmt, group, card, dtype, variant, sms, table) -> Choice:
         if r is not None:
             return _checked(Choice(r["kernel"], _params(r), "tuned"), dtype)
         best, best_d = None, (math.inf,)
+        twin = LEND_FORMATS.get(fmt)
         for key, r in table.items():
-            if key[0] != fmt or key[2] != group or key[6] != act:
+            if (key[0] != fmt and key[0] != twin) or key[2] != group or key[6] != act:
                 continue
             dm = abs(math.log2(key[5] / mb))
             if dm > 2:  # a config tuned for M 4x away is no better than the heuristics
@@ -251,10 +256,10 @@ def _select(M, N, K, fmt, group, card, dtype, variant, sms, table) -> Choice:
             if (key[5] <= 2) != (mb <= 2):  # the GEMV's M range and the GEMMs' do not lend
                 continue
             d = (abs(math.log(key[3] / N)) + abs(math.log(key[4] / K)) + 0.5 * dm
-                 + (0.01 if key[1] != variant else 0.0))
+                 + (0.01 if key[1] != variant else 0.0) + (0.02 if key[0] != fmt else 0.0))
             # ties (an M bucket halfway between two tuned ones) go to the smaller M bucket,
             # then the smaller shape: the choice must not depend on the file's record order
-            d = (round(d, 9), key[5] > mb, key[3], key[4], key[1])
+            d = (round(d, 9), key[5] > mb, key[3], key[4], key[1], key[0])
             if d < best_d:
                 best, best_d = r, d
         if best is not None:

@@ -182,14 +182,15 @@ def test_gemv_matches_reference(case):
                                 msg=f"gemv {fmt} {opts} M={M} N={N} K={K} {dt} {params}")
 
 
-# the integer-dot GEMV: int4 / int8 whose groups hold whole layout blocks, nf4 with blocks of 64;
-# 16-bit activations
+# the integer-dot GEMV: int4 / int8 whose groups hold whole layout blocks, nf4 / fp4 with blocks
+# of 64 or whole layout blocks; 16-bit activations
 IDOT_CASES = [("int4", {}), ("int4", {"symmetric": True}), ("int4", {"group_size": 256}),
               ("int4", {"group_size": 64}), ("int4", {"group_size": 64, "symmetric": True}),
               ("int4", {"group_size": -1, "symmetric": True}), ("int8", {}),
               ("int8", {"symmetric": False}), ("int8", {"group_size": 128}),
               ("int8", {"group_size": 64, "symmetric": False}), ("nf4", {}),
-              ("nf4", {"double_quant": True})]
+              ("nf4", {"double_quant": True}), ("fp4", {}), ("fp4", {"double_quant": True}),
+              ("fp4", {"group_size": 128})]
 
 
 @pytest.mark.parametrize("case", IDOT_CASES, ids=case_id)
@@ -222,7 +223,8 @@ def test_gemv_idot_matches_reference(case):
             out = gemv(x, gw, bias, poisoned(M, N, dt), IDOT=True, **params)
             msg = f"idot {fmt} {opts} M={M} N={N} K={K} {dt} {params}"
             x_hat, _, _ = gpu_quantize_activations(x, GPU_XQ_BLOCK[fmt])
-            if fmt != "nf4":  # (nf4 also rounds its codebook to 14 bits: the bound below)
+            if fmt != "nf4":  # (nf4 also rounds its codebook to 14 bits: the bound below;
+                # fp4's 14-bit codes are its codebook up to float32 rounding)
                 assert_linear_close(out, R.linear(x_hat, qw, bias).to(dt), x_hat, qw, bias=bias,
                                     msg=msg)
             want = R.linear(x, qw, bias)
@@ -730,6 +732,20 @@ def test_select_tuned_nearest_heuristic():
     for recs in ([lo, hi], [hi, lo]):
         c = S.select(128, 3072, 1024, "int4", 128, "x", variant="asym", table=S.choices_for(recs))
         assert (c.kernel, c.source) == ("gemm", "nearest")
+    # fp4 runs nf4's kernels with another table: it borrows nf4's records (and nf4 fp4's), but
+    # a record of its own, even a farther one, wins over its twin's at the same distance
+    nf = dict(rec, format="nf4", variant="plain", group=64, M_bucket=16, kernel="gemm",
+              params={"BM": 16, "BN": 128, "CB": 1})
+    c = S.select(16, 4096, 4096, "fp4", 64, "x", variant="plain", table=S.choices_for([nf]))
+    assert (c.kernel, c.source, c.params["BN"]) == ("gemm", "nearest", 128)
+    own = dict(nf, format="fp4", params={"BM": 16, "BN": 64, "CB": 1})
+    for recs in ([nf, own], [own, nf]):
+        c = S.select(16, 4096, 4096, "fp4", 64, "x", variant="plain", table=S.choices_for(recs))
+        assert (c.source, c.params["BN"]) == ("tuned", 64)
+        c = S.select(16, 5000, 4096, "fp4", 64, "x", variant="plain", table=S.choices_for(recs))
+        assert (c.source, c.params["BN"]) == ("nearest", 64)
+    c = S.select(16, 4096, 4096, "int4", 64, "x", variant="asym", table=S.choices_for([nf]))
+    assert c.source == "heuristic"  # other formats do not borrow
     for M in (1, 2, 7, 16, 64, 300, 5000):
         for dt in DTYPES:
             c = S.select(M, 1000, 3000, "nf4", 64, "no such card", dtype=dt)
@@ -814,8 +830,8 @@ def test_torch_compile_fullgraph():
 
 
 def test_idot_selection_and_exact_switch(monkeypatch):
-    """The heuristics take the integer-dot GEMV for int4 / int8 / nf4 weights whose groups hold
-    whole layout blocks (or groups of 64 for int4 and nf4), with 16-bit activations only;
+    """The heuristics take the integer-dot GEMV for int4 / int8 / nf4 / fp4 weights whose groups
+    hold whole layout blocks (or groups of 64 for the 4-bit formats), 16-bit activations only;
     LOWBIT_GPU_EXACT=1 runs the float32 GEMV even where a config asks for it."""
     c = S.heuristic(1, 14336, 4096, "int4", 128, torch.bfloat16)
     assert c.kernel == "gemv" and c.params.get("IDOT") is True
@@ -828,7 +844,8 @@ def test_idot_selection_and_exact_switch(monkeypatch):
     assert not S.heuristic(1, 4096, 4096, "int8", 32, torch.bfloat16).params.get("IDOT")
     assert S.heuristic(1, 4096, 4096, "nf4", 64, torch.bfloat16).params.get("IDOT")
     assert not S.heuristic(1, 4096, 4096, "nf4", 32, torch.bfloat16).params.get("IDOT")
-    assert not S.heuristic(1, 4096, 4096, "fp4", 64, torch.bfloat16).params.get("IDOT")
+    assert S.heuristic(1, 4096, 4096, "fp4", 64, torch.bfloat16).params.get("IDOT")
+    assert not S.heuristic(2, 4096, 4096, "fp4", 32, torch.bfloat16).params.get("IDOT")
     assert not S.heuristic(3, 4096, 4096, "int4", 128, torch.bfloat16).params.get("IDOT")
     from lowbit.kernels import _common as C
     from lowbit.kernels import gemv as G
@@ -852,9 +869,9 @@ def test_idot_selection_and_exact_switch(monkeypatch):
     gemv(x, gw, None, poisoned(1, 40, x.dtype), BN=16, CB=1, IDOT=True)
     assert ran == [G._gemv_kernel]
     monkeypatch.delenv("LOWBIT_GPU_EXACT")
-    # the integer-dot GEMV does not take float32 activations, fp4, nf4 with blocks of 32 or
+    # the integer-dot GEMV does not take float32 activations, nf4 / fp4 with blocks of 32 or
     # groups that split a layout block: those run the float32 GEMV with the same parameters
-    for fmt, opts, dt in (("int4", {}, torch.float32), ("fp4", {}, torch.bfloat16),
+    for fmt, opts, dt in (("int4", {}, torch.float32), ("fp4", {"group_size": 32}, torch.bfloat16),
                           ("nf4", {"group_size": 32}, torch.bfloat16),
                           ("int4", {"group_size": 32}, torch.float16)):
         qw = quantized(40, 256, fmt, opts)

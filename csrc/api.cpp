@@ -40,7 +40,7 @@ void validate(const QWeight& w) {
   validate_shape(w);
   if (w.fmt == kInt4 && !w.symmetric && !w.zeros)
     bad(w.float_offset ? "int4 with float offsets needs the offsets (zeros)" : "asymmetric int4 needs a zeros tensor");
-  if ((w.fmt == kNF4 || w.fmt == kFP4) && w.zeros) bad(std::string(kFormatTraits[w.fmt].name) + " has no zero-points");
+  if (kIsCodebook[w.fmt] && w.zeros) bad(std::string(kFormatTraits[w.fmt].name) + " has no zero-points");
   if (w.double_quant && (!w.dq_scale || !w.dq_offset))
     bad(std::string("double-quantized ") + kFormatTraits[w.fmt].name + " needs dq_scale and dq_offset");
 }
@@ -242,7 +242,7 @@ void pack_weight(const QWeight& w, uint8_t* dst, int64_t dst_bytes, int n_thread
   if (body <= 0)
     bad(std::string("the ") + t.isa + " fast path does not support this weight (" + kFormatTraits[w.fmt].name +
         ", group size " + std::to_string(w.group) + "; it takes one group per row or multiples of " +
-        std::to_string(kQChunk) + ", and not fp4, int4 float offsets or int8 groups / zero-points)");
+        std::to_string(kQChunk) + ", and not int4 float offsets or int8 groups / zero-points)");
   if (dst_bytes != kPackedHeaderBytes + body)
     bad("packed weight buffer has " + std::to_string(dst_bytes) + " bytes, expected " +
         std::to_string(kPackedHeaderBytes + body));

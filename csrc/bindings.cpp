@@ -267,11 +267,27 @@ PYBIND11_MODULE(_C, m) {
     m.attr("QBLOCK") = qb;
   }
   m.attr("QCHUNK") = kQChunk;
-  m.def("nf4_codebook_i16", [] {
-    py::list l;
-    for (int16_t v : kNF4CodebookI16) l.append(int(v));
-    return l;
-  });
+  m.def(
+      "codebook_i16",
+      [](const std::string& fmt) {
+        for (int i = 0; i < kNumFormats; ++i)
+          if (fmt == kFormatTraits[i].name) {
+            if (!kIsCodebook[i]) throw std::invalid_argument("'" + fmt + "' is not a codebook format");
+            py::list l;
+            for (int16_t v : kCodebookI16[i]) l.append(int(v));
+            return l;
+          }
+        throw std::invalid_argument("unknown format '" + fmt + "'");
+      },
+      py::arg("fmt"),
+      "The fast path's 16 integer codes of a codebook format (nf4, fp4), in code order: "
+      "round(CODE_SCALE * codebook), csrc/formats.h kCodebookI16.");
+  {
+    py::dict cs;  // integer code scale per codebook format
+    for (int i = 0; i < kNumFormats; ++i)
+      if (kIsCodebook[i]) cs[kFormatTraits[i].name] = kCodeScale[i];
+    m.attr("CODE_SCALE") = cs;
+  }
 
   m.def(
       "dequantize",

@@ -37,11 +37,32 @@ const float kFP4Codebook[16] = {
     -0.3333333432674408f, -0.5f, -0.1666666716337204f, -0.25f,
 };
 
-const int16_t kNF4CodebookI16[16] = {-8128, -5659, -4268, -3210, -2312, -1502, -740, 0,
-                                     647, 1308, 2000, 2747, 3582, 4573, 5876, 8128};
-const int8_t kNF4CodebookHi[16] = {-63, -44, -33, -25, -18, -12, -6, 0,
-                                   5, 10, 16, 21, 28, 36, 46, 64};
-const int8_t kNF4CodebookLo[16] = {-64, -27, -44, -10, -8, 34, 28, 0,
-                                   7, 28, -48, 59, -2, -35, -12, -64};
+// kIsCodebook formats' integer codes and their two int8 terms (formats.h); checked against
+// round(S * codebook) and the split rule by csrc/tests/test_kernels.cpp and, through
+// lowbit._C.codebook_i16, against python/lowbit/formats.py codebook_int_codes.
+const int16_t kCodebookI16[kNumFormats][16] = {
+    {},  // int8
+    {},  // int4
+    // nf4
+    {-8128, -5659, -4268, -3210, -2312, -1502, -740, 0, 647, 1308, 2000, 2747, 3582, 4573, 5876, 8128},
+    // fp4
+    {0, 42, 5376, 8064, 2688, 4032, 1344, 2016, 0, -42, -5376, -8064, -2688, -4032, -1344, -2016},
+};
+const int8_t kCodebookHi[kNumFormats][16] = {
+    {},  // int8
+    {},  // int4
+    // nf4
+    {-63, -44, -33, -25, -18, -12, -6, 0, 5, 10, 16, 21, 28, 36, 46, 64},
+    // fp4
+    {0, 0, 42, 63, 21, 32, 11, 16, 0, 0, -42, -63, -21, -31, -10, -16},
+};
+const int8_t kCodebookLo[kNumFormats][16] = {
+    {},  // int8
+    {},  // int4
+    // nf4
+    {-64, -27, -44, -10, -8, 34, 28, 0, 7, 28, -48, 59, -2, -35, -12, -64},
+    // fp4
+    {0, 42, 0, 0, 0, -64, -64, -32, 0, -42, 0, 0, 0, -64, -64, 32},
+};
 
 }  // namespace lowbit

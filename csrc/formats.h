@@ -37,19 +37,26 @@ extern const float kNF4Codebook[16];
 // bitsandbytes' FP4 values in code order (python/lowbit/formats.py FP4_CODEBOOK; code 8 is -0).
 extern const float kFP4Codebook[16];
 
-// The NF4 codebook as the fast path's integer weight codes: round(kNF4Codebook[i] * 8128),
-// multiplied by absmax / 8128 (8128 = 127 * 64; at most 0.5 / 8128 of absmax off the float
-// codebook). Int8 dot products take each as two int8 terms, c = 128 * hi + lo with
-// hi = kNF4CodebookHi[i] = round(c / 128) in [-63, 64] and lo = kNF4CodebookLo[i] in [-64, 59]:
-// both are within [-64, 64], so hi + 64 and lo + 64 are unsigned bytes of at most 128 whose
-// vpmaddubsw pairs (<= 2 * 128 * 127) cannot saturate.
-// (One int8 term, round(cb * 127), is off by up to 0.47 / 127 of absmax with the same sign for
-// every weight of a code: SmolLM2's perplexity moved 0.78%, so the fast path does not use it.)
-constexpr int kNF4CodeScale = 8128;
-constexpr int kNF4HiShift = 7;  // c = (hi << 7) + lo
-extern const int16_t kNF4CodebookI16[16];
-extern const int8_t kNF4CodebookHi[16];
-extern const int8_t kNF4CodebookLo[16];
+// The codebook formats' values as the fast path's integer weight codes (python/lowbit/formats.py
+// CODE_SCALE / codebook_int_codes state the same): code i of format f has the 14-bit code
+// c = kCodebookI16[f][i] = round(codebook[i] * S), S = kCodeScale[f], multiplied by absmax / S.
+//   nf4: S = 8128 = 127 * 64, at most 0.5 / 8128 of absmax off the float codebook;
+//   fp4: S = 8064 = 42 * 192, exact (fp4's values are multiples of 1 / 192: 0, 1, 32, 48, 64,
+//        96, 128, 192 over 192; the float32 table differs from them by its own rounding only).
+// Int8 dot products take each as two int8 terms, c = (hi << kCodeHiShift) + lo with
+// hi = kCodebookHi[f][i] = floor((c + 64) / 128) (c / 128 rounded half up) and
+// lo = kCodebookLo[f][i] = c - 128 * hi in [-64, 63]: both are within [-64, 64] (nf4: hi in
+// [-63, 64]; fp4: hi in [-63, 63]), so hi + 64 and lo + 64 are unsigned bytes of at most 128
+// whose vpmaddubsw pairs (<= 2 * 128 * 127) cannot saturate.
+// (One int8 term for nf4, round(cb * 127), is off by up to 0.47 / 127 of absmax with the same
+// sign for every weight of a code: SmolLM2's perplexity moved 0.78%, so the fast path does not
+// use it.) Kernels templated on the format F test kIsCodebook[F] and index the tables by F.
+constexpr bool kIsCodebook[kNumFormats] = {false, false, true, true};  // nf4, fp4
+constexpr int kCodeScale[kNumFormats] = {0, 0, 8128, 8064};           // 0: not a codebook format
+constexpr int kCodeHiShift = 7;                                        // c = (hi << 7) + lo
+extern const int16_t kCodebookI16[kNumFormats][16];  // rows of int8 / int4: all 0 (unused)
+extern const int8_t kCodebookHi[kNumFormats][16];
+extern const int8_t kCodebookLo[kNumFormats][16];
 
 // Number of double-quantized absmax values that share one (scale, offset) pair.
 constexpr int64_t kNF4DoubleQuantChunk = 256;

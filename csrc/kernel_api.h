@@ -59,26 +59,29 @@ using FromF32Fn = void (*)(const float* src, void* dst, int64_t n);
 // ---- the activation-quantized fast path ("fast"; the functions above are the "exact" path) ----
 //
 // Activations are quantized per row in blocks of B = kQBlockOf[format] columns (16 for int8, 8
-// for int4 and nf4; python/lowbit/_backend.py and tests/test_fast_path.py restate this):
+// for int4, nf4 and fp4; python/lowbit/testing.py FAST_QBLOCK and tests/test_fast_path.py
+// restate this):
 //   a = max |x| over the block, d = a / 127, q = round_half_even(x * (127 / a)) in [-127, 127]
 //   (a < 2^-120, zero included: d = 0 and q = 0;  a inf or NaN: d = NaN and q = 0)
 // and the weight is multiplied as integers: per row n, group g and block b inside g
 //   y[m, n] = sum_g s[n, g] * ( sum_b d[m, b] * dot_b(c[n, :], q[m, :])
 //                               - z[n, g] * sum_b d[m, b] * sum_b(q[m, :]) )
 // with the integer weight codes c (int8: q; int4: the code 0..15 with z its zero-point, 8 when
-// symmetric; nf4: kNF4CodebookI16[code], two int8 terms, with s = absmax / 8128 and z = 0).
+// symmetric; nf4 / fp4: kCodebookI16[format][code], two int8 terms, with
+// s = absmax / kCodeScale[format] (nf4 8128, fp4 8064) and z = 0; formats.h).
 // Every ISA quantizes activations bit-identically (same operations, same rounding) and
 // computes the integer dots exactly; only the float accumulation order differs.
 // generic/qgemm.cpp is the readable statement.
 // Block sizes, from SmolLM2-135M's perplexity on 16k tokens of Wikipedia against the exact
 // path: int8 moved 0.11% with blocks of 32 and 0.06% with 16; int4 (group 64) 0.19% with 16,
-// so the 4-bit formats use 8 (the extra cost is one int->float step per 8 columns).
+// so the 4-bit formats use 8 (the extra cost is one int->float step per 8 columns; fp4 took
+// nf4's without a measurement of its own).
 // Weight codes are laid out in chunks of kQChunk = 32 columns, so the supported weights have
 // one group per row or a group size that is a multiple of 32 (packed_size returns 0 otherwise
 // and the caller uses the exact path). Not supported either (packed_size 0, the exact path):
-// int8 with groups or zero-points, int4's float-offset variant, fp4 (no packed_size function).
+// int8 with groups or zero-points, int4's float-offset variant.
 constexpr int64_t kQChunk = 32;
-constexpr int64_t kQBlockOf[kNumFormats] = {16, 8, 8, 8};  // int8, int4, nf4, fp4 (no fast path: unused)
+constexpr int64_t kQBlockOf[kNumFormats] = {16, 8, 8, 8};  // int8, int4, nf4, fp4
 
 // Quantized activations (written by quantize_row, one row at a time). A row is zero-padded to
 // whole chunks: ldq >= ceil(K / 32) * 32 codes and nblocks = ceil(K / 32) * 32 / block blocks
@@ -125,7 +128,8 @@ using PackedSizeFn = int64_t (*)(const QWeight& w);
 //  - rows are taken T at a time (rows past N are zero); tile t is tile_bytes consecutive bytes
 //    at t * tile_bytes;
 //  - a tile is its heads, then its codes. Heads: for each group g of K in order
-//      float32 s[T]   per-row scale (int8: row scale; int4: group scale; nf4: absmax / 8128)
+//      float32 s[T]   per-row scale (int8: row scale; int4: group scale; nf4 / fp4:
+//                     absmax / kCodeScale, 8128 / 8064)
 //      uint8   z[T]   int4 only: the zero-point (8 for the symmetric variant)
 //    zero-padded to a multiple of 64 bytes (qpack::heads_bytes: the codes start on a cache
 //    line). Codes: for each chunk c of kQChunk = 32 columns of K in order (a group's chunks
@@ -133,7 +137,7 @@ using PackedSizeFn = int64_t (*)(const QWeight& w);
 //        int8:  8 "quads" of T x 4 bytes: quad j, byte 4r + i = w[r, 32c + 4j + i]
 //        4-bit: 4 vectors of T x 4 bytes: vector j, byte 4r + i holds the code of column
 //               32c + 4j + i in its low nibble and of column 32c + 16 + 4j + i in its high
-//               nibble ("quad j" and "quad j + 4"; nf4 stores codebook indices);
+//               nibble ("quad j" and "quad j + 4"; nf4 / fp4 store codebook indices);
 //      codes past K are 0. Quads 4i .. 4i + 3 of chunk c are the columns of activation block
 //      32c / 16 + i (blocks of 16; blocks of 8: two quads each), for 4-bit the low nibbles
 //      first, then the high nibbles.
@@ -155,13 +159,16 @@ using QGemmFn = void (*)(const QWeight& w, const uint8_t* packed, const QActs& x
 // <= 2^-9 |x| per activation, inside the quantized path's own bound (half a code, a / 254 for a
 // block maximum a >= |x|), and a code rounding that does not depend on the block's largest
 // value. Activations are zero-padded to a multiple of kTileK columns and of 16 rows. The
-// weight's integer codes are exact in bf16: int8 its value, int4 its nibble, nf4
-// kNF4CodebookI16 as the sum of two bf16 terms. Products of bf16 are exact in float32 and the
-// tile multiply-add (TDPBF16PS) sums in float32, so per row n and group g
+// weight's integer codes are exact in bf16 as kTileTermsOf[format] terms: int8 its value, int4
+// its nibble and fp4 kCodebookI16[kFP4] (at most 6 significant bits) as one term, nf4
+// kCodebookI16[kNF4] (up to 13) as the sum of two, bf16(c) and c - bf16(c). Products of bf16
+// are exact in float32 and the tile multiply-add (TDPBF16PS) sums in float32, so per row n and
+// group g
 //   y[m, n] = sum_g s[n, g] * ( sum_{k in g} xt[m, k] * code[n, k] - z[n, g] * xsum[m, g] )
-// with xt = bf16(x), the fast path's s and z (nf4: s = absmax / 8128, z = 0) and xsum the
-// float32 sum of xt over the group.
+// with xt = bf16(x), the fast path's s and z (nf4 / fp4: s = absmax / kCodeScale, z = 0) and
+// xsum the float32 sum of xt over the group.
 constexpr int64_t kTileK = 32;  // columns of K per tile multiply (16 bf16 pairs)
+constexpr int kTileTermsOf[kNumFormats] = {1, 1, 2, 1};  // int8, int4, nf4, fp4
 
 // Activation tiles, in the order the tile loads read them: [Mpad / 16][ldk / 32][16][32], i.e.
 // row m, column k at ((m / 16) * (ldk / 32) + k / 32) * 512 + (m % 16) * 32 + k % 32, so that

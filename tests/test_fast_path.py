@@ -1,22 +1,24 @@
 """The activation-quantized CPU fast path (lowbit._backend, csrc/kernel_api.h "fast path").
 
 What it computes: each activation row is quantized in blocks of B along K (QBLOCK: 16 columns
-for int8 weights, 8 for int4 and nf4),
+for int8 weights, 8 for int4, nf4 and fp4),
 
     a = max |x| over the block,  d = a / 127,  q = round_half_even(x * (127 / a))  in [-127, 127]
 
 (float32 operations; a block with a < 2^-120 quantizes to 0), and y = x_hat @ W_fast^T with
 x_hat = q * d and W_fast the weight as integer codes times its scales: int8 and int4 exactly
-the reference's weights, nf4 with the codebook rounded to 14 bits (round(8128 * value), times
-absmax / 8128; the kernels take it as two int8 terms).
+the reference's weights, nf4 and fp4 with the codebook as 14-bit integers (round(S * value),
+times absmax / S, S = lowbit.formats.CODE_SCALE: 8128 for nf4, rounded; 8064 for fp4, exact;
+the kernels take them as two int8 terms).
 
 Tolerance (fast_tolerance below), derived from that quantization, not fitted:
 
     |y_fast - y_ref| <= sum_k |w_k| * (d_k / 2 + 1e-6 |x_k|)                 activation rounding
-                      + sum_k |x_hat_k| * absmax_k * (e_cb + 1e-6)           nf4's integer codebook
+                      + sum_k |x_hat_k| * absmax_k * (e_cb + 1e-6)           nf4 / fp4 integer codes
                       + 1e-5 * (sum_k |w_k x_k| + sum_k |x_hat_k| |c_k + z_k| |s_k|)  float sums
 
-where d_k is the scale of x_k's block, e_cb = max_i |round(8128 cb_i) / 8128 - cb_i| (< 0.5 / 8128)
+where d_k is the scale of x_k's block, e_cb = max_i |round(S cb_i) / S - cb_i| (nf4 < 0.5 / 8128;
+fp4 only the float32 rounding of its table)
 and the last term is the float32 accumulation (as lowbit.testing allows the exact path, with
 the zero-point kept apart from the codes as the kernels do). Rounding x * 127/a is off by at
 most half a code (d / 2) plus the roundings of d and 127/a (the 1e-6 |x| term). This is a
@@ -37,15 +39,24 @@ from lowbit import testing as T
 
 from conftest import FORMAT_CASES, NEW_FORMAT_CASES, case_id
 
+# fp4 (bitsandbytes' default 4-bit type) takes the fast path wherever nf4 does: every nf4 case of
+# FORMAT_CASES again as fp4 (blocks of 32 / 64 / 128, one per row, double quant, blocks of 16 on
+# the exact path).
+FP4_CASES = [("fp4", opts) for fmt, opts in FORMAT_CASES if fmt == "nf4"]
+FAST_CASES = FORMAT_CASES + FP4_CASES
+# the variants without a fast-path kernel
+EXACT_ONLY_CASES = [c for c in NEW_FORMAT_CASES if c[0] != "fp4"]
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KS = (1, 7, 31, 32, 33, 63, 64, 65, 127, 128, 129, 257, 576, 1000)
 NS = (1, 3, 17, 40)
 MS = (1, 2, 3, 5, 9)
 # The spec in torch and its bound live in lowbit.testing (`lowbit selftest` checks the fast path
 # with them on a user's machine); these tests hold the kernels to them.
-QBLOCK = T.FAST_QBLOCK  # activation block per weight format (fp4 has no fast path)
+QBLOCK = T.FAST_QBLOCK  # activation block per weight format
 QCHUNK = T.FAST_QCHUNK  # weight-code chunk: groups must be whole chunks, or one group per row
-NF4_I16 = list(F.codebook_int_codes("nf4"))  # nf4's fast-path codes, round(8128 * codebook)
+# the codebook formats' fast-path codes, round(CODE_SCALE * codebook)
+CODEBOOK_CODES = {fmt: list(F.codebook_int_codes(fmt)) for fmt in F.CODE_SCALE}
 quantize_activations = T.fast_quantize_activations
 fast_tolerance = T.fast_linear_tolerance
 
@@ -87,8 +98,7 @@ def run(isa, x, qw, bias=None, path="fast"):
 def assert_tile_close(got, x, qw, msg=""):
     """The tile path (csrc/kernel_api.h, AMX): x rounded to bf16 (within 2^-9 |x|), integer
     codes exact, float32 sums: 2^-9 sum |w x| + 1e-5 of the sum of |terms| (codes and
-    zero-points apart), plus nf4's 14-bit codebook as in the fast bound."""
-    from lowbit import formats as F
+    zero-points apart), plus nf4's / fp4's 14-bit codes as in the fast bound."""
     N, K = qw.shape
     x64 = x.reshape(-1, K).double()
     w = R.dequantize(qw).double()
@@ -98,12 +108,14 @@ def assert_tile_close(got, x, qw, msg=""):
         c = R.unpack_nibbles(qw.data, K).double()
         z = torch.full_like(qw.scales, 8.0) if qw.zeros is None else qw.zeros.double()
         wmag = (c + R.per_element(z, g, K).double()) * R.per_element(qw.scales, g, K).double().abs()
-    elif qw.fmt == "nf4":  # absmax per element: the decode of code 15 (1.0)
+    elif qw.fmt in F.CODE_SCALE:  # nf4 / fp4
+        # absmax per element: the scales decoded as nf4's code 15 (1.0), whatever the format
         from lowbit.qweight import QuantizedWeight
         amax = R.dequantize(QuantizedWeight(
             "nf4", (N, K), torch.full_like(qw.data, 0xFF), qw.scales, group_size=qw.group_size,
             double_quant=qw.double_quant, dq_scale=qw.dq_scale, dq_offset=qw.dq_offset)).double().abs()
-        e_cb = max(abs(i / 8128 - v) for i, v in zip(NF4_I16, F.NF4_CODEBOOK))
+        S = F.CODE_SCALE[qw.fmt]
+        e_cb = max(abs(i / S - v) for i, v in zip(CODEBOOK_CODES[qw.fmt], F.CODEBOOKS[qw.fmt]))
         wmag = w.abs()
         extra = x64.abs() @ (amax * (e_cb + 1e-6)).T
     else:
@@ -143,7 +155,7 @@ def test_activation_quantizer_matches_spec_bit_for_bit(isa, dt, block):
 
 
 # ---- linear through the fast path --------------------------------------------------------------
-@pytest.mark.parametrize("case", FORMAT_CASES, ids=case_id)
+@pytest.mark.parametrize("case", FAST_CASES, ids=case_id)
 def test_fast_linear_within_quantization_bound(isa, case):
     fmt, opts = case
     for K in KS:
@@ -160,14 +172,20 @@ def test_fast_linear_within_quantization_bound(isa, case):
             assert_fast_close(got, R.linear(x, qw, bias), x, qw, bias, msg=f"{isa} {fmt} {opts} K={K} M={M}")
 
 
-@pytest.mark.parametrize("case", NEW_FORMAT_CASES, ids=case_id)
-def test_interop_variants_take_the_exact_path(isa, case):
-    """No fast-path kernel for int8 with groups / zero-points, int4 float offsets and fp4: no
-    packed form, and lowbit.linear on the fast path gives the exact path's result bit for bit
-    (a symmetric int8 weight with one group is plain per-row int8, which has one)."""
-    fmt, opts = case
+def test_every_format_has_a_fast_path(isa):
     C = _backend.ext()
-    assert C.has_fast_path("fp4", isa) is False
+    for fmt in ("int8", "int4", "nf4", "fp4"):
+        assert C.has_fast_path(fmt, isa) is True, (isa, fmt)
+    for fmt, opts in [("fp4", {}), ("fp4", {"double_quant": True}), ("fp4", {"group_size": -1})]:
+        assert _backend.packed_weight(lowbit.quantize_weight(torch.randn(17, 96), fmt, **opts), isa) is not None
+
+
+@pytest.mark.parametrize("case", EXACT_ONLY_CASES, ids=case_id)
+def test_interop_variants_take_the_exact_path(isa, case):
+    """No fast-path kernel for int8 with groups / zero-points and int4 float offsets: no packed
+    form, and lowbit.linear on the fast path gives the exact path's result bit for bit (a
+    symmetric int8 weight with one group is plain per-row int8, which has one)."""
+    fmt, opts = case
     for K in (1, 33, 64, 129, 576):
         qw = lowbit.quantize_weight(torch.randn(17, K), fmt, **opts)
         if fmt == "int8" and qw.symmetric and qw.n_groups == 1:
@@ -180,7 +198,8 @@ def test_interop_variants_take_the_exact_path(isa, case):
 
 
 @pytest.mark.parametrize("fmt,opts", [("int8", {}), ("int4", {}), ("int4", {"symmetric": True, "group_size": 32}),
-                                      ("nf4", {}), ("nf4", {"double_quant": True})])
+                                      ("nf4", {}), ("nf4", {"double_quant": True}),
+                                      ("fp4", {}), ("fp4", {"double_quant": True, "group_size": 128})])
 def test_every_isa_matches_scalar_fast_path_tightly(isa, fmt, opts):
     """Same quantized activations, exact integer dots: only float summation order differs."""
     qw = lowbit.quantize_weight(torch.randn(100, 1000), fmt, **opts)
@@ -202,7 +221,8 @@ def test_every_isa_matches_scalar_fast_path_tightly(isa, fmt, opts):
 def test_larger_shapes_all_dtypes(isa, dt):
     if isa == "scalar":
         pytest.skip("the scalar path is covered on small shapes")
-    for fmt, opts in [("int8", {}), ("int4", {}), ("nf4", {"double_quant": True})]:
+    for fmt, opts in [("int8", {}), ("int4", {}), ("nf4", {"double_quant": True}), ("fp4", {}),
+                      ("fp4", {"double_quant": True, "group_size": 32})]:
         qw = lowbit.quantize_weight(torch.randn(300, 1536), fmt, **opts)
         for M in (1, 3, 8, 33):
             x = torch.randn(M, 1536).to(dt)
@@ -231,7 +251,7 @@ def test_public_linear_leading_dims_strides_and_dtypes():
 
 def test_bias_dtype_and_quantlinear_forward():
     lin = torch.nn.Linear(200, 48)
-    for fmt, opts in [("int8", {}), ("int4", {"group_size": 64}), ("nf4", {})]:
+    for fmt, opts in [("int8", {}), ("int4", {"group_size": 64}), ("nf4", {}), ("fp4", {})]:
         q = lowbit.QuantLinear.from_linear(lin, fmt, **opts)
         x = torch.randn(3, 5, 200)
         qw = lowbit.quantize_weight(lin.weight, fmt, **opts)
@@ -250,14 +270,16 @@ def test_non_finite_activations_give_nan():
     assert bool(y[0].isnan().all()) and bool(y[1].isfinite().all())
 
 
-def test_threads_give_identical_results(monkeypatch):
-    qw = lowbit.quantize_weight(torch.randn(1000, 512), "nf4")
-    x = torch.randn(7, 512)
-    monkeypatch.setenv("LOWBIT_NUM_THREADS", "1")
-    one = lowbit.linear(x, qw)
-    for n in ("2", "3", "8"):
-        monkeypatch.setenv("LOWBIT_NUM_THREADS", n)
-        assert torch.equal(lowbit.linear(x, qw), one)
+@pytest.mark.parametrize("fmt", ("nf4", "fp4"))
+def test_threads_give_identical_results(monkeypatch, fmt):
+    qw = lowbit.quantize_weight(torch.randn(1000, 512), fmt)
+    for M in (1, 7):
+        x = torch.randn(M, 512)
+        monkeypatch.setenv("LOWBIT_NUM_THREADS", "1")
+        one = lowbit.linear(x, qw)
+        for n in ("2", "3", "8"):
+            monkeypatch.setenv("LOWBIT_NUM_THREADS", n)
+            assert torch.equal(lowbit.linear(x, qw), one), (fmt, M, n)
 
 
 # ---- path selection, the exact path, the packed-weight cache -----------------------------------
@@ -318,9 +340,10 @@ def test_packed_weight_cached_per_isa_and_rebuilt_on_change():
     assert torch.equal(lowbit.linear(x, qw), lowbit.linear(x, other))
     assert qw.cache["cpu_packed:" + active].blob.tensor is not blob
     # unsupported group size: no blob, the exact path
-    qw16 = lowbit.quantize_weight(torch.randn(8, 64), "nf4", group_size=16)
-    assert _backend.packed_weight(qw16) is None
-    assert torch.equal(lowbit.linear(x[:, :64], qw16), run("", x[:, :64], qw16, path="exact"))
+    for fmt in ("nf4", "fp4"):
+        qw16 = lowbit.quantize_weight(torch.randn(8, 64), fmt, group_size=16)
+        assert _backend.packed_weight(qw16) is None
+        assert torch.equal(lowbit.linear(x[:, :64], qw16), run("", x[:, :64], qw16, path="exact"))
 
 
 def test_packed_linear_handle_matches_and_checks():
@@ -360,9 +383,10 @@ def test_autograd_and_compile_use_the_fast_path():
     torch.testing.assert_close(compiled(x.detach()), q(x.detach()), rtol=1e-5, atol=1e-5)
 
 
-def test_inference_mode_weights():
+@pytest.mark.parametrize("fmt", ("nf4", "fp4"))
+def test_inference_mode_weights(fmt):
     with torch.inference_mode():
-        qw = lowbit.quantize_weight(torch.randn(32, 128), "nf4")
+        qw = lowbit.quantize_weight(torch.randn(32, 128), fmt)
         x = torch.randn(2, 128)
         y = lowbit.linear(x, qw)
         assert torch.equal(lowbit.linear(x, qw), y)
@@ -370,7 +394,7 @@ def test_inference_mode_weights():
 
 
 # ---- accuracy on realistic data ----------------------------------------------------------------
-@pytest.mark.parametrize("fmt,opts", [("int8", {}), ("int4", {"group_size": 128}), ("nf4", {})])
+@pytest.mark.parametrize("fmt,opts", [("int8", {}), ("int4", {"group_size": 128}), ("nf4", {}), ("fp4", {})])
 def test_accuracy_figures(fmt, opts, capsys):
     """Relative error of the fast path against the reference on Gaussian weights and
     activations with a few outlier channels (as in transformer activations): printed with -s,
@@ -390,5 +414,14 @@ def test_accuracy_figures(fmt, opts, capsys):
     assert_fast_close(got, ref, x, qw)
 
 
-def test_nf4_codebook_tables():
-    assert _backend.ext().nf4_codebook_i16() == NF4_I16
+def test_codebook_tables():
+    """The kernels' integer codes (csrc/formats.h kCodebookI16) are lowbit.formats' for every
+    codebook format, fp4's exactly its codebook times 8064."""
+    C = _backend.ext()
+    assert C.CODE_SCALE == F.CODE_SCALE == {"nf4": 8128, "fp4": 8064}
+    for fmt, codes in CODEBOOK_CODES.items():
+        assert C.codebook_i16(fmt) == codes, fmt
+    assert [c / 8064 for c in CODEBOOK_CODES["fp4"]] == pytest.approx(F.CODEBOOKS["fp4"], abs=1e-7)
+    for bad in ("int4", "bogus"):
+        with pytest.raises(ValueError):
+            C.codebook_i16(bad)

@@ -15,8 +15,8 @@
 //     widened;
 //   vpdpbusd (V::kVnni true): u8 x s8 summed straight into s32. int4 codes are unsigned
 //     already; int8 codes are made unsigned (c + 128).
-// nf4 codes are 14-bit (kNF4CodebookI16): two int8 terms c = 128 hi + lo looked up with
-// vpshufb, two dots per quad.
+// nf4 and fp4 codes are 14-bit (kCodebookI16[F]): two int8 terms c = 128 hi + lo looked up with
+// vpshufb in the format's tables, two dots per quad.
 // Each block's int32 dots are converted once and scaled: by d[m, b] * s[n, g] into the output
 // accumulator, or (V::kGacc, and always at M = 1) by d[m, b] into a group accumulator that is
 // scaled by s once per group. Offsets (int4's zero-point z, the + 128 that makes int8 codes
@@ -45,11 +45,11 @@ template <int F>
 constexpr int kBlocksPerChunk = int(kQChunk / kQBlockOf[F]);
 
 // The constant added to every (non-int4) code before the dot, taken back out per group with the
-// activations' sums: int8 + 128 (VNNI), nf4 + 128 * 129 (VNNI) or 64 * 129 (vpmaddubsw).
+// activations' sums: int8 + 128 (VNNI), nf4 / fp4 + 128 * 129 (VNNI) or 64 * 129 (vpmaddubsw).
 template <class V, int F>
 constexpr int code_offset() {
   if constexpr (F == kInt8) return V::kVnni ? 128 : 0;
-  else if constexpr (F == kNF4) return V::kVnni ? 128 * 129 : 64 * 129;
+  else if constexpr (kIsCodebook[F]) return V::kVnni ? 128 * 129 : 64 * 129;
   else return 0;
 }
 
@@ -77,15 +77,15 @@ static inline __attribute__((always_inline)) void half_dot(const uint8_t* const 
       return V::and_(q < 4 ? v : V::srli4(v), V::set1_8(0x0f));
     }
   };
-  if constexpr (F == kNF4) {
-    // c = 128 * hi + lo (kNF4CodebookI16), hi and lo in [-64, 64], looked up with vpshufb.
+  if constexpr (kIsCodebook[F]) {
+    // c = 128 * hi + lo (kCodebookI16[F]), hi and lo in [-64, 64], looked up with vpshufb.
     // VNNI: hi + 128 and lo + 128 as u8 into two accumulators, combined per block as
     //   (A << 7) + B = dot(c + 128 * 129).
     // Otherwise: hi + 64 and lo + 64 (unsigned, <= 128: the vpmaddubsw pairs fit s16), widened
     //   by vpmaddwd with weights 128 and 1 into one accumulator: dot(c + 64 * 129).
     constexpr int kOff = V::kVnni ? 128 : 64;
-    const I thi = V::table16(kNF4CodebookHi, kOff);
-    const I tlo = V::table16(kNF4CodebookLo, kOff);
+    const I thi = V::table16(kCodebookHi[F], kOff);
+    const I tlo = V::table16(kCodebookLo[F], kOff);
     I A[MR][NT], B[MR][NT];
     for (int m = 0; m < MR; ++m)
       for (int t = 0; t < NT; ++t) {
@@ -114,7 +114,7 @@ static inline __attribute__((always_inline)) void half_dot(const uint8_t* const 
     }
     for (int m = 0; m < MR; ++m)
       for (int t = 0; t < NT; ++t) {
-        if constexpr (V::kVnni) iacc[m][t] = V::add32(V::slli32(A[m][t], kNF4HiShift), B[m][t]);
+        if constexpr (V::kVnni) iacc[m][t] = V::add32(V::slli32(A[m][t], kCodeHiShift), B[m][t]);
         else iacc[m][t] = A[m][t];
       }
   } else if constexpr (F == kInt4 && !V::kVnni) {
@@ -316,8 +316,8 @@ static void qgemm(const QWeight& w, const uint8_t* packed, const QActs& x, int64
     for (; n < n1; n += T) tile_block<V, F, 1, 1>(w, packed + (n / T) * tb, tb, x, 0, y, ldy, n, n1 - n);
     return;
   }
-  // VNNI's nf4 keeps two block accumulators per (row, tile): half the rows per call
-  constexpr int MR = F == kNF4 && V::kVnni ? V::kMR / 2 : V::kMR;
+  // VNNI's nf4 / fp4 keep two block accumulators per (row, tile): half the rows per call
+  constexpr int MR = kIsCodebook[F] && V::kVnni ? V::kMR / 2 : V::kMR;
   for (; n < n1; n += kTilesPerPass * T) {
     const int64_t e = min64(n1, n + kTilesPerPass * T);
     tiles_all_rows<V, F, MR>(w, packed, tb, x, y, ldy, n, e, min64(n1, e + kTilesPerPass * T));

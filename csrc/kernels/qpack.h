@@ -13,10 +13,10 @@ using namespace detail;
 
 // Whether the fast path handles w: every group boundary on the kQChunk grid (or one group),
 // and not one of the variants it has no kernel for (int8 with groups or zero-points, int4's
-// float offsets; fp4 has no packed_size function at all).
+// float offsets).
 static inline bool supported(const QWeight& w) {
   if (w.fmt == kInt8 && !int8_per_row(w)) return false;
-  if (w.float_offset || w.fmt == kFP4) return false;
+  if (w.float_offset) return false;
   return w.n_groups == 1 || w.group % kQChunk == 0;
 }
 
@@ -60,10 +60,10 @@ static inline int64_t packed_size(const QWeight& w, int64_t T) {
   return ceil_div(w.N, T) * tile_bytes(w, T);
 }
 
-// The fast path's per-row scale of group g (nf4: absmax / 8128, see kNF4CodebookI16).
+// The fast path's per-row scale of group g (nf4 / fp4: absmax / kCodeScale, see kCodebookI16).
 static inline float fast_scale(const QWeight& w, int64_t n, int64_t g) {
   const float s = group_scale(w, n, g);
-  return w.fmt == kNF4 ? s / float(kNF4CodeScale) : s;
+  return kIsCodebook[w.fmt] ? s / float(kCodeScale[w.fmt]) : s;
 }
 
 // Integer weight code of w[n, k] as stored (int8: the value; 4-bit: the nibble).

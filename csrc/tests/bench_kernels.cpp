@@ -1,9 +1,9 @@
 // Benchmark of the CPU kernels through the public C++ API (no Python): lowbit::linear (exact
-// path) and lowbit::linear_packed (fast path) for int8 / int4 g128 / nf4 b64 weights, weights
-// rotated over more than --rotate-mib MiB so the last-level cache does not hold them.
+// path) and lowbit::linear_packed (fast path) for int8 / int4 g128 / nf4 b64 / fp4 b64 weights,
+// weights rotated over more than --rotate-mib MiB so the last-level cache does not hold them.
 //
 // Usage: lowbit_bench [--isa NAME] [--shapes NxK,...] [--m 1,8,32,128] [--threads 1,2]
-//                     [--formats int8,int4,nf4] [--paths fast,exact] [--xdtype f32|bf16]
+//                     [--formats int8,int4,nf4,fp4] [--paths fast,exact] [--xdtype f32|bf16]
 //                     [--rotate-mib 320] [--reps 30] [--max-seconds 2] [--stream]
 // Prints one line per case: the median time per call, GB/s over the format's own bytes
 // (codes + scales + zeros, what the weight occupies, not the packed copy) and GFLOP/s.
@@ -188,7 +188,13 @@ int main(int argc, char** argv) {
   for (const std::string& shape : shapes) {
     const int64_t N = std::atoll(shape.c_str()), K = std::atoll(shape.c_str() + shape.find('x') + 1);
     for (const std::string& fname : formats) {
-      const Format fmt = fname == "int8" ? kInt8 : fname == "int4" ? kInt4 : kNF4;
+      int f = 0;
+      while (f < kNumFormats && fname != kFormatTraits[f].name) ++f;
+      if (f == kNumFormats) {
+        std::fprintf(stderr, "unknown format %s\n", fname.c_str());
+        return 2;
+      }
+      const Format fmt = Format(f);
       WeightCopy first;
       make_weight(first, fmt, N, K, rng);
       const int64_t bytes = format_bytes(first);

@@ -1,7 +1,7 @@
 // Plain C++ tests of the kernel library: every ISA this CPU supports (lowbit::supported_isas)
 // against an independent reference written here from the documented formats:
 //   int8: q * s          int4: (q - z) * s, symmetric (q - 8) * s
-//   nf4:  codebook[q] * absmax, double quant absmax = (c * dq_s) + dq_o
+//   nf4 / fp4: codebook[q] * absmax, double quant absmax = (c * dq_s) + dq_o
 // followed by a naive double-precision matmul.
 //   - dequant (table and lowbit::dequantize, every out dtype): bit-exact
 //   - gemm (table) and lowbit::linear (every activation/output dtype, bias, threads, strides):
@@ -186,17 +186,34 @@ static const float kOwnNF4[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982251167297f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 
-enum Variant { kVInt8, kVInt4Asym, kVInt4Sym, kVNF4, kVNF4DQ, kNumVariants };
-static const char* const kVariantNames[kNumVariants] = {"int8", "int4", "int4-sym", "nf4", "nf4-dq"};
+// bitsandbytes' FP4: 0, 0.0625, 8, 12, 4, 6, 2, 3 over 12 (float32 division), codes 8..15
+// negated (code 8 is -0).
+static float own_fp4(int q) {
+  static const float mag[8] = {0.0f, 0.0625f, 8.0f, 12.0f, 4.0f, 6.0f, 2.0f, 3.0f};
+  const float v = mag[q & 7] / 12.0f;
+  return (q & 8) ? -v : v;
+}
+
+// The value of code q of a codebook format (nf4 / fp4).
+static float own_codebook(Format f, int q) { return f == kNF4 ? kOwnNF4[q] : own_fp4(q); }
+
+enum Variant { kVInt8, kVInt4Asym, kVInt4Sym, kVNF4, kVNF4DQ, kVFP4, kVFP4DQ, kNumVariants };
+static const char* const kVariantNames[kNumVariants] = {"int8", "int4", "int4-sym", "nf4", "nf4-dq",
+                                                         "fp4", "fp4-dq"};
+static bool is_codebook(Variant v) { return v == kVNF4 || v == kVNF4DQ || v == kVFP4 || v == kVFP4DQ; }
+static bool is_dq(Variant v) { return v == kVNF4DQ || v == kVFP4DQ; }
+static Format format_of(Variant v) {
+  return v == kVInt8 ? kInt8 : (v == kVInt4Asym || v == kVInt4Sym) ? kInt4 : (v == kVNF4 || v == kVNF4DQ) ? kNF4 : kFP4;
+}
 
 struct TestWeight {
   Variant v;
   QWeight w{};
   Buf<uint8_t> data;
-  Buf<float> scales;      // float scales (all but nf4-dq)
-  Buf<uint8_t> codes;     // nf4-dq uint8 absmax codes
+  Buf<float> scales;      // float scales (all but the -dq variants)
+  Buf<uint8_t> codes;     // nf4-dq / fp4-dq uint8 absmax codes
   Buf<uint8_t> zeros;     // int4 asymmetric
-  Buf<float> dqs, dqo;    // nf4-dq
+  Buf<float> dqs, dqo;    // nf4-dq / fp4-dq
   std::vector<float> ref; // [N, K] decoded here
 };
 
@@ -212,15 +229,15 @@ static void make_weight(TestWeight& t, Variant v, int64_t N, int64_t K, int64_t 
   if (group <= 0 || v == kVInt8) group = K;
   w.group = group;
   w.n_groups = (K + group - 1) / group;
-  w.fmt = v == kVInt8 ? kInt8 : (v == kVInt4Asym || v == kVInt4Sym) ? kInt4 : kNF4;
+  w.fmt = format_of(v);
   w.symmetric = v == kVInt4Sym;
-  w.double_quant = v == kVNF4DQ;
+  w.double_quant = is_dq(v);
   w.ld_data = (v == kVInt8 ? K : (K + 1) / 2) + ld_pad;
   t.data.reset(N * w.ld_data);
   for (int64_t i = 0; i < t.data.n; ++i) t.data[i] = uint8_t(rng.u32());
   w.data = t.data.p;
   const int64_t NG = N * w.n_groups;
-  if (v == kVNF4DQ) {
+  if (is_dq(v)) {
     w.dq_chunks = (w.n_groups + kNF4DoubleQuantChunk - 1) / kNF4DoubleQuantChunk;
     t.codes.reset(NG);
     for (int64_t i = 0; i < NG; ++i) t.codes[i] = uint8_t(rng.u32());
@@ -237,7 +254,7 @@ static void make_weight(TestWeight& t, Variant v, int64_t N, int64_t K, int64_t 
     t.scales.reset(NG);
     for (int64_t i = 0; i < NG; ++i) {
       float s = v == kVInt8 ? rng.uniform(2e-4f, 1e-3f) : rng.uniform(2e-3f, 2e-2f);
-      if (v != kVNF4 && (rng.u32() & 1)) s = -s;  // scales may be negative; absmax is not
+      if (!is_codebook(v) && (rng.u32() & 1)) s = -s;  // scales may be negative; absmax is not
       t.scales[i] = s;
     }
     w.scales = t.scales.p;
@@ -264,14 +281,14 @@ static void make_weight(TestWeight& t, Variant v, int64_t N, int64_t K, int64_t 
           val = float(q - z) * t.scales[n * w.n_groups + g];
         } else {
           float absmax;
-          if (v == kVNF4DQ) {
+          if (is_dq(v)) {
             const int64_t ch = n * w.dq_chunks + g / 256;
             const float prod = float(t.codes[n * w.n_groups + g]) * t.dqs[ch];
             absmax = prod + t.dqo[ch];
           } else {
             absmax = t.scales[n * w.n_groups + g];
           }
-          val = kOwnNF4[q] * absmax;
+          val = own_codebook(w.fmt, q) * absmax;
         }
       }
       t.ref[size_t(n * K + k)] = val;
@@ -514,8 +531,19 @@ static void test_dequantize_api(const KernelTable& tab, const TestWeight& t, DTy
 // it sums (magf below: the only differences are float summation order and FMA), and the exact
 // reference within the bound the quantization itself allows (fast_bound below).
 
-// round(codebook * 8128), 8128 = 127 * 64 (kernel_api.h: nf4's fast-path codes)
-static int own_nf4_code(int i) { return int(std::lround(double(kOwnNF4[i]) * 8128.0)); }
+// The codebook formats' fast-path codes (formats.h): round(codebook * S) with S = 8128 = 127 * 64
+// for nf4 and 8064 = 42 * 192 for fp4 (whose values are multiples of 1 / 192: exact).
+static int own_code_scale(Format f) { return f == kNF4 ? 8128 : 8064; }
+static int own_code(Format f, int i) {
+  return int(std::lround(double(own_codebook(f, i)) * double(own_code_scale(f))));
+}
+// max_i |c_i / S - codebook_i|: how far the integer codes are from the codebook, in absmax
+static double own_code_error(Format f) {
+  double e = 0;
+  for (int i = 0; i < 16; ++i)
+    e = std::max(e, std::fabs(double(own_code(f, i)) / own_code_scale(f) - double(own_codebook(f, i))));
+  return e;
+}
 
 struct OwnQActs {
   int64_t M = 0, K = 0, nb = 0, ldq = 0, block = 0;
@@ -609,34 +637,35 @@ static void fast_weight(const TestWeight& t, int64_t n, int64_t k, int& c, int& 
     return;
   }
   float absmax;
-  if (t.v == kVNF4DQ) {
+  if (is_dq(t.v)) {
     const int64_t ch = n * w.dq_chunks + g / 256;
     const float prod = float(t.codes[n * w.n_groups + g]) * t.dqs[ch];
     absmax = prod + t.dqo[ch];
   } else {
     absmax = t.scales[n * w.n_groups + g];
   }
-  c = own_nf4_code(q);
+  c = own_code(w.fmt, q);
   z = 0;
-  s = absmax / 8128.0f;
+  s = absmax / float(own_code_scale(w.fmt));
 }
 
 // The packed layout works in chunks of 32 columns: groups must be whole chunks (or one group).
 static bool fast_supported(const QWeight& w) { return w.n_groups == 1 || w.group % 32 == 0; }
 
 // The largest constant an ISA adds to the codes (making them unsigned for u8 x s8 dot products)
-// and takes back out with the activations' block sums in float32: int8 + 128, nf4 + 128 * 129.
-static const int kMaxCodeOffset[kNumFormats] = {128, 0, 128 * 129};
+// and takes back out with the activations' block sums in float32: int8 + 128, nf4 / fp4 + 128 * 129.
+static const int kMaxCodeOffset[kNumFormats] = {128, 0, 128 * 129, 128 * 129};
 
 // y_fast[m, n] in double, magf = sum of |terms| the kernels sum, and bound = how far the fast
 // path may be from the exact reference:
 //   sum_k |w_k| (d_b / 2 + 1e-6 |x_k|)          activation rounding (and the roundings of d, 1/d)
-// + sum_k |q_k d_b| |absmax_g| (e_cb + 1e-6)    nf4 only: e_cb = max |round(8128 cb) / 8128 - cb|
+// + sum_k |q_k d_b| |absmax_g| (e_cb + 1e-6)    nf4 / fp4: e_cb = own_code_error (fp4's: float32
+//                                               rounding of its table only)
 static void fast_reference(const TestWeight& t, const std::vector<float>& xv, const OwnQActs& qa,
                            std::vector<double>& yf, std::vector<double>& magf, std::vector<double>& bound) {
   const int64_t N = t.w.N, K = t.w.K, M = qa.M;
-  double e_cb = 0;
-  for (int i = 0; i < 16; ++i) e_cb = std::max(e_cb, std::fabs(double(own_nf4_code(i)) / 8128.0 - double(kOwnNF4[i])));
+  const bool cb = is_codebook(t.v);
+  const double e_cb = cb ? own_code_error(t.w.fmt) : 0.0, S = cb ? own_code_scale(t.w.fmt) : 0.0;
   yf.assign(size_t(M * N), 0.0);
   magf.assign(size_t(M * N), 0.0);
   bound.assign(size_t(M * N), 0.0);
@@ -653,7 +682,7 @@ static void fast_reference(const TestWeight& t, const std::vector<float>& xv, co
         mg += std::fabs(double(s) * d * q) * (std::abs(c) + std::abs(z) + kMaxCodeOffset[t.w.fmt]);
         const double wv = t.ref[size_t(n * K + k)], xk = xv[size_t(m * K + k)];
         bd += std::fabs(wv) * (d * 0.5 + 1e-6 * std::fabs(xk));
-        if (t.v == kVNF4 || t.v == kVNF4DQ) bd += std::fabs(q * d) * std::fabs(double(s) * 8128.0) * (e_cb + 1e-6);
+        if (cb) bd += std::fabs(q * d) * std::fabs(double(s) * S) * (e_cb + 1e-6);
       }
       yf[size_t(m * N + n)] = y;
       magf[size_t(m * N + n)] = mg;
@@ -924,7 +953,7 @@ static void test_linear_packed(const KernelTable& tab, const TestWeight& t, int6
   int64_t bad = -1;
   double got_bad = 0;
   // the tile path (M >= tile_min_m) rounds activations to bf16 instead (2^-9 |x| each; the
-  // bound is kept for nf4's codebook term; test_tile_table is the tight test)
+  // bound is kept for the codebook formats' code term; test_tile_table is the tight test)
   const bool tiles = tab.tile_min_m[t.w.fmt] > 0 && M >= tab.tile_min_m[t.w.fmt];
   for (int64_t m = 0; m < M && bad < 0; ++m)
     for (int64_t n = 0; n < N; ++n) {
@@ -1022,15 +1051,22 @@ static std::vector<Shape> build_shapes(bool quick) {
       }
   }
   // Odd and tiny groups, double quant with more than one chunk (n_groups > 256), padded rows.
-  shapes.push_back({kVNF4DQ, 5, 600, 2, 0});     // 300 groups: 2 dq chunks
-  shapes.push_back({kVNF4DQ, 3, 1000, 3, 1});    // 334 odd groups: odd starts, 2 dq chunks
+  for (Variant dq : {kVNF4DQ, kVFP4DQ}) {
+    shapes.push_back({dq, 5, 600, 2, 0});     // 300 groups: 2 dq chunks
+    shapes.push_back({dq, 3, 1000, 3, 1});    // 334 odd groups: odd starts, 2 dq chunks
+  }
   shapes.push_back({kVInt4Asym, 7, 257, 5, 0});
   shapes.push_back({kVInt4Sym, 4, 33, 1, 2});
   shapes.push_back({kVNF4, 6, 129, 7, 0});
+  shapes.push_back({kVFP4, 6, 129, 7, 0});
   shapes.push_back({kVInt4Asym, 17, 100, 33, 3});
   shapes.push_back({kVInt8, 9, 77, -1, 5});
+  shapes.push_back({kVFP4DQ, 9, 640, 32, 3});     // 20 groups of 32 (fast path), padded rows
+  shapes.push_back({kVFP4, 17, 257, 16, 0});      // groups of 16 (exact path only)
+  shapes.push_back({kVFP4DQ, 3, 100, 16, 2});
   if (!quick) {
     shapes.push_back({kVNF4DQ, 33, 8200, 16, 0});  // 513 groups: 3 dq chunks, long rows
+    shapes.push_back({kVFP4DQ, 33, 8200, 32, 0});  // 257 groups of 32 (fast path): 2 dq chunks
     shapes.push_back({kVInt4Asym, 100, 1000, 1000, 0});
     shapes.push_back({kVInt8, 100, 1000, -1, 0});
   }
@@ -1334,25 +1370,17 @@ static void test_validate(const KernelTable& tab) {
   }
 }
 
-// ---- interop variants: int8 groups / zero-points, int4 float offsets, fp4 -------------------
+// ---- interop variants: int8 groups / zero-points, int4 float offsets --------------------------
 //
 // This file's own statement of them (python/lowbit/formats.py):
 //   int8 grouped:  w = float(q - z) * s per group (z int16; 0 when symmetric)
 //   int4 offsets:  w = float(q) * s + m per group (float product, then the add)
-//   fp4:           bitsandbytes' FP4 value of the code (0, 0.0625, 8, 12, 4, 6, 2, 3 over 12;
-//                  codes 8..15 negated, -0 included) times the block absmax (double quant too)
 // The exact path (dequant bit-exact, gemm / linear within tolerance) on every ISA; the fast
-// path has no kernel for them (packed_size 0, pack_weight refuses).
+// path has no kernel for them (packed_size 0, pack_weight refuses). (fp4, bitsandbytes' other
+// codebook, is a Variant of test_weights: exact and fast paths as nf4.)
 
-enum IVariant { kIInt8G, kIInt8Z, kIInt4Off, kIFP4, kIFP4DQ, kNumIVariants };
-static const char* const kIVariantNames[kNumIVariants] = {"int8-grouped", "int8-zeros", "int4-offset",
-                                                           "fp4", "fp4-dq"};
-
-static float own_fp4(int q) {
-  static const float mag[8] = {0.0f, 0.0625f, 8.0f, 12.0f, 4.0f, 6.0f, 2.0f, 3.0f};
-  const float v = mag[q & 7] / 12.0f;
-  return (q & 8) ? -v : v;
-}
+enum IVariant { kIInt8G, kIInt8Z, kIInt4Off, kNumIVariants };
+static const char* const kIVariantNames[kNumIVariants] = {"int8-grouped", "int8-zeros", "int4-offset"};
 
 struct InteropWeight : TestWeight {
   IVariant iv;
@@ -1363,7 +1391,7 @@ struct InteropWeight : TestWeight {
 static void make_interop_weight(InteropWeight& t, IVariant v, int64_t N, int64_t K, int64_t group,
                                 int64_t ld_pad, Rng& rng) {
   t.iv = v;
-  t.v = v == kIInt8G || v == kIInt8Z ? kVInt8 : v == kIInt4Off ? kVInt4Asym : kVNF4;  // (unused here)
+  t.v = v == kIInt4Off ? kVInt4Asym : kVInt8;  // (unused here)
   QWeight& w = t.w;
   w = QWeight{};
   w.N = N;
@@ -1371,37 +1399,21 @@ static void make_interop_weight(InteropWeight& t, IVariant v, int64_t N, int64_t
   if (group <= 0) group = K;
   w.group = group;
   w.n_groups = (K + group - 1) / group;
-  w.fmt = v == kIInt8G || v == kIInt8Z ? kInt8 : v == kIInt4Off ? kInt4 : kFP4;
+  w.fmt = v == kIInt4Off ? kInt4 : kInt8;
   w.symmetric = v != kIInt4Off;  // (int8's zero-points are told by the zeros pointer)
   w.float_offset = v == kIInt4Off;
-  w.double_quant = v == kIFP4DQ;
   w.ld_data = (w.fmt == kInt8 ? K : (K + 1) / 2) + ld_pad;
   t.data.reset(N * w.ld_data);
   for (int64_t i = 0; i < t.data.n; ++i) t.data[i] = uint8_t(rng.u32());
   w.data = t.data.p;
   const int64_t NG = N * w.n_groups;
-  if (v == kIFP4DQ) {
-    w.dq_chunks = (w.n_groups + kNF4DoubleQuantChunk - 1) / kNF4DoubleQuantChunk;
-    t.codes.reset(NG);
-    for (int64_t i = 0; i < NG; ++i) t.codes[i] = uint8_t(rng.u32());
-    t.dqs.reset(N * w.dq_chunks);
-    t.dqo.reset(N * w.dq_chunks);
-    for (int64_t i = 0; i < t.dqs.n; ++i) {
-      t.dqs[i] = rng.uniform(1e-5f, 2e-4f);
-      t.dqo[i] = rng.uniform(0.0f, 0.02f);
-    }
-    w.scales = t.codes.p;
-    w.dq_scale = t.dqs.p;
-    w.dq_offset = t.dqo.p;
-  } else {
-    t.scales.reset(NG);
-    for (int64_t i = 0; i < NG; ++i) {
-      float sc = w.fmt == kInt8 ? rng.uniform(2e-4f, 1e-3f) : rng.uniform(2e-3f, 2e-2f);
-      if (v != kIFP4 && (rng.u32() & 1)) sc = -sc;  // GGUF / GPTQ scales may be negative
-      t.scales[i] = sc;
-    }
-    w.scales = t.scales.p;
+  t.scales.reset(NG);
+  for (int64_t i = 0; i < NG; ++i) {
+    float sc = w.fmt == kInt8 ? rng.uniform(2e-4f, 1e-3f) : rng.uniform(2e-3f, 2e-2f);
+    if (rng.u32() & 1) sc = -sc;  // GGUF / GPTQ scales may be negative
+    t.scales[i] = sc;
   }
+  w.scales = t.scales.p;
   if (v == kIInt8Z) {
     t.z16.reset(NG);
     for (int64_t i = 0; i < NG; ++i) t.z16[i] = int16_t(int(rng.below(257)) - 128);  // GPTQ z - 128
@@ -1423,20 +1435,8 @@ static void make_interop_weight(InteropWeight& t, IVariant v, int64_t N, int64_t
         val = float(int(int8_t(row[k])) - z) * t.scales[i];
       } else {
         const int q = (k % 2 == 0) ? (row[k / 2] & 15) : (row[k / 2] >> 4);
-        if (v == kIInt4Off) {
-          const float prod = float(q) * t.scales[i];
-          val = prod + t.offs[i];
-        } else {
-          float absmax;
-          if (v == kIFP4DQ) {
-            const int64_t ch = n * w.dq_chunks + g / 256;
-            const float prod = float(t.codes[i]) * t.dqs[ch];
-            absmax = prod + t.dqo[ch];
-          } else {
-            absmax = t.scales[i];
-          }
-          val = own_fp4(q) * absmax;
-        }
+        const float prod = float(q) * t.scales[i];
+        val = prod + t.offs[i];
       }
       t.ref[size_t(n * K + k)] = val;
     }
@@ -1459,7 +1459,6 @@ static void test_interop_variants(const std::vector<const KernelTable*>& tabs, c
   for (int v = 0; v < kNumIVariants; ++v)
     for (int64_t K : Ks)
       for (int64_t g : groups) {
-        if ((v == kIFP4 || v == kIFP4DQ) && g == 16 && K > 300) continue;  // (time)
         const int64_t N = (c % 3 == 0) ? 1 : (c % 3 == 1) ? 17 : 33;
         const int64_t ld_pad = c % 4 == 3 ? 3 : 0;
         Rng rng(0xabcdefull + uint64_t(c) * 104729u);
@@ -1491,10 +1490,11 @@ static void test_interop_variants(const std::vector<const KernelTable*>& tabs, c
       }
   // validation of the new fields
   Rng rng(99);
-  InteropWeight z8, off, fp;
+  InteropWeight z8, off;
+  TestWeight fp;
   make_interop_weight(z8, kIInt8Z, 3, 64, 32, 0, rng);
   make_interop_weight(off, kIInt4Off, 3, 64, 32, 0, rng);
-  make_interop_weight(fp, kIFP4, 3, 64, 32, 0, rng);
+  make_weight(fp, kVFP4, 3, 64, 32, 0, rng);
   g_ctx = "validate interop";
   {
     QWeight w = off.w;
@@ -1597,11 +1597,32 @@ int main(int argc, char** argv) {
   g_ctx = "dispatch";
   check(std::memcmp(kNF4Codebook, kOwnNF4, sizeof kOwnNF4) == 0, "kNF4Codebook differs from the QLoRA table");
   for (int f = 0; f < kNumFormats; ++f) check(kQBlockOf[f] == own_block(Format(f)), "kQBlockOf[%d]", f);
-  for (int i = 0; i < 16; ++i) {
-    check(kNF4CodebookI16[i] == own_nf4_code(i), "kNF4CodebookI16[%d] != round(8128 * codebook)", i);
-    check(kNF4CodebookHi[i] * (1 << kNF4HiShift) + kNF4CodebookLo[i] == kNF4CodebookI16[i] &&
-              std::abs(kNF4CodebookLo[i]) <= 64 && std::abs(kNF4CodebookHi[i]) <= 64,
-          "kNF4CodebookHi/Lo[%d] do not split kNF4CodebookI16 into bytes within [-64, 64]", i);
+  // the codebook formats' integer codes (formats.h): round(S * codebook), split into two int8
+  // terms c = 128 * hi + lo with hi = floor((c + 64) / 128), both within [-64, 64]; on the tile
+  // path, exact in bf16 as kTileTermsOf terms
+  for (int f = 0; f < kNumFormats; ++f) {
+    const Format fmt = Format(f);
+    const bool cb = fmt == kNF4 || fmt == kFP4;
+    check(kIsCodebook[f] == cb && (kFormatTraits[f].codebook != nullptr) == cb, "kIsCodebook[%d]", f);
+    check(kCodeScale[f] == (cb ? own_code_scale(fmt) : 0), "kCodeScale[%d] = %d", f, kCodeScale[f]);
+    check(kTileTermsOf[f] == (fmt == kNF4 ? 2 : 1), "kTileTermsOf[%d]", f);
+    if (!cb) continue;
+    for (int i = 0; i < 16; ++i) {
+      const int c = own_code(fmt, i), hi = int(std::floor((c + 64) / 128.0)), lo = c - 128 * hi;
+      check(kCodebookI16[f][i] == c, "kCodebookI16[%s][%d] = %d != round(%d * codebook) = %d",
+            kFormatTraits[f].name, i, kCodebookI16[f][i], own_code_scale(fmt), c);
+      check(kCodebookHi[f][i] == hi && kCodebookLo[f][i] == lo && hi * (1 << kCodeHiShift) + lo == c &&
+                std::abs(hi) <= 64 && std::abs(lo) <= 64,
+            "kCodebookHi/Lo[%s][%d] = %d, %d: not the split of %d into bytes within [-64, 64] (%d, %d)",
+            kFormatTraits[f].name, i, kCodebookHi[f][i], kCodebookLo[f][i], c, hi, lo);
+      // bf16 terms: t1 = bf16(c), t2 = bf16(c - t1); one term must be exact, two must sum to c
+      const float t1 = own_bf16_to_f32(own_f32_to_bf16(float(c)));
+      const float t2 = own_bf16_to_f32(own_f32_to_bf16(float(c) - t1));
+      check(kTileTermsOf[f] == 1 ? t1 == float(c) : double(t1) + double(t2) == double(c),
+            "code %d of %s is not exact in bf16 as %d term(s)", c, kFormatTraits[f].name, kTileTermsOf[f]);
+    }
+    // fp4's codes are exact: only the float32 rounding of its table separates them from it
+    if (fmt == kFP4) check(own_code_error(fmt) < 1e-7, "fp4's integer codes are not exact (%g)", own_code_error(fmt));
   }
   for (const std::string& name : compiled) {
     bool sup = false;

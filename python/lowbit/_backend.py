@@ -7,15 +7,17 @@ Two CPU paths compute ``linear``:
 
 * ``"exact"`` (default): float32 activations times the exactly dequantized weights (the matmul of
   :func:`lowbit.reference.linear`, within :mod:`lowbit.testing`'s float32 tolerance).
-* ``"fast"`` (opt-in until its perplexity cost is confirmed under 0.2% on every format): activations are quantized per row to int8 in blocks of 16 along K
-  (scale = max |x| / 127, round half to even), and multiplied with the weight's integer codes
-  by int8 dot-product instructions (vpdpbusd / vpmaddubsw / sdot) on a copy of the weight
-  repacked once for this CPU (built on first use and cached in ``qw.cache``); nf4's codebook
-  becomes 14-bit integers (``round(8128 * value)``, two int8 terms). The error this adds is
+* ``"fast"`` (opt-in until its perplexity cost is confirmed under 0.2% on every format): activations are quantized per row to int8 in blocks along K
+  (16 columns for int8 weights, 8 for the 4-bit formats; scale = max |x| / 127, round half to
+  even), and multiplied with the weight's integer codes by int8 dot-product instructions
+  (vpdpbusd / vpmaddubsw / sdot) on a copy of the weight repacked once for this CPU (built on
+  first use and cached in ``qw.cache``); the nf4 and fp4 codebooks become 14-bit integers
+  (``round(S * value)``, S = :data:`lowbit.formats.CODE_SCALE`: 8128 for nf4, 8064 for fp4,
+  whose codes are exact; two int8 terms). The error this adds is
   bounded by ``sum_k |w_k| * d_k / 2`` (d_k the scale of x_k's block; tests/test_fast_path.py)
   and is about 0.3% of |y| in relative L2 norm on Gaussian data; SmolLM2-135M's perplexity
   moves by less than 0.2% against the exact path. Weights whose group size is not a multiple
-  of 32 (and not one group per row) take the exact path, as do fp4, int4 with float offsets
+  of 32 (and not one group per row) take the exact path, as do int4 with float offsets
   (zero_point="float") and int8 with groups or zero-points.
 
 Choose with ``LOWBIT_CPU_PATH=fast|exact`` or :func:`set_cpu_path` (which wins over the variable).
@@ -109,7 +111,7 @@ _path_override: Optional[str] = None
 
 def set_cpu_path(path: Optional[str]) -> None:
     """Use the ``"fast"`` (int8 activations; on AMX CPUs bfloat16 tiles from M = 8 / 12 / 16
-    for nf4 / int4 / int8) or ``"exact"`` (float32) CPU path for :func:`lowbit.linear` in this
+    for nf4 and fp4 / int4 / int8) or ``"exact"`` (float32) CPU path for :func:`lowbit.linear` in this
     process; ``None`` goes back to ``LOWBIT_CPU_PATH`` (default ``"exact"``). Outputs of the
     exact path do not depend on this setting."""
     global _path_override

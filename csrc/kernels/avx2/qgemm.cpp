@@ -131,9 +131,11 @@ void quantize_row(const float* x, int64_t K, int64_t block, int8_t* q, float* d,
 int64_t packed_size_int8(const QWeight& w) { return qpack::packed_size(w, V::kT); }
 int64_t packed_size_int4(const QWeight& w) { return qpack::packed_size(w, V::kT); }
 int64_t packed_size_nf4(const QWeight& w) { return qpack::packed_size(w, V::kT); }
+int64_t packed_size_fp4(const QWeight& w) { return qpack::packed_size(w, V::kT); }
 void pack_int8(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { qpack::pack_tiles(w, n0, n1, dst, V::kT); }
 void pack_int4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { qpack::pack_tiles(w, n0, n1, dst, V::kT); }
 void pack_nf4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { qpack::pack_tiles(w, n0, n1, dst, V::kT); }
+void pack_fp4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { qpack::pack_tiles(w, n0, n1, dst, V::kT); }
 
 void qgemm_int8(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
                 int64_t ldy) {
@@ -146,6 +148,10 @@ void qgemm_int4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, 
 void qgemm_nf4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
                int64_t ldy) {
   qx86::qgemm<V, kNF4>(w, p, x, n0, n1, y, ldy);
+}
+void qgemm_fp4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  qx86::qgemm<V, kFP4>(w, p, x, n0, n1, y, ldy);
 }
 
 }  // namespace avx2

@@ -12,10 +12,10 @@ const KernelTable kTable = {
     {f32_from_f32, f32_to_bf16v, f32_to_f16v},
     16,  // qtile: rows per packed tile
     quantize_row,
-    // fast path: none for fp4 (nullptr; packed_size() reports 0 and the exact path runs)
-    {packed_size_int8, packed_size_int4, packed_size_nf4, nullptr},
-    {pack_int8, pack_int4, pack_nf4, nullptr},
-    {qgemm_int8, qgemm_int4, qgemm_nf4, nullptr},
+    // fast path (every format; packed_size() reports 0 for the weights it does not take)
+    {packed_size_int8, packed_size_int4, packed_size_nf4, packed_size_fp4},
+    {pack_int8, pack_int4, pack_nf4, pack_fp4},
+    {qgemm_int8, qgemm_int4, qgemm_nf4, qgemm_fp4},
     {0, 0, 0, 0}, nullptr, {nullptr, nullptr, nullptr, nullptr},  // no tile path
 };
 

@@ -25,12 +25,15 @@ void quantize_row(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
 int64_t packed_size_int8(const QWeight&);
 int64_t packed_size_int4(const QWeight&);
 int64_t packed_size_nf4(const QWeight&);
+int64_t packed_size_fp4(const QWeight&);
 void pack_int8(const QWeight&, int64_t, int64_t, uint8_t*);
 void pack_int4(const QWeight&, int64_t, int64_t, uint8_t*);
 void pack_nf4(const QWeight&, int64_t, int64_t, uint8_t*);
+void pack_fp4(const QWeight&, int64_t, int64_t, uint8_t*);
 void qgemm_int8(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
 void qgemm_int4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
 void qgemm_nf4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+void qgemm_fp4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
 
 }  // namespace avx512
 
@@ -39,6 +42,7 @@ namespace avx512vnni {
 void qgemm_int8(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
 void qgemm_int4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
 void qgemm_nf4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+void qgemm_fp4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
 
 }  // namespace avx512vnni
 }  // namespace lowbit

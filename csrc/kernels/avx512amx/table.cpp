@@ -12,6 +12,7 @@ void tile_prep(const float*, int64_t, int64_t, int64_t, int64_t, uint16_t*, floa
 void tgemm_int8(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, float*, int64_t);
 void tgemm_int4(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, float*, int64_t);
 void tgemm_nf4(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, float*, int64_t);
+void tgemm_fp4(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, float*, int64_t);
 
 const KernelTable kTable = {
     "avx512amx",
@@ -21,18 +22,20 @@ const KernelTable kTable = {
     {avx512::f32_from_f32, avx512::f32_to_bf16v, avx512::f32_to_f16v},
     16,  // qtile: rows per packed tile (avx512's layout)
     avx512::quantize_row,
-    // fast path: none for fp4 (nullptr; packed_size() reports 0 and the exact path runs)
-    {avx512::packed_size_int8, avx512::packed_size_int4, avx512::packed_size_nf4, nullptr},
-    {avx512::pack_int8, avx512::pack_int4, avx512::pack_nf4, nullptr},
-    {avx512vnni::qgemm_int8, avx512vnni::qgemm_int4, avx512vnni::qgemm_nf4, nullptr},
+    // fast path (every format; packed_size() reports 0 for the weights it does not take)
+    {avx512::packed_size_int8, avx512::packed_size_int4, avx512::packed_size_nf4, avx512::packed_size_fp4},
+    {avx512::pack_int8, avx512::pack_int4, avx512::pack_nf4, avx512::pack_fp4},
+    {avx512vnni::qgemm_int8, avx512vnni::qgemm_int4, avx512vnni::qgemm_nf4, avx512vnni::qgemm_fp4},
     // tile_min_m per format. Sapphire Rapids host, 2 threads, two runs, N x K = 4096 x 4096 /
     // 11008 x 4096 / 4096 x 11008 (lowbit_bench, tiles from M = 4 vs from 16; speed-up of the
     // tiles): int8's tiles are bound by their decode (~13 GB/s of codes): 0.57-0.95x at
     // M = 4-8, 0.72-1.11x at 12; int4's 0.79-1.30x at 8, 1.08-1.82x at 12; nf4's (whose VNNI
-    // kernel multiplies two int8 terms) 1.02-1.65x at 8, 1.50-2.22x at 12.
-    {16, 12, 8, 0},
+    // kernel multiplies two int8 terms) 1.02-1.65x at 8, 1.50-2.22x at 12. fp4 (not measured
+    // here) takes nf4's: its VNNI kernel is nf4's (two int8 terms) and its tiles int4's (one
+    // bf16 term, cheaper than nf4's two), so its tiles win at least where nf4's do.
+    {16, 12, 8, 8},
     tile_prep,
-    {tgemm_int8, tgemm_int4, tgemm_nf4, nullptr},
+    {tgemm_int8, tgemm_int4, tgemm_nf4, tgemm_fp4},
 };
 
 }  // namespace avx512amx

@@ -1,8 +1,8 @@
 // The tile path (kernel_api.h, "tile path") with AMX: TDPBF16PS multiplies a 16 x 32 bf16 tile
 // of activations by a 32 x 16 bf16 tile of weights into a 16 x 16 float32 tile, 16 K columns
 // deep in pairs. The weight is avx512's packed form (T = 16 rows per tile); each chunk of 32
-// columns of a tile is decoded into one weight tile (two for nf4), in the "VNNI pair" order
-// TDPBF16PS reads:
+// columns of a tile is decoded into kTileTermsOf[F] weight tiles (two for nf4, else one), in
+// the "VNNI pair" order TDPBF16PS reads:
 //   B[kk][2n + e] = code[n, 32c + 2kk + e]     (kk = 0..15 pairs of columns, n = 0..15 rows)
 // from the packed chunk (kernel_api.h, PackFn):
 //   int8: quad j = 16 rows x 4 bytes, byte 4n + i = column 4j + i: pairs kk = 2j, 2j + 1 are
@@ -11,7 +11,8 @@
 //   4-bit: vector j, byte 4n + i = column 4j + i (low nibble) and 16 + 4j + i (high nibble):
 //         pairs kk = 2j + h take bytes (4n + 2h, 4n + 2h + 1), widened to 16-bit words by one
 //         byte shuffle; a word permute then looks the nibble up in a 16-entry bf16 table (int4:
-//         the code's value; nf4: the high and the low bf16 term of kNF4CodebookI16).
+//         the code's value; fp4: kCodebookI16[kFP4] itself, exact; nf4: the high and the low
+//         bf16 term of kCodebookI16[kNF4]).
 // Registers: tiles 0-3 accumulate up to 4 blocks of 16 activation rows (a panel of 64 rows);
 // 4 and 5 hold activation tiles, 6 and 7 weight tiles (mul_chunk says how they alternate).
 // After each group of the weight, the accumulator tiles are stored, scaled by the group's
@@ -91,7 +92,7 @@ static inline __m512i pair_rows_idx(int h) {
 }
 
 struct Decoder {
-  __m512i tab, tab2;     // 4-bit: bf16 value tables (nf4: high and low terms)
+  __m512i tab, tab2;     // 4-bit: bf16 value tables (two terms, nf4: high and low terms)
   __m512i ctrl0, ctrl1;  // 4-bit: widen_pair_ctrl(0 / 1)
   __m512i idx0, idx1;    // int8: pair_rows_idx(0 / 1)
 };
@@ -112,7 +113,7 @@ static inline void decode_int8(const Decoder& d, const uint8_t* p, uint16_t* B) 
   }
 }
 
-// One chunk of 4-bit codes (4 vectors) -> B (and B2 for nf4's low terms).
+// One chunk of 4-bit codes (4 vectors) -> B (and B2 for the second terms of a two-term format).
 template <bool kTwo>
 static inline void decode_4bit(const Decoder& d, const uint8_t* p, uint16_t* B, uint16_t* B2) {
   for (int j = 0; j < 4; ++j) {
@@ -132,11 +133,11 @@ static inline void decode_4bit(const Decoder& d, const uint8_t* p, uint16_t* B, 
 }
 
 // The multiplies of one chunk: for each block mb < NMB of the panel, C[mb] += A[mb] * B (+ A[mb]
-// * B2 for nf4). a points at the chunk's activation tile of the panel's first block (1 KiB,
-// contiguous); blocks are bstride elements apart.
+// * B2 for a two-term format). a points at the chunk's activation tile of the panel's first
+// block (1 KiB, contiguous); blocks are bstride elements apart.
 // Registers: a tile load into a register waits until the multiplies reading it are done, so
 // consecutive loads alternate: A between tiles 4 and 5 (by block and by chunk parity kOdd), B
-// between 6 and 7 by chunk parity (nf4's two terms take both).
+// between 6 and 7 by chunk parity (a two-term format's terms take both).
 #define LB_MUL(mb, ra, rb, rb2)                                             \
   if constexpr (NMB > mb) {                                                 \
     _tile_loadd(ra, a + mb * bstride, 64);                                  \
@@ -198,13 +199,13 @@ static inline void zero_acc_tiles() {
 // chunk c is multiplied, so that its stores have landed when its tile load comes.
 // Chunks [c0, c1) of one packed tile (rows t*16 ..) times the panel of 16 * NMB activation rows
 // from block mb0, added to acc [16 * NMB][16] (float32). `decoded`: the chunks' weight tiles,
-// decoded already (chunk c at c - c0; nf4's second terms after the slab's first), else chunk
+// decoded already (chunk c at c - c0; second terms after the slab's first), else chunk
 // c + 1 is decoded (into the other buffer) while chunk c multiplies. A group cut by the slab
 // (one group per row) is scaled in parts; its zero-point term goes with its last chunk.
 template <int F, int NMB>
 static void tile_panel(const QWeight& w, const uint8_t* tp, const TActs& x, int64_t mb0, const Decoder& dec,
                        const uint16_t* decoded, int64_t c0, int64_t c1, float* acc) {
-  constexpr bool kTwo = F == kNF4;
+  constexpr bool kTwo = kTileTermsOf[F] == 2;
   const int64_t G = w.n_groups, cb = qpack::chunk_bytes(w, T), ghb = qpack::group_head_bytes(w, T);
   const int64_t nch = qpack::nchunks(w), bstride = nch * kTileElems, cpg = qpack::chunks_per_group(w);
   const int64_t slab = c1 - c0;
@@ -283,7 +284,7 @@ static E* thread_buffer(int64_t elems) {
   return buf;
 }
 
-// Chunks [c0, c1) of a tile decoded into out (nf4's second terms c1 - c0 tiles further).
+// Chunks [c0, c1) of a tile decoded into out (second terms c1 - c0 tiles further).
 template <int F>
 static void decode_chunks(const QWeight& w, const uint8_t* tp, const Decoder& dec, int64_t c0, int64_t c1,
                           uint16_t* out) {
@@ -294,7 +295,7 @@ static void decode_chunks(const QWeight& w, const uint8_t* tp, const Decoder& de
     for (int64_t l = 0; l < cb; l += 64) _mm_prefetch((const char*)(p + 4 * cb + l), _MM_HINT_T0);
     uint16_t* o = out + (c - c0) * kTileElems;
     if constexpr (F == kInt8) decode_int8(dec, p, o);
-    else decode_4bit<F == kNF4>(dec, p, o, o + (c1 - c0) * kTileElems);
+    else decode_4bit<kTileTermsOf[F] == 2>(dec, p, o, o + (c1 - c0) * kTileElems);
   }
   memory_fence();
 }
@@ -308,15 +309,12 @@ static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64
   Decoder dec;
   uint16_t v[16], v2[16];
   for (int i = 0; i < 16; ++i) {
-    if (F == kNF4) {
-      // c = hi + lo with hi = bf16(c) (8 significant bits) and lo = c - hi (|lo| <= 16: exact)
-      const int c = kNF4CodebookI16[i];
-      v[i] = f32_to_bf16(float(c));
-      v2[i] = f32_to_bf16(float(c - int(bf16_to_f32(v[i]))));
-    } else {
-      v[i] = f32_to_bf16(float(i));  // exact
-      v2[i] = 0;
-    }
+    // the code's value (int4: the nibble; codebook formats: kCodebookI16) as hi = bf16(c) and
+    // lo = c - hi: 0 where c is exact in bf16 (int4, fp4: one term), else |lo| <= 16 and exact
+    // (nf4's second term)
+    const int c = kIsCodebook[F] ? kCodebookI16[F][i] : i;
+    v[i] = f32_to_bf16(float(c));
+    v2[i] = f32_to_bf16(float(c - int(bf16_to_f32(v[i]))));
   }
   dec.tab = table16(v);
   dec.tab2 = table16(v2);
@@ -335,7 +333,7 @@ static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64
   float* acc = thread_buffer<float, 0>((t1 - t0) * mpad * 16);
   std::memset(acc, 0, size_t((t1 - t0) * mpad * 16) * 4);
   // several panels: decode each slab of a tile once (else while multiplying)
-  uint16_t* decoded = mpad > 64 ? thread_buffer<uint16_t, 1>(slab * kTileElems * (F == kNF4 ? 2 : 1)) : nullptr;
+  uint16_t* decoded = mpad > 64 ? thread_buffer<uint16_t, 1>(slab * kTileElems * kTileTermsOf[F]) : nullptr;
   configure_tiles();
   for (int64_t c0 = 0; c0 < nch; c0 += slab) {
     const int64_t c1 = min64(nch, c0 + slab);
@@ -392,6 +390,9 @@ void tgemm_int4(const QWeight& w, const uint8_t* p, const TActs& x, int64_t n0, 
 }
 void tgemm_nf4(const QWeight& w, const uint8_t* p, const TActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   tgemm<kNF4>(w, p, x, n0, n1, y, ldy);
+}
+void tgemm_fp4(const QWeight& w, const uint8_t* p, const TActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  tgemm<kFP4>(w, p, x, n0, n1, y, ldy);
 }
 
 }  // namespace avx512amx

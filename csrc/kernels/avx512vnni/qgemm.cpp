@@ -20,6 +20,10 @@ void qgemm_nf4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, i
                int64_t ldy) {
   qx86::qgemm<V, kNF4>(w, p, x, n0, n1, y, ldy);
 }
+void qgemm_fp4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  qx86::qgemm<V, kFP4>(w, p, x, n0, n1, y, ldy);
+}
 
 }  // namespace avx512vnni
 }  // namespace lowbit

@@ -15,10 +15,10 @@ const KernelTable kTable = {
     {avx512::f32_from_f32, avx512::f32_to_bf16v, avx512::f32_to_f16v},
     16,  // qtile: rows per packed tile (avx512's layout)
     avx512::quantize_row,
-    // fast path: none for fp4 (nullptr; packed_size() reports 0 and the exact path runs)
-    {avx512::packed_size_int8, avx512::packed_size_int4, avx512::packed_size_nf4, nullptr},
-    {avx512::pack_int8, avx512::pack_int4, avx512::pack_nf4, nullptr},
-    {qgemm_int8, qgemm_int4, qgemm_nf4, nullptr},
+    // fast path (every format; packed_size() reports 0 for the weights it does not take)
+    {avx512::packed_size_int8, avx512::packed_size_int4, avx512::packed_size_nf4, avx512::packed_size_fp4},
+    {avx512::pack_int8, avx512::pack_int4, avx512::pack_nf4, avx512::pack_fp4},
+    {qgemm_int8, qgemm_int4, qgemm_nf4, qgemm_fp4},
     {0, 0, 0, 0}, nullptr, {nullptr, nullptr, nullptr, nullptr},  // no tile path
 };
 

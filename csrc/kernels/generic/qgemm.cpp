@@ -45,7 +45,7 @@ static inline int chunk_code(const QWeight& w, const uint8_t* chunk, int64_t j) 
   if (w.fmt == kInt8) return int8_t(chunk[j]);
   const uint8_t byte = chunk[j % 16];
   const int c = j < 16 ? (byte & 15) : (byte >> 4);
-  return w.fmt == kNF4 ? kNF4CodebookI16[c] : c;
+  return kIsCodebook[w.fmt] ? kCodebookI16[w.fmt][c] : c;
 }
 
 static void qgemm_any(const QWeight& w, const uint8_t* packed, const QActs& x, int64_t n0,
@@ -87,9 +87,11 @@ static void qgemm_any(const QWeight& w, const uint8_t* packed, const QActs& x, i
 int64_t packed_size_int8(const QWeight& w) { return packed_size_any(w); }
 int64_t packed_size_int4(const QWeight& w) { return packed_size_any(w); }
 int64_t packed_size_nf4(const QWeight& w) { return packed_size_any(w); }
+int64_t packed_size_fp4(const QWeight& w) { return packed_size_any(w); }
 void pack_int8(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { pack_any(w, n0, n1, dst); }
 void pack_int4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { pack_any(w, n0, n1, dst); }
 void pack_nf4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { pack_any(w, n0, n1, dst); }
+void pack_fp4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { pack_any(w, n0, n1, dst); }
 void qgemm_int8(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
                 int64_t ldy) {
   qgemm_any(w, p, x, n0, n1, y, ldy);
@@ -99,6 +101,10 @@ void qgemm_int4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, 
   qgemm_any(w, p, x, n0, n1, y, ldy);
 }
 void qgemm_nf4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  qgemm_any(w, p, x, n0, n1, y, ldy);
+}
+void qgemm_fp4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
                int64_t ldy) {
   qgemm_any(w, p, x, n0, n1, y, ldy);
 }

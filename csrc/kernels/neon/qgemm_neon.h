@@ -9,8 +9,9 @@
 // lane and adds each row's 4 products into its int32 lane. Without sdot, the activation quad is replicated (dup by lane), vmull_s8 gives the 16
 // products as s16 (rows 0-1 in one register, rows 2-3 in the other; |c * q| <= 128 * 127) and
 // vpadalq_s16 adds pairs into int32, two partial sums per row, folded by vpaddq_s32 per block.
-// All codes are used as signed bytes (int4's 0..15 too), so no offset is needed; nf4's 14-bit
-// codes are two lookups (hi, lo) and two dots, combined as (hi << 7) + lo per block.
+// All codes are used as signed bytes (int4's 0..15 too), so no offset is needed; nf4's and fp4's
+// 14-bit codes are two lookups (hi, lo: kCodebookHi / Lo[F]) and two dots, combined as
+// (hi << 7) + lo per block.
 #pragma once
 #if !defined(__aarch64__)
 #error "kernels/neon is AArch64-only"
@@ -78,7 +79,7 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
   float32x4_t acc[MR][NT];
   for (int m = 0; m < MR; ++m)
     for (int t = 0; t < NT; ++t) acc[m][t] = vdupq_n_f32(0.0f);
-  const int8x16_t cb_hi = vld1q_s8(kNF4CodebookHi), cb_lo = vld1q_s8(kNF4CodebookLo);
+  const int8x16_t cb_hi = vld1q_s8(kCodebookHi[F]), cb_lo = vld1q_s8(kCodebookLo[F]);
   const uint8x16_t m4 = vdupq_n_u8(0x0f);
 
   int64_t c = 0;
@@ -98,14 +99,14 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
       for (int h = 0; h < kBPC<F>; ++h) {  // the chunk's activation blocks
         const int64_t b = kBPC<F> * c + h;
         int8x16_t xv[MR];
-        BlockAcc<D::kSdot> ba[MR][NT], bl[MR][NT];  // bl: nf4's low terms
+        BlockAcc<D::kSdot> ba[MR][NT], bl[MR][NT];  // bl: the codebook formats' low terms
         for (int m = 0; m < MR; ++m) {
           const int8_t* xbp = xq[m] + b * kQBlockOf[F];
           if constexpr (kQBlockOf[F] == 16) xv[m] = vld1q_s8(xbp);
           else xv[m] = vcombine_s8(vld1_s8(xbp), vdup_n_s8(0));
           for (int t = 0; t < NT; ++t) {
             D::zero(ba[m][t]);
-            if constexpr (F == kNF4) D::zero(bl[m][t]);
+            if constexpr (kIsCodebook[F]) D::zero(bl[m][t]);
           }
         }
         LOWBIT_QUNROLL
@@ -118,7 +119,7 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
             } else {
               const uint8x16_t v = vld1q_u8(p[t] + 16 * (qd % 4));
               const uint8x16_t nib = qd < 4 ? vandq_u8(v, m4) : vshrq_n_u8(v, 4);
-              if constexpr (F == kNF4) {  // c = 128 * hi + lo
+              if constexpr (kIsCodebook[F]) {  // c = 128 * hi + lo
                 cq[t] = vqtbl1q_s8(cb_hi, nib);
                 cl[t] = vqtbl1q_s8(cb_lo, nib);
               } else {
@@ -127,13 +128,13 @@ __attribute__((noinline)) static void qtile_block(const QWeight& w, const uint8_
             }
           }
           quad_dot<D, MR, NT>(cq, xv, ba, j);
-          if constexpr (F == kNF4) quad_dot<D, MR, NT>(cl, xv, bl, j);
+          if constexpr (kIsCodebook[F]) quad_dot<D, MR, NT>(cl, xv, bl, j);
         }
         for (int m = 0; m < MR; ++m) {
           const float dm = xd[m][b];
           for (int t = 0; t < NT; ++t) {
             int32x4_t dot = D::finish(ba[m][t]);
-            if constexpr (F == kNF4) dot = vaddq_s32(vshlq_n_s32(dot, kNF4HiShift), D::finish(bl[m][t]));
+            if constexpr (kIsCodebook[F]) dot = vaddq_s32(vshlq_n_s32(dot, kCodeHiShift), D::finish(bl[m][t]));
             acc[m][t] = vfmaq_f32(acc[m][t], vcvtq_f32_s32(dot), vmulq_n_f32(s[t], dm));
           }
         }

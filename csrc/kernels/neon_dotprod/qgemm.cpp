@@ -36,6 +36,10 @@ void qgemm_nf4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, i
                int64_t ldy) {
   qgemm_neon<Sdot, kNF4>(w, p, x, n0, n1, y, ldy);
 }
+void qgemm_fp4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
+               int64_t ldy) {
+  qgemm_neon<Sdot, kFP4>(w, p, x, n0, n1, y, ldy);
+}
 
 }  // namespace neon_dotprod
 }  // namespace lowbit

@@ -23,9 +23,11 @@ void quantize_row(const float*, int64_t, int64_t, int8_t*, float*, int32_t*);
 int64_t packed_size_int8(const QWeight&);
 int64_t packed_size_int4(const QWeight&);
 int64_t packed_size_nf4(const QWeight&);
+int64_t packed_size_fp4(const QWeight&);
 void pack_int8(const QWeight&, int64_t, int64_t, uint8_t*);
 void pack_int4(const QWeight&, int64_t, int64_t, uint8_t*);
 void pack_nf4(const QWeight&, int64_t, int64_t, uint8_t*);
+void pack_fp4(const QWeight&, int64_t, int64_t, uint8_t*);
 }  // namespace neon
 
 namespace neon_dotprod {
@@ -33,6 +35,7 @@ namespace neon_dotprod {
 void qgemm_int8(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
 void qgemm_int4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
 void qgemm_nf4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
+void qgemm_fp4(const QWeight&, const uint8_t*, const QActs&, int64_t, int64_t, float*, int64_t);
 
 const KernelTable kTable = {
     "neon_dotprod",
@@ -42,10 +45,10 @@ const KernelTable kTable = {
     {neon::f32_from_f32, neon::f32_to_bf16v, neon::f32_to_f16v},
     4,  // qtile: rows per packed tile (neon's layout)
     neon::quantize_row,
-    // fast path: none for fp4 (nullptr; packed_size() reports 0 and the exact path runs)
-    {neon::packed_size_int8, neon::packed_size_int4, neon::packed_size_nf4, nullptr},
-    {neon::pack_int8, neon::pack_int4, neon::pack_nf4, nullptr},
-    {qgemm_int8, qgemm_int4, qgemm_nf4, nullptr},
+    // fast path (every format; packed_size() reports 0 for the weights it does not take)
+    {neon::packed_size_int8, neon::packed_size_int4, neon::packed_size_nf4, neon::packed_size_fp4},
+    {neon::pack_int8, neon::pack_int4, neon::pack_nf4, neon::pack_fp4},
+    {qgemm_int8, qgemm_int4, qgemm_nf4, qgemm_fp4},
     {0, 0, 0, 0}, nullptr, {nullptr, nullptr, nullptr, nullptr},  // no tile path
 };
 

@@ -93,6 +93,13 @@ def _mma_acc(a, b, acc, DOT_F32: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
+@triton.constexpr_function
+def _planes_per_group(group, kb):
+    """Consecutive 16-element planes of a layout block that share a group: group / 16 when the
+    group divides the block into whole planes (4-bit groups of 16 / 32 / 64), else 1."""
+    return group // 16 if group % 16 == 0 and kb % group == 0 else 1
+
+
 @triton.jit
 def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias_ptr, out_ptr,
                  ws_ptr, M, N, K, KW, G, stride_xm, stride_om, steps_per_split, zero_rt, magic,
@@ -185,9 +192,13 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                 v = (codes | magic).to(tl.float32, bitcast=True) - (z_row + TWO23)
             else:
                 v = (codes | magic).to(tl.float32, bitcast=True) - (z_s + TWO23)
-            if SCALE_MODE == 2:  # group per (block, plane): [BN, CB, P] -> per element
+            if SCALE_MODE == 2:  # group per (block, slot): [BN, CB, S] -> per element
+                # S slots per block of KB / S elements each: the block's whole groups when the
+                # group divides the block (nf4 blocks of 64: 2 loads per block, not 8), else
+                # one per plane
+                S: tl.constexpr = KB // (16 * _planes_per_group(GROUP, KB))
                 blk = b0 + offs_cb
-                gidx = (blk[:, None] * KB + tl.arange(0, P)[None, :] * 16) // GROUP  # [CB, P]
+                gidx = (blk[:, None] * KB + tl.arange(0, S)[None, :] * (KB // S)) // GROUP
                 gptr = gidx[None, :, :] * N + offs_n[:, None, None]
                 gmask = n_ok[:, None, None] & ((blk < b_end)[:, None] & (gidx < G))[None, :, :]
                 if DQ:
@@ -199,10 +210,12 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                     s3 = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
                 if HAS_ZEROS:
                     z3 = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
-                    v = v - tl.reshape(tl.broadcast_to(z3[:, :, :, None], [BN, CB, P, 16]), [BN, BKF])
+                    v = v - tl.reshape(tl.broadcast_to(z3[:, :, :, None], [BN, CB, S, KB // S]),
+                                       [BN, BKF])
                 elif FMT < 2:
                     v = v - ZERO_CONST
-                wf = v * tl.reshape(tl.broadcast_to(s3[:, :, :, None], [BN, CB, P, 16]), [BN, BKF])
+                wf = v * tl.reshape(tl.broadcast_to(s3[:, :, :, None], [BN, CB, S, KB // S]),
+                                    [BN, BKF])
             elif SCALE_MODE == 3:
                 wf = v * s_g[:, None]
             else:
@@ -238,25 +251,31 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                 xi = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (j_ok & (kk < K))[None, :],
                              other=0.0)
             if SCALE_MODE == 2:
-                # one group per (block, plane): load [BN, CB] and broadcast over the 16 words
-                blk = b0 + offs_cb
-                gidx = (blk * KB + i * 16) // GROUP  # [CB]
-                gptr = gidx[None, :] * N + offs_n[:, None]
-                gmask = n_ok[:, None] & ((blk < b_end) & (gidx < G))[None, :]
-                if DQ:
-                    cidx = gidx[None, :] // 256 * N + offs_n[:, None]
-                    s_i = decode_absmax(tl.load(s_ptr + gptr, mask=gmask, other=0),
-                                        tl.load(dqs_ptr + cidx, mask=gmask, other=0.0),
-                                        tl.load(dqo_ptr + cidx, mask=gmask, other=0.0), zero_rt)
-                else:
-                    s_i = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
-                s_i = tl.reshape(tl.broadcast_to(s_i[:, :, None], [BN, CB, 16]), [BN, W])
+                # one group per (block, plane): load [BN, CB] and broadcast over the 16 words;
+                # loaded at the group's first plane only (when the group divides the block,
+                # e.g. nf4 blocks of 64: 2 loads per block, not 8, and with double
+                # quantization 6 not 24)
+                if i % _planes_per_group(GROUP, KB) == 0:
+                    blk = b0 + offs_cb
+                    gidx = (blk * KB + i * 16) // GROUP  # [CB]
+                    gptr = gidx[None, :] * N + offs_n[:, None]
+                    gmask = n_ok[:, None] & ((blk < b_end) & (gidx < G))[None, :]
+                    if DQ:
+                        cidx = gidx[None, :] // 256 * N + offs_n[:, None]
+                        s_i = decode_absmax(tl.load(s_ptr + gptr, mask=gmask, other=0),
+                                            tl.load(dqs_ptr + cidx, mask=gmask, other=0.0),
+                                            tl.load(dqo_ptr + cidx, mask=gmask, other=0.0),
+                                            zero_rt)
+                    else:
+                        s_i = tl.load(s_ptr + gptr, mask=gmask, other=0.0)
+                    s_i = tl.reshape(tl.broadcast_to(s_i[:, :, None], [BN, CB, 16]), [BN, W])
+                    if HAS_ZEROS:
+                        z_i = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
+                        z_i = tl.reshape(tl.broadcast_to(z_i[:, :, None], [BN, CB, 16]), [BN, W])
                 if FMT >= 2:  # codebook (nf4, fp4)
                     v = codebook_values(lut_ptr, lut16, (words >> (BITS * i)) & MASK, BN * W,
                                         LUT_GATHER)
                 elif HAS_ZEROS:
-                    z_i = tl.load(z_ptr + gptr, mask=gmask, other=0).to(tl.float32)
-                    z_i = tl.reshape(tl.broadcast_to(z_i[:, :, None], [BN, CB, 16]), [BN, W])
                     v = plane_value(words, hi, z_i, magic, i, BITS)
                 else:
                     v = plane_value(words, hi, ZERO_CONST, magic, i, BITS)

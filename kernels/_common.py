@@ -398,25 +398,6 @@ def codebook_lut(device: torch.device, fmt: str = "nf4") -> torch.Tensor:
     return device_table(fmt, device, CODEBOOKS[fmt], torch.float32)
 
 
-def pair_lut(device: torch.device, fmt: str, dtype: torch.dtype) -> torch.Tensor:
-    """float32 [16 + 256] on ``device`` (cached): the codebook of ``fmt`` (codebook_lut), then
-    for each byte b of packed codes the bits of two values of ``dtype`` (float16 / bfloat16)
-    as one 32-bit word, dtype(codebook[b & 15]) in the low half and dtype(codebook[b >> 4]) in
-    the high half, stored as float32 bit patterns (the GEMM's PAIR decode reads them as int32)."""
-    key = (str(device), "pairs", fmt, dtype)
-    t = _LUTS.get(key)
-    if t is None:
-        from lowbit.formats import CODEBOOKS
-        cb = torch.tensor(CODEBOOKS[fmt], dtype=torch.float32)
-        half = cb.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
-        b = torch.arange(256)
-        words = half[b & 15] | (half[b >> 4] << 16)
-        words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-        t = torch.cat([cb, words.view(torch.float32)]).to(device)
-        _LUTS[key] = t
-    return t
-
-
 def nf4_lut(device: torch.device) -> torch.Tensor:
     """The NF4 codebook as a float32 tensor on ``device`` (codebook_lut(device, "nf4"))."""
     return codebook_lut(device, "nf4")

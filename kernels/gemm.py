@@ -22,14 +22,6 @@ Scales (constexpr SCALE_MODE, chosen per weight, step and EXACT by gemm_scale_mo
   ``reference.dequantize(qw, x.dtype)``: one accumulator (large tiles), and an error of that
   rounding (unit roundoff 2**-8 bf16, 2**-11 f16 per weight), as dequantize + cuBLAS has.
 * SCALE_PLANE (groups smaller than the step): as SCALE_BLOCK_W with per-plane groups.
-* PAIR (nf4 / fp4 in the per-plane kernel, SCALE_BLOCK_W, or SCALE_PLANE with one block per
-  step and groups of whole planes): one byte of each word (planes 2j and 2j + 1) is looked up
-  in a 256-entry table of value pairs in x's dtype (_common.pair_lut), and the group's
-  absmax multiplies the float32 partial sum of the group's planes after their dots: the
-  tile holds codebook[q] rounded to x's dtype, and the weight is that value times absmax
-  (the same error bound as rounding codebook[q] * absmax: 2**-8 / 2**-11 relative per
-  weight). About 2 instead of 4 instructions per weight for the decode, no float multiply
-  or conversion per weight (SASS, BN 128 / BM 16: 886 -> see kernels/NOTES.md item 26).
 
 SWAP (for small M) computes the transposed product y^T = W x^T so the weight tile is the MMA's
 M side (>= 64 rows on Hopper) and M only has to fill the N side (>= 8).
@@ -45,7 +37,7 @@ import triton.language as tl
 
 from ._common import (FMT_IDS, MAGIC_BITS, SCALE_BLOCK, SCALE_BLOCK_W, SCALE_PLANE, SCALE_ROW,
                       TWO23, cast_out, codebook_lut, codebook_values, decode_absmax, hi_shift,
-                      interpreting, k_split, launch, launch_x_prep, pair_lut, plane_value, rne_bf16,
+                      interpreting, k_split, launch, launch_x_prep, plane_value, rne_bf16,
                       splitk_reduce, tl_dtype)
 from .gemv import _use_pdl, gdc_launch_dependents, gdc_wait, idot_enabled
 from .layout import GPUWeight, group_const
@@ -108,14 +100,6 @@ def _planes_per_group(group, kb):
     return group // 16 if group % 16 == 0 and kb % group == 0 else 1
 
 
-@triton.constexpr_function
-def _pair_planes(group, kb, scale_mode):
-    """Planes per partial sum in the PAIR decode: the planes of a group (SCALE_PLANE), or all
-    of the step's (SCALE_BLOCK_W: one group per step; kb // 16 planes per block, CB == 1 or
-    not: the partial sum spans the step's blocks)."""
-    return _planes_per_group(group, kb) if scale_mode == 2 else kb // 16
-
-
 @triton.jit
 def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias_ptr, out_ptr,
                  ws_ptr, M, N, K, KW, G, stride_xm, stride_om, steps_per_split, zero_rt, magic,
@@ -135,7 +119,6 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                  DOT_F32: tl.constexpr,  # interpreter only (see module docstring)
                  LUT_GATHER: tl.constexpr,  # codebook formats: _common.codebook_values
                  STEPS_CONST: tl.constexpr,  # interpreter only: steps_per_split as a constexpr
-                 PAIR: tl.constexpr = False,  # codebook formats: plane pairs by pair_lut (below)
                  ):
     P: tl.constexpr = 32 // BITS  # codes per word = planes per block
     KB: tl.constexpr = 16 * P  # elements per layout block
@@ -159,10 +142,6 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
         lut16 = tl.load(lut_ptr + tl.arange(0, 16))
     else:
         lut16 = 0.0
-    if PAIR and not DOT_F32:  # pair_lut's 256 entries after the 16 values
-        pairs = tl.load(lut_ptr + 16 + tl.arange(0, 256)).to(tl.int32, bitcast=True)
-    else:
-        pairs = 0
     if SCALE_MODE == 0:
         if HAS_ZEROS:
             z_row = tl.load(z_ptr + offs_n, mask=n_ok, other=0).to(tl.float32)[:, None]
@@ -263,67 +242,7 @@ def _gemm_kernel(x_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr, bias
                 part = _mma_acc(a, b, part, DOT_F32)
             else:
                 acc = _mma_acc(a, b, acc, DOT_F32)
-        if PAIR:
-            # codebook formats (nf4 / fp4) with every plane in one group: a byte of each word
-            # (planes i and i + 1, i even) looked up at once as two values of x's dtype in a
-            # 256-entry table (pair_lut: one shared-memory load per two codes, no float math),
-            # and the group's absmax applied to the float32 partial sum of its planes after
-            # the dots (SCALE_BLOCK_W: the step's group; SCALE_PLANE: the plane's, CB == 1)
-            PPG: tl.constexpr = _pair_planes(GROUP, KB, SCALE_MODE)
-            for i in tl.static_range(P):
-                if i % 2 == 0:  # byte i // 2 of each word: planes i and i + 1
-                    if DOT_F32:  # interpreter, bf16: the same values, rounded, in float32
-                        w0 = rne_bf16(codebook_values(lut_ptr, lut16, (words >> (4 * i)) & MASK,
-                                                      BN * W, LUT_GATHER))
-                        w1 = rne_bf16(codebook_values(lut_ptr, lut16,
-                                                      (words >> (4 * i + 4)) & MASK, BN * W,
-                                                      LUT_GATHER))
-                    else:
-                        t = tl.reshape(tl.gather(pairs, tl.reshape((words >> (4 * i)) & 0xFF,
-                                                                   [BN * W]), 0), [BN, W])
-                        w0 = (t & 0xFFFF).to(tl.uint16).to(DOT_DTYPE, bitcast=True)
-                        w1 = ((t >> 16) & 0xFFFF).to(tl.uint16).to(DOT_DTYPE, bitcast=True)
-                    w = w0
-                else:
-                    w = w1
-                kk = (b0 + offs_j // 16) * KB + i * 16 + offs_j % 16
-                if K_EXACT:
-                    xi = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
-                else:
-                    xi = tl.load(x_rows + kk[None, :],
-                                 mask=m_ok[:, None] & (j_ok & (kk < K))[None, :], other=0.0)
-                if DOT_F32:
-                    xi = xi.to(tl.float32)
-                else:
-                    xi = xi.to(DOT_DTYPE)
-                if i % PPG == 0:
-                    if SCALE_MODE == 2:  # the plane's group (CB == 1): [BN]
-                        gidx = (b0 * KB + i * 16) // GROUP
-                        g_ok = n_ok & (b0 < b_end) & (gidx < G)
-                        if DQ:
-                            cg = gidx // 256 * N + offs_n
-                            s_p = decode_absmax(
-                                tl.load(s_ptr + gidx * N + offs_n, mask=g_ok, other=0),
-                                tl.load(dqs_ptr + cg, mask=g_ok, other=0.0),
-                                tl.load(dqo_ptr + cg, mask=g_ok, other=0.0), zero_rt)
-                        else:
-                            s_p = tl.load(s_ptr + gidx * N + offs_n, mask=g_ok, other=0.0)
-                    else:
-                        s_p = s_g
-                    if SWAP:
-                        part = tl.zeros([BN, BM], dtype=tl.float32)
-                    else:
-                        part = tl.zeros([BM, BN], dtype=tl.float32)
-                if SWAP:
-                    part = _mma_acc(w, tl.trans(xi), part, DOT_F32)
-                else:
-                    part = _mma_acc(xi, tl.trans(w), part, DOT_F32)
-                if i % PPG == PPG - 1:
-                    if SWAP:
-                        acc += part * s_p[:, None]
-                    else:
-                        acc += part * s_p[None, :]
-        for i in tl.static_range(0 if (FULL_TILE or PAIR) else P):
+        for i in tl.static_range(0 if FULL_TILE else P):
             # plane i: 16 consecutive elements per block, k = (b0 + j // 16) * KB + 16 i + j % 16
             kk = (b0 + offs_j // 16) * KB + i * 16 + offs_j % 16
             if K_EXACT:
@@ -426,7 +345,7 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
          SPLIT_K: int = 1, GROUP_M: int = 8, SWAP: bool = False, EXACT: bool = True,
          FULL_TILE: bool = False, REGA: bool = False, IMMA: bool = False, ASM: bool = True,
          num_warps: int = 4, num_stages: int = 3, dot_f32: bool = False, LUT_GATHER: bool = True,
-         PAIR: bool = True, bind=None, **_ignored) -> torch.Tensor:
+         bind=None, **_ignored) -> torch.Tensor:
     """out[M, N] = x2d[M, K] @ W^T (+ bias); x2d float16/bfloat16 with unit stride along K.
     ``bind``: as for gemv(), ``post`` the split-K reduction's (Launcher, args, grid) or None,
     ``pre`` None. ``REGA``: the register-operand kernel (gemm_rega) where it takes the weight
@@ -450,15 +369,7 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
     N = gw.shape[0]
     BK = CB * gw.block
     mode = gemm_scale_mode(gw, BK, EXACT)
-    # PAIR (codebook formats, the per-plane kernel): every plane in one group, its scale after
-    # the dots: the step's group, or with one block per step the plane's
-    pair = (bool(PAIR) and FMT_IDS[gw.fmt] >= 2 and not FULL_TILE and bool(LUT_GATHER)
-            and (mode == SCALE_BLOCK_W or (mode == SCALE_PLANE and CB == 1
-                                           and gw.group % 16 == 0)))
-    if pair:
-        lut = pair_lut(x2d.device, gw.fmt, x2d.dtype)
-    else:
-        lut = codebook_lut(x2d.device, gw.fmt) if FMT_IDS[gw.fmt] >= 2 else gw.scales
+    lut = codebook_lut(x2d.device, gw.fmt) if FMT_IDS[gw.fmt] >= 2 else gw.scales
     dummy = gw.scales
     ws = torch.empty((SPLIT_K, M, N), dtype=torch.float32, device=x2d.device) if SPLIT_K > 1 else out
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), SPLIT_K)
@@ -475,7 +386,7 @@ def gemm(x2d: torch.Tensor, gw: GPUWeight, bias, out: torch.Tensor, *, BM: int, 
         GROUP_M=GROUP_M, SWAP=bool(SWAP), FULL_TILE=bool(FULL_TILE),
         DOT_DTYPE=tl_dtype(x2d.dtype), DOT_F32=bool(dot_f32),
         LUT_GATHER=bool(LUT_GATHER) and FMT_IDS[gw.fmt] >= 2,
-        STEPS_CONST=steps if interpreting() else 0, PAIR=pair)
+        STEPS_CONST=steps if interpreting() else 0)
     launcher = launch(_gemm_kernel, grid, args, consts, num_warps, num_stages)
     post: list = []
     if SPLIT_K > 1:

@@ -260,24 +260,6 @@ def test_gemm_matches_reference(case):
                                 msg=f"gemm {fmt} {opts} M={M} N={N} K={K} {dt} {params}")
 
 
-def test_pair_lut_holds_both_codes_of_each_byte():
-    """The PAIR decode's table: for every byte b, x's dtype's bits of codebook[b & 15] in the
-    low half and of codebook[b >> 4] in the high half (the codebook itself first)."""
-    from lowbit import formats as F
-    from lowbit.kernels._common import pair_lut
-    for fmt in ("nf4", "fp4"):
-        cb = torch.tensor(F.CODEBOOKS[fmt], dtype=torch.float32)
-        for dt in HALF:
-            t = pair_lut(torch.device("cpu"), fmt, dt)
-            assert t.dtype == torch.float32 and t.shape == (16 + 256,)
-            assert torch.equal(t[:16].view(torch.int32), cb.view(torch.int32))
-            words = t[16:].view(torch.int32)
-            bits = cb.to(dt).view(torch.int16).to(torch.int32) & 0xFFFF
-            b = torch.arange(256)
-            assert torch.equal(words & 0xFFFF, bits[b & 15]), (fmt, dt)
-            assert torch.equal((words >> 16) & 0xFFFF, bits[b >> 4]), (fmt, dt)
-
-
 # int4 cases the register-operand GEMM takes (one group per row or groups of 128 * CB)
 REGA_CASES = [c for c in FUSED_CASES if c[0] == "int4"]
 

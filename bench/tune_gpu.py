@@ -91,7 +91,7 @@ def candidates(M, N, K, fmt, sms, group=128):
                               (128, 2, 8)):
             gemv(BN, CB, warps)
         gemv(32, 2, 1, prefetch=False)
-        if fmt in ("int4", "int8", "nf4"):  # the integer-dot GEMV (the cases' groups take it)
+        if fmt in ("int4", "int8", "nf4", "fp4"):  # the integer-dot GEMV (where groups allow)
             for BN, CB, warps in ((16, 2, 2), (16, 4, 4), (16, 8, 4), (32, 2, 4), (32, 4, 1),
                                   (32, 4, 2), (32, 4, 4), (64, 2, 2), (64, 4, 2), (64, 4, 4)):
                 gemv(BN, CB, warps, idot=True)

@@ -145,8 +145,9 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
               sms: int = 132) -> Choice:
     """Untuned shapes and cards. Shaped after the H200 tuning (configs/NVIDIA_H200.json): the
     GEMV up to M = 2 (8 for float32 activations), the register-operand GEMM for int4 up to
-    64, the per-plane SWAP GEMM for the other formats up to 64, the full-tile GEMM to 128, then
-    dequantize + cuBLAS (the fused GEMM did not beat it at M >= 256 for 4-bit weights)."""
+    64, the full-tile GEMM for nf4 / fp4, the per-plane SWAP GEMM for the other formats up to
+    64, the full-tile GEMM to 128, then dequantize + cuBLAS (the fused GEMM did not beat it at
+    M >= 256 for 4-bit weights)."""
     bits = 8 if fmt == "int8" else 4
     kb = 16 * (32 // bits)  # elements per layout block
     nblk = -(-K // kb)
@@ -179,6 +180,20 @@ def heuristic(M: int, N: int, K: int, fmt: str, group: int, dtype: torch.dtype,
                                    "GROUP_M": 8, "num_warps": 4, "num_stages": 3,
                                    "SPLIT_K": _split_for(programs, nblk, sms,
                                                          6 if M <= 32 else 1)})
+        if fmt in ("nf4", "fp4"):
+            # codebook formats (H200 tuning of nf4 b64, session 16): the full-tile GEMM, two
+            # blocks per step and BN 64 with x on the N side up to M = 16 (28672 x 4096 at
+            # M = 16: 63.6 against 84.2 us for the per-plane SWAP GEMM below), x on the M side
+            # above (M = 64: 74.4 against 121.6 us)
+            if M <= 16:
+                programs = -(-N // 64)
+                return Choice("gemm", {"BM": 16, "BN": 64, "CB": 2, "SWAP": True, "GROUP_M": 8,
+                                       "FULL_TILE": True, "num_warps": 4, "num_stages": 3,
+                                       "SPLIT_K": _split_for(programs, max(1, nblk // 2), sms)})
+            programs = -(-M // 64) * -(-N // 128)
+            return Choice("gemm", {"BM": 64, "BN": 128, "CB": 1, "SWAP": False, "GROUP_M": 8,
+                                   "FULL_TILE": True, "num_warps": 4, "num_stages": 3,
+                                   "SPLIT_K": _split_for(programs, nblk, sms)})
         small_groups = fmt == "int4" and 0 < group < min(128, K)  # several per layout block
         if small_groups and M > 32:
             # int4 groups below a block (H200 tuning of groups of 32 / 64 at M = 64): the

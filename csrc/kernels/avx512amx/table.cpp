@@ -30,9 +30,10 @@ const KernelTable kTable = {
     // 11008 x 4096 / 4096 x 11008 (lowbit_bench, tiles from M = 4 vs from 16; speed-up of the
     // tiles): int8's tiles are bound by their decode (~13 GB/s of codes): 0.57-0.95x at
     // M = 4-8, 0.72-1.11x at 12; int4's 0.79-1.30x at 8, 1.08-1.82x at 12; nf4's (whose VNNI
-    // kernel multiplies two int8 terms) 1.02-1.65x at 8, 1.50-2.22x at 12. fp4 (not measured
-    // here) takes nf4's: its VNNI kernel is nf4's (two int8 terms) and its tiles int4's (one
-    // bf16 term, cheaper than nf4's two), so its tiles win at least where nf4's do.
+    // kernel multiplies two int8 terms) 1.02-1.65x at 8, 1.50-2.22x at 12. fp4 takes nf4's 8:
+    // its VNNI kernel is nf4's (two int8 terms), its tiles int4's (one bf16 term); one run,
+    // 4096 x 4096 only: fp4's tiles 1.74x at M = 8, 2.69x at 12 (nf4's 1.32x / 2.08x in the
+    // same run); M < 8 not measured.
     {16, 12, 8, 8},
     tile_prep,
     {tgemm_int8, tgemm_int4, tgemm_nf4, tgemm_fp4},

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="4096x4096,4096x11008")
     p.add_argument("--m", default="1,8,32,128")
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--formats", default="int8,int4,nf4")
+    p.add_argument("--formats", default="int8,int4,nf4", help="any of int8,int4,nf4,fp4")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rotate-mib", type=int, default=320)
     p.add_argument("--torch-only", action="store_true")
@@ -101,7 +101,8 @@ def main(argv=None) -> int:
         if not a.torch_only:
             import lowbit
             for fmt in a.formats.split(","):
-                opts = {"int4": {"group_size": 128}, "nf4": {"group_size": 64}}.get(fmt, {})
+                opts = {"int4": {"group_size": 128}, "nf4": {"group_size": 64},
+                        "fp4": {"group_size": 64}}.get(fmt, {})
                 qw = lowbit.quantize_weight(w, fmt, **opts)
                 n = max(2, rot // qw.nbytes + 1)
                 lowbit_w[fmt] = [qw] + [qw._replace_tensors(lambda t: t.clone()) for _ in range(n - 1)]

@@ -43,7 +43,11 @@ NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
        0.24611230194568634, 0.33791524171829224, 0.44070982251167297, 0.5626170039176941,
        0.7229568362236023, 1.0)
-FMT_ID = {"int8": 0, "int4": 1, "nf4": 2}
+# bitsandbytes' FP4 in code order (lowbit.formats.FP4_CODEBOOK): 0, 1/192, 8, 12, 4, 6, 2, 3 / 12,
+# then the same negated (code 8 is -0.0)
+FP4 = tuple(s * v for s in (1.0, -1.0) for v in (0.0, 0.0625 / 12, 8 / 12, 1.0, 4 / 12, 6 / 12, 2 / 12, 3 / 12))
+CODEBOOK = {"nf4": NF4, "fp4": FP4}
+FMT_ID = {"int8": 0, "int4": 1, "nf4": 2, "fp4": 3}
 
 
 def f32(v: float) -> float:
@@ -87,7 +91,7 @@ class RawWeight:
         sc = [[f32(rng.uniform(0.01, 2.0)) for _ in range(G)] for _ in range(N)]
         self.zeros = None
         self.dq_scale = self.dq_offset = None
-        if fmt == "nf4" and double_quant:
+        if fmt in CODEBOOK and double_quant:
             C = -(-G // 256)
             step = [[f32(rng.uniform(0.001, 0.01)) for _ in range(C)] for _ in range(N)]
             lo = [[f32(rng.uniform(0.0, 0.5)) for _ in range(C)] for _ in range(N)]
@@ -113,7 +117,7 @@ class RawWeight:
                 elif fmt == "int4":
                     row.append(f32((c - z[n][g]) * s))
                 else:
-                    row.append(f32(f32(NF4[c]) * s))  # the codebook as float32, as stored
+                    row.append(f32(f32(CODEBOOK[fmt][c]) * s))  # the codebook as float32, as stored
             self.w.append(row)
 
     def args(self):
@@ -126,7 +130,8 @@ class RawWeight:
 
 
 RAW_CASES = [("int8", -1, True, False), ("int4", 32, False, False), ("int4", 48, True, False),
-             ("nf4", 64, True, False), ("nf4", 16, True, True)]
+             ("nf4", 64, True, False), ("nf4", 16, True, True), ("fp4", 64, True, False),
+             ("fp4", 32, True, True)]
 
 
 def run_raw(expect_isa):
@@ -177,7 +182,7 @@ def run_raw(expect_isa):
 def formats():
     return [("int8", {}), ("int4", {"group_size": 32}), ("int4", {"group_size": 128}),
             ("int4", {"symmetric": True, "group_size": 64}), ("nf4", {}), ("nf4", {"group_size": 32}),
-            ("nf4", {"double_quant": True})]
+            ("nf4", {"double_quant": True}), ("fp4", {}), ("fp4", {"double_quant": True})]
 
 
 def check_formats(tag: str) -> None:

@@ -146,6 +146,19 @@ def test_bench_cpu_path_is_applied_and_recorded(tmp_path, capsys, path):
     assert _backend.cpu_path() == before  # restored
 
 
+def test_bench_fp4_rows_only_when_named(tmp_path):
+    """fp4 (lowbit's and bitsandbytes') is an optional row: --impls runs it, measured against
+    the reference like the others; the default and --peers sets leave it out."""
+    from lowbit import benchmark as B
+    assert "fp4-b64" not in B.DEFAULT_IMPLS and "fp4-b64" not in B.FULL_IMPLS
+    assert "bnb-fp4" not in B.FULL_IMPLS and "bnb-fp4" in B.ALL_IMPLS
+    js = tmp_path / "b.json"
+    assert cli.main(["bench", "--shapes", "64x32", "--m", "2", "--reps", "2", "--impls",
+                     "fp4-b64", "--json", str(js), "--no-progress", "--no-limits"]) == 0
+    res = [r for r in json.loads(js.read_text())["results"] if r["impl"] == "fp4-b64"]
+    assert len(res) == 1 and res[0]["extra"]["rel_err"] < 0.3  # (4-bit: ~0.1 of |y|)
+
+
 def test_bench_rejects_a_bad_shape(capsys):
     assert cli.main(["bench", "--shapes", "64by96", "--no-progress"]) == 2
     assert "KxN" in capsys.readouterr().err

@@ -39,6 +39,7 @@ LOWBIT_IMPLS: Dict[str, Tuple[str, dict]] = {
     "int8": ("int8", {}),
     "int4-g128": ("int4", {"group_size": 128}),
     "nf4-b64": ("nf4", {"group_size": 64}),
+    "fp4-b64": ("fp4", {"group_size": 64}),  # (not in the default set: --impls)
 }
 TORCH_IMPLS = ("torch-fp32", "torch-bf16")
 # Other weight-quantized CPU matmuls, run side by side when this torch / machine has them:
@@ -48,9 +49,13 @@ TORCH_IMPLS = ("torch-fp32", "torch-bf16")
 #  torch-dyn-int8   torch.ao.quantization.quantize_dynamic (fbgemm/x86: int8 weights and
 #                   dynamically quantized int8 activations)
 #  bnb-nf4, bnb-int8  bitsandbytes' Linear4bit (nf4, block 64) / Linear8bitLt on the CPU
-PEER_IMPLS = ("torch-int8pack", "torch-int4pack", "torch-dyn-int8", "bnb-nf4", "bnb-int8")
-DEFAULT_IMPLS = tuple(LOWBIT_IMPLS) + TORCH_IMPLS
+#  bnb-fp4          bitsandbytes' Linear4bit with its default quant_type, fp4 (block 64)
+PEER_IMPLS = ("torch-int8pack", "torch-int4pack", "torch-dyn-int8", "bnb-nf4", "bnb-int8",
+              "bnb-fp4")
+OPTIONAL_IMPLS = ("fp4-b64", "bnb-fp4")  # only when --impls names them
+DEFAULT_IMPLS = tuple(i for i in LOWBIT_IMPLS if i not in OPTIONAL_IMPLS) + TORCH_IMPLS
 ALL_IMPLS = tuple(LOWBIT_IMPLS) + TORCH_IMPLS + PEER_IMPLS
+FULL_IMPLS = tuple(i for i in ALL_IMPLS if i not in OPTIONAL_IMPLS)  # --full / --peers
 
 DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = ((4096, 4096), (4096, 11008))  # (K, N)
 DEFAULT_MS: Tuple[int, ...] = (1, 8, 32)
@@ -288,7 +293,7 @@ def _peer_layer(impl: str, w: torch.Tensor, x: torch.Tensor):
             m = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
                                                        dtype=torch.qint8)
         return m, N * K + 8, x.to(torch.float32)
-    if impl in ("bnb-nf4", "bnb-int8"):
+    if impl in ("bnb-nf4", "bnb-fp4", "bnb-int8"):
         try:
             import bitsandbytes as bnb
         except Exception as e:  # not installed, or no usable backend
@@ -296,9 +301,10 @@ def _peer_layer(impl: str, w: torch.Tensor, x: torch.Tensor):
         import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if impl == "bnb-nf4":
-                lay = bnb.nn.Linear4bit(K, N, bias=False, quant_type="nf4", compute_dtype=x.dtype)
-                lay.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
+            if impl in ("bnb-nf4", "bnb-fp4"):
+                qt = impl[4:]
+                lay = bnb.nn.Linear4bit(K, N, bias=False, quant_type=qt, compute_dtype=x.dtype)
+                lay.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type=qt,
                                                blocksize=64)
                 lay = lay.to("cpu")
                 qs = lay.weight.quant_state

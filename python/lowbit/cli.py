@@ -334,7 +334,7 @@ def cmd_bench(args) -> int:
     if args.impls:
         impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     else:
-        impls = list(B.ALL_IMPLS if (args.peers or args.full) else B.DEFAULT_IMPLS)
+        impls = list(B.FULL_IMPLS if (args.peers or args.full) else B.DEFAULT_IMPLS)
     for i in impls:
         if i not in B.ALL_IMPLS:
             raise ValueError(f"unknown --impls entry {i!r}; expected some of {','.join(B.ALL_IMPLS)}")
@@ -383,6 +383,11 @@ def _bench_cuda(args) -> int:
         if args.shapes else list(GB.SHAPES)
     ms = [int(v) for v in args.m.split(",")] if args.m else list(GB.MS)
     impls = args.impls.split(",") if args.impls else list(GB.LOWBIT_IMPLS) + list(GB.PEERS)
+    known = list(GB.LOWBIT_IMPLS) + list(GB.OPTIONAL_LOWBIT) + list(GB.PEERS) + list(GB.OPTIONAL_PEERS)
+    for i in impls:
+        if i not in known:
+            raise ValueError(f"unknown --impls entry {i!r} for --device cuda; expected some of "
+                             f"{','.join(known)}")
     res = GB.run_gpu_bench(shapes, ms, impls)
     print(GB.format_gpu_table(res))
     out = args.json or "bench_gpu.json"
@@ -656,8 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "default 4096x4096,4096x11008 (cuda: NxK, see bench/gpu.py)")
     s.add_argument("--m", help="comma-separated batch sizes M (rows of x), default 1,8,32")
     s.add_argument("--impls", help="comma-separated subset of: " + ",".join(
-        ["int8", "int4-g128", "nf4-b64", "torch-fp32", "torch-bf16", "torch-int8pack",
-         "torch-int4pack", "torch-dyn-int8", "bnb-nf4", "bnb-int8"]))
+        ["int8", "int4-g128", "nf4-b64", "fp4-b64", "torch-fp32", "torch-bf16", "torch-int8pack",
+         "torch-int4pack", "torch-dyn-int8", "bnb-nf4", "bnb-fp4", "bnb-int8"])
+        + " (cuda: lowbit-int4-g128,lowbit-nf4-b64,lowbit-int8,lowbit-fp4-b64,torch-bf16,"
+        "tinygemm-int4-g128,bnb-nf4,bnb-fp4,gemlite-int4-g128); fp4 rows only when named")
     s.add_argument("--peers", action="store_true",
                    help="also run torch's int8/int4 CPU ops, dynamic int8 and bitsandbytes")
     s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",

@@ -38,6 +38,10 @@ LOWBIT_IMPLS: Dict[str, Tuple[str, dict]] = {
     "lowbit-int8": ("int8", {}),
 }
 PEERS = ("torch-bf16", "tinygemm-int4-g128", "bnb-nf4", "gemlite-int4-g128")
+# Rows run when asked for (--impls): lowbit's and bitsandbytes' fp4 (bitsandbytes' default
+# 4-bit type), block 64.
+OPTIONAL_LOWBIT: Dict[str, Tuple[str, dict]] = {"lowbit-fp4-b64": ("fp4", {"group_size": 64})}
+OPTIONAL_PEERS = ("bnb-fp4",)
 
 
 # ---- timing -------------------------------------------------------------------------------
@@ -101,10 +105,10 @@ def tinygemm_int4(w: torch.Tensor, group: int = 128, inner_k_tiles: int = 8):
     return (lambda x: torch._weight_int4pack_mm(x, wp, group, sz)), nbytes
 
 
-def bnb_nf4(w: torch.Tensor):
+def bnb_nf4(w: torch.Tensor, quant_type: str = "nf4"):
     import bitsandbytes as bnb  # noqa: F401
     import bitsandbytes.functional as BF
-    q, state = BF.quantize_4bit(w.to(torch.bfloat16), blocksize=64, quant_type="nf4")
+    q, state = BF.quantize_4bit(w.to(torch.bfloat16), blocksize=64, quant_type=quant_type)
     nbytes = q.numel() * q.element_size() + state.absmax.numel() * state.absmax.element_size()
     return (lambda x: bnb.matmul_4bit(x, q.t(), quant_state=state)), nbytes
 
@@ -136,6 +140,8 @@ def _peer(name: str, w: torch.Tensor):
         return tinygemm_int4(w)
     if name == "bnb-nf4":
         return bnb_nf4(w)
+    if name == "bnb-fp4":
+        return bnb_nf4(w, "fp4")
     if name == "gemlite-int4-g128":
         return gemlite_int4(w)
     raise ValueError(name)
@@ -152,9 +158,10 @@ def bench_shape(N: int, K: int, ms: Sequence[int], impls: Sequence[str], *, rep_
     w16 = w.to(torch.bfloat16)
     rows: List[dict] = []
     lowbit_layers = {}
+    known = {**LOWBIT_IMPLS, **OPTIONAL_LOWBIT}
     for name in impls:
-        if name in LOWBIT_IMPLS:
-            fmt, opts = LOWBIT_IMPLS[name]
+        if name in known:
+            fmt, opts = known[name]
             qw = lowbit.quantize_weight(w, fmt, **opts)
             layer = lowbit.QuantLinear.from_quantized(qw).to(dev)
             LK.prepare(layer.qweight)
@@ -162,7 +169,7 @@ def bench_shape(N: int, K: int, ms: Sequence[int], impls: Sequence[str], *, rep_
             lowbit_layers[name] = (layer, qw, w_deq)
     peers = {}
     for name in impls:
-        if name in PEERS and name != "torch-bf16":
+        if name in PEERS + OPTIONAL_PEERS and name != "torch-bf16":
             try:
                 peers[name] = _peer(name, w)
             except Exception as e:  # not installed / not supported on this torch

@@ -606,7 +606,26 @@ def cmd_demo(args) -> int:
         rows.append(r.__dict__)
         print(f"  {spec.label:5s} perplexity {r.perplexity:7.2f}  ({r.bits_per_weight:.2f} bits/weight)",
               flush=True)
+    fast_row = "fast" in _cpu_paths() and B.current_cpu_path() != "fast"
+    if fast_row:
+        # the same int4 model on the CPU's other path (int8 activations, a repacked copy of the
+        # weights): what lowbit.linear does with LOWBIT_CPU_PATH=fast
+        from lowbit import _backend
+        _backend.set_cpu_path("fast")
+        try:
+            r, _ = E.evaluate_config(E.parse_spec("int4"), loader, ids, ctx,
+                                     decode_tokens=args.decode_tokens, pad_id=pad_id,
+                                     progress=progress)
+        finally:
+            _backend.set_cpu_path(None)
+        r.config = "int4 fast"
+        rows.append(r.__dict__)
+        print(f"  int4 on the fast CPU path: perplexity {r.perplexity:7.2f}", flush=True)
     print(E.results_table(rows))
+    if fast_row:
+        print("(int4 fast: the int4 model on the fast CPU path, LOWBIT_CPU_PATH=fast: activations "
+              "quantized to int8 blocks, the weights repacked once for this CPU, + cache MB; the "
+              "other rows use the default exact path, float32 activations)")
     n_lin = max(r["n_quantized"] for r in rows)
     print(f"(the {n_lin} Linear layers of the 30 blocks are quantized; lm_head (tied to the "
           f"embeddings) stays in float. {E.TABLE_NOTE}; tok/s: this machine, shared with whatever "

@@ -19,6 +19,7 @@ Everything is float32: x is upcast on load, so float32 activations are exact pro
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -780,17 +781,24 @@ def _gemv_idot_kernel(xq_ptr, codes_ptr, s_ptr, z_ptr, dqs_ptr, dqo_ptr, lut_ptr
             ws_ptr, cnt_ptr, BN, HAS_BIAS, USE_WS, FIXUP, EMULATE_BF16, SPLIT_CONST)
 
 
+@functools.lru_cache(maxsize=None)
+def _idot_lut_values(fmt: str):
+    """codebook_idot_lut's values: codebook_idot_codes(fmt), then _nf4_tables(fmt) as int32."""
+    words = [v - (1 << 32) if v >= 1 << 31 else v for v in _nf4_tables(fmt)]
+    return tuple(codebook_idot_codes(fmt) + words)
+
+
 def codebook_idot_lut(device: torch.device, fmt: str) -> torch.Tensor:
     """int32 on ``device`` (cached): codebook_idot_codes(fmt) (16, for the interpreter's
     emulation), then _nf4_tables(fmt) (8 words, which the kernel loads once per program and
     passes to the asm as operands)."""
-    words = [v - (1 << 32) if v >= 1 << 31 else v for v in _nf4_tables(fmt)]
-    return device_table(fmt + "-idot", device, codebook_idot_codes(fmt) + words, torch.int32)
+    return device_table(fmt + "-idot", device, _idot_lut_values(fmt), torch.int32)
 
 
 def idot_supported(gw: GPUWeight, dtype: torch.dtype) -> bool:
     """Whether the integer-dot GEMV takes this weight and activation dtype."""
-    if gw.fmt not in ("int4", "int8", "nf4", "fp4") or dtype not in (torch.float16, torch.bfloat16):
+    if (gw.fmt not in ("int4", "int8") and gw.fmt not in CODE_SCALE) or \
+            dtype not in (torch.float16, torch.bfloat16):
         return False
     mode = scale_mode(gw, gw.block)
     if gw.fmt in CODE_SCALE:  # groups of 64 (the layout block's two halves) or whole blocks

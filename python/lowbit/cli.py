@@ -611,13 +611,14 @@ def cmd_demo(args) -> int:
         # the same int4 model on the CPU's other path (int8 activations, a repacked copy of the
         # weights): what lowbit.linear does with LOWBIT_CPU_PATH=fast
         from lowbit import _backend
+        old_path = getattr(_backend, "_path_override", None)
         _backend.set_cpu_path("fast")
         try:
             r, _ = E.evaluate_config(E.parse_spec("int4"), loader, ids, ctx,
                                      decode_tokens=args.decode_tokens, pad_id=pad_id,
                                      progress=progress)
         finally:
-            _backend.set_cpu_path(None)
+            _backend.set_cpu_path(old_path)
         r.config = "int4 fast"
         rows.append(r.__dict__)
         print(f"  int4 on the fast CPU path: perplexity {r.perplexity:7.2f}", flush=True)

@@ -177,6 +177,7 @@ FP4 = FormatSpec(
 
 FORMATS = {f.name: f for f in (INT8, INT4, NF4, FP4)}
 CODEBOOKS = {"nf4": NF4_CODEBOOK, "fp4": FP4_CODEBOOK}
+FORMATS_BY_ID = {f.id: f for f in FORMATS.values()}
 
 # The codebooks as the integer kernels multiply them (the CPU fast path, the GPU integer-dot
 # GEMV): code i -> c_i = round(CODE_SCALE * codebook[i]), a 14-bit integer, with the weight's
@@ -190,7 +191,6 @@ CODE_SCALE = {"nf4": 8128, "fp4": 8064}
 def codebook_int_codes(fmt: str) -> Tuple[int, ...]:
     """The 16 integer codes of a codebook format (see CODE_SCALE), in code order."""
     return tuple(round(CODE_SCALE[fmt] * v) for v in CODEBOOKS[fmt])
-FORMATS_BY_ID = {f.id: f for f in FORMATS.values()}
 
 
 def get_format(fmt) -> FormatSpec:

@@ -105,7 +105,7 @@ def tinygemm_int4(w: torch.Tensor, group: int = 128, inner_k_tiles: int = 8):
     return (lambda x: torch._weight_int4pack_mm(x, wp, group, sz)), nbytes
 
 
-def bnb_nf4(w: torch.Tensor, quant_type: str = "nf4"):
+def bnb_4bit(w: torch.Tensor, quant_type: str = "nf4"):
     import bitsandbytes as bnb  # noqa: F401
     import bitsandbytes.functional as BF
     q, state = BF.quantize_4bit(w.to(torch.bfloat16), blocksize=64, quant_type=quant_type)
@@ -138,10 +138,8 @@ def gemlite_int4(w: torch.Tensor, group: int = 128):
 def _peer(name: str, w: torch.Tensor):
     if name == "tinygemm-int4-g128":
         return tinygemm_int4(w)
-    if name == "bnb-nf4":
-        return bnb_nf4(w)
-    if name == "bnb-fp4":
-        return bnb_nf4(w, "fp4")
+    if name in ("bnb-nf4", "bnb-fp4"):
+        return bnb_4bit(w, name[4:])
     if name == "gemlite-int4-g128":
         return gemlite_int4(w)
     raise ValueError(name)

@@ -331,11 +331,11 @@ def idot_linear_tolerance(x: torch.Tensor, qw, expected: torch.Tensor,
     # a block quantized to zeros (max |x| below 2**-112) loses its whole contribution
     lost = torch.where(s_el == 0, x2.double().abs(), 0.5 * s_el)
     extra = lost @ R.dequantize(qw).double().abs().T
-    if qw.fmt in ("nf4", "fp4"):
+    from . import formats as F
+    if qw.fmt in F.CODE_SCALE:
         # their 14-bit codes (at most e_cb absmax from the codebook) and the float32 sums of
         # terms up to (8192 + S) / S absmax per weight (the codes offset by 8192, taken back
         # out with the block sums; S = formats.CODE_SCALE)
-        from . import formats as F
         S = F.CODE_SCALE[qw.fmt]
         extra = extra + x2.double().abs() @ (codebook_absmax(qw) * (
             codebook_code_error(qw.fmt) + 1e-5 * (8192 + S) / S)).T

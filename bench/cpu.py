@@ -2,7 +2,7 @@
 """CPU benchmark, full shape set: lowbit int8 / int4 g128 / nf4 b64 ``linear`` beside torch
 fp32 and bf16 ``F.linear`` in the same process, weights rotated past the L3.
 
-    python bench/cpu.py [--json bench_cpu.json] [--threads N] [--reps 20]
+    python bench/cpu.py [--json bench_cpu.json] [--threads N] [--reps 20] [--cpu-path both]
 
 Shapes (K x N) 4096x4096, 4096x11008, 11008x4096 (a 7B model's attention, MLP up and MLP
 down projections) x M in 1, 8, 32, 128. The method (rotation, medians, GB/s, GFLOP/s) is in
@@ -26,8 +26,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="threads for torch and lowbit (default: torch's)")
     p.add_argument("--reps", type=int, default=20, help="timed calls per case (median reported)")
     p.add_argument("--max-seconds", type=float, default=3.0, help="time budget per case and impl")
+    p.add_argument("--cpu-path", choices=B.CPU_PATH_CHOICES,
+                   help="lowbit's CPU path: fast, exact or both (each lowbit row on each); "
+                   "default: LOWBIT_CPU_PATH when set, else both")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    cpu_path = args.cpu_path or (None if os.environ.get("LOWBIT_CPU_PATH") else "both")
     shapes = B.parse_shapes(args.shapes) if args.shapes else list(B.FULL_SHAPES)
     ms = B.parse_ints(args.m, "M") if args.m else list(B.FULL_MS)
     impls = args.impls.split(",") if args.impls else list(B.DEFAULT_IMPLS)
@@ -35,7 +39,8 @@ def main(argv=None) -> int:
     print(f"CPU ISA {env['cpu_isa']}, {args.threads or env['num_threads']} threads, "
           f"LLC {env['llc_bytes'] >> 20} MB, torch {env['torch']}")
     results = B.run_bench(shapes, ms, impls, reps=args.reps, threads=args.threads,
-                          max_seconds=args.max_seconds, progress=not args.no_progress)
+                          max_seconds=args.max_seconds, progress=not args.no_progress,
+                          cpu_path=cpu_path)
     print(B.results_table(results))
     B.write_json(args.json, results, shapes=[list(s) for s in shapes], ms=list(ms),
                  script="bench/cpu.py")

@@ -139,7 +139,7 @@ def test_bench_cpu_path_is_applied_and_recorded(tmp_path, capsys, path):
     before = _backend.cpu_path()
     js = tmp_path / "b.json"
     assert cli.main(["bench", "--shapes", "64x32", "--m", "2", "--reps", "2", "--impls", "int4-g128",
-                     "--cpu-path", path, "--json", str(js), "--no-progress"]) == 0
+                     "--cpu-path", path, "--json", str(js), "--no-progress", "--no-limits"]) == 0
     assert f"CPU path {path}" in capsys.readouterr().out
     res = json.loads(js.read_text())["results"]
     assert [r["extra"]["cpu_path"] for r in res if r["impl"] == "int4-g128"] == [path]
@@ -156,7 +156,49 @@ def test_bench_fp4_rows_only_when_named(tmp_path):
     assert cli.main(["bench", "--shapes", "64x32", "--m", "2", "--reps", "2", "--impls",
                      "fp4-b64", "--json", str(js), "--no-progress", "--no-limits"]) == 0
     res = [r for r in json.loads(js.read_text())["results"] if r["impl"] == "fp4-b64"]
-    assert len(res) == 1 and res[0]["extra"]["rel_err"] < 0.3  # (4-bit: ~0.1 of |y|)
+    assert len(res) >= 1 and len({r["extra"]["cpu_path"] for r in res}) == len(res)  # one per path
+    assert all(r["extra"]["rel_err"] < 0.3 for r in res)  # (4-bit: ~0.1 of |y|)
+
+
+@pytest.mark.skipif(len(cli._cpu_paths()) < 2, reason="this build has a single CPU path")
+def test_bench_measures_both_cpu_paths_unless_one_is_named(tmp_path, capsys, monkeypatch):
+    """With no --cpu-path and no LOWBIT_CPU_PATH, every lowbit row runs on the fast and on the
+    exact path (labelled as such); the peers and torch rows once; the path in force after the
+    run is the one before it."""
+    from lowbit import _backend
+    monkeypatch.delenv("LOWBIT_CPU_PATH", raising=False)
+    before = _backend.cpu_path()
+    js = tmp_path / "b.json"
+    assert cli.main(["bench", "--shapes", "64x32", "--m", "1,2", "--reps", "2", "--impls",
+                     "int8,nf4-b64,torch-bf16", "--json", str(js), "--no-progress",
+                     "--no-limits"]) == 0
+    out = capsys.readouterr().out
+    assert "both CPU paths" in out
+    for label in ("int8 fast", "int8 exact", "nf4-b64 fast", "nf4-b64 exact"):
+        assert label in out
+    res = json.loads(js.read_text())["results"]
+    for impl in ("int8", "nf4-b64"):
+        for M in (1, 2):
+            rows = [r for r in res if r["impl"] == impl and r["M"] == M]
+            assert sorted(r["extra"]["cpu_path"] for r in rows) == ["exact", "fast"]
+            # the fast path's repacked copy is what it streams; the exact path reads the codes
+            fast, exact = sorted(rows, key=lambda r: r["extra"]["cpu_path"] != "fast")
+            assert fast["weight_bytes"] != exact["weight_bytes"]
+    assert sum(r["impl"] == "torch-bf16" for r in res) == 2  # once per M
+    assert _backend.cpu_path() == before
+    monkeypatch.setenv("LOWBIT_CPU_PATH", "exact")  # a path chosen by the environment: one row
+    assert cli.main(["bench", "--shapes", "64x32", "--m", "1", "--reps", "2", "--impls", "int8",
+                     "--json", str(js), "--no-progress", "--no-limits"]) == 0
+    res = json.loads(js.read_text())["results"]
+    assert [r["extra"]["cpu_path"] for r in res if r["impl"] == "int8"] == ["exact"]
+
+
+def test_benchmark_rejects_an_unknown_cpu_path():
+    from lowbit import benchmark as B
+    with pytest.raises(ValueError, match="cpu_path"):
+        B.run_bench([(64, 32)], [1], ["int8"], cpu_path="fastest", progress=False)
+    with pytest.raises(ValueError, match="cpu_path"):
+        B.decode_bench(["int4"], cpu_path="quick")
 
 
 def test_bench_rejects_a_bad_shape(capsys):

@@ -17,7 +17,9 @@ Method (see DESIGN.md, "Measuring"):
   QuantizedWeight; on the exact path the QuantizedWeight's ``nbytes`` (codes + scales +
   zeros); for torch the float weight. GFLOP/s counts 2*M*N*K.
 * ``cpu_path`` ("fast" / "exact", default: lowbit's own default) is set for the whole run and
-  recorded with the results.
+  recorded with the results; "both" measures every lowbit row on each path in turn (rows
+  labelled e.g. "int4-g128 fast" and "int4-g128 exact"), what ``lowbit bench`` does unless a
+  path is named.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ OPTIONAL_IMPLS = ("fp4-b64", "bnb-fp4")  # only when --impls names them
 DEFAULT_IMPLS = tuple(i for i in LOWBIT_IMPLS if i not in OPTIONAL_IMPLS) + TORCH_IMPLS
 ALL_IMPLS = tuple(LOWBIT_IMPLS) + TORCH_IMPLS + PEER_IMPLS
 FULL_IMPLS = tuple(i for i in ALL_IMPLS if i not in OPTIONAL_IMPLS)  # --full / --peers
+CPU_PATH_CHOICES = ("fast", "exact", "both")  # run_bench's cpu_path
 
 DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = ((4096, 4096), (4096, 11008))  # (K, N)
 DEFAULT_MS: Tuple[int, ...] = (1, 8, 32)
@@ -322,14 +325,18 @@ def bench_case(K: int, N: int, M: int, impls: Iterable[str] = DEFAULT_IMPLS, *, 
                warmup: int = 5, min_reps: int = 3, max_seconds: float = 2.0,
                rotate_bytes: Optional[int] = None, threads: Optional[int] = None,
                seed: int = 0, dtype: torch.dtype = torch.float32,
-               bandwidth_gbps: Optional[float] = None) -> List[BenchResult]:
+               bandwidth_gbps: Optional[float] = None,
+               cpu_paths: Sequence[Optional[str]] = (None,)) -> List[BenchResult]:
     """Benchmark every implementation on one (K, N, M) case, in this process.
 
     ``dtype`` is the activation dtype of lowbit and of the peers that take float activations
     (torch's int4 op always gets bf16, its fast path). Every row also records ``rel_err``:
     ||y - x W^T|| / ||x W^T|| against the original float32 weight (quantization error
-    included: a check that each implementation computes what it should)."""
+    included: a check that each implementation computes what it should). Each lowbit row is
+    measured once per entry of ``cpu_paths`` ("fast" / "exact"; None: the path in force) and
+    records the path it ran on as ``extra["cpu_path"]``."""
     import lowbit
+    from . import _backend
 
     if rotate_bytes is None:
         rotate_bytes = 2 * last_level_cache_bytes()
@@ -342,55 +349,77 @@ def bench_case(K: int, N: int, M: int, impls: Iterable[str] = DEFAULT_IMPLS, *, 
     ref = F.linear(x.float(), w)
     out: List[BenchResult] = []
     flops = 2.0 * M * N * K
+    kw = dict(reps=reps, warmup=warmup, min_reps=min_reps, max_seconds=max_seconds,
+              rotate_bytes=rotate_bytes, threads=threads, bandwidth_gbps=bandwidth_gbps)
     for impl in impls:
-        xin = x
-        if impl in LOWBIT_IMPLS:
-            fmt, opts = LOWBIT_IMPLS[impl]
-            qw = lowbit.quantize_weight(w, fmt, **opts)
-            nbytes = _streamed_bytes(qw)
-            copies = [qw] + [_clone_qw(qw) for _ in range(_copies_for(nbytes, rotate_bytes) - 1)]
-            fns = [(lambda q=q: lowbit.linear(x, q)) for q in copies]
-        elif impl in TORCH_IMPLS:
-            wdt = torch.float32 if impl == "torch-fp32" else torch.bfloat16
-            wd = w.to(wdt)
-            xin = x.to(wdt)
-            nbytes = wd.numel() * wd.element_size()
-            copies = [wd] + [wd.clone() for _ in range(_copies_for(nbytes, rotate_bytes) - 1)]
-            fns = [(lambda c=c: F.linear(xin, c)) for c in copies]
-        else:
+        if impl not in LOWBIT_IMPLS:
+            out.append(_bench_one(impl, w, x, ref, flops, K, N, M, **kw))
+            continue
+        for path in cpu_paths:
+            old_path = getattr(_backend, "_path_override", None)
+            if path is not None:
+                _backend.set_cpu_path(path)
             try:
-                import copy
-                first, nbytes, xin = _peer_layer(impl, w, x)
-                n_copies = _copies_for(nbytes, rotate_bytes)
-                try:  # copies of the built layer (quantizing again per copy is slow)
-                    copies = [first] + [copy.deepcopy(first) for _ in range(n_copies - 1)]
-                except Exception:
-                    copies = [first] + [_peer_layer(impl, w, x)[0] for _ in range(n_copies - 1)]
-            except PeerUnavailable as e:
-                out.append(BenchResult(impl=impl, K=K, N=N, M=M, median_us=float("nan"),
-                                       min_us=float("nan"), reps=0, copies=0, weight_bytes=0,
-                                       weight_gbps=float("nan"), gflops=float("nan"),
-                                       threads=threads, extra={"skipped": str(e)}))
-                continue
-            fns = [(lambda c=c: c(xin)) for c in copies]
-        with torch.inference_mode():
-            y = fns[0]()
-            times = time_calls(fns, reps, warmup=warmup, min_reps=min_reps, max_seconds=max_seconds)
-        med = statistics.median(times)
-        r = BenchResult(impl=impl, K=K, N=N, M=M, median_us=med * 1e6, min_us=min(times) * 1e6,
-                        reps=len(times), copies=len(copies), weight_bytes=int(nbytes),
-                        weight_gbps=nbytes / med / 1e9, gflops=flops / med / 1e9, threads=threads)
-        r.extra["rel_err"] = _rel_err(y, ref)
-        r.extra["x_dtype"] = str(xin.dtype).replace("torch.", "")
-        if bandwidth_gbps:
-            r.extra["bw_fraction"] = r.weight_gbps / bandwidth_gbps
-        out.append(r)
-        del copies, fns
+                r = _bench_one(impl, w, x, ref, flops, K, N, M, **kw)
+                r.extra["cpu_path"] = current_cpu_path()
+            finally:
+                if path is not None:
+                    _backend.set_cpu_path(old_path)
+            out.append(r)
     base = next((r for r in out if r.impl == "torch-fp32"), None)
     if base is not None:
         for r in out:
             r.speedup_vs_fp32 = base.median_us / r.median_us if r.reps else None
     return out
+
+
+def _bench_one(impl: str, w: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, flops: float,
+               K: int, N: int, M: int, *, reps: int, warmup: int, min_reps: int,
+               max_seconds: float, rotate_bytes: int, threads: int,
+               bandwidth_gbps: Optional[float]) -> BenchResult:
+    """One row of :func:`bench_case` (a lowbit row on the CPU path in force)."""
+    import lowbit
+    xin = x
+    if impl in LOWBIT_IMPLS:
+        fmt, opts = LOWBIT_IMPLS[impl]
+        qw = lowbit.quantize_weight(w, fmt, **opts)
+        nbytes = _streamed_bytes(qw)
+        copies = [qw] + [_clone_qw(qw) for _ in range(_copies_for(nbytes, rotate_bytes) - 1)]
+        fns = [(lambda q=q: lowbit.linear(x, q)) for q in copies]
+    elif impl in TORCH_IMPLS:
+        wdt = torch.float32 if impl == "torch-fp32" else torch.bfloat16
+        wd = w.to(wdt)
+        xin = x.to(wdt)
+        nbytes = wd.numel() * wd.element_size()
+        copies = [wd] + [wd.clone() for _ in range(_copies_for(nbytes, rotate_bytes) - 1)]
+        fns = [(lambda c=c: F.linear(xin, c)) for c in copies]
+    else:
+        try:
+            import copy
+            first, nbytes, xin = _peer_layer(impl, w, x)
+            n_copies = _copies_for(nbytes, rotate_bytes)
+            try:  # copies of the built layer (quantizing again per copy is slow)
+                copies = [first] + [copy.deepcopy(first) for _ in range(n_copies - 1)]
+            except Exception:
+                copies = [first] + [_peer_layer(impl, w, x)[0] for _ in range(n_copies - 1)]
+        except PeerUnavailable as e:
+            return BenchResult(impl=impl, K=K, N=N, M=M, median_us=float("nan"),
+                               min_us=float("nan"), reps=0, copies=0, weight_bytes=0,
+                               weight_gbps=float("nan"), gflops=float("nan"),
+                               threads=threads, extra={"skipped": str(e)})
+        fns = [(lambda c=c: c(xin)) for c in copies]
+    with torch.inference_mode():
+        y = fns[0]()
+        times = time_calls(fns, reps, warmup=warmup, min_reps=min_reps, max_seconds=max_seconds)
+    med = statistics.median(times)
+    r = BenchResult(impl=impl, K=K, N=N, M=M, median_us=med * 1e6, min_us=min(times) * 1e6,
+                    reps=len(times), copies=len(copies), weight_bytes=int(nbytes),
+                    weight_gbps=nbytes / med / 1e9, gflops=flops / med / 1e9, threads=threads)
+    r.extra["rel_err"] = _rel_err(y, ref)
+    r.extra["x_dtype"] = str(xin.dtype).replace("torch.", "")
+    if bandwidth_gbps:
+        r.extra["bw_fraction"] = r.weight_gbps / bandwidth_gbps
+    return r
 
 
 # ---- machine limits -----------------------------------------------------------------------
@@ -446,19 +475,21 @@ def run_bench(shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES, ms: Sequence[i
               on_case: Optional[Callable[[List[BenchResult]], None]] = None,
               **kw) -> List[BenchResult]:
     """All (shape, M) cases; ``threads`` sets torch's and lowbit's thread count for the run,
-    ``cpu_path`` lowbit's CPU path ("fast" or "exact"; None: as configured); ``on_case`` is
-    called with each case's results as soon as they exist (e.g. to print them)."""
+    ``cpu_path`` lowbit's CPU path ("fast" or "exact"; "both": every lowbit row on each; None:
+    as configured); ``on_case`` is called with each case's results as soon as they exist (e.g.
+    to print them)."""
     from . import _backend
     impls = list(impls)
     if "torch-fp32" not in impls:
         impls.append("torch-fp32")  # the speed-up column needs the baseline
-    old_threads = torch.get_num_threads()
-    old_env = os.environ.get("LOWBIT_NUM_THREADS")
-    old_path = getattr(_backend, "_path_override", None)
     if cpu_path is not None:
         if not hasattr(_backend, "set_cpu_path"):
             raise ValueError("this build of lowbit has a single CPU path; cpu_path must be None")
-        _backend.set_cpu_path(cpu_path)
+        if cpu_path not in CPU_PATH_CHOICES:
+            raise ValueError(f"cpu_path must be one of {CPU_PATH_CHOICES} or None, got {cpu_path!r}")
+    paths = ("fast", "exact") if cpu_path == "both" else (cpu_path,)
+    old_threads = torch.get_num_threads()
+    old_env = os.environ.get("LOWBIT_NUM_THREADS")
     if threads is not None:
         torch.set_num_threads(threads)
         os.environ["LOWBIT_NUM_THREADS"] = str(threads)
@@ -470,24 +501,28 @@ def run_bench(shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES, ms: Sequence[i
             from tqdm.auto import tqdm
             it = tqdm(cases, desc="bench", unit="case", leave=False)
         for K, N, M in it:
-            case = bench_case(K, N, M, impls, reps=reps, threads=threads, max_seconds=max_seconds, **kw)
+            case = bench_case(K, N, M, impls, reps=reps, threads=threads, max_seconds=max_seconds,
+                              cpu_paths=paths, **kw)
             results += case
             if on_case is not None:
                 on_case(case)
-        path = current_cpu_path()
-        for r in results:
-            if r.impl in LOWBIT_IMPLS:
-                r.extra["cpu_path"] = path
         return results
     finally:
-        if cpu_path is not None:
-            _backend.set_cpu_path(old_path)
         if threads is not None:
             torch.set_num_threads(old_threads)
             if old_env is None:
                 os.environ.pop("LOWBIT_NUM_THREADS", None)
             else:
                 os.environ["LOWBIT_NUM_THREADS"] = old_env
+
+
+def row_label(r: BenchResult, results: Sequence[BenchResult] = ()) -> str:
+    """A row's implementation label: lowbit rows get their CPU path appended when ``results``
+    hold rows of both paths ("int4-g128 fast")."""
+    path = r.extra.get("cpu_path")
+    if path and len({x.extra.get("cpu_path") for x in results if x.extra.get("cpu_path")}) > 1:
+        return f"{r.impl} {path}"
+    return r.impl
 
 
 def results_table(results: Sequence[BenchResult]) -> str:
@@ -504,7 +539,7 @@ def results_table(results: Sequence[BenchResult]) -> str:
             rows.append([f"{r.K}x{r.N}", r.M, r.impl, "", None, None, None,
                          "skipped: " + r.extra.get("skipped", "")] + ([""] if has_bw else []) + [""])
             continue
-        row = [f"{r.K}x{r.N}", r.M, r.impl, r.extra.get("x_dtype", ""), r.median_us, r.weight_gbps,
+        row = [f"{r.K}x{r.N}", r.M, row_label(r, results), r.extra.get("x_dtype", ""), r.median_us, r.weight_gbps,
                r.gflops, (f"{r.speedup_vs_fp32:.2f}x" if r.speedup_vs_fp32 else "")]
         if has_bw:
             f = r.extra.get("bw_fraction")
@@ -525,10 +560,12 @@ def plot_speedups(results: Sequence[BenchResult], path: str, title: str = "") ->
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
     for ax, (K, N) in zip(axes[0], shapes):
         rs = [r for r in results if (r.K, r.N) == (K, N) and r.reps and r.speedup_vs_fp32]
-        for impl in dict.fromkeys(r.impl for r in rs):
-            pts = sorted((r.M, r.speedup_vs_fp32) for r in rs if r.impl == impl)
-            style = "-o" if impl in LOWBIT_IMPLS else "--."
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
+        for label in dict.fromkeys(row_label(r, results) for r in rs):
+            sel = [r for r in rs if row_label(r, results) == label]
+            pts = sorted((r.M, r.speedup_vs_fp32) for r in sel)
+            style = ("-o" if sel[0].extra.get("cpu_path") != "exact" else ":o") \
+                if sel[0].impl in LOWBIT_IMPLS else "--."
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("M (rows of x)")
         ax.set_ylabel("speed-up over torch fp32")
@@ -576,14 +613,20 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _decode_one(fmt: str, new_tokens: int, threads: Optional[int], model_path: Optional[str]) -> dict:
+def _decode_one(fmt: str, new_tokens: int, threads: Optional[int], model_path: Optional[str],
+                cpu_path: Optional[str] = None) -> dict:
     """Load the model, store its linear layers (lm_head kept) as ``fmt``, and time greedy
-    decoding with the KV cache; runs in a fresh process so its peak memory is its own."""
+    decoding with the KV cache on lowbit's CPU path ``cpu_path`` (None: as configured); runs
+    in a fresh process so its peak memory (the fast path's repacked copies included) is its
+    own."""
     if threads:
         torch.set_num_threads(threads)
         os.environ["LOWBIT_NUM_THREADS"] = str(threads)
     import lowbit
+    from lowbit import _backend
     from lowbit import evaluate as E
+    if cpu_path is not None:
+        _backend.set_cpu_path(cpu_path)
     model, tok, desc = E.load_model(model_path, verbose=False)
     t0 = time.perf_counter()
     if fmt == "bf16":
@@ -603,24 +646,31 @@ def _decode_one(fmt: str, new_tokens: int, threads: Optional[int], model_path: O
         E.decode_speed(model, prompt, 4)  # warm-up (first-call caches, repacking)
         tps = E.decode_speed(model, prompt, new_tokens)
     return {"format": fmt, "tokens_per_s": tps, "model_bytes": weights, "peak_rss_bytes": _peak_rss(),
-            "prepare_s": prep_s, "threads": torch.get_num_threads(), "model": desc}
+            "prepare_s": prep_s, "threads": torch.get_num_threads(), "model": desc,
+            "cpu_path": current_cpu_path() if DECODE_FORMATS.get(fmt) is not None else None}
 
 
 def decode_bench(formats: Sequence[str] = ("fp32", "bf16", "int8", "int4", "nf4"), *,
                  new_tokens: int = 64, threads: Optional[int] = None,
-                 model_path: Optional[str] = None) -> List[dict]:
+                 model_path: Optional[str] = None, cpu_path: Optional[str] = None) -> List[dict]:
     """Decode tokens/s and peak memory of the bundled model (or ``model_path``) per format,
     each in its own process. Formats: fp32, bf16 (the float model cast), int8, int4 (g128),
-    nf4 (b64) with QuantLinear (lm_head and embeddings kept in float)."""
+    nf4 (b64) with QuantLinear (lm_head and embeddings kept in float). ``cpu_path``: lowbit's
+    CPU path for the quantized formats ("fast", "exact", "both": a row on each; None: as
+    configured)."""
     import multiprocessing as mp
     for f in formats:
         if f not in DECODE_FORMATS:
             raise ValueError(f"unknown decode format {f!r}; expected some of {list(DECODE_FORMATS)}")
+    if cpu_path is not None and cpu_path not in CPU_PATH_CHOICES:
+        raise ValueError(f"cpu_path must be one of {CPU_PATH_CHOICES} or None, got {cpu_path!r}")
+    paths = ("fast", "exact") if cpu_path == "both" else (cpu_path,)
+    jobs = [(f, p) for f in formats for p in (paths if DECODE_FORMATS[f] is not None else (None,))]
     ctx = mp.get_context("spawn")
     rows = []
     with ctx.Pool(1, maxtasksperchild=1) as pool:
-        for f in formats:
-            rows.append(pool.apply(_decode_one, (f, new_tokens, threads, model_path)))
+        for f, p in jobs:
+            rows.append(pool.apply(_decode_one, (f, new_tokens, threads, model_path, p)))
     base = next((r for r in rows if r["format"] == "fp32"), None)
     for r in rows:
         r["speedup_vs_fp32"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
@@ -629,7 +679,9 @@ def decode_bench(formats: Sequence[str] = ("fp32", "bf16", "int8", "int4", "nf4"
 
 def decode_table(rows: Sequence[dict]) -> str:
     headers = ["format", "tokens/s", "vs fp32", "model MB", "peak RSS MB", "threads"]
-    return format_table([[r["format"], r["tokens_per_s"],
+    both = len({r.get("cpu_path") for r in rows if r.get("cpu_path")}) > 1
+    return format_table([[r["format"] + (f" {r['cpu_path']}" if both and r.get("cpu_path") else ""),
+                          r["tokens_per_s"],
                           f"{r['speedup_vs_fp32']:.2f}x" if r.get("speedup_vs_fp32") else "",
                           r["model_bytes"] / 1e6, r["peak_rss_bytes"] / 1e6, r["threads"]]
                          for r in rows], headers)

@@ -344,9 +344,18 @@ def cmd_bench(args) -> int:
     threads = args.threads
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     info = lowbit.backend_info()
-    path = args.cpu_path or B.current_cpu_path()
+    cpu_path = args.cpu_path
+    if cpu_path is None and not os.environ.get("LOWBIT_CPU_PATH"):
+        cpu_path = "both"  # lowbit's default (exact) path and the fast one, side by side
+    if cpu_path == "both" and len(_cpu_paths()) < 2:
+        cpu_path = None  # a build with one path
+    if cpu_path == "both":
+        words = ("lowbit rows on both CPU paths: fast (int8 activations; bfloat16 tiles on AMX "
+                 "CPUs from M = 8-16) and exact (float32 activations, the default)")
+    else:
+        words = _path_words(cpu_path or B.current_cpu_path())
     nthreads = threads or info.get("num_threads")
-    print(f"lowbit bench: CPU ISA {info.get('cpu_isa')}, {_path_words(path)}, {nthreads} threads, "
+    print(f"lowbit bench: CPU ISA {info.get('cpu_isa')}, {words}, {nthreads} threads, "
           f"{args.dtype} activations, median of up to {args.reps} calls, "
           f"weights rotated over > {2 * B.last_level_cache_bytes() >> 20} MB")
     limits = None
@@ -357,7 +366,7 @@ def cmd_bench(args) -> int:
               f"({nthreads} threads)")
     results = B.run_bench(shapes, ms, impls, reps=args.reps, threads=threads,
                           max_seconds=args.max_seconds, progress=not args.no_progress,
-                          cpu_path=args.cpu_path, dtype=dtype,
+                          cpu_path=cpu_path, dtype=dtype,
                           bandwidth_gbps=limits["read_gbps"] if limits else None,
                           on_case=(lambda rs: print(B.results_table(rs), flush=True))
                           if args.stream else None)
@@ -399,8 +408,12 @@ def _bench_cuda(args) -> int:
 def _bench_model(args) -> int:
     from lowbit import benchmark as B
     fmts = [f.strip() for f in args.model_formats.split(",") if f.strip()]
+    cpu_path = args.cpu_path
+    if cpu_path is None and not os.environ.get("LOWBIT_CPU_PATH") and len(_cpu_paths()) > 1:
+        cpu_path = "both"
     rows = B.decode_bench(fmts, new_tokens=args.decode_tokens, threads=args.threads,
-                          model_path=None if args.model == "default" else args.model)
+                          model_path=None if args.model == "default" else args.model,
+                          cpu_path=cpu_path)
     print(B.decode_table(rows))
     if args.json:
         import json
@@ -557,9 +570,12 @@ def cmd_demo(args) -> int:
     ok = res["ok"]
     print(f"selftest: {'PASS' if ok else 'FAIL'}", flush=True)
 
-    _section("2. speed: one 4096x4096 layer, lowbit vs torch fp32")
+    both = len(_cpu_paths()) > 1 and not os.environ.get("LOWBIT_CPU_PATH")
+    _section("2. speed: one 4096x4096 layer, lowbit vs torch fp32"
+             + (" (lowbit on both CPU paths)" if both else ""))
     results = B.run_bench([(4096, 4096)], [1, 8], ["int8", "int4-g128", "nf4-b64", "torch-fp32"],
-                          reps=args.reps, max_seconds=1.0, progress=progress)
+                          reps=args.reps, max_seconds=1.0, progress=progress,
+                          cpu_path="both" if both else None)
     print(B.results_table(results), flush=True)
 
     if args.skip_model:
@@ -693,9 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reps", type=_positive_int, default=20, help="timed calls per case (median reported)")
     s.add_argument("--max-seconds", type=_positive_float, default=2.0,
                    help="time budget per case; stops early after at least 3 calls")
-    s.add_argument("--cpu-path", choices=("fast", "exact"),
+    s.add_argument("--cpu-path", choices=("fast", "exact", "both"),
                    help="lowbit's CPU path: fast (int8 activations; bfloat16 tiles from M = 8-16 on "
-                   "AMX CPUs) or exact (float32); default: LOWBIT_CPU_PATH, else exact")
+                   "AMX CPUs), exact (float32, lowbit's default) or both (each lowbit row on each "
+                   "path); default: LOWBIT_CPU_PATH when set, else both")
     s.add_argument("--no-limits", action="store_true",
                    help="skip measuring the read bandwidth and matmul rate")
     s.add_argument("--model", nargs="?", const="default",

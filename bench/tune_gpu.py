@@ -29,12 +29,24 @@ DEFAULT_SHAPES = "4096x4096,14336x4096,4096x14336,28672x4096"  # N x K
 DEFAULT_MS = "1,4,16,64,256,1024,4096"
 
 
+# A format's third field names a variant with records of its own (kernels.select.variant_of):
+# int4's symmetric codes (GPTQ's default), nf4 / fp4 double quantization (QLoRA's).
+VARIANT_OPTS = {"sym": {"symmetric": True}, "dq": {"double_quant": True}}
+
+
 def parse_formats(text):
+    """'fmt:group[:variant]' items, e.g. int4:128, nf4:64:dq, int4:128:sym."""
     out = []
     for item in text.split(","):
-        fmt, _, g = item.partition(":")
+        fmt, _, rest = item.partition(":")
+        g, _, variant = rest.partition(":")
         g = int(g) if g else None
         opts = {} if fmt == "int8" else {"group_size": g}
+        if variant:
+            if variant not in VARIANT_OPTS:
+                raise SystemExit(f"unknown variant {variant!r} in {item!r}; expected one of "
+                                 f"{sorted(VARIANT_OPTS)}")
+            opts.update(VARIANT_OPTS[variant])
         out.append((fmt, opts))
     return out
 
@@ -183,7 +195,8 @@ def _compile_task(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--formats", default=DEFAULT_FORMATS, help="fmt:group list, e.g. int4:128,nf4:64,int8:-1")
+    ap.add_argument("--formats", default=DEFAULT_FORMATS,
+                    help="fmt:group[:variant] list, e.g. int4:128,nf4:64,int8:-1,nf4:64:dq,int4:128:sym")
     ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="NxK list")
     ap.add_argument("--ms", default=DEFAULT_MS, help="M values (one per bucket)")
     ap.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))

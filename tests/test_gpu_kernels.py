@@ -774,6 +774,26 @@ def test_shipped_configs_are_valid():
             assert c.source == "tuned"
 
 
+def test_tuner_formats_name_variants():
+    """bench/tune_gpu.py's --formats takes a variant (int4 sym, nf4 / fp4 double quant) whose
+    weights give records of that variant (select.variant_of), and refuses an unknown one."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "tune_gpu.py")
+    spec = importlib.util.spec_from_file_location("tune_gpu", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    got = tune.parse_formats("int4:128,nf4:64:dq,int4:128:sym,int8:-1")
+    assert got == [("int4", {"group_size": 128}), ("nf4", {"group_size": 64, "double_quant": True}),
+                   ("int4", {"group_size": 128, "symmetric": True}), ("int8", {})]
+    variants = []
+    for fmt, opts in got:
+        qw = lowbit.quantize_weight(torch.randn(8, 128), fmt, **opts)
+        variants.append(S.variant_of(fmt, qw.symmetric, qw.double_quant, qw.zero_point))
+    assert variants == ["asym", "dq", "sym", "-"]
+    with pytest.raises(SystemExit, match="unknown variant"):
+        tune.parse_formats("nf4:64:double")
+
+
 def test_import_without_triton():
     """Triton is optional: lowbit imports, and lowbit.kernels says it is unavailable."""
     code = ("import sys; sys.modules['triton'] = None\n"

@@ -312,6 +312,29 @@ def test_both_paths_selectable_and_exact_path_unchanged(monkeypatch):
     monkeypatch.setenv("LOWBIT_CPU_PATH", "bogus")
     with pytest.raises(ValueError, match="LOWBIT_CPU_PATH"):
         lowbit.linear(x, qw)
+    assert lowbit.backend_info()["cpu_path"].startswith("invalid")  # info still answers
+
+
+def test_public_cpu_path_switch(monkeypatch):
+    """lowbit.set_cpu_path / lowbit.cpu_path are the public face of the switch, and
+    backend_info reports the path in force."""
+    monkeypatch.delenv("LOWBIT_CPU_PATH", raising=False)
+    qw = lowbit.quantize_weight(torch.randn(24, 128), "nf4")
+    x = torch.randn(3, 128)
+    try:
+        assert lowbit.cpu_path() == "exact" and lowbit.backend_info()["cpu_path"] == "exact"
+        exact = lowbit.linear(x, qw)
+        lowbit.set_cpu_path("fast")
+        assert lowbit.cpu_path() == "fast" and lowbit.backend_info()["cpu_path"] == "fast"
+        fast = lowbit.linear(x, qw)
+        assert not torch.equal(fast, exact)
+        T.assert_fast_linear_close(fast, R.linear(x, qw), x, qw)
+        with pytest.raises(ValueError, match="CPU path"):
+            lowbit.set_cpu_path("turbo")
+        assert lowbit.cpu_path() == "fast"  # a refused value changes nothing
+    finally:
+        lowbit.set_cpu_path(None)
+    assert lowbit.cpu_path() == "exact" and torch.equal(lowbit.linear(x, qw), exact)
 
 
 def test_packed_weight_cached_per_isa_and_rebuilt_on_change():

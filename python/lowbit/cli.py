@@ -299,13 +299,16 @@ def cmd_info(args) -> int:
         ("supported here", ", ".join(info.get("supported_isas") or []) or "-"),
         ("CPU features", ", ".join(sorted(feats)) or "-"),
         ("threads", f"{info.get('num_threads')}  (from {info.get('num_threads_source')})"),
+        ("CPU path", _path_words(info.get("cpu_path", "exact")).replace("CPU path ", "", 1)
+         + ("" if os.environ.get("LOWBIT_CPU_PATH") else
+            "  (the default; lowbit.set_cpu_path('fast') or LOWBIT_CPU_PATH=fast for int8 activations)")),
         ("CUDA", "available" if info.get("cuda_available") else "not available"),
         ("Triton", info.get("triton") or "not installed"),
         ("GPU backend", info.get("gpu_backend")),
     ]
     known = {"version", "torch", "cpu_isa", "cpu_isa_reason", "compiled_isas", "supported_isas",
-             "cpu_features", "num_threads", "num_threads_source", "cuda_available", "triton",
-             "gpu_backend"}
+             "cpu_features", "num_threads", "num_threads_source", "cpu_path", "cuda_available",
+             "triton", "gpu_backend"}
     rows += [(k, v) for k, v in info.items() if k not in known]  # anything added later
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

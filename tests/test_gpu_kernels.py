@@ -794,6 +794,25 @@ def test_tuner_formats_name_variants():
         tune.parse_formats("nf4:64:double")
 
 
+def test_gpu_bench_table_and_optional_variant_rows():
+    """The GPU benchmark's optional rows name real variants (fp4, int4 sym, nf4 double quant),
+    and its table keeps long row names whole, one aligned column each."""
+    from lowbit import gpu_bench as GB
+    want = {"lowbit-fp4-b64": "plain", "lowbit-int4-g128-sym": "sym", "lowbit-nf4-b64-dq": "dq"}
+    for name, variant in want.items():
+        fmt, opts = GB.OPTIONAL_LOWBIT[name]
+        qw = lowbit.quantize_weight(torch.randn(8, 256), fmt, **opts)
+        assert S.variant_of(fmt, qw.symmetric, qw.double_quant, qw.zero_point) == variant
+    rows = [dict(impl="torch-bf16", N=64, K=128, M=1, us=10.0)]
+    for i, name in enumerate(["lowbit-int4-g128", "lowbit-int4-g128-sym", "lowbit-nf4-b64-dq"]):
+        rows.append(dict(impl=name, N=64, K=128, M=1, us=5.0 + i, speedup=10.0 / (5.0 + i)))
+    res = {"rows": rows, "env": {"gpu": "test card"}, "copy_gbs": 1000.0}
+    lines = GB.format_gpu_table(res).splitlines()
+    assert "lowbit-int4-g128-sym" in lines[1] and "lowbit-nf4-b64-dq" in lines[1]
+    assert len(lines[1]) == len(lines[2])  # the data row lines up with the header
+    assert "2.00x" in lines[2] and "1.67x" in lines[2] and "1.43x" in lines[2]
+
+
 def test_import_without_triton():
     """Triton is optional: lowbit imports, and lowbit.kernels says it is unavailable."""
     code = ("import sys; sys.modules['triton'] = None\n"

@@ -702,8 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--impls", help="comma-separated subset of: " + ",".join(
         ["int8", "int4-g128", "nf4-b64", "fp4-b64", "torch-fp32", "torch-bf16", "torch-int8pack",
          "torch-int4pack", "torch-dyn-int8", "bnb-nf4", "bnb-fp4", "bnb-int8"])
-        + " (cuda: lowbit-int4-g128,lowbit-nf4-b64,lowbit-int8,lowbit-fp4-b64,torch-bf16,"
-        "tinygemm-int4-g128,bnb-nf4,bnb-fp4,gemlite-int4-g128); fp4 rows only when named")
+        + " (cuda: lowbit-int4-g128,lowbit-nf4-b64,lowbit-int8,lowbit-fp4-b64,"
+        "lowbit-int4-g128-sym,lowbit-nf4-b64-dq,torch-bf16,tinygemm-int4-g128,bnb-nf4,bnb-fp4,"
+        "gemlite-int4-g128); fp4 and the -sym / -dq variants only when named")
     s.add_argument("--peers", action="store_true",
                    help="also run torch's int8/int4 CPU ops, dynamic int8 and bitsandbytes")
     s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",

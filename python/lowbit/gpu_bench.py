@@ -39,8 +39,13 @@ LOWBIT_IMPLS: Dict[str, Tuple[str, dict]] = {
 }
 PEERS = ("torch-bf16", "tinygemm-int4-g128", "bnb-nf4", "gemlite-int4-g128")
 # Rows run when asked for (--impls): lowbit's and bitsandbytes' fp4 (bitsandbytes' default
-# 4-bit type), block 64.
-OPTIONAL_LOWBIT: Dict[str, Tuple[str, dict]] = {"lowbit-fp4-b64": ("fp4", {"group_size": 64})}
+# 4-bit type), block 64; the variants checkpoints bring: int4 symmetric (GPTQ's default) and
+# nf4 with double quantization (QLoRA's).
+OPTIONAL_LOWBIT: Dict[str, Tuple[str, dict]] = {
+    "lowbit-fp4-b64": ("fp4", {"group_size": 64}),
+    "lowbit-int4-g128-sym": ("int4", {"group_size": 128, "symmetric": True}),
+    "lowbit-nf4-b64-dq": ("nf4", {"group_size": 64, "double_quant": True}),
+}
 OPTIONAL_PEERS = ("bnb-fp4",)
 
 
@@ -257,7 +262,8 @@ def format_gpu_table(res: dict) -> str:
     impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "torch-bf16"]
     keys = list(dict.fromkeys((r["N"], r["K"], r["M"]) for r in rows))
     by = {(r["impl"], r["N"], r["K"], r["M"]): r for r in rows}
-    head = f"{'N':>6} {'K':>6} {'M':>5} {'bf16 us':>9} " + " ".join(f"{i[:18]:>18}" for i in impls)
+    w = max([18] + [len(i) for i in impls])  # columns as wide as the longest name
+    head = f"{'N':>6} {'K':>6} {'M':>5} {'bf16 us':>9} " + " ".join(f"{i:>{w}}" for i in impls)
     lines = [f"{res['env']['gpu']}, copy {res['copy_gbs']:.0f} GB/s; cells: speed-up over cuBLAS bf16 "
              f"(kernel µs)", head]
     for N, K, M in keys:
@@ -265,8 +271,8 @@ def format_gpu_table(res: dict) -> str:
         cells = []
         for i in impls:
             r = by.get((i, N, K, M))
-            cells.append(f"{r['speedup']:6.2f}x ({r['us']:7.1f})" if r else f"{'-':>18}")
-        lines.append(f"{N:>6} {K:>6} {M:>5} {b['us'] if b else float('nan'):9.1f} " + " ".join(f"{c:>18}" for c in cells))
+            cells.append(f"{r['speedup']:6.2f}x ({r['us']:7.1f})" if r else "-")
+        lines.append(f"{N:>6} {K:>6} {M:>5} {b['us'] if b else float('nan'):9.1f} " + " ".join(f"{c:>{w}}" for c in cells))
     return "\n".join(lines)
 
 

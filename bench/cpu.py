@@ -31,7 +31,7 @@ def main(argv=None) -> int:
                    "default: LOWBIT_CPU_PATH when set, else both")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    cpu_path = args.cpu_path or (None if os.environ.get("LOWBIT_CPU_PATH") else "both")
+    cpu_path = B.default_cpu_path(args.cpu_path)
     shapes = B.parse_shapes(args.shapes) if args.shapes else list(B.FULL_SHAPES)
     ms = B.parse_ints(args.m, "M") if args.m else list(B.FULL_MS)
     impls = args.impls.split(",") if args.impls else list(B.DEFAULT_IMPLS)

@@ -225,11 +225,11 @@ def main(argv=None):
     # what the shipped table selects now (a record of its own or a borrowed one) is a candidate
     # too, so that a re-tune never ships a slower choice than the one it replaces
     for c in cases:
-        opts = dict(c[1])
-        variant = S.variant_of(c[0], bool(opts.get("symmetric", c[0] == "int8")),
-                               bool(opts.get("double_quant", False)))
-        cur = S.select(c[4], c[2], c[3], c[0], opts.get("group_size", -1) or -1, card,
-                       dtype=torch.bfloat16, variant=variant, sms=sms)
+        # the case's variant and resolved group, as its records will name them (quantize_weight
+        # applies the defaults; a small weight of the same K is enough)
+        tiny = lowbit.quantize_weight(torch.randn(8, c[3]), c[0], **dict(c[1]))
+        cur = S.select(c[4], c[2], c[3], c[0], tiny.group_size, card, dtype=torch.bfloat16,
+                       variant=S.variant_of(c[0], tiny.symmetric, tiny.double_quant), sms=sms)
         if cur.source != "heuristic" and all((ch.kernel, ch.params) != (cur.kernel, cur.params)
                                              for ch in cands[c]):
             cands[c].append(cur)

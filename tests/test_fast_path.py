@@ -337,6 +337,30 @@ def test_public_cpu_path_switch(monkeypatch):
     assert lowbit.cpu_path() == "exact" and torch.equal(lowbit.linear(x, qw), exact)
 
 
+def test_using_cpu_path_restores_the_choice_in_force(monkeypatch):
+    """_backend.using_cpu_path (the benchmark's, eval's and the demo's temporary switch) puts
+    back the earlier choice, an error in the block included; None changes nothing."""
+    monkeypatch.setenv("LOWBIT_CPU_PATH", "fast")
+    _backend.set_cpu_path("exact")
+    try:
+        with _backend.using_cpu_path("fast"):
+            assert _backend.cpu_path() == "fast"
+            with pytest.raises(RuntimeError):
+                with _backend.using_cpu_path("exact"):
+                    assert _backend.cpu_path() == "exact"
+                    raise RuntimeError("inside")
+            assert _backend.cpu_path() == "fast"
+        assert _backend.cpu_path() == "exact"
+        with _backend.using_cpu_path(None):
+            assert _backend.cpu_path() == "exact"
+        _backend.set_cpu_path(None)
+        with _backend.using_cpu_path("exact"):
+            assert _backend.cpu_path() == "exact"
+        assert _backend.cpu_path() == "fast"  # back to LOWBIT_CPU_PATH, not pinned
+    finally:
+        _backend.set_cpu_path(None)
+
+
 def test_packed_weight_cached_per_isa_and_rebuilt_on_change():
     C = _backend.ext()
     qw = lowbit.quantize_weight(torch.randn(40, 256), "int4")

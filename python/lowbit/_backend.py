@@ -25,6 +25,7 @@ Choose with ``LOWBIT_CPU_PATH=fast|exact`` or :func:`set_cpu_path` (which wins o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from typing import Optional
@@ -118,6 +119,21 @@ def set_cpu_path(path: Optional[str]) -> None:
     if path is not None and path not in CPU_PATHS:
         raise ValueError(f"CPU path must be one of {CPU_PATHS} or None, got {path!r}")
     _path_override = path
+
+
+@contextlib.contextmanager
+def using_cpu_path(path: Optional[str]):
+    """``with using_cpu_path("fast"): ...``: :func:`set_cpu_path` for the block, then the
+    choice that was in force before (None: leave the path as it is)."""
+    if path is None:
+        yield
+        return
+    old = _path_override
+    set_cpu_path(path)
+    try:
+        yield
+    finally:
+        set_cpu_path(old)
 
 
 def cpu_path() -> str:

@@ -60,6 +60,30 @@ ALL_IMPLS = tuple(LOWBIT_IMPLS) + TORCH_IMPLS + PEER_IMPLS
 FULL_IMPLS = tuple(i for i in ALL_IMPLS if i not in OPTIONAL_IMPLS)  # --full / --peers
 CPU_PATH_CHOICES = ("fast", "exact", "both")  # run_bench's cpu_path
 
+
+def default_cpu_path(requested: Optional[str]) -> Optional[str]:
+    """The ``cpu_path`` a benchmark runs with: the one requested, else "both" (lowbit's default
+    exact path beside the fast one) unless LOWBIT_CPU_PATH names a path or this build has one
+    path only (then None: the path in force)."""
+    if requested is not None:
+        return requested
+    from . import _backend
+    if os.environ.get("LOWBIT_CPU_PATH") or len(getattr(_backend, "CPU_PATHS", ())) < 2:
+        return None
+    return "both"
+
+
+def _paths_of(cpu_path: Optional[str]) -> Tuple[Optional[str], ...]:
+    """The paths each lowbit row runs on for a ``cpu_path`` argument (validated)."""
+    if cpu_path is not None and cpu_path not in CPU_PATH_CHOICES:
+        raise ValueError(f"cpu_path must be one of {CPU_PATH_CHOICES} or None, got {cpu_path!r}")
+    return ("fast", "exact") if cpu_path == "both" else (cpu_path,)
+
+
+def _mixed_paths(paths) -> bool:
+    """Whether rows of more than one CPU path are present (labels then name the path)."""
+    return len({p for p in paths if p}) > 1
+
 DEFAULT_SHAPES: Tuple[Tuple[int, int], ...] = ((4096, 4096), (4096, 11008))  # (K, N)
 DEFAULT_MS: Tuple[int, ...] = (1, 8, 32)
 FULL_SHAPES: Tuple[Tuple[int, int], ...] = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -356,15 +380,9 @@ def bench_case(K: int, N: int, M: int, impls: Iterable[str] = DEFAULT_IMPLS, *, 
             out.append(_bench_one(impl, w, x, ref, flops, K, N, M, **kw))
             continue
         for path in cpu_paths:
-            old_path = getattr(_backend, "_path_override", None)
-            if path is not None:
-                _backend.set_cpu_path(path)
-            try:
+            with _backend.using_cpu_path(path):
                 r = _bench_one(impl, w, x, ref, flops, K, N, M, **kw)
                 r.extra["cpu_path"] = current_cpu_path()
-            finally:
-                if path is not None:
-                    _backend.set_cpu_path(old_path)
             out.append(r)
     base = next((r for r in out if r.impl == "torch-fp32"), None)
     if base is not None:
@@ -482,12 +500,9 @@ def run_bench(shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES, ms: Sequence[i
     impls = list(impls)
     if "torch-fp32" not in impls:
         impls.append("torch-fp32")  # the speed-up column needs the baseline
-    if cpu_path is not None:
-        if not hasattr(_backend, "set_cpu_path"):
-            raise ValueError("this build of lowbit has a single CPU path; cpu_path must be None")
-        if cpu_path not in CPU_PATH_CHOICES:
-            raise ValueError(f"cpu_path must be one of {CPU_PATH_CHOICES} or None, got {cpu_path!r}")
-    paths = ("fast", "exact") if cpu_path == "both" else (cpu_path,)
+    if cpu_path is not None and not hasattr(_backend, "set_cpu_path"):
+        raise ValueError("this build of lowbit has a single CPU path; cpu_path must be None")
+    paths = _paths_of(cpu_path)
     old_threads = torch.get_num_threads()
     old_env = os.environ.get("LOWBIT_NUM_THREADS")
     if threads is not None:
@@ -516,13 +531,11 @@ def run_bench(shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES, ms: Sequence[i
                 os.environ["LOWBIT_NUM_THREADS"] = old_env
 
 
-def row_label(r: BenchResult, results: Sequence[BenchResult] = ()) -> str:
-    """A row's implementation label: lowbit rows get their CPU path appended when ``results``
-    hold rows of both paths ("int4-g128 fast")."""
+def row_label(r: BenchResult, mixed: bool) -> str:
+    """A row's implementation label: with rows of both CPU paths (``mixed``, see _mixed_paths)
+    lowbit rows get their path appended ("int4-g128 fast")."""
     path = r.extra.get("cpu_path")
-    if path and len({x.extra.get("cpu_path") for x in results if x.extra.get("cpu_path")}) > 1:
-        return f"{r.impl} {path}"
-    return r.impl
+    return f"{r.impl} {path}" if mixed and path else r.impl
 
 
 def results_table(results: Sequence[BenchResult]) -> str:
@@ -530,6 +543,7 @@ def results_table(results: Sequence[BenchResult]) -> str:
     weight GB/s as a fraction of the measured read bandwidth (when measured), relative error
     against the float32 weight; skipped peers say why."""
     has_bw = any("bw_fraction" in r.extra for r in results)
+    mixed = _mixed_paths(r.extra.get("cpu_path") for r in results)
     headers = ["K x N", "M", "impl", "x", "µs", "weight GB/s", "GFLOP/s", "vs fp32"]
     headers += ["of BW"] if has_bw else []
     headers += ["rel err"]
@@ -539,7 +553,7 @@ def results_table(results: Sequence[BenchResult]) -> str:
             rows.append([f"{r.K}x{r.N}", r.M, r.impl, "", None, None, None,
                          "skipped: " + r.extra.get("skipped", "")] + ([""] if has_bw else []) + [""])
             continue
-        row = [f"{r.K}x{r.N}", r.M, row_label(r, results), r.extra.get("x_dtype", ""), r.median_us, r.weight_gbps,
+        row = [f"{r.K}x{r.N}", r.M, row_label(r, mixed), r.extra.get("x_dtype", ""), r.median_us, r.weight_gbps,
                r.gflops, (f"{r.speedup_vs_fp32:.2f}x" if r.speedup_vs_fp32 else "")]
         if has_bw:
             f = r.extra.get("bw_fraction")
@@ -557,11 +571,12 @@ def plot_speedups(results: Sequence[BenchResult], path: str, title: str = "") ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     shapes = sorted({(r.K, r.N) for r in results})
+    mixed = _mixed_paths(r.extra.get("cpu_path") for r in results)
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
     for ax, (K, N) in zip(axes[0], shapes):
         rs = [r for r in results if (r.K, r.N) == (K, N) and r.reps and r.speedup_vs_fp32]
-        for label in dict.fromkeys(row_label(r, results) for r in rs):
-            sel = [r for r in rs if row_label(r, results) == label]
+        for label in dict.fromkeys(row_label(r, mixed) for r in rs):
+            sel = [r for r in rs if row_label(r, mixed) == label]
             pts = sorted((r.M, r.speedup_vs_fp32) for r in sel)
             style = ("-o" if sel[0].extra.get("cpu_path") != "exact" else ":o") \
                 if sel[0].impl in LOWBIT_IMPLS else "--."
@@ -662,9 +677,7 @@ def decode_bench(formats: Sequence[str] = ("fp32", "bf16", "int8", "int4", "nf4"
     for f in formats:
         if f not in DECODE_FORMATS:
             raise ValueError(f"unknown decode format {f!r}; expected some of {list(DECODE_FORMATS)}")
-    if cpu_path is not None and cpu_path not in CPU_PATH_CHOICES:
-        raise ValueError(f"cpu_path must be one of {CPU_PATH_CHOICES} or None, got {cpu_path!r}")
-    paths = ("fast", "exact") if cpu_path == "both" else (cpu_path,)
+    paths = _paths_of(cpu_path)
     jobs = [(f, p) for f in formats for p in (paths if DECODE_FORMATS[f] is not None else (None,))]
     ctx = mp.get_context("spawn")
     rows = []
@@ -679,8 +692,8 @@ def decode_bench(formats: Sequence[str] = ("fp32", "bf16", "int8", "int4", "nf4"
 
 def decode_table(rows: Sequence[dict]) -> str:
     headers = ["format", "tokens/s", "vs fp32", "model MB", "peak RSS MB", "threads"]
-    both = len({r.get("cpu_path") for r in rows if r.get("cpu_path")}) > 1
-    return format_table([[r["format"] + (f" {r['cpu_path']}" if both and r.get("cpu_path") else ""),
+    mixed = _mixed_paths(r.get("cpu_path") for r in rows)
+    return format_table([[r["format"] + (f" {r['cpu_path']}" if mixed and r.get("cpu_path") else ""),
                           r["tokens_per_s"],
                           f"{r['speedup_vs_fp32']:.2f}x" if r.get("speedup_vs_fp32") else "",
                           r["model_bytes"] / 1e6, r["peak_rss_bytes"] / 1e6, r["threads"]]

@@ -299,7 +299,7 @@ def cmd_info(args) -> int:
         ("supported here", ", ".join(info.get("supported_isas") or []) or "-"),
         ("CPU features", ", ".join(sorted(feats)) or "-"),
         ("threads", f"{info.get('num_threads')}  (from {info.get('num_threads_source')})"),
-        ("CPU path", _path_words(info.get("cpu_path", "exact")).replace("CPU path ", "", 1)
+        ("CPU path", _PATH_DESC.get(info.get("cpu_path"), info.get("cpu_path"))
          + ("" if os.environ.get("LOWBIT_CPU_PATH") else
             "  (the default; lowbit.set_cpu_path('fast') or LOWBIT_CPU_PATH=fast for int8 activations)")),
         ("CUDA", "available" if info.get("cuda_available") else "not available"),
@@ -317,9 +317,12 @@ def cmd_info(args) -> int:
 
 
 # ---- bench --------------------------------------------------------------------------------
+_PATH_DESC = {"fast": "fast (int8 activations; bfloat16 tiles on AMX CPUs from M = 8-16)",
+              "exact": "exact (float32 activations)"}
+
+
 def _path_words(path: str) -> str:
-    return {"fast": "CPU path fast (int8 activations; bfloat16 tiles on AMX CPUs from M = 8-16)",
-            "exact": "CPU path exact (float32 activations)"}.get(path, f"CPU path {path}")
+    return "CPU path " + _PATH_DESC.get(path, path)
 
 
 def cmd_bench(args) -> int:
@@ -347,14 +350,10 @@ def cmd_bench(args) -> int:
     threads = args.threads
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     info = lowbit.backend_info()
-    cpu_path = args.cpu_path
-    if cpu_path is None and not os.environ.get("LOWBIT_CPU_PATH"):
-        cpu_path = "both"  # lowbit's default (exact) path and the fast one, side by side
-    if cpu_path == "both" and len(_cpu_paths()) < 2:
-        cpu_path = None  # a build with one path
+    cpu_path = B.default_cpu_path(args.cpu_path)
     if cpu_path == "both":
-        words = ("lowbit rows on both CPU paths: fast (int8 activations; bfloat16 tiles on AMX "
-                 "CPUs from M = 8-16) and exact (float32 activations, the default)")
+        words = (f"lowbit rows on both CPU paths: {_PATH_DESC['fast']} and "
+                 f"{_PATH_DESC['exact']}, the default")
     else:
         words = _path_words(cpu_path or B.current_cpu_path())
     nthreads = threads or info.get("num_threads")
@@ -411,12 +410,9 @@ def _bench_cuda(args) -> int:
 def _bench_model(args) -> int:
     from lowbit import benchmark as B
     fmts = [f.strip() for f in args.model_formats.split(",") if f.strip()]
-    cpu_path = args.cpu_path
-    if cpu_path is None and not os.environ.get("LOWBIT_CPU_PATH") and len(_cpu_paths()) > 1:
-        cpu_path = "both"
     rows = B.decode_bench(fmts, new_tokens=args.decode_tokens, threads=args.threads,
                           model_path=None if args.model == "default" else args.model,
-                          cpu_path=cpu_path)
+                          cpu_path=B.default_cpu_path(args.cpu_path))
     print(B.decode_table(rows))
     if args.json:
         import json
@@ -573,12 +569,11 @@ def cmd_demo(args) -> int:
     ok = res["ok"]
     print(f"selftest: {'PASS' if ok else 'FAIL'}", flush=True)
 
-    both = len(_cpu_paths()) > 1 and not os.environ.get("LOWBIT_CPU_PATH")
+    bench_path = B.default_cpu_path(None)
     _section("2. speed: one 4096x4096 layer, lowbit vs torch fp32"
-             + (" (lowbit on both CPU paths)" if both else ""))
+             + (" (lowbit on both CPU paths)" if bench_path == "both" else ""))
     results = B.run_bench([(4096, 4096)], [1, 8], ["int8", "int4-g128", "nf4-b64", "torch-fp32"],
-                          reps=args.reps, max_seconds=1.0, progress=progress,
-                          cpu_path="both" if both else None)
+                          reps=args.reps, max_seconds=1.0, progress=progress, cpu_path=bench_path)
     print(B.results_table(results), flush=True)
 
     if args.skip_model:
@@ -630,14 +625,10 @@ def cmd_demo(args) -> int:
         # the same int4 model on the CPU's other path (int8 activations, a repacked copy of the
         # weights): what lowbit.linear does with LOWBIT_CPU_PATH=fast
         from lowbit import _backend
-        old_path = getattr(_backend, "_path_override", None)
-        _backend.set_cpu_path("fast")
-        try:
+        with _backend.using_cpu_path("fast"):
             r, _ = E.evaluate_config(E.parse_spec("int4"), loader, ids, ctx,
                                      decode_tokens=args.decode_tokens, pad_id=pad_id,
                                      progress=progress)
-        finally:
-            _backend.set_cpu_path(old_path)
         r.config = "int4 fast"
         rows.append(r.__dict__)
         print(f"  int4 on the fast CPU path: perplexity {r.perplexity:7.2f}", flush=True)

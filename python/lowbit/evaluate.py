@@ -970,20 +970,14 @@ def evaluate(specs: Sequence[EvalSpec], *, tokens: int = 16384, ctx: int = 512,
     """
     from . import _backend
     specs = [parse_spec(s) if isinstance(s, str) else s for s in specs]
-    old_path = getattr(_backend, "_path_override", None)
-    if cpu_path is not None:
-        if not hasattr(_backend, "set_cpu_path"):
-            raise ValueError("this build of lowbit has a single CPU path; drop --cpu-path")
-        _backend.set_cpu_path(cpu_path)
-    try:
+    if cpu_path is not None and not hasattr(_backend, "set_cpu_path"):
+        raise ValueError("this build of lowbit has a single CPU path; drop --cpu-path")
+    with _backend.using_cpu_path(cpu_path):
         return _evaluate(specs, tokens=tokens, ctx=ctx, model_path=model_path,
                          text_path=text_path, decode_tokens=decode_tokens, fake_quant=fake_quant,
                          cache=cache, progress=progress, verbose=verbose,
                          calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                          save_dir=save_dir, keep_going=keep_going, on_result=on_result)
-    finally:
-        if cpu_path is not None:
-            _backend.set_cpu_path(old_path)
 
 
 def _safe_name(label: str) -> str:

@@ -219,8 +219,10 @@ __attribute__((noinline)) static void walk_any_groups(const QWeight& w, const ui
       chunk4<F, MR, NR, S, true>(row, c, rb, p, xb + (c - kb0), ldxb, k0 - c, min64(k1 - c, kChunk), acc);
       c += kChunk;
     }
-    for (; c + kChunk <= k1; c += kChunk)
+    for (; c + kChunk <= k1; c += kChunk) {
+      prefetch_rows<NR>(row, c >> 1, NR * w.ld_data);
       chunk4<F, MR, NR, S, false>(row, c, rb, p, xb + (c - kb0), ldxb, 0, kChunk, acc);
+    }
     if (c < k1) chunk4<F, MR, NR, S, true>(row, c, rb, p, xb + (c - kb0), ldxb, 0, k1 - c, acc);
   }
 }
@@ -231,7 +233,7 @@ __attribute__((noinline)) static void gemm_block(const QWeight& w, const float* 
                                                  int64_t kb0, int64_t kb1, int64_t n, float* y,
                                                  int64_t ldy, bool first) {
   constexpr int S = sets_for(MR, NR);
-  const int64_t K = w.K;
+  const int64_t K = w.K, ahead = NR * w.ld_data;
   const uint8_t* row[NR];
   for (int r = 0; r < NR; ++r) row[r] = w.data + (n + r) * w.ld_data;
   __m256 acc[S][MR][NR];
@@ -242,8 +244,10 @@ __attribute__((noinline)) static void gemm_block(const QWeight& w, const float* 
   // Chunks wholly inside the block and the row; only the row's last chunk may be partial.
   const int64_t kfull = kb0 + ((kb1 - kb0) & ~(kChunk - 1));
   if constexpr (F == kInt8) {
-    for (int64_t c = kb0; c < kfull; c += kChunk)
+    for (int64_t c = kb0; c < kfull; c += kChunk) {
+      prefetch_rows<NR>(row, c, ahead);
       chunk8<MR, NR, S, false>(row, c, K, xb + (c - kb0), ldxb, acc);
+    }
     if (kfull < kb1) chunk8<MR, NR, S, true>(row, kfull, K, xb + (kfull - kb0), ldxb, acc);
   } else if constexpr (F == kKindInt8Grouped) {
     // groups are multiples of 16 (or the row) and kb0 is on the grid of 32: every 16-column
@@ -254,7 +258,10 @@ __attribute__((noinline)) static void gemm_block(const QWeight& w, const float* 
       GemmParams p[NR];
       for (int r = 0; r < NR; ++r) p[r] = gemm_params<F>(w, n + r, g);
       int64_t k = k0;
-      for (; k + 16 <= k1; k += 16) seg8g<MR, NR, S, false>(row, k, K, p, xb + (k - kb0), ldxb, acc);
+      for (; k + 16 <= k1; k += 16) {
+        if ((k & 63) == 0) prefetch_rows<NR>(row, k, ahead);
+        seg8g<MR, NR, S, false>(row, k, K, p, xb + (k - kb0), ldxb, acc);
+      }
       if (k < k1) seg8g<MR, NR, S, true>(row, k, K, p, xb + (k - kb0), ldxb, acc);
     }
   } else if (w.group % kChunk == 0) {
@@ -264,8 +271,10 @@ __attribute__((noinline)) static void gemm_block(const QWeight& w, const float* 
       const int64_t c0 = g * gs > kb0 ? g * gs : kb0, c1 = min64(g * gs + gs, kfull);
       GemmParams p[NR];
       for (int r = 0; r < NR; ++r) p[r] = gemm_params<F>(w, n + r, g);
-      for (int64_t c = c0; c < c1; c += kChunk)
+      for (int64_t c = c0; c < c1; c += kChunk) {
+        prefetch_rows<NR>(row, c >> 1, ahead);
         chunk4<F, MR, NR, S, false>(row, c, 0, p, xb + (c - kb0), ldxb, 0, kChunk, acc);
+      }
     }
     if (kfull < kb1) {
       GemmParams p[NR];

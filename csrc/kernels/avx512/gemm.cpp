@@ -148,8 +148,10 @@ __attribute__((noinline)) static void walk_any_groups(const QWeight& w, const ui
       chunk4<MR, NR, S, true>(row, c, rb, t, xb + (c - kb0), ldxb, k0 - c, min64(k1 - c, kChunk), acc);
       c += kChunk;
     }
-    for (; c + kChunk <= k1; c += kChunk)
+    for (; c + kChunk <= k1; c += kChunk) {
+      prefetch_rows<NR>(row, c >> 1, NR * w.ld_data);
       chunk4<MR, NR, S, false>(row, c, rb, t, xb + (c - kb0), ldxb, 0, kChunk, acc);
+    }
     if (c < k1) chunk4<MR, NR, S, true>(row, c, rb, t, xb + (c - kb0), ldxb, 0, k1 - c, acc);
   }
 }
@@ -160,7 +162,7 @@ __attribute__((noinline)) static void gemm_block(const QWeight& w, const float* 
                                                  int64_t kb0, int64_t kb1, int64_t n, float* y,
                                                  int64_t ldy, bool first) {
   constexpr int S = sets_for(MR, NR);
-  const int64_t K = w.K;
+  const int64_t K = w.K, ahead = NR * w.ld_data;
   const uint8_t* row[NR];
   for (int r = 0; r < NR; ++r) row[r] = w.data + (n + r) * w.ld_data;
   __m512 acc[S][MR][NR];
@@ -171,8 +173,10 @@ __attribute__((noinline)) static void gemm_block(const QWeight& w, const float* 
   // Chunks wholly inside the block and the row; only the row's last chunk may be partial.
   const int64_t kfull = kb0 + ((kb1 - kb0) & ~(kChunk - 1));
   if constexpr (F == kInt8) {
-    for (int64_t c = kb0; c < kfull; c += kChunk)
+    for (int64_t c = kb0; c < kfull; c += kChunk) {
+      prefetch_rows<NR>(row, c, ahead);
       chunk8<MR, NR, S, false>(row, c, K, xb + (c - kb0), ldxb, acc);
+    }
     if (kfull < kb1) chunk8<MR, NR, S, true>(row, kfull, K, xb + (kfull - kb0), ldxb, acc);
   } else if constexpr (F == kKindInt8Grouped) {
     // groups are multiples of 16 (or the row) and kb0 is on the grid of 32: every 16-column
@@ -187,6 +191,7 @@ __attribute__((noinline)) static void gemm_block(const QWeight& w, const float* 
       }
       int64_t k = k0;
       for (; k + 32 <= k1; k += 32) {
+        prefetch_rows<NR>(row, k, ahead);
         seg16g<MR, NR, S, 0, false>(row, k, K, s, z, xb + (k - kb0), ldxb, acc);
         seg16g<MR, NR, S, 1, false>(row, k + 16, K, s, z, xb + (k + 16 - kb0), ldxb, acc);
       }
@@ -203,8 +208,10 @@ __attribute__((noinline)) static void gemm_block(const QWeight& w, const float* 
       const int64_t c0 = g * gs > kb0 ? g * gs : kb0, c1 = min64(g * gs + gs, kfull);
       __m512 t[NR];
       for (int r = 0; r < NR; ++r) t[r] = group_table<F>(w, n + r, g);
-      for (int64_t c = c0; c < c1; c += kChunk)
+      for (int64_t c = c0; c < c1; c += kChunk) {
+        prefetch_rows<NR>(row, c >> 1, ahead);
         chunk4<MR, NR, S, false>(row, c, 0, t, xb + (c - kb0), ldxb, 0, kChunk, acc);
+      }
     }
     if (kfull < kb1) {
       __m512 t[NR];

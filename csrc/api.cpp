@@ -1,6 +1,7 @@
 #include "api.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -186,6 +187,50 @@ void linear_tiles(const LinearArgs& a, const KernelTable& t, const uint8_t* body
   finish_output(a, t, yf, ldyf);
 }
 
+// Whether linear's exact tile path takes this weight (kernel_api.h, "exact tile path").
+bool exact_tiles_take(const KernelTable& t, const QWeight& w, int64_t M) {
+  const int64_t m0 = t.exact_tile_min_m[w.fmt];
+  if (m0 <= 0 || M < m0 || !t.xtgemm[w.fmt] || !t.xtile_prep) return false;
+  if (w.fmt == kInt8) return !w.zeros && w.n_groups == 1;
+  if (w.fmt == kInt4) return !w.float_offset && (w.n_groups == 1 || w.group % kTileK == 0);
+  return false;
+}
+
+// linear's exact tile path: three bf16 terms per activation, the canonical weight. Returns
+// false (nothing written) when a row holds an infinity or a NaN: the exact kernels then take
+// the call.
+bool linear_exact_tiles(const LinearArgs& a, const KernelTable& t, int nt) {
+  const int64_t M = a.M, N = a.w.N, K = a.w.K;
+  const int64_t ldk = (K + kTileK - 1) / kTileK * kTileK, mpad = (M + 15) / 16 * 16;
+  thread_local std::vector<uint16_t> abuf;
+  thread_local std::vector<float> ubuf;
+  abuf.resize(size_t(kExactTerms * mpad * ldk));
+  ubuf.resize(size_t(mpad));
+  uint16_t* xa = abuf.data();
+  float* us = ubuf.data();  // (the lambdas below run on pool threads: no thread_local in them)
+  // term j of row m (kernel_api.h, XActs): block 3 (m / 16) + j, row m % 16
+  const auto row = [&](int64_t m, int j) { return xa + (kExactTerms * (m / 16) + j) * ldk * 16 + (m % 16) * kTileK; };
+  for (int64_t m = M; m < mpad; ++m) {
+    us[m] = 0.0f;
+    for (int j = 0; j < kExactTerms; ++j)
+      for (int64_t c = 0; c < ldk / kTileK; ++c) std::memset(row(m, j) + c * 16 * kTileK, 0, kTileK * 2);
+  }
+  std::atomic<bool> finite{true};
+  for_f32_rows(a, t, nt, [&](int64_t m, const float* xr) {
+    uint16_t* const terms[3] = {row(m, 0), row(m, 1), row(m, 2)};
+    if (!t.xtile_prep(xr, K, ldk, terms, us + m)) finite.store(false, std::memory_order_relaxed);
+  });
+  if (!finite.load()) return false;
+  const XActs acts{xa, us, M, ldk};
+  int64_t ldyf = 0;
+  float* yf = f32_output(a, ldyf);
+  const XTileGemmFn xg = t.xtgemm[a.w.fmt];
+  const QWeight& w = a.w;
+  for_row_tiles(N, nt, [&](int64_t n0, int64_t n1) { xg(w, acts, n0, n1, yf, ldyf); });
+  finish_output(a, t, yf, ldyf);
+  return true;
+}
+
 }  // namespace
 
 int threads_for(int64_t M, int64_t N, int64_t K, int n_threads, bool fast) {
@@ -204,6 +249,7 @@ void linear(const LinearArgs& a, const KernelTable* table) {
   if (a.M == 0) return;
   const int64_t M = a.M, N = a.w.N, K = a.w.K;
   const int nt = threads_for(M, N, K, std::max(1, a.n_threads), false);
+  if (exact_tiles_take(t, a.w, M) && linear_exact_tiles(a, t, nt)) return;
 
   // Activations as float32 rows.
   const float* xf = static_cast<const float*>(a.x);

@@ -193,6 +193,43 @@ using TilePrepFn = void (*)(const float* x, int64_t K, int64_t ldk, int64_t grou
 using TileGemmFn = void (*)(const QWeight& w, const uint8_t* packed, const TActs& x, int64_t n0,
                             int64_t n1, float* y, int64_t ldy);
 
+// ---- the exact tile path (AMX; KernelTable::exact_tile_min_m[f] > 0 only on CPUs with AMX-BF16) ----
+//
+// linear (the exact path: float32 activations, the canonical weight, no packed copy) takes it for
+// M >= exact_tile_min_m[format] when the weight is int8 with one scale per row and no zero-points,
+// or int4 (symmetric or with zero-points, not float offsets) with one group per row or groups of a
+// multiple of 32. Each activation row is scaled by a power of two 2^-e (its largest |x| into
+// [1, 2): exact, and it keeps the terms clear of the tile unit's flushed subnormals) and split into
+// three bfloat16 terms, h = bf16(x), m = bf16(x - h), l = bf16(x - h - m), whose sum is x to
+// 2^-27 |x|, below float32's own rounding (2^-24). The weight's codes are decoded from the
+// canonical layout into bf16 tiles of their exact integer values (int8: q; int4: q - z, at most
+// 15 in magnitude), so every product is exact in float32 and TDPBF16PS sums in float32; each
+// group's float32 partial sum is then multiplied by the group's scale and the row by 2^e:
+//   y[m, n] = 2^e[m] * sum_g s[n, g] * sum_{k in g} (h + m + l)[m, k] * (q[n, k] - z[n, g])
+// The result is float32-accurate like the exact kernels (a different summation order), not the
+// fast path's approximation. A row with a non-finite value sends the call to the exact kernels
+// (linear checks that before it prepares the tiles).
+// Activation tiles: TActs's layout with three blocks of 16 rows per 16 activation rows: term t
+// of rows 16b .. 16b + 15 is block 3b + t.
+constexpr int kExactTerms = 3;
+
+struct XActs {
+  const uint16_t* a;     // [3 * Mpad / 16][ldk / 32][16][32] bf16 bits (see above)
+  const float* unscale;  // [Mpad] 2^e of each row (rows >= M: 0)
+  int64_t M;
+  int64_t ldk;           // ceil(K / kTileK) * kTileK
+};
+
+// One float32 row -> its three terms (h at a[0], m at a[1], l at a[2]: each points at the row
+// in its block, as TilePrepFn's a), zero-padded to ldk; *unscale = 2^e. Returns false (and
+// writes nothing else) when the row holds an infinity or a NaN.
+using XTilePrepFn = bool (*)(const float* x, int64_t K, int64_t ldk, uint16_t* const a[3], float* unscale);
+
+// y[m, n] for m in [0, x.M), n in [n0, n1) (n0 a multiple of 16) from the canonical weight w
+// (only the weights described above) and the prepared activations; only columns [n0, n1) of y
+// are written.
+using XTileGemmFn = void (*)(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy);
+
 struct KernelTable {
   const char* isa;
   DequantFn dequant[kNumFormats];
@@ -211,6 +248,11 @@ struct KernelTable {
   int64_t tile_min_m[kNumFormats];
   TilePrepFn tile_prep;
   TileGemmFn tgemm[kNumFormats];
+  // exact tile path (0 / nullptr where the ISA has none): linear uses xtgemm[f] from
+  // exact_tile_min_m[f] activation rows (0: never) for the weights it takes (see above)
+  int64_t exact_tile_min_m[kNumFormats];
+  XTilePrepFn xtile_prep;
+  XTileGemmFn xtgemm[kNumFormats];
 };
 
 // One table per compiled ISA, each defined in csrc/kernels/<isa>/table.cpp. avx512vnni and

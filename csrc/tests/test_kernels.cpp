@@ -1106,6 +1106,13 @@ static void test_weights(const std::vector<const KernelTable*>& tabs, const Conf
       test_linear_packed(*tab, t, M1, xdt, ydt, bias, threads, ldx_pad, r3);
       test_linear_packed(*tab, t, M2, DType((c + 2) % 3), DType((c / 3 + 1) % 3), !bias, 4 - threads,
                          ldx_pad ? 0 : 3, r3);
+      if (tab->exact_tile_min_m[t.w.fmt] > 0) {
+        // the exact tile path (linear from exact_tile_min_m rows; weights it does not take go
+        // to the exact kernels), one to three panels of 64 rows
+        Rng r5(uint64_t(c) * 43 + 11);
+        test_linear(*tab, t, tab->exact_tile_min_m[t.w.fmt] + c % 140, DType((c + 1) % 3), DType(c % 3), bias,
+                    threads, ldx_pad, r5);
+      }
       if (tab->tile_min_m[t.w.fmt] > 0) {
         // the tile path, directly and through linear_packed (M past tile_min_m, several panels)
         Rng r4(uint64_t(c) * 41 + 3);
@@ -1443,6 +1450,68 @@ static void make_interop_weight(InteropWeight& t, IVariant v, int64_t N, int64_t
   }
 }
 
+// The exact tile path on rows the power-of-two scaling and the bf16 terms must survive: zero,
+// tiny (subnormal included), huge and mixed-magnitude rows against the reference; a row with an
+// infinity or a NaN sends the whole call to the exact kernels (bit for bit the result of the
+// table's own gemm, which the other tests check).
+static void test_exact_tiles_special(const std::vector<const KernelTable*>& tabs) {
+  for (const KernelTable* tab : tabs) {
+    for (const Variant v : {kVInt8, kVInt4Asym, kVInt4Sym}) {
+      const Format f = format_of(v);
+      if (tab->exact_tile_min_m[f] <= 0) continue;
+      g_ctx = std::string(tab->isa) + " exact tiles, special rows, " + kFormatTraits[f].name;
+      Rng rng(0xabcdefull + uint64_t(v));
+      TestWeight t;
+      make_weight(t, v, 37, 300, v == kVInt8 ? 0 : 128, 3, rng);
+      const int64_t M = tab->exact_tile_min_m[f] + 6, K = 300, N = 37;
+      for (int special = 0; special < 2; ++special) {
+        Act a;
+        make_act(a, kF32, M, K, K, rng);
+        float* x = reinterpret_cast<float*>(a.raw.p);
+        for (int64_t k = 0; k < K; ++k) {
+          x[0 * K + k] = 0.0f;                                  // zero row
+          x[1 * K + k] *= 1e-36f;                               // tiny row
+          x[2 * K + k] = k % 3 ? x[2 * K + k] * 1e-41f : 0.0f;  // subnormal row
+          x[3 * K + k] *= 1e34f;                                // huge row
+          if (k % 7 == 0) x[4 * K + k] *= 1e-30f;               // mixed magnitudes
+          if (k % 11 == 0) x[5 * K + k] = 1.5e-42f;
+        }
+        if (special) x[6 * K + 17] = special == 1 && (M & 1) ? INFINITY : NAN;
+        for (int64_t i = 0; i < M * K; ++i) a.vals[size_t(i)] = x[i];
+        std::vector<double> ref, mag;
+        ref_matmul(t, a, nullptr, ref, mag);
+        std::vector<float> y(size_t(M * N), -1.0f), y0(size_t(M * N), -2.0f);
+        LinearArgs la;
+        la.w = t.w;
+        la.x = a.raw.p;
+        la.x_dtype = kF32;
+        la.M = M;
+        la.ldx = K;
+        la.y = y.data();
+        la.y_dtype = kF32;
+        la.ldy = N;
+        la.n_threads = 2;
+        linear(la, tab);
+        if (special) {
+          // the exact kernels' own result
+          std::memset(y0.data(), 0, y0.size() * 4);
+          tab->gemm[f](t.w, x, M, K, 0, N, y0.data(), N);
+          check(std::memcmp(y.data(), y0.data(), y.size() * 4) == 0,
+                "a row with an inf or a NaN: the call is not the exact kernels' (bit for bit)");
+          continue;
+        }
+        int64_t bad = -1;
+        for (int64_t i = 0; i < M * N && bad < 0; ++i)
+          if (!(std::fabs(double(y[size_t(i)]) - ref[size_t(i)]) <= tolerance(kF32, ref[size_t(i)], mag[size_t(i)])))
+            bad = i;
+        check(bad < 0, "special rows: y[%lld, %lld] = %.9g, reference %.9g (sum|wx| %.3g)", (long long)(bad / N),
+              (long long)(bad % N), bad < 0 ? 0.0 : double(y[size_t(bad)]), bad < 0 ? 0.0 : ref[size_t(bad)],
+              bad < 0 ? 0.0 : mag[size_t(bad)]);
+      }
+    }
+  }
+}
+
 static void test_interop_variants(const std::vector<const KernelTable*>& tabs, const Config& cfg) {
   g_ctx = "fp4 codebook";
   for (int q = 0; q < 16; ++q)
@@ -1659,6 +1728,7 @@ int main(int argc, char** argv) {
   test_quantize_rows(tabs, cfg);
   test_packed_cross_isa(tabs);
   test_weights(tabs, cfg);
+  test_exact_tiles_special(tabs);
   test_interop_variants(tabs, cfg);
   std::printf("fast path: worst |y - fast reference| / (1e-5 * sum|terms|) = %.3g; worst |y - exact| / "
               "quantization bound = %.3g\n", g_fast_worst_tight, g_fast_worst_loose);

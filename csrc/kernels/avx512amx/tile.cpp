@@ -25,6 +25,7 @@
 // AMX instructions take tile numbers as immediates: the LB_* macros below spell them out.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdlib>
 
 #include "kernels/qpack.h"
@@ -361,7 +362,305 @@ static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64
   }
 }
 
+// ---- the exact tile path (kernel_api.h, "exact tile path") ---------------------------------
+//
+// The weight is read in its canonical layout, 64 bytes of each of a tile's 16 rows at a time
+// (a "unit": 2 chunks of int8 codes, 4 chunks of 4-bit codes), and a 16 x 16 transpose of
+// 32-bit words turns the unit into 16 vectors j whose lane n holds bytes 4j .. 4j + 3 of row n:
+//   int8:  columns 4j .. 4j + 3, i.e. the packed layout's quad j % 8 of chunk j / 8 (decode_int8);
+//   4-bit: byte b = 4j + i holds columns 2b and 2b + 1 (low, high nibble) = pair kk = b % 16 of
+//          chunk b / 16: one byte shuffle puts byte i of each lane in both words of its pair,
+//          a variable shift picks the nibble, and a word permute looks (nibble - z + 16) up in a
+//          32-entry table of the bf16 values -16 .. 15 (exact).
+// Slabs of kXSlab chunks (fewer when the three terms of every activation row would not stay in
+// L2): each tile's chunks of the slab are decoded once into a per-thread buffer, then every
+// panel of 64 rows multiplies them; each group's float32 partial sums are scaled into the call's
+// accumulators as in tgemm (no zero-point term: it is in the weights).
+
+constexpr int64_t kXSlab = 16;  // chunks per slab (a multiple of 4: whole units)
+
+// In place: r[c] lane n <- r[n] lane c (32-bit lanes).
+static inline void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // s[4i + j], 128-bit lane L: column 4L + j of rows 4i .. 4i + 3
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // column 4L + j = 128-bit lanes L of s[j], s[4 + j], s[8 + j], s[12 + j]
+  for (int j = 0; j < 4; ++j) {
+    const __m512i p0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), p1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
+    const __m512i p2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44), p3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+    t[j] = _mm512_shuffle_i32x4(p0, p2, 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(p0, p2, 0xDD);
+    t[8 + j] = _mm512_shuffle_i32x4(p1, p3, 0x88);
+    t[12 + j] = _mm512_shuffle_i32x4(p1, p3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+struct XDecoder {
+  Decoder d;               // int8: decode_int8's permutes
+  __m512i tab32;           // int4: bf16(i - 16), i = 0..31
+  __m512i ctrl[4];         // int4: byte i of each 32-bit lane into both of its words
+  __m512i shifts;          // int4: 0 for even words (low nibble), 4 for odd words
+};
+
+// Unit u (64 code bytes of each row) of the tile whose first row is n0 -> B tiles of its
+// chunks in [c0, c1) at out + (chunk - c0) * kTileElems. zc(chunk): int4's 16 - z per word.
+template <int F, class ZC>
+static inline void xdecode_unit(const QWeight& w, const XDecoder& xd, int64_t n0, int64_t u, int64_t c0, int64_t c1,
+                                const ZC& zc, uint16_t* out) {
+  const int64_t row_bytes = F == kInt8 ? w.K : (w.K + 1) / 2, off = 64 * u;
+  const int64_t avail = row_bytes - off;
+  const __mmask64 m = avail >= 64 ? ~__mmask64(0) : (__mmask64(1) << avail) - 1;
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = n0 + i < w.N ? _mm512_maskz_loadu_epi8(m, w.data + (n0 + i) * w.ld_data + off) : _mm512_setzero_si512();
+  transpose16(r);
+  constexpr int64_t kChunksPerUnit = F == kInt8 ? 2 : 4;
+  if constexpr (F == kInt8) {
+    alignas(64) uint8_t q[2][8 * 64];
+    for (int j = 0; j < 16; ++j) _mm512_store_si512(q[j / 8] + 64 * (j % 8), r[j]);
+    for (int cl = 0; cl < 2; ++cl) {
+      const int64_t c = kChunksPerUnit * u + cl;
+      if (c >= c0 && c < c1) decode_int8(xd.d, q[cl], out + (c - c0) * kTileElems);
+    }
+  } else {
+    for (int cl = 0; cl < 4; ++cl) {
+      const int64_t c = kChunksPerUnit * u + cl;
+      if (c < c0 || c >= c1) continue;
+      const __m512i z = zc(c);
+      uint16_t* B = out + (c - c0) * kTileElems;
+      for (int jj = 0; jj < 4; ++jj) {
+        const __m512i v = r[4 * cl + jj];
+        for (int i = 0; i < 4; ++i) {
+          const __m512i b = _mm512_shuffle_epi8(v, xd.ctrl[i]);
+          const __m512i nib = _mm512_and_si512(_mm512_srlv_epi16(b, xd.shifts), _mm512_set1_epi16(15));
+          _mm512_store_si512(B + (4 * jj + i) * 32, _mm512_permutexvar_epi16(_mm512_add_epi16(nib, z), xd.tab32));
+        }
+      }
+    }
+  }
+}
+
+// C += (h + m + l)[mb] * B for the NMB blocks of the panel: a points at the chunk's tile of the
+// panel's first block's h term; a block's terms are bstride apart, blocks 3 * bstride. Each
+// multiply-add waits for the previous one into the same accumulator tile, so consecutive ones
+// go to different tiles: terms in the outer order, and with one or two blocks their terms get
+// tiles of their own (xacc_tiles). A tiles alternate between registers RA and RB (a load waits
+// for the multiplies reading its register), B is in register RW.
+#define LX(r, mb, t) _tile_loadd(r, a + (3 * (mb) + (t)) * bstride, 64)
+#define LX_SEQ(RA, RB, RW)                                                                     \
+  if constexpr (NMB == 1) {                                                                    \
+    LX(RA, 0, 0); _tile_dpbf16ps(0, RA, RW);                                                   \
+    LX(RB, 0, 1); _tile_dpbf16ps(1, RB, RW);                                                   \
+    LX(RA, 0, 2); _tile_dpbf16ps(2, RA, RW);                                                   \
+  } else if constexpr (NMB == 2) {                                                             \
+    LX(RA, 0, 0); _tile_dpbf16ps(0, RA, RW);                                                   \
+    LX(RB, 1, 0); _tile_dpbf16ps(2, RB, RW);                                                   \
+    LX(RA, 0, 1); _tile_dpbf16ps(1, RA, RW);                                                   \
+    LX(RB, 1, 1); _tile_dpbf16ps(3, RB, RW);                                                   \
+    LX(RA, 0, 2); _tile_dpbf16ps(1, RA, RW);                                                   \
+    LX(RB, 1, 2); _tile_dpbf16ps(3, RB, RW);                                                   \
+  } else if constexpr (NMB == 3) {                                                             \
+    LX(RA, 0, 0); _tile_dpbf16ps(0, RA, RW);                                                   \
+    LX(RB, 1, 0); _tile_dpbf16ps(1, RB, RW);                                                   \
+    LX(RA, 2, 0); _tile_dpbf16ps(2, RA, RW);                                                   \
+    LX(RB, 0, 1); _tile_dpbf16ps(0, RB, RW);                                                   \
+    LX(RA, 1, 1); _tile_dpbf16ps(1, RA, RW);                                                   \
+    LX(RB, 2, 1); _tile_dpbf16ps(2, RB, RW);                                                   \
+    LX(RA, 0, 2); _tile_dpbf16ps(0, RA, RW);                                                   \
+    LX(RB, 1, 2); _tile_dpbf16ps(1, RB, RW);                                                   \
+    LX(RA, 2, 2); _tile_dpbf16ps(2, RA, RW);                                                   \
+  } else {                                                                                     \
+    LX(RA, 0, 0); _tile_dpbf16ps(0, RA, RW);                                                   \
+    LX(RB, 1, 0); _tile_dpbf16ps(1, RB, RW);                                                   \
+    LX(RA, 2, 0); _tile_dpbf16ps(2, RA, RW);                                                   \
+    LX(RB, 3, 0); _tile_dpbf16ps(3, RB, RW);                                                   \
+    LX(RA, 0, 1); _tile_dpbf16ps(0, RA, RW);                                                   \
+    LX(RB, 1, 1); _tile_dpbf16ps(1, RB, RW);                                                   \
+    LX(RA, 2, 1); _tile_dpbf16ps(2, RA, RW);                                                   \
+    LX(RB, 3, 1); _tile_dpbf16ps(3, RB, RW);                                                   \
+    LX(RA, 0, 2); _tile_dpbf16ps(0, RA, RW);                                                   \
+    LX(RB, 1, 2); _tile_dpbf16ps(1, RB, RW);                                                   \
+    LX(RA, 2, 2); _tile_dpbf16ps(2, RA, RW);                                                   \
+    LX(RB, 3, 2); _tile_dpbf16ps(3, RB, RW);                                                   \
+  }
+
+template <int NMB, bool kOdd>
+static inline __attribute__((always_inline)) void xmul_chunk(const uint16_t* a, int64_t bstride) {
+  if constexpr (kOdd) { LX_SEQ(5, 4, 7) }
+  else { LX_SEQ(4, 5, 6) }
+}
+#undef LX_SEQ
+#undef LX
+
+// The accumulator tiles of block mb of a panel of NMB blocks, as xmul_chunk fills them: first
+// and count.
+static constexpr int xacc_first(int nmb, int mb) { return nmb == 1 ? 0 : nmb == 2 ? 2 * mb : mb; }
+static constexpr int xacc_count(int nmb) { return nmb == 1 ? 3 : nmb == 2 ? 2 : 1; }
+
+// Chunks [c0, c1) (decoded at B) times the panel of 16 * NMB rows from block mb0, added into
+// acc [16 * NMB][16]; sc(g): the group's 16 scales.
+template <int NMB, class SC>
+static void xtile_panel(const QWeight& w, const XActs& x, int64_t mb0, const uint16_t* B, int64_t c0, int64_t c1,
+                        const SC& sc, float* acc) {
+  const int64_t G = w.n_groups, nch = x.ldk / kTileK, cpg = G == 1 ? nch : w.group / kTileK;
+  const int64_t bstride = nch * kTileElems;
+  const uint16_t* xa = x.a + 3 * mb0 * bstride;
+  alignas(64) float cbuf[3][16 * 16];
+  zero_acc_tiles();
+  for (int64_t c = c0; c < c1;) {
+    const int64_t g = c / cpg, ce = min64(c1, (g + 1) * cpg);
+    for (; c < ce; ++c) {
+      memory_fence();
+      if (c & 1) _tile_loadd(7, B + (c - c0) * kTileElems, 64);
+      else _tile_loadd(6, B + (c - c0) * kTileElems, 64);
+      if (c & 1) xmul_chunk<NMB, true>(xa + c * kTileElems, bstride);
+      else xmul_chunk<NMB, false>(xa + c * kTileElems, bstride);
+    }
+    const __m512 s = _mm512_load_ps(sc(g));
+    constexpr int kCnt = xacc_count(NMB);
+    for (int mb = 0; mb < NMB; ++mb) {
+      for (int i = 0; i < kCnt; ++i) store_and_zero(xacc_first(NMB, mb) + i, cbuf[i]);
+      memory_fence();
+      for (int r = 0; r < 16; ++r) {
+        __m512 v = _mm512_load_ps(cbuf[0] + 16 * r);
+        for (int i = 1; i < kCnt; ++i) v = _mm512_add_ps(v, _mm512_load_ps(cbuf[i] + 16 * r));
+        float* ar = acc + (16 * mb + r) * 16;
+        _mm512_store_ps(ar, _mm512_fmadd_ps(v, s, _mm512_load_ps(ar)));
+      }
+    }
+  }
+}
+
+template <int F>
+static void xtgemm(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  XDecoder xd;
+  xd.d.idx0 = pair_rows_idx(0);
+  xd.d.idx1 = pair_rows_idx(1);
+  {
+    alignas(64) uint16_t t[32];
+    alignas(64) uint8_t c[4][64];
+    alignas(64) uint16_t sh[32];
+    for (int i = 0; i < 32; ++i) {
+      t[i] = f32_to_bf16(float(i - 16));
+      sh[i] = uint16_t((i & 1) * 4);
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int b = 0; b < 64; ++b) c[i][b] = (b & 1) ? uint8_t(0x80) : uint8_t((b % 16) / 4 * 4 + i);
+    xd.tab32 = _mm512_load_si512(t);
+    xd.shifts = _mm512_load_si512(sh);
+    for (int i = 0; i < 4; ++i) xd.ctrl[i] = _mm512_load_si512(c[i]);
+  }
+  const int64_t G = w.n_groups, nch = x.ldk / kTileK, cpg = G == 1 ? nch : w.group / kTileK;
+  const int64_t mpad = ceil_div(x.M, 16) * 16, t0 = n0 / T, t1 = ceil_div(n1, T);
+  // whole units per slab; fewer when the slab's activation terms would leave L2
+  int64_t slab = kSlabBytes / (kExactTerms * mpad * kTileK * 2) / 4 * 4;
+  slab = slab < 4 ? 4 : slab > kXSlab ? kXSlab : slab;
+  float* acc = thread_buffer<float, 0>((t1 - t0) * mpad * 16);
+  std::memset(acc, 0, size_t((t1 - t0) * mpad * 16) * 4);
+  uint16_t* B = thread_buffer<uint16_t, 1>(kXSlab * kTileElems);
+  alignas(64) float sbuf[kXSlab][16];  // scales of the slab's groups (at most one per chunk)
+  alignas(64) uint8_t zbuf[kXSlab][16];
+  configure_tiles();
+  for (int64_t c0 = 0; c0 < nch; c0 += slab) {
+    const int64_t c1 = min64(nch, c0 + slab), g0 = c0 / cpg, g1 = (c1 - 1) / cpg + 1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t nb = t * T;
+      for (int64_t g = g0; g < g1; ++g)
+        for (int r = 0; r < 16; ++r) {
+          const bool in = nb + r < w.N;
+          sbuf[g - g0][r] = in ? group_scale(w, nb + r, g) : 0.0f;
+          zbuf[g - g0][r] = uint8_t(16 - (in && F == kInt4 ? group_zero(w, nb + r, g) : 0));
+        }
+      const auto zc = [&](int64_t c) __attribute__((always_inline)) {
+        // words 2r and 2r + 1: 16 - z of row r
+        const __m512i z8 = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_load_si128((const __m128i*)zbuf[c / cpg - g0])));
+        return _mm512_permutexvar_epi16(_mm512_srli_epi16(_mm512_set_epi16(
+            31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+            15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 1), z8);
+      };
+      constexpr int64_t kCPU = F == kInt8 ? 2 : 4;  // chunks per unit
+      for (int64_t u = c0 / kCPU; u * kCPU < c1; ++u) xdecode_unit<F>(w, xd, nb, u, c0, c1, zc, B);
+      memory_fence();
+      const auto sc = [&](int64_t g) __attribute__((always_inline)) { return sbuf[g - g0]; };
+      for (int64_t m0 = 0; m0 < mpad; m0 += 64) {
+        const int nmb = int(min64(4, (mpad - m0) / 16));
+        float* a = acc + ((t - t0) * mpad + m0) * 16;
+        switch (nmb) {
+          case 1: xtile_panel<1>(w, x, m0 / 16, B, c0, c1, sc, a); break;
+          case 2: xtile_panel<2>(w, x, m0 / 16, B, c0, c1, sc, a); break;
+          case 3: xtile_panel<3>(w, x, m0 / 16, B, c0, c1, sc, a); break;
+          default: xtile_panel<4>(w, x, m0 / 16, B, c0, c1, sc, a); break;
+        }
+      }
+    }
+  }
+  _tile_release();
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t cols = min64(T, n1 - t * T);
+    const __mmask16 cmask = __mmask16((1u << cols) - 1u);
+    const float* a = acc + (t - t0) * mpad * 16;
+    for (int64_t m = 0; m < x.M; ++m)
+      _mm512_mask_storeu_ps(y + m * ldy + t * T, cmask, _mm512_mul_ps(_mm512_load_ps(a + m * 16), _mm512_set1_ps(x.unscale[m])));
+  }
+}
+
 }  // namespace
+
+bool xtile_prep(const float* x, int64_t K, int64_t ldk, uint16_t* const a[3], float* unscale) {
+  __m512 mx = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  const __m512i expo = _mm512_set1_epi32(0x7f800000);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1u);
+    const __m512i v = _mm512_maskz_loadu_epi32(m, x + k);
+    bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, expo), expo);
+    mx = _mm512_max_ps(mx, _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x7fffffff))));
+  }
+  if (bad) return false;
+  const float amax = _mm512_reduce_max_ps(mx);
+  // 2^-e with amax * 2^-e in [1, 2), applied as two normal factors (2^-e alone may be
+  // subnormal); an all-zero row keeps e = 0
+  int e = 0;
+  if (amax > 0.0f) {
+    std::frexp(amax, &e);
+    e -= 1;
+  }
+  const __m512 s1 = _mm512_set1_ps(std::ldexp(1.0f, -e / 2)), s2 = _mm512_set1_ps(std::ldexp(1.0f, -e + e / 2));
+  *unscale = std::ldexp(1.0f, e);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1u);
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), s1), s2);
+    const __m256bh h = _mm512_cvtneps_pbh(v);
+    const __m512 r1 = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16)));
+    const __m256bh hm = _mm512_cvtneps_pbh(r1);
+    const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hm), 16)));
+    const __m256bh hl = _mm512_cvtneps_pbh(r2);
+    const int64_t o = (k / kTileK) * kTileElems + k % kTileK;
+    _mm256_mask_storeu_epi16(a[0] + o, m, (__m256i)h);
+    _mm256_mask_storeu_epi16(a[1] + o, m, (__m256i)hm);
+    _mm256_mask_storeu_epi16(a[2] + o, m, (__m256i)hl);
+  }
+  for (int64_t k = K; k < ldk; ++k)
+    for (int t = 0; t < 3; ++t) a[t][(k / kTileK) * kTileElems + k % kTileK] = 0;
+  return true;
+}
+
+void xtgemm_int8(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  xtgemm<kInt8>(w, x, n0, n1, y, ldy);
+}
+void xtgemm_int4(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  xtgemm<kInt4>(w, x, n0, n1, y, ldy);
+}
 
 void tile_prep(const float* x, int64_t K, int64_t ldk, int64_t group, int64_t n_groups, uint16_t* a,
                float* xsum) {

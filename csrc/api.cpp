@@ -192,8 +192,9 @@ bool exact_tiles_take(const KernelTable& t, const QWeight& w, int64_t M) {
   const int64_t m0 = t.exact_tile_min_m[w.fmt];
   if (m0 <= 0 || M < m0 || !t.xtgemm[w.fmt] || !t.xtile_prep) return false;
   if (w.fmt == kInt8) return !w.zeros && w.n_groups == 1;
-  if (w.fmt == kInt4) return !w.float_offset && (w.n_groups == 1 || w.group % kTileK == 0);
-  return false;
+  // int4 (not float offsets), nf4, fp4: one group per row or groups of a multiple of 32
+  if (w.fmt == kInt4 && w.float_offset) return false;
+  return w.n_groups == 1 || w.group % kTileK == 0;
 }
 
 // linear's exact tile path: three bf16 terms per activation, the canonical weight. Returns

@@ -197,15 +197,18 @@ using TileGemmFn = void (*)(const QWeight& w, const uint8_t* packed, const TActs
 //
 // linear (the exact path: float32 activations, the canonical weight, no packed copy) takes it for
 // M >= exact_tile_min_m[format] when the weight is int8 with one scale per row and no zero-points,
-// or int4 (symmetric or with zero-points, not float offsets) with one group per row or groups of a
-// multiple of 32. Each activation row is scaled by a power of two 2^-e (its largest |x| into
-// [1, 2): exact, and it keeps the terms clear of the tile unit's flushed subnormals) and split into
-// three bfloat16 terms, h = bf16(x), m = bf16(x - h), l = bf16(x - h - m), whose sum is x to
-// 2^-27 |x|, below float32's own rounding (2^-24). The weight's codes are decoded from the
-// canonical layout into bf16 tiles of their exact integer values (int8: q; int4: q - z, at most
-// 15 in magnitude), so every product is exact in float32 and TDPBF16PS sums in float32; each
-// group's float32 partial sum is then multiplied by the group's scale and the row by 2^e:
-//   y[m, n] = 2^e[m] * sum_g s[n, g] * sum_{k in g} (h + m + l)[m, k] * (q[n, k] - z[n, g])
+// int4 (symmetric or with zero-points, not float offsets), nf4 or fp4 (double quantization
+// included), the last three with one group per row or groups of a multiple of 32. Each
+// activation row is scaled by a power of two 2^-e (its largest |x| into [1, 2): exact, and it
+// keeps the terms clear of the tile unit's flushed subnormals) and split into three bfloat16
+// terms, h = bf16(x), m = bf16(x - h), l = bf16(x - h - m), whose sum is x to 2^-27 |x|, below
+// float32's own rounding (2^-24). The weight's codes are decoded from the canonical layout into
+// bf16 tiles of their exact values (int8: q; int4: q - z, at most 15 in magnitude; nf4 / fp4: the
+// codebook's float32 value as three bf16 terms, exact, of which the products x_h w_h, x_h w_m,
+// x_h w_l, x_m w_h, x_m w_m and x_l w_h are taken: the rest are below 2^-24 |x w|), so every
+// product is exact in float32 and TDPBF16PS sums in float32; each group's float32 partial sum
+// is then multiplied by the group's scale (nf4 / fp4: absmax) and the row by 2^e:
+//   y[m, n] = 2^e[m] * sum_g s[n, g] * sum_{k in g} (h + m + l)[m, k] * w_int[n, k]
 // The result is float32-accurate like the exact kernels (a different summation order), not the
 // fast path's approximation. A row with a non-finite value sends the call to the exact kernels
 // (linear checks that before it prepares the tiles).

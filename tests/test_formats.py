@@ -58,7 +58,12 @@ def test_fp4_codebook_matches_bitsandbytes_dequantize():
     out = bnb.dequantize_4bit(flat.view(packed.shape), state, blocksize=64, quant_type="fp4")
     want = torch.tensor(F.FP4_CODEBOOK) * torch.tensor(2.5)
     got = out.view(-1)[:16]
-    assert torch.equal(got.view(torch.int32), want.view(torch.int32))  # -0.0 included
+    # bit for bit but for code 8's zero: bitsandbytes' CPU backend writes -0.0 on some machines
+    # (AMD Zen 3) and +0.0 on others (Intel Sapphire Rapids, bitsandbytes 0.50.2); lowbit's
+    # codebook keeps -0.0 (test_fp4_codebook_is_bitsandbytes_fp4 pins that on its own)
+    assert torch.equal(got, want)
+    nz = want != 0
+    assert torch.equal(got[nz].view(torch.int32), want[nz].view(torch.int32))
 
 
 def test_codebooks_have_sixteen_distinct_magnitudes_in_unit_interval():

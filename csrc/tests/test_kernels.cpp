@@ -1456,13 +1456,13 @@ static void make_interop_weight(InteropWeight& t, IVariant v, int64_t N, int64_t
 // table's own gemm, which the other tests check).
 static void test_exact_tiles_special(const std::vector<const KernelTable*>& tabs) {
   for (const KernelTable* tab : tabs) {
-    for (const Variant v : {kVInt8, kVInt4Asym, kVInt4Sym}) {
+    for (const Variant v : {kVInt8, kVInt4Asym, kVInt4Sym, kVNF4, kVNF4DQ, kVFP4}) {
       const Format f = format_of(v);
       if (tab->exact_tile_min_m[f] <= 0) continue;
       g_ctx = std::string(tab->isa) + " exact tiles, special rows, " + kFormatTraits[f].name;
       Rng rng(0xabcdefull + uint64_t(v));
       TestWeight t;
-      make_weight(t, v, 37, 300, v == kVInt8 ? 0 : 128, 3, rng);
+      make_weight(t, v, 37, 300, v == kVInt8 ? 0 : v == kVInt4Asym || v == kVInt4Sym ? 128 : 64, 3, rng);
       const int64_t M = tab->exact_tile_min_m[f] + 6, K = 300, N = 37;
       for (int special = 0; special < 2; ++special) {
         Act a;

@@ -1,5 +1,7 @@
 // The avx512amx KernelTable: the avx512vnni table (avx512's exact kernels, activation quantizer
-// and packed layout; vpdpbusd qgemm for small M) plus the tile path (tile.cpp) for M >= 16.
+// and packed layout; vpdpbusd qgemm for small M) plus the tile paths (tile.cpp): the fast
+// path's from M >= 8-16, and the exact path's (three bf16 terms per activation, the canonical
+// weight) from M >= 16-48.
 // Chosen by dispatch only where the CPU has AMX-TILE, AMX-BF16 and AVX512_BF16 and the OS grants
 // the tile state (arch_prctl ARCH_REQ_XCOMP_PERM).
 #include "kernels/avx512/table_functions.h"
@@ -16,6 +18,8 @@ void tgemm_fp4(const QWeight&, const uint8_t*, const TActs&, int64_t, int64_t, f
 bool xtile_prep(const float*, int64_t, int64_t, uint16_t* const[3], float*);
 void xtgemm_int8(const QWeight&, const XActs&, int64_t, int64_t, float*, int64_t);
 void xtgemm_int4(const QWeight&, const XActs&, int64_t, int64_t, float*, int64_t);
+void xtgemm_nf4(const QWeight&, const XActs&, int64_t, int64_t, float*, int64_t);
+void xtgemm_fp4(const QWeight&, const XActs&, int64_t, int64_t, float*, int64_t);
 
 const KernelTable kTable = {
     "avx512amx",
@@ -40,13 +44,16 @@ const KernelTable kTable = {
     {16, 12, 8, 8},
     tile_prep,
     {tgemm_int8, tgemm_int4, tgemm_nf4, tgemm_fp4},
-    // exact_tile_min_m per format (the exact path; int8 per row and int4 only). Sapphire /
-    // Emerald Rapids host, 2 threads, against the exact kernels in the same run (4096 x 4096,
-    // 11008 x 4096): 1.1-1.5x at M = 64 and 128; at M = 16 - 32 no faster (the decode from the
-    // canonical layout and the three terms' A tiles from L2 cost what the tiles save).
-    {64, 64, 0, 0},
+    // exact_tile_min_m per format: where the exact tile path beats the exact kernels. Emerald
+    // Rapids host, 2 threads, exact tiles against the exact kernels in the same run (N x K =
+    // 4096 x 4096 / 11008 x 4096 / 4096 x 11008): M = 4 0.4-0.5x (the decode from the canonical
+    // layout, ~2 ms per 4096 x 4096 weight, is most of the call); M = 16 int4 1.1-1.8x, int8
+    // 1.05-1.35x, nf4 0.65-0.85x; M = 32 int4 1.2-2.1x, int8 1.3-2.0x, nf4 0.95-1.1x; M = 64
+    // int4 1.7-2.9x, int8 1.5-2.5x, nf4 1.1-1.4x; M = 128 int4 2.1-2.4x, int8 1.4-2.5x, nf4
+    // 1.2-1.6x. fp4 takes nf4's (the same tiles, another table; not measured on its own).
+    {16, 16, 48, 48},
     xtile_prep,
-    {xtgemm_int8, xtgemm_int4, nullptr, nullptr},
+    {xtgemm_int8, xtgemm_int4, xtgemm_nf4, xtgemm_fp4},
 };
 
 }  // namespace avx512amx

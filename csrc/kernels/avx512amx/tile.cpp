@@ -377,7 +377,9 @@ static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64
 // panel of 64 rows multiplies them; each group's float32 partial sums are scaled into the call's
 // accumulators as in tgemm (no zero-point term: it is in the weights).
 
-constexpr int64_t kXSlab = 16;  // chunks per slab (a multiple of 4: whole units)
+constexpr int64_t kXSlab = 16;   // chunks per slab (a multiple of 4: whole units)
+constexpr int64_t kXSub = 4;     // chunks per multiply step (its activation terms stay in L1)
+constexpr int64_t kXBatch = 32;  // weight tiles decoded per slab before they are multiplied
 
 // In place: r[c] lane n <- r[n] lane c (32-bit lanes).
 static inline void transpose16(__m512i (&r)[16]) {
@@ -408,12 +410,14 @@ static inline void transpose16(__m512i (&r)[16]) {
 struct XDecoder {
   Decoder d;               // int8: decode_int8's permutes
   __m512i tab32;           // int4: bf16(i - 16), i = 0..31
+  __m512i cbt[3];          // nf4 / fp4: the codebook's float32 values as three bf16 terms (exact)
   __m512i ctrl[4];         // int4: byte i of each 32-bit lane into both of its words
   __m512i shifts;          // int4: 0 for even words (low nibble), 4 for odd words
 };
 
 // Unit u (64 code bytes of each row) of the tile whose first row is n0 -> B tiles of its
-// chunks in [c0, c1) at out + (chunk - c0) * kTileElems. zc(chunk): int4's 16 - z per word.
+// chunks in [c0, c1) at out + (chunk - c0) * kTileElems (nf4 / fp4: three tiles per chunk, the
+// codebook's terms h, m, l). zc(chunk): int4's 16 - z per word.
 template <int F, class ZC>
 static inline void xdecode_unit(const QWeight& w, const XDecoder& xd, int64_t n0, int64_t u, int64_t c0, int64_t c1,
                                 const ZC& zc, uint16_t* out) {
@@ -436,106 +440,131 @@ static inline void xdecode_unit(const QWeight& w, const XDecoder& xd, int64_t n0
     for (int cl = 0; cl < 4; ++cl) {
       const int64_t c = kChunksPerUnit * u + cl;
       if (c < c0 || c >= c1) continue;
-      const __m512i z = zc(c);
-      uint16_t* B = out + (c - c0) * kTileElems;
+      constexpr int kW = kIsCodebook[F] ? 3 : 1;  // weight terms
+      uint16_t* B = out + (c - c0) * kW * kTileElems;
+      const __m512i z = kW == 1 ? zc(c) : _mm512_setzero_si512();
       for (int jj = 0; jj < 4; ++jj) {
         const __m512i v = r[4 * cl + jj];
         for (int i = 0; i < 4; ++i) {
           const __m512i b = _mm512_shuffle_epi8(v, xd.ctrl[i]);
           const __m512i nib = _mm512_and_si512(_mm512_srlv_epi16(b, xd.shifts), _mm512_set1_epi16(15));
-          _mm512_store_si512(B + (4 * jj + i) * 32, _mm512_permutexvar_epi16(_mm512_add_epi16(nib, z), xd.tab32));
+          uint16_t* row = B + (4 * jj + i) * 32;
+          if constexpr (kW == 1) {
+            _mm512_store_si512(row, _mm512_permutexvar_epi16(_mm512_add_epi16(nib, z), xd.tab32));
+          } else {
+            for (int e = 0; e < 3; ++e) _mm512_store_si512(row + e * kTileElems, _mm512_permutexvar_epi16(nib, xd.cbt[e]));
+          }
         }
       }
     }
   }
 }
 
-// C += (h + m + l)[mb] * B for the NMB blocks of the panel: a points at the chunk's tile of the
-// panel's first block's h term; a block's terms are bstride apart, blocks 3 * bstride. Each
-// multiply-add waits for the previous one into the same accumulator tile, so consecutive ones
-// go to different tiles: terms in the outer order, and with one or two blocks their terms get
-// tiles of their own (xacc_tiles). A tiles alternate between registers RA and RB (a load waits
-// for the multiplies reading its register), B is in register RW.
-#define LX(r, mb, t) _tile_loadd(r, a + (3 * (mb) + (t)) * bstride, 64)
-#define LX_SEQ(RA, RB, RW)                                                                     \
-  if constexpr (NMB == 1) {                                                                    \
-    LX(RA, 0, 0); _tile_dpbf16ps(0, RA, RW);                                                   \
-    LX(RB, 0, 1); _tile_dpbf16ps(1, RB, RW);                                                   \
-    LX(RA, 0, 2); _tile_dpbf16ps(2, RA, RW);                                                   \
-  } else if constexpr (NMB == 2) {                                                             \
-    LX(RA, 0, 0); _tile_dpbf16ps(0, RA, RW);                                                   \
-    LX(RB, 1, 0); _tile_dpbf16ps(2, RB, RW);                                                   \
-    LX(RA, 0, 1); _tile_dpbf16ps(1, RA, RW);                                                   \
-    LX(RB, 1, 1); _tile_dpbf16ps(3, RB, RW);                                                   \
-    LX(RA, 0, 2); _tile_dpbf16ps(1, RA, RW);                                                   \
-    LX(RB, 1, 2); _tile_dpbf16ps(3, RB, RW);                                                   \
-  } else if constexpr (NMB == 3) {                                                             \
-    LX(RA, 0, 0); _tile_dpbf16ps(0, RA, RW);                                                   \
-    LX(RB, 1, 0); _tile_dpbf16ps(1, RB, RW);                                                   \
-    LX(RA, 2, 0); _tile_dpbf16ps(2, RA, RW);                                                   \
-    LX(RB, 0, 1); _tile_dpbf16ps(0, RB, RW);                                                   \
-    LX(RA, 1, 1); _tile_dpbf16ps(1, RA, RW);                                                   \
-    LX(RB, 2, 1); _tile_dpbf16ps(2, RB, RW);                                                   \
-    LX(RA, 0, 2); _tile_dpbf16ps(0, RA, RW);                                                   \
-    LX(RB, 1, 2); _tile_dpbf16ps(1, RB, RW);                                                   \
-    LX(RA, 2, 2); _tile_dpbf16ps(2, RA, RW);                                                   \
-  } else {                                                                                     \
-    LX(RA, 0, 0); _tile_dpbf16ps(0, RA, RW);                                                   \
-    LX(RB, 1, 0); _tile_dpbf16ps(1, RB, RW);                                                   \
-    LX(RA, 2, 0); _tile_dpbf16ps(2, RA, RW);                                                   \
-    LX(RB, 3, 0); _tile_dpbf16ps(3, RB, RW);                                                   \
-    LX(RA, 0, 1); _tile_dpbf16ps(0, RA, RW);                                                   \
-    LX(RB, 1, 1); _tile_dpbf16ps(1, RB, RW);                                                   \
-    LX(RA, 2, 1); _tile_dpbf16ps(2, RA, RW);                                                   \
-    LX(RB, 3, 1); _tile_dpbf16ps(3, RB, RW);                                                   \
-    LX(RA, 0, 2); _tile_dpbf16ps(0, RA, RW);                                                   \
-    LX(RB, 1, 2); _tile_dpbf16ps(1, RB, RW);                                                   \
-    LX(RA, 2, 2); _tile_dpbf16ps(2, RA, RW);                                                   \
-    LX(RB, 3, 2); _tile_dpbf16ps(3, RB, RW);                                                   \
+// A block of NT weight tiles (16 rows each) x NM activation blocks (16 rows each) over chunks
+// [c0, c1): C(ti, mj) = tile register ti * NM + mj accumulates (h + m + l)[mj] * B[ti]. Per
+// chunk the NT weight tiles are loaded once (registers 6, 7) and each of the 3 * NM activation
+// tiles once (4, 5), so an activation tile (from L2) feeds NT multiplies and a weight tile (from
+// the per-thread decode buffer) 3 * NM; consecutive multiplies go to different accumulators
+// where there are several (each waits for the previous one into its tile).
+#define XA(r, mj, t) _tile_loadd(r, a + (3 * (mj) + (t)) * bstride, 64)
+#define XB(r, ti) _tile_loadd(r, bt[ti] + cc * kTileElems, 64)
+
+template <int NT, int NM>
+static inline __attribute__((always_inline)) void xmul_chunk(const uint16_t* a, int64_t bstride,
+                                                             const uint16_t* const (&bt)[NT], int64_t cc) {
+  if constexpr (NT == 2 && NM == 2) {
+    XB(6, 0); XB(7, 1);
+    XA(4, 0, 0); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(2, 4, 7);
+    XA(5, 1, 0); _tile_dpbf16ps(1, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    XA(4, 0, 1); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(2, 4, 7);
+    XA(5, 1, 1); _tile_dpbf16ps(1, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    XA(4, 0, 2); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(2, 4, 7);
+    XA(5, 1, 2); _tile_dpbf16ps(1, 5, 6); _tile_dpbf16ps(3, 5, 7);
+  } else if constexpr (NT == 2) {  // NM == 1
+    XB(6, 0); XB(7, 1);
+    XA(4, 0, 0); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+    XA(5, 0, 1); _tile_dpbf16ps(0, 5, 6); _tile_dpbf16ps(1, 5, 7);
+    XA(4, 0, 2); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+  } else if constexpr (NM == 2) {  // NT == 1
+    XB(6, 0);
+    XA(4, 0, 0); _tile_dpbf16ps(0, 4, 6);
+    XA(5, 1, 0); _tile_dpbf16ps(1, 5, 6);
+    XA(4, 0, 1); _tile_dpbf16ps(0, 4, 6);
+    XA(5, 1, 1); _tile_dpbf16ps(1, 5, 6);
+    XA(4, 0, 2); _tile_dpbf16ps(0, 4, 6);
+    XA(5, 1, 2); _tile_dpbf16ps(1, 5, 6);
+  } else {
+    XB(6, 0);
+    XA(4, 0, 0); _tile_dpbf16ps(0, 4, 6);
+    XA(5, 0, 1); _tile_dpbf16ps(0, 5, 6);
+    XA(4, 0, 2); _tile_dpbf16ps(0, 4, 6);
   }
-
-template <int NMB, bool kOdd>
-static inline __attribute__((always_inline)) void xmul_chunk(const uint16_t* a, int64_t bstride) {
-  if constexpr (kOdd) { LX_SEQ(5, 4, 7) }
-  else { LX_SEQ(4, 5, 6) }
 }
-#undef LX_SEQ
-#undef LX
+// nf4 / fp4: one weight tile as three terms (B registers 5, 6, 7: h, m, l) and NM activation
+// blocks (accumulators 0, 1; A registers 2, 3): the six products whose size reaches float32's
+// rounding, x_h w_h, x_h w_m, x_h w_l, x_m w_h, x_m w_m, x_l w_h (the others are below
+// 2^-24 |x w|).
+#define XW(r, e) _tile_loadd(r, bt[0] + (cc * 3 + (e)) * kTileElems, 64)
+template <int NM>
+static inline __attribute__((always_inline)) void xmul_chunk_cb(const uint16_t* a, int64_t bstride,
+                                                                const uint16_t* const (&bt)[1], int64_t cc) {
+  XW(5, 0); XW(6, 1); XW(7, 2);
+  if constexpr (NM == 2) {
+    XA(2, 0, 0); XA(3, 1, 0);
+    _tile_dpbf16ps(0, 2, 5); _tile_dpbf16ps(1, 3, 5);
+    _tile_dpbf16ps(0, 2, 6); _tile_dpbf16ps(1, 3, 6);
+    _tile_dpbf16ps(0, 2, 7); _tile_dpbf16ps(1, 3, 7);
+    XA(2, 0, 1); XA(3, 1, 1);
+    _tile_dpbf16ps(0, 2, 5); _tile_dpbf16ps(1, 3, 5);
+    _tile_dpbf16ps(0, 2, 6); _tile_dpbf16ps(1, 3, 6);
+    XA(2, 0, 2); XA(3, 1, 2);
+    _tile_dpbf16ps(0, 2, 5); _tile_dpbf16ps(1, 3, 5);
+  } else {
+    XA(2, 0, 0); XA(3, 0, 1);
+    _tile_dpbf16ps(0, 2, 5); _tile_dpbf16ps(1, 3, 5);
+    _tile_dpbf16ps(0, 2, 6); _tile_dpbf16ps(1, 3, 6);
+    _tile_dpbf16ps(0, 2, 7);
+    XA(2, 0, 2);
+    _tile_dpbf16ps(1, 2, 5);
+  }
+}
+#undef XW
+#undef XA
+#undef XB
 
-// The accumulator tiles of block mb of a panel of NMB blocks, as xmul_chunk fills them: first
-// and count.
-static constexpr int xacc_first(int nmb, int mb) { return nmb == 1 ? 0 : nmb == 2 ? 2 * mb : mb; }
-static constexpr int xacc_count(int nmb) { return nmb == 1 ? 3 : nmb == 2 ? 2 : 1; }
-
-// Chunks [c0, c1) (decoded at B) times the panel of 16 * NMB rows from block mb0, added into
-// acc [16 * NMB][16]; sc(g): the group's 16 scales.
-template <int NMB, class SC>
-static void xtile_panel(const QWeight& w, const XActs& x, int64_t mb0, const uint16_t* B, int64_t c0, int64_t c1,
-                        const SC& sc, float* acc) {
+// Chunks [c0, c1) of the NT tiles (decoded at bt[ti], chunk c at c - c0) times the NM
+// activation blocks from block mb0, added into acc[ti] (16 * NM rows of 16 floats);
+// sc(ti, g): tile ti's 16 scales of group g.
+template <int NT, int NM, bool kCB, class SC>
+static void xtile_block(const QWeight& w, const XActs& x, int64_t mb0, const uint16_t* const (&bt)[NT], int64_t c0,
+                        int64_t c1, const SC& sc, float* const (&acc)[NT]) {
+  static_assert(!kCB || NT == 1, "codebook formats: one weight tile (three terms) at a time");
+  // accumulators of block mj: ti * NM + mj (nf4 / fp4 with one block: tiles 0 and 1, summed)
+  constexpr int kSplit = kCB && NM == 1 ? 2 : 1;
   const int64_t G = w.n_groups, nch = x.ldk / kTileK, cpg = G == 1 ? nch : w.group / kTileK;
   const int64_t bstride = nch * kTileElems;
   const uint16_t* xa = x.a + 3 * mb0 * bstride;
-  alignas(64) float cbuf[3][16 * 16];
+  alignas(64) float cbuf[2][16 * 16];
   zero_acc_tiles();
   for (int64_t c = c0; c < c1;) {
     const int64_t g = c / cpg, ce = min64(c1, (g + 1) * cpg);
     for (; c < ce; ++c) {
       memory_fence();
-      if (c & 1) _tile_loadd(7, B + (c - c0) * kTileElems, 64);
-      else _tile_loadd(6, B + (c - c0) * kTileElems, 64);
-      if (c & 1) xmul_chunk<NMB, true>(xa + c * kTileElems, bstride);
-      else xmul_chunk<NMB, false>(xa + c * kTileElems, bstride);
+      if constexpr (kCB) xmul_chunk_cb<NM>(xa + c * kTileElems, bstride, bt, c - c0);
+      else xmul_chunk<NT, NM>(xa + c * kTileElems, bstride, bt, c - c0);
     }
-    const __m512 s = _mm512_load_ps(sc(g));
-    constexpr int kCnt = xacc_count(NMB);
-    for (int mb = 0; mb < NMB; ++mb) {
-      for (int i = 0; i < kCnt; ++i) store_and_zero(xacc_first(NMB, mb) + i, cbuf[i]);
-      memory_fence();
-      for (int r = 0; r < 16; ++r) {
-        __m512 v = _mm512_load_ps(cbuf[0] + 16 * r);
-        for (int i = 1; i < kCnt; ++i) v = _mm512_add_ps(v, _mm512_load_ps(cbuf[i] + 16 * r));
-        float* ar = acc + (16 * mb + r) * 16;
-        _mm512_store_ps(ar, _mm512_fmadd_ps(v, s, _mm512_load_ps(ar)));
+    for (int ti = 0; ti < NT; ++ti) {
+      const __m512 s = _mm512_load_ps(sc(ti, g));
+      for (int mj = 0; mj < NM; ++mj) {
+        store_and_zero(ti * NM + mj, cbuf[0]);
+        if constexpr (kSplit == 2) store_and_zero(1, cbuf[1]);
+        memory_fence();
+        for (int r = 0; r < 16; ++r) {
+          __m512 v = _mm512_load_ps(cbuf[0] + 16 * r);
+          if constexpr (kSplit == 2) v = _mm512_add_ps(v, _mm512_load_ps(cbuf[1] + 16 * r));
+          float* ar = acc[ti] + (16 * mj + r) * 16;
+          _mm512_store_ps(ar, _mm512_fmadd_ps(v, s, _mm512_load_ps(ar)));
+        }
       }
     }
   }
@@ -559,47 +588,89 @@ static void xtgemm(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, flo
     xd.tab32 = _mm512_load_si512(t);
     xd.shifts = _mm512_load_si512(sh);
     for (int i = 0; i < 4; ++i) xd.ctrl[i] = _mm512_load_si512(c[i]);
+    if constexpr (kIsCodebook[F]) {
+      uint16_t v[3][16];
+      for (int i = 0; i < 16; ++i) {
+        // h + m + l is the float32 value exactly: each term takes the next 8 significant bits
+        const float f = (F == kNF4 ? kNF4Codebook : kFP4Codebook)[i];
+        v[0][i] = f32_to_bf16(f);
+        const float r1 = f - bf16_to_f32(v[0][i]);
+        v[1][i] = f32_to_bf16(r1);
+        v[2][i] = f32_to_bf16(r1 - bf16_to_f32(v[1][i]));
+      }
+      for (int e = 0; e < 3; ++e) xd.cbt[e] = table16(v[e]);
+    }
   }
+  constexpr bool kCB = kIsCodebook[F];
+  constexpr int64_t kW = kCB ? 3 : 1;  // weight terms (B tiles per chunk)
   const int64_t G = w.n_groups, nch = x.ldk / kTileK, cpg = G == 1 ? nch : w.group / kTileK;
   const int64_t mpad = ceil_div(x.M, 16) * 16, t0 = n0 / T, t1 = ceil_div(n1, T);
-  // whole units per slab; fewer when the slab's activation terms would leave L2
-  int64_t slab = kSlabBytes / (kExactTerms * mpad * kTileK * 2) / 4 * 4;
-  slab = slab < 4 ? 4 : slab > kXSlab ? kXSlab : slab;
+  constexpr int64_t kCPU = F == kInt8 ? 2 : 4;  // chunks per unit (64 code bytes of a row)
+  const int64_t row_bytes = F == kInt8 ? w.K : (w.K + 1) / 2;
   float* acc = thread_buffer<float, 0>((t1 - t0) * mpad * 16);
   std::memset(acc, 0, size_t((t1 - t0) * mpad * 16) * 4);
-  uint16_t* B = thread_buffer<uint16_t, 1>(kXSlab * kTileElems);
-  alignas(64) float sbuf[kXSlab][16];  // scales of the slab's groups (at most one per chunk)
-  alignas(64) uint8_t zbuf[kXSlab][16];
+  const int64_t tstride = kXSlab * kW * kTileElems;  // a tile's decoded chunks
+  uint16_t* B = thread_buffer<uint16_t, 1>(kXBatch * tstride);
+  float* S = thread_buffer<float, 2>(kXBatch * kXSlab * 16);  // [tile][group of the slab][16]
   configure_tiles();
-  for (int64_t c0 = 0; c0 < nch; c0 += slab) {
-    const int64_t c1 = min64(nch, c0 + slab), g0 = c0 / cpg, g1 = (c1 - 1) / cpg + 1;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t nb = t * T;
-      for (int64_t g = g0; g < g1; ++g)
-        for (int r = 0; r < 16; ++r) {
-          const bool in = nb + r < w.N;
-          sbuf[g - g0][r] = in ? group_scale(w, nb + r, g) : 0.0f;
-          zbuf[g - g0][r] = uint8_t(16 - (in && F == kInt4 ? group_zero(w, nb + r, g) : 0));
-        }
-      const auto zc = [&](int64_t c) __attribute__((always_inline)) {
-        // words 2r and 2r + 1: 16 - z of row r
-        const __m512i z8 = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_load_si128((const __m128i*)zbuf[c / cpg - g0])));
-        return _mm512_permutexvar_epi16(_mm512_srli_epi16(_mm512_set_epi16(
-            31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
-            15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 1), z8);
-      };
-      constexpr int64_t kCPU = F == kInt8 ? 2 : 4;  // chunks per unit
-      for (int64_t u = c0 / kCPU; u * kCPU < c1; ++u) xdecode_unit<F>(w, xd, nb, u, c0, c1, zc, B);
+  for (int64_t c0 = 0; c0 < nch; c0 += kXSlab) {
+    const int64_t c1 = min64(nch, c0 + kXSlab), g0 = c0 / cpg, g1 = (c1 - 1) / cpg + 1;
+    const int64_t b0 = c0 / kCPU * 64, b1 = min64(row_bytes, ceil_div(c1, kCPU) * 64);  // code bytes of the slab
+    for (int64_t tb0 = t0; tb0 < t1; tb0 += kXBatch) {
+      const int64_t tb1 = min64(t1, tb0 + kXBatch);
+      // decode the batch's tiles (the slab's chunks), with their scales
+      for (int64_t t = tb0; t < tb1; ++t) {
+        // the next tile's code bytes of this slab into L2 (its 16 rows are K bytes apart and the
+        // hardware prefetchers lose such short runs)
+        for (int64_t r = (t + 1) * T; r < min64(w.N, (t + 2) * T); ++r)
+          for (int64_t o = b0; o < b1; o += 64) _mm_prefetch((const char*)(w.data + r * w.ld_data + o), _MM_HINT_T1);
+        const int64_t nb = t * T;
+        alignas(64) uint8_t zbuf[kXSlab][16];
+        float* st = S + (t - tb0) * kXSlab * 16;
+        for (int64_t g = g0; g < g1; ++g)
+          for (int r = 0; r < 16; ++r) {
+            const bool in = nb + r < w.N;
+            st[(g - g0) * 16 + r] = in ? group_scale(w, nb + r, g) : 0.0f;
+            zbuf[g - g0][r] = uint8_t(16 - (in && F == kInt4 ? group_zero(w, nb + r, g) : 0));
+          }
+        const auto zc = [&](int64_t c) __attribute__((always_inline)) {
+          // words 2r and 2r + 1: 16 - z of row r
+          const __m512i z8 = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_load_si128((const __m128i*)zbuf[c / cpg - g0])));
+          return _mm512_permutexvar_epi16(_mm512_srli_epi16(_mm512_set_epi16(
+              31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16,
+              15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 1), z8);
+        };
+        for (int64_t u = c0 / kCPU; u * kCPU < c1; ++u)
+          xdecode_unit<F>(w, xd, nb, u, c0, c1, zc, B + (t - tb0) * tstride);
+      }
       memory_fence();
-      const auto sc = [&](int64_t g) __attribute__((always_inline)) { return sbuf[g - g0]; };
-      for (int64_t m0 = 0; m0 < mpad; m0 += 64) {
-        const int nmb = int(min64(4, (mpad - m0) / 16));
-        float* a = acc + ((t - t0) * mpad + m0) * 16;
-        switch (nmb) {
-          case 1: xtile_panel<1>(w, x, m0 / 16, B, c0, c1, sc, a); break;
-          case 2: xtile_panel<2>(w, x, m0 / 16, B, c0, c1, sc, a); break;
-          case 3: xtile_panel<3>(w, x, m0 / 16, B, c0, c1, sc, a); break;
-          default: xtile_panel<4>(w, x, m0 / 16, B, c0, c1, sc, a); break;
+      // every panel of 32 activation rows against the batch's tiles, two at a time, kXSub
+      // chunks at a time (the panel's three terms of them stay in L1)
+      for (int64_t s0 = c0; s0 < c1; s0 += kXSub)
+      for (int64_t m0 = 0; m0 < mpad; m0 += 32) {
+        const int64_t s1 = min64(c1, s0 + kXSub);
+        const int nm = mpad - m0 >= 32 ? 2 : 1;
+        for (int64_t t = tb0; t < tb1;) {
+          const int nt = t + 1 < tb1 && !kCB ? 2 : 1;
+          const uint16_t* bp = B + (t - tb0) * tstride + (s0 - c0) * kW * kTileElems;
+          const float* sp = S + (t - tb0) * kXSlab * 16;
+          const auto sc = [&](int ti, int64_t g) __attribute__((always_inline)) { return sp + (ti * kXSlab + g - g0) * 16; };
+          float* a0 = acc + ((t - t0) * mpad + m0) * 16;
+          if constexpr (!kCB) {
+            if (nt == 2) {
+              const uint16_t* const bt[2] = {bp, bp + tstride};
+              float* const ac[2] = {a0, a0 + mpad * 16};
+              if (nm == 2) xtile_block<2, 2, false>(w, x, m0 / 16, bt, s0, s1, sc, ac);
+              else xtile_block<2, 1, false>(w, x, m0 / 16, bt, s0, s1, sc, ac);
+              t += nt;
+              continue;
+            }
+          }
+          const uint16_t* const bt[1] = {bp};
+          float* const ac[1] = {a0};
+          if (nm == 2) xtile_block<1, 2, kCB>(w, x, m0 / 16, bt, s0, s1, sc, ac);
+          else xtile_block<1, 1, kCB>(w, x, m0 / 16, bt, s0, s1, sc, ac);
+          t += nt;
         }
       }
     }
@@ -660,6 +731,12 @@ void xtgemm_int8(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, float
 }
 void xtgemm_int4(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
   xtgemm<kInt4>(w, x, n0, n1, y, ldy);
+}
+void xtgemm_nf4(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  xtgemm<kNF4>(w, x, n0, n1, y, ldy);
+}
+void xtgemm_fp4(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  xtgemm<kFP4>(w, x, n0, n1, y, ldy);
 }
 
 void tile_prep(const float* x, int64_t K, int64_t ldk, int64_t group, int64_t n_groups, uint16_t* a,

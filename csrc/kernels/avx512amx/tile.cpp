@@ -480,10 +480,10 @@ static inline __attribute__((always_inline)) void xmul_chunk(const uint16_t* a, 
     XA(5, 1, 1); _tile_dpbf16ps(1, 5, 6); _tile_dpbf16ps(3, 5, 7);
     XA(4, 0, 2); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(2, 4, 7);
     XA(5, 1, 2); _tile_dpbf16ps(1, 5, 6); _tile_dpbf16ps(3, 5, 7);
-  } else if constexpr (NT == 2) {  // NM == 1
+  } else if constexpr (NT == 2) {  // NM == 1: the m terms into accumulators 2 and 3
     XB(6, 0); XB(7, 1);
     XA(4, 0, 0); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-    XA(5, 0, 1); _tile_dpbf16ps(0, 5, 6); _tile_dpbf16ps(1, 5, 7);
+    XA(5, 0, 1); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
     XA(4, 0, 2); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
   } else if constexpr (NM == 2) {  // NT == 1
     XB(6, 0);
@@ -539,12 +539,13 @@ template <int NT, int NM, bool kCB, class SC>
 static void xtile_block(const QWeight& w, const XActs& x, int64_t mb0, const uint16_t* const (&bt)[NT], int64_t c0,
                         int64_t c1, const SC& sc, float* const (&acc)[NT]) {
   static_assert(!kCB || NT == 1, "codebook formats: one weight tile (three terms) at a time");
-  // accumulators of block mj: ti * NM + mj (nf4 / fp4 with one block: tiles 0 and 1, summed)
-  constexpr int kSplit = kCB && NM == 1 ? 2 : 1;
+  // accumulators of block mj: ti * NM + mj, plus (kSplit 2) tile 1 (nf4 / fp4 with one block)
+  // or ti + 2 (two weight tiles and one block)
+  constexpr int kSplit = NM == 1 && (kCB || NT == 2) ? 2 : 1;
   const int64_t G = w.n_groups, nch = x.ldk / kTileK, cpg = G == 1 ? nch : w.group / kTileK;
   const int64_t bstride = nch * kTileElems;
   const uint16_t* xa = x.a + 3 * mb0 * bstride;
-  alignas(64) float cbuf[2][16 * 16];
+  alignas(64) float cbuf[NT * NM * kSplit][16 * 16];
   zero_acc_tiles();
   for (int64_t c = c0; c < c1;) {
     const int64_t g = c / cpg, ce = min64(c1, (g + 1) * cpg);
@@ -553,15 +554,21 @@ static void xtile_block(const QWeight& w, const XActs& x, int64_t mb0, const uin
       if constexpr (kCB) xmul_chunk_cb<NM>(xa + c * kTileElems, bstride, bt, c - c0);
       else xmul_chunk<NT, NM>(xa + c * kTileElems, bstride, bt, c - c0);
     }
+    // every accumulator tile stored first, then read: a load of a tile store's bytes waits
+    // until the store has landed, so one store then its loads would stall once per tile
+    for (int ti = 0; ti < NT; ++ti)
+      for (int mj = 0; mj < NM; ++mj) {
+        store_and_zero(ti * NM + mj, cbuf[(ti * NM + mj) * kSplit]);
+        if constexpr (kSplit == 2) store_and_zero(kCB ? 1 : ti + 2, cbuf[(ti * NM + mj) * kSplit + 1]);
+      }
+    memory_fence();
     for (int ti = 0; ti < NT; ++ti) {
       const __m512 s = _mm512_load_ps(sc(ti, g));
       for (int mj = 0; mj < NM; ++mj) {
-        store_and_zero(ti * NM + mj, cbuf[0]);
-        if constexpr (kSplit == 2) store_and_zero(1, cbuf[1]);
-        memory_fence();
+        const float* cb = cbuf[(ti * NM + mj) * kSplit];
         for (int r = 0; r < 16; ++r) {
-          __m512 v = _mm512_load_ps(cbuf[0] + 16 * r);
-          if constexpr (kSplit == 2) v = _mm512_add_ps(v, _mm512_load_ps(cbuf[1] + 16 * r));
+          __m512 v = _mm512_load_ps(cb + 16 * r);
+          if constexpr (kSplit == 2) v = _mm512_add_ps(v, _mm512_load_ps(cb + 256 + 16 * r));
           float* ar = acc[ti] + (16 * mj + r) * 16;
           _mm512_store_ps(ar, _mm512_fmadd_ps(v, s, _mm512_load_ps(ar)));
         }
@@ -627,12 +634,24 @@ static void xtgemm(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, flo
         const int64_t nb = t * T;
         alignas(64) uint8_t zbuf[kXSlab][16];
         float* st = S + (t - tb0) * kXSlab * 16;
-        for (int64_t g = g0; g < g1; ++g)
-          for (int r = 0; r < 16; ++r) {
-            const bool in = nb + r < w.N;
-            st[(g - g0) * 16 + r] = in ? group_scale(w, nb + r, g) : 0.0f;
-            zbuf[g - g0][r] = uint8_t(16 - (in && F == kInt4 ? group_zero(w, nb + r, g) : 0));
+        for (int r = 0; r < 16; ++r) {
+          const int64_t n = nb + r;
+          if (n >= w.N) {
+            for (int64_t g = g0; g < g1; ++g) {
+              st[(g - g0) * 16 + r] = 0.0f;
+              zbuf[g - g0][r] = 16;
+            }
+          } else if (w.double_quant) {
+            for (int64_t g = g0; g < g1; ++g) st[(g - g0) * 16 + r] = group_scale(w, n, g);
+          } else {
+            const float* sr = static_cast<const float*>(w.scales) + n * G;
+            for (int64_t g = g0; g < g1; ++g) st[(g - g0) * 16 + r] = sr[g];
           }
+          if (F == kInt4 && n < w.N) {
+            const uint8_t* zr = w.symmetric ? nullptr : static_cast<const uint8_t*>(w.zeros) + n * G;
+            for (int64_t g = g0; g < g1; ++g) zbuf[g - g0][r] = uint8_t(16 - (zr ? int(zr[g]) : kInt4SymmetricZero));
+          }
+        }
         const auto zc = [&](int64_t c) __attribute__((always_inline)) {
           // words 2r and 2r + 1: 16 - z of row r
           const __m512i z8 = _mm512_cvtepu8_epi16(_mm256_zextsi128_si256(_mm_load_si128((const __m128i*)zbuf[c / cpg - g0])));

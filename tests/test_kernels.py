@@ -82,6 +82,35 @@ def test_linear_larger_shapes_all_dtypes(isa, fmt, opts, dt):
         assert_linear_close(run_linear(isa, x, qw), R.linear(x, qw), x, qw)
 
 
+@pytest.mark.parametrize("fmt,opts", [("int8", {}), ("int4", {}), ("int4", {"group_size": 64, "symmetric": True}),
+                                      ("int4", {"group_size": None}), ("int4", {"group_size": 96}),
+                                      ("nf4", {}), ("nf4", {"double_quant": True}), ("fp4", {"group_size": 32})])
+def test_linear_across_the_exact_tile_thresholds(isa, fmt, opts):
+    """M on both sides of the exact path's tile thresholds (AMX CPUs: int8 / int4 from 16 rows,
+    nf4 / fp4 from 48, csrc/kernels/avx512amx/table.cpp) and past several panels, ragged K and N,
+    activations with a large common offset (what a cancelling float32 sum looks like), rows of
+    very different magnitudes, and a row with an infinity (the whole call then takes the exact
+    kernels; the reference's inf / nan pattern must come out)."""
+    if isa == "scalar":
+        pytest.skip("the scalar path is covered on small shapes; large ones only take time")
+    N, K = 70, 1000
+    qw = lowbit.quantize_weight(torch.randn(N, K), fmt, **opts)
+    for M in (15, 16, 17, 47, 48, 49, 64, 97, 130):
+        for dt in (torch.float32, torch.bfloat16):
+            x = (torch.randn(M, K) + 3.0)
+            x[1] *= 1e-30
+            x[2] *= 1e30
+            x[3, ::7] *= 1e-20
+            x = x.to(dt)
+            assert_linear_close(run_linear(isa, x, qw), R.linear(x, qw), x, qw, msg=f"M={M} {dt}")
+    x = torch.randn(50, K)
+    x[5, 3] = float("inf")
+    got, want = run_linear(isa, x, qw), R.linear(x, qw)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    assert_linear_close(torch.where(fin, got, 0), torch.where(fin, want, 0), torch.where(torch.isfinite(x), x, 0), qw)
+
+
 def test_public_linear_leading_dims_strides_and_dtypes():
     qw = lowbit.quantize_weight(torch.randn(24, 96), "int4", group_size=32)
     bias = torch.randn(24)

@@ -148,7 +148,7 @@ void for_f32_rows(const LinearArgs& a, const KernelTable& t, int nt, const Fn& f
       fn(m, xr);
     }
   };
-  const int pt = threads_for(M, K, 16, nt, true);
+  const int pt = threads_for(M, K, 16, nt);
   if (pt <= 1) {
     rows(0, M);
   } else {
@@ -241,12 +241,15 @@ bool linear_exact_tiles(const LinearArgs& a, const KernelTable& t, int nt) {
 
 }  // namespace
 
-int threads_for(int64_t M, int64_t N, int64_t K, int n_threads, bool fast) {
-  // Below ~kMinMacs multiply-adds per extra thread the pool's hand-off (a few microseconds
-  // at worst) costs more than the work it takes over.
+int threads_for(int64_t M, int64_t N, int64_t K, int n_threads) {
+  // One more thread per 2^19 multiply-adds of the call, for both paths. The exact path split
+  // from 2^17 until session 18 (its kernels took ~4x the time per multiply-add then): on the
+  // bundled model's 576-wide layers (0.1-0.9 M multiply-adds) every decode call then woke the
+  // pool (the workers' 100 us spin had ended during the attention between two linears) and
+  // met torch's own threads on the two cores: 70-83 ms per token against 40-55 with 2^19
+  // (SmolLM2-135M int4, exact path, Emerald Rapids host, 2 threads; 2^20: 57-60).
   const double macs = double(M) * double(N) * double(K);
-  const double per_thread = fast ? double(1 << 19) : double(1 << 17);
-  const int useful = int(std::min(double(n_threads), std::max(1.0, macs / per_thread)));
+  const int useful = int(std::min(double(n_threads), std::max(1.0, macs / double(1 << 19))));
   return std::max(1, useful);
 }
 
@@ -256,7 +259,7 @@ void linear(const LinearArgs& a, const KernelTable* table) {
   check_call(a);
   if (a.M == 0) return;
   const int64_t M = a.M, N = a.w.N, K = a.w.K;
-  const int nt = threads_for(M, N, K, std::max(1, a.n_threads), false);
+  const int nt = threads_for(M, N, K, std::max(1, a.n_threads));
   if (exact_tiles_take(t, a.w, M) && linear_exact_tiles(a, t, nt)) return;
 
   // Activations as float32 rows.
@@ -337,7 +340,7 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
   }
   if (a.M == 0) return;
   const int64_t M = a.M, N = a.w.N, K = a.w.K;
-  const int nt = threads_for(M, N, K, std::max(1, a.n_threads), true);
+  const int nt = threads_for(M, N, K, std::max(1, a.n_threads));
   if (t.tile_min_m[a.w.fmt] > 0 && M >= t.tile_min_m[a.w.fmt] && t.tgemm[a.w.fmt]) {
     linear_tiles(a, t, packed + kPackedHeaderBytes, nt);
     return;

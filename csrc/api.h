@@ -69,7 +69,7 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
                    const KernelTable* table = nullptr);
 
 // Threads worth using for a matmul of M x N x K multiply-adds: 1 for small problems, where
-// waking the pool costs more than it saves; `fast` is the int8-dot path (cheaper per MAC).
-int threads_for(int64_t M, int64_t N, int64_t K, int n_threads, bool fast);
+// waking the pool costs more than it saves (one thread per 2^19 multiply-adds, both paths).
+int threads_for(int64_t M, int64_t N, int64_t K, int n_threads);
 
 }  // namespace lowbit

@@ -261,7 +261,7 @@ int main(int argc, char** argv) {
             if (fast && stream) {
               std::vector<double> rs;
               uint64_t keep = 0;
-              const int64_t tasks = row_tasks(N, threads_for(M, N, K, int(nt), true));
+              const int64_t tasks = row_tasks(N, threads_for(M, N, K, int(nt)));
               for (int64_t r = 0; r < reps + 2; ++r) {
                 const WeightCopy& wc = ws[size_t(r % copies)];
                 const auto t0 = std::chrono::steady_clock::now();

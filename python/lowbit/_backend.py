@@ -300,9 +300,33 @@ def linear_rows(x: torch.Tensor, x_dt: int, M: int, ldx: int, qw: QuantizedWeigh
         if b.run is not None:
             b.run(x.data_ptr(), x_dt, M, ldx, b0, out.data_ptr(), out_dt, ldy, num_threads())
             return out
-    C.linear(*_weight_args(qw), x.data_ptr(), x_dt, M, ldx, b0, out.data_ptr(), out_dt, ldy, num_threads(),
-             isa, float_offset=qw.zero_point == "float")
+    name = isa or C.active_isa()
+    e = qw.cache.get("cpu_exact:" + name)
+    if e is None or not e.valid_for(qw):
+        e = _Exact(qw, name)
+        qw.cache["cpu_exact:" + name] = e
+    e.run(x.data_ptr(), x_dt, M, ldx, b0, out.data_ptr(), out_dt, ldy, num_threads())
     return out
+
+
+class _Exact:
+    """qw.cache's handle of the exact path: the C++ call with the weight's pointers bound
+    (ExactLinear), valid while qw holds the same tensors at the same addresses."""
+
+    __slots__ = ("run", "src", "ptrs")
+
+    def __init__(self, qw: QuantizedWeight, isa: str):
+        self.src = (qw.data, qw.scales, qw.zeros, qw.dq_scale, qw.dq_offset)
+        self.ptrs = tuple(0 if t is None else t.data_ptr() for t in self.src)
+        self.run = ext().ExactLinear(*_weight_args(qw), isa, float_offset=qw.zero_point == "float")
+
+    def valid_for(self, qw: QuantizedWeight) -> bool:
+        src = self.src
+        if not (qw.data is src[0] and qw.scales is src[1] and qw.zeros is src[2]
+                and qw.dq_scale is src[3] and qw.dq_offset is src[4]):
+            return False
+        # (the same tensor objects; their storage could still have been swapped by set_())
+        return all(t is None or t.data_ptr() == p for t, p in zip(src, self.ptrs))
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype, isa: str = "") -> torch.Tensor:

@@ -195,14 +195,12 @@ void linear_tiles(const LinearArgs& a, const KernelTable& t, const uint8_t* body
   finish_output(a, t, yf, ldyf);
 }
 
-// Whether linear's exact tile path takes this weight (kernel_api.h, "exact tile path").
+// Whether linear's exact tile path takes this weight (kernel_api.h, "exact tile path"): the
+// weights the table's tile layout takes (packed_size 0 otherwise), from exact_tile_min_m rows.
 bool exact_tiles_take(const KernelTable& t, const QWeight& w, int64_t M) {
   const int64_t m0 = t.exact_tile_min_m[w.fmt];
-  if (m0 <= 0 || M < m0 || !t.xtgemm[w.fmt] || !t.xtile_prep) return false;
-  if (w.fmt == kInt8) return !w.zeros && w.n_groups == 1;
-  // int4 (not float offsets), nf4, fp4: one group per row or groups of a multiple of 32
-  if (w.fmt == kInt4 && w.float_offset) return false;
-  return w.n_groups == 1 || w.group % kTileK == 0;
+  if (m0 <= 0 || M < m0 || !t.xtgemm[w.fmt] || !t.xtile_prep || !t.packed_size[w.fmt]) return false;
+  return t.packed_size[w.fmt](w) > 0;
 }
 
 // linear's exact tile path: three bf16 terms per activation, the canonical weight. Returns

@@ -196,9 +196,10 @@ using TileGemmFn = void (*)(const QWeight& w, const uint8_t* packed, const TActs
 // ---- the exact tile path (AMX; KernelTable::exact_tile_min_m[f] > 0 only on CPUs with AMX-BF16) ----
 //
 // linear (the exact path: float32 activations, the canonical weight, no packed copy) takes it for
-// M >= exact_tile_min_m[format] when the weight is int8 with one scale per row and no zero-points,
-// int4 (symmetric or with zero-points, not float offsets), nf4 or fp4 (double quantization
-// included), the last three with one group per row or groups of a multiple of 32. Each
+// M >= exact_tile_min_m[format] on the weights the fast path's packed layout takes (packed_size
+// > 0: int8 with one scale per row and no zero-points; int4 symmetric or with zero-points, not
+// float offsets; nf4 and fp4, double quantization included; one group per row or groups of a
+// multiple of 32), though it reads them in their canonical layout. Each
 // activation row is scaled by a power of two 2^-e (its largest |x| into [1, 2): exact, and it
 // keeps the terms clear of the tile unit's flushed subnormals) and split into three bfloat16
 // terms, h = bf16(x), m = bf16(x - h), l = bf16(x - h - m), whose sum is x to 2^-27 |x|, below

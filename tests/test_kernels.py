@@ -107,6 +107,8 @@ def test_linear_across_the_exact_tile_thresholds(isa, fmt, opts):
     x[5, 3] = float("inf")
     got, want = run_linear(isa, x, qw), R.linear(x, qw)
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    inf = torch.isinf(want)
+    assert torch.equal(got[inf], want[inf])  # the infinities' signs too
     fin = torch.isfinite(want)
     assert_linear_close(torch.where(fin, got, 0), torch.where(fin, want, 0), torch.where(torch.isfinite(x), x, 0), qw)
 

@@ -166,12 +166,22 @@ class _Blob:
             self.ptr, self.nbytes, *meta, isa, float_offset=float_offset)
 
 
+def _tensors(qw: QuantizedWeight):
+    """The weight's tensors the CPU kernels read (None where the format has none)."""
+    return (qw.data, qw.scales, qw.zeros, qw.dq_scale, qw.dq_offset)
+
+
+def _same_tensors(src, qw: QuantizedWeight) -> bool:
+    """Whether qw holds the tensor objects ``src`` (a :func:`_tensors` of earlier)."""
+    return (qw.data is src[0] and qw.scales is src[1] and qw.zeros is src[2]
+            and qw.dq_scale is src[3] and qw.dq_offset is src[4])
+
+
 def _versions(qw: QuantizedWeight):
     # Inference tensors (made under torch.inference_mode) have no version counter and can only
     # change in place inside inference mode; they are matched by identity alone (and never
     # through _SHARED).
-    return tuple(-1 if t.is_inference() else t._version
-                 for t in (qw.data, qw.scales, qw.zeros, qw.dq_scale, qw.dq_offset) if t is not None)
+    return tuple(-1 if t.is_inference() else t._version for t in _tensors(qw) if t is not None)
 
 
 class _Entry:
@@ -182,15 +192,13 @@ class _Entry:
 
     def __init__(self, qw: QuantizedWeight, blob: _Blob, versions):
         self.blob = blob
-        self.src = (qw.data, qw.scales, qw.zeros, qw.dq_scale, qw.dq_offset)
+        self.src = _tensors(qw)
         self.versions = versions
         self.tracked = -1 not in versions
         self.present = tuple(t for t in self.src if t is not None)  # the tensors `versions` is of
 
     def valid_for(self, qw: QuantizedWeight) -> bool:
-        src = self.src
-        if not (qw.data is src[0] and qw.scales is src[1] and qw.zeros is src[2]
-                and qw.dq_scale is src[3] and qw.dq_offset is src[4]):
+        if not _same_tensors(self.src, qw):
             return False
         if not self.tracked:
             return True
@@ -238,15 +246,13 @@ def _packed(qw: QuantizedWeight, isa: str) -> _Blob:
     blob = None
     if hit is not None:
         refs, vers, b = hit
-        ts = (qw.data, qw.scales, qw.zeros, qw.dq_scale, qw.dq_offset)
         if vers == versions and all((r is None and t is None) or (r is not None and r() is t)
-                                    for r, t in zip(refs, ts)):
+                                    for r, t in zip(refs, _tensors(qw))):
             blob = b
     if blob is None:
         blob = _build_blob(qw, isa)
         if tracked:
-            refs = tuple(None if t is None else weakref.ref(t)
-                         for t in (qw.data, qw.scales, qw.zeros, qw.dq_scale, qw.dq_offset))
+            refs = tuple(None if t is None else weakref.ref(t) for t in _tensors(qw))
             _SHARED[skey] = (refs, versions, blob)
             weakref.finalize(qw.data, _forget, skey)
     qw.cache[key] = _Entry(qw, blob, versions)
@@ -316,17 +322,15 @@ class _Exact:
     __slots__ = ("run", "src", "ptrs")
 
     def __init__(self, qw: QuantizedWeight, isa: str):
-        self.src = (qw.data, qw.scales, qw.zeros, qw.dq_scale, qw.dq_offset)
+        self.src = _tensors(qw)
         self.ptrs = tuple(0 if t is None else t.data_ptr() for t in self.src)
         self.run = ext().ExactLinear(*_weight_args(qw), isa, float_offset=qw.zero_point == "float")
 
     def valid_for(self, qw: QuantizedWeight) -> bool:
-        src = self.src
-        if not (qw.data is src[0] and qw.scales is src[1] and qw.zeros is src[2]
-                and qw.dq_scale is src[3] and qw.dq_offset is src[4]):
-            return False
-        # (the same tensor objects; their storage could still have been swapped by set_())
-        return all(t is None or t.data_ptr() == p for t, p in zip(src, self.ptrs))
+        # the same tensor objects, and (the handle holds raw pointers) at the same addresses:
+        # set_() could have given one of them other storage
+        return _same_tensors(self.src, qw) and all(
+            t is None or t.data_ptr() == p for t, p in zip(self.src, self.ptrs))
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype, isa: str = "") -> torch.Tensor:

@@ -372,10 +372,11 @@ static void tgemm(const QWeight& w, const uint8_t* packed, const TActs& x, int64
 //          chunk b / 16: one byte shuffle puts byte i of each lane in both words of its pair,
 //          a variable shift picks the nibble, and a word permute looks (nibble - z + 16) up in a
 //          32-entry table of the bf16 values -16 .. 15 (exact).
-// Slabs of kXSlab chunks (fewer when the three terms of every activation row would not stay in
-// L2): each tile's chunks of the slab are decoded once into a per-thread buffer, then every
-// panel of 64 rows multiplies them; each group's float32 partial sums are scaled into the call's
-// accumulators as in tgemm (no zero-point term: it is in the weights).
+// K is taken in slabs of kXSlab chunks: the slab's chunks of a batch of kXBatch weight tiles are
+// decoded into a per-thread buffer (one pass over the canonical rows, the next tile's bytes
+// prefetched), then multiplied kXSub chunks at a time by every panel of 32 activation rows,
+// two weight tiles at once (xtile_block); each group's float32 partial sums are scaled into the
+// call's accumulators as in tgemm (no zero-point term: it is in the weights).
 
 constexpr int64_t kXSlab = 16;   // chunks per slab (a multiple of 4: whole units)
 constexpr int64_t kXSub = 4;     // chunks per multiply step (its activation terms stay in L1)
@@ -407,6 +408,10 @@ static inline void transpose16(__m512i (&r)[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
+// Chunks per unit (64 code bytes of a row).
+template <int F>
+static constexpr int64_t chunks_per_unit() { return F == kInt8 ? 2 : 4; }
+
 struct XDecoder {
   Decoder d;               // int8: decode_int8's permutes
   __m512i tab32;           // int4: bf16(i - 16), i = 0..31
@@ -428,7 +433,7 @@ static inline void xdecode_unit(const QWeight& w, const XDecoder& xd, int64_t n0
   for (int i = 0; i < 16; ++i)
     r[i] = n0 + i < w.N ? _mm512_maskz_loadu_epi8(m, w.data + (n0 + i) * w.ld_data + off) : _mm512_setzero_si512();
   transpose16(r);
-  constexpr int64_t kChunksPerUnit = F == kInt8 ? 2 : 4;
+  constexpr int64_t kChunksPerUnit = chunks_per_unit<F>();
   if constexpr (F == kInt8) {
     alignas(64) uint8_t q[2][8 * 64];
     for (int j = 0; j < 16; ++j) _mm512_store_si512(q[j / 8] + 64 * (j % 8), r[j]);
@@ -463,8 +468,8 @@ static inline void xdecode_unit(const QWeight& w, const XDecoder& xd, int64_t n0
 // A block of NT weight tiles (16 rows each) x NM activation blocks (16 rows each) over chunks
 // [c0, c1): C(ti, mj) = tile register ti * NM + mj accumulates (h + m + l)[mj] * B[ti]. Per
 // chunk the NT weight tiles are loaded once (registers 6, 7) and each of the 3 * NM activation
-// tiles once (4, 5), so an activation tile (from L2) feeds NT multiplies and a weight tile (from
-// the per-thread decode buffer) 3 * NM; consecutive multiplies go to different accumulators
+// tiles once (4, 5), so an activation tile (from L1: a step's few chunks) feeds NT multiplies and
+// a weight tile (from the per-thread decode buffer) 3 * NM; consecutive multiplies go to different accumulators
 // where there are several (each waits for the previous one into its tile).
 #define XA(r, mj, t) _tile_loadd(r, a + (3 * (mj) + (t)) * bstride, 64)
 #define XB(r, ti) _tile_loadd(r, bt[ti] + cc * kTileElems, 64)
@@ -542,8 +547,7 @@ static void xtile_block(const QWeight& w, const XActs& x, int64_t mb0, const uin
   // accumulators of block mj: ti * NM + mj, plus (kSplit 2) tile 1 (nf4 / fp4 with one block)
   // or ti + 2 (two weight tiles and one block)
   constexpr int kSplit = NM == 1 && (kCB || NT == 2) ? 2 : 1;
-  const int64_t G = w.n_groups, nch = x.ldk / kTileK, cpg = G == 1 ? nch : w.group / kTileK;
-  const int64_t bstride = nch * kTileElems;
+  const int64_t cpg = qpack::chunks_per_group(w), bstride = qpack::nchunks(w) * kTileElems;
   const uint16_t* xa = x.a + 3 * mb0 * bstride;
   alignas(64) float cbuf[NT * NM * kSplit][16 * 16];
   zero_acc_tiles();
@@ -610,9 +614,9 @@ static void xtgemm(const QWeight& w, const XActs& x, int64_t n0, int64_t n1, flo
   }
   constexpr bool kCB = kIsCodebook[F];
   constexpr int64_t kW = kCB ? 3 : 1;  // weight terms (B tiles per chunk)
-  const int64_t G = w.n_groups, nch = x.ldk / kTileK, cpg = G == 1 ? nch : w.group / kTileK;
+  const int64_t G = w.n_groups, nch = qpack::nchunks(w), cpg = qpack::chunks_per_group(w);
   const int64_t mpad = ceil_div(x.M, 16) * 16, t0 = n0 / T, t1 = ceil_div(n1, T);
-  constexpr int64_t kCPU = F == kInt8 ? 2 : 4;  // chunks per unit (64 code bytes of a row)
+  constexpr int64_t kCPU = chunks_per_unit<F>();
   const int64_t row_bytes = F == kInt8 ? w.K : (w.K + 1) / 2;
   float* acc = thread_buffer<float, 0>((t1 - t0) * mpad * 16);
   std::memset(acc, 0, size_t((t1 - t0) * mpad * 16) * 4);

@@ -416,6 +416,40 @@ def test_packed_linear_handle_matches_and_checks():
         wrong(x.data_ptr(), 0, 3, 256, 0, out.data_ptr(), 0, 40, 1)
     with pytest.raises(ValueError, match="row stride"):
         b.run(x.data_ptr(), 0, 3, 100, 0, out.data_ptr(), 0, 40, 1)
+    # the vectorcall entry (lowbit._backend's per-call lane): same result, same checks, and
+    # call_active declines a handle of another ISA than the active one
+    out.zero_()
+    assert C.call(b.run, x.data_ptr(), 0, 3, 256, 0, out.data_ptr(), 0, 40, 2) is None
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="packed weight"):
+        C.call(wrong, x.data_ptr(), 0, 3, 256, 0, out.data_ptr(), 0, 40, 1)
+    with pytest.raises(ValueError, match="row stride"):
+        C.call(b.run, x.data_ptr(), 0, 3, 100, 0, out.data_ptr(), 0, 40, 1)
+    with pytest.raises(ValueError, match="dtype"):
+        C.call(b.run, x.data_ptr(), 7, 3, 256, 0, out.data_ptr(), 0, 40, 1)
+    with pytest.raises(TypeError, match="10 arguments"):
+        C.call(b.run, x.data_ptr(), 0, 3, 256, 0, out.data_ptr(), 0, 40)
+    with pytest.raises(TypeError, match="must be an int"):
+        C.call(b.run, x.data_ptr(), 0, 3.0, 256, 0, out.data_ptr(), 0, 40, 1)
+    with pytest.raises(TypeError, match="PackedLinear or ExactLinear"):
+        C.call(object(), x.data_ptr(), 0, 3, 256, 0, out.data_ptr(), 0, 40, 1)
+    with pytest.raises(OverflowError):
+        C.call(b.run, x.data_ptr(), 0, 3, 256, 0, out.data_ptr(), 0, 40, 2**70)
+    out.zero_()
+    assert C.call_active(b.run, x.data_ptr(), 0, 3, 256, 0, out.data_ptr(), 0, 40, 1) is True
+    assert torch.equal(out, ref)
+    if "avx2" in _backend.ISAS and isa != "avx2" and "avx2" in C.supported_isas():
+        other = _backend._packed(qw, "avx2")
+        out.zero_()
+        assert C.call_active(other.run, x.data_ptr(), 0, 3, 256, 0, out.data_ptr(), 0, 40, 1) is False
+        assert not out.any()
+        # and lowbit.linear after an ISA switch runs the new ISA's kernels, not the cached lane
+        prev = isa
+        lowbit.set_isa("avx2")
+        try:
+            assert torch.equal(lowbit.linear(x, qw), _backend.linear(x, qw, None, torch.empty(3, 40), isa="avx2"))
+        finally:
+            lowbit.set_isa(prev)
 
 
 def test_autograd_and_compile_use_the_fast_path():

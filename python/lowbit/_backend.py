@@ -74,6 +74,8 @@ def _getenv(name: str, key: bytes) -> Optional[str]:
 
 def num_threads() -> int:
     """LOWBIT_NUM_THREADS if set, else torch.get_num_threads()."""
+    if _ENV_DATA is not None and b"LOWBIT_NUM_THREADS" not in _ENV_DATA:  # (the common case, cheaply)
+        return torch.get_num_threads()
     env = _getenv("LOWBIT_NUM_THREADS", b"LOWBIT_NUM_THREADS")
     if env:
         try:
@@ -140,6 +142,8 @@ def cpu_path() -> str:
     """The CPU path in use: set_cpu_path's choice, else LOWBIT_CPU_PATH, else "exact"."""
     if _path_override is not None:
         return _path_override
+    if _ENV_DATA is not None and b"LOWBIT_CPU_PATH" not in _ENV_DATA:
+        return _DEFAULT_PATH
     env = _getenv("LOWBIT_CPU_PATH", b"LOWBIT_CPU_PATH")
     if not env:
         return _DEFAULT_PATH
@@ -188,7 +192,7 @@ class _Entry:
     """qw.cache's entry: the blob, valid while qw's tensors are the same objects (held here)
     at the same versions (an in-place update such as load_state_dict's copy_ bumps them)."""
 
-    __slots__ = ("blob", "src", "versions", "tracked", "present")
+    __slots__ = ("blob", "src", "versions", "tracked", "present", "current")
 
     def __init__(self, qw: QuantizedWeight, blob: _Blob, versions):
         self.blob = blob
@@ -196,18 +200,29 @@ class _Entry:
         self.versions = versions
         self.tracked = -1 not in versions
         self.present = tuple(t for t in self.src if t is not None)  # the tensors `versions` is of
+        self.current = _version_reader(self.present) if self.tracked else None
 
     def valid_for(self, qw: QuantizedWeight) -> bool:
-        if not _same_tensors(self.src, qw):
+        # (an entry of qw.cache: reassigning a field of qw clears that dict, so the identity of
+        # its data is a guard for an entry moved by hand; the versions catch in-place updates)
+        if qw.data is not self.src[0]:
             return False
-        if not self.tracked:
-            return True
-        # the same tensors as at packing (checked above), none of them an inference tensor
-        v = self.versions
-        for i, t in enumerate(self.present):
-            if t._version != v[i]:
-                return False
-        return True
+        return not self.tracked or self.current() == self.versions
+
+
+def _version_reader(ts):
+    """A function returning the tuple of the tensors' ``_version``s, written out for the common
+    counts (a loop over them costs ~0.7 us per call, a tenth of a small layer's kernel)."""
+    if len(ts) == 1:
+        a, = ts
+        return lambda: (a._version,)
+    if len(ts) == 2:
+        a, b = ts
+        return lambda: (a._version, b._version)
+    if len(ts) == 3:
+        a, b, c = ts
+        return lambda: (a._version, b._version, c._version)
+    return lambda: tuple(t._version for t in ts)
 
 
 # Packed forms also kept by the identity of the weight's data tensor, for callers that build a
@@ -299,19 +314,33 @@ def linear_rows(x: torch.Tensor, x_dt: int, M: int, ldx: int, qw: QuantizedWeigh
     rows ldy apart. Nothing is checked or queried here (lowbit.ops' eager lane calls it)."""
     C = _C if _C is not None else ext()
     b0 = 0 if bias is None else bias.data_ptr()
-    if (path or cpu_path()) == "fast":
-        name = isa or C.active_isa()
-        e = qw.cache.get("cpu_packed:" + name)
-        b = e.blob if e is not None and e.valid_for(qw) else _packed(qw, name)
-        if b.run is not None:
-            b.run(x.data_ptr(), x_dt, M, ldx, b0, out.data_ptr(), out_dt, ldy, num_threads())
+    fast = (path or cpu_path()) == "fast"
+    if not isa:
+        # the handle this weight last ran on for the active ISA (qw.cache "cpu_lane:<path>"):
+        # no ISA name, cache key or packed-entry lookup per call; call_active declines (False)
+        # when the active ISA is no longer the handle's
+        lane = qw.cache.get("cpu_lane:fast" if fast else "cpu_lane:exact")
+        if lane is not None and lane[1].valid_for(qw) and C.call_active(
+                lane[0], x.data_ptr(), x_dt, M, ldx, b0, out.data_ptr(), out_dt, ldy, num_threads()):
             return out
     name = isa or C.active_isa()
+    if fast:
+        e = qw.cache.get("cpu_packed:" + name)
+        if e is None or not e.valid_for(qw):
+            _packed(qw, name)
+            e = qw.cache["cpu_packed:" + name]
+        if e.blob.run is not None:
+            C.call(e.blob.run, x.data_ptr(), x_dt, M, ldx, b0, out.data_ptr(), out_dt, ldy, num_threads())
+            if not isa:
+                qw.cache["cpu_lane:fast"] = (e.blob.run, e)
+            return out
     e = qw.cache.get("cpu_exact:" + name)
     if e is None or not e.valid_for(qw):
         e = _Exact(qw, name)
         qw.cache["cpu_exact:" + name] = e
-    e.run(x.data_ptr(), x_dt, M, ldx, b0, out.data_ptr(), out_dt, ldy, num_threads())
+    C.call(e.run, x.data_ptr(), x_dt, M, ldx, b0, out.data_ptr(), out_dt, ldy, num_threads())
+    if not isa:
+        qw.cache["cpu_lane:exact"] = (e.run, e)
     return out
 
 

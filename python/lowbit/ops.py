@@ -160,7 +160,26 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
     """``F.linear(x, W, bias)`` with W stored as ``qw``: x is [..., K] (float32, bfloat16 or
     float16), the result [..., N] in x's dtype, accumulated in float32."""
     if type(x) in _PLAIN:
-        if x.is_cuda:
+        if x.is_cpu:
+            if (not torch.compiler.is_compiling() and not torch._C._get_tracing_state()
+                    and type(qw) is QuantizedWeight and "plain_cpu" in qw.cache and not x.requires_grad
+                    and (bias is None or _plain_f32_bias(bias, qw.shape[0]))):
+                # The common eager CPU call (a decoding step calls every layer once per token): a
+                # validated CPU weight with no input transform (qw.cache's "plain_cpu" stamp), x
+                # on the CPU, no bias or a plain float32 one, nothing to record: the checks below
+                # in their cheapest form (issue 3: the call within 2x of the kernel).
+                shape = x.shape
+                N, K = qw.shape
+                dt = _backend.DTYPE_IDS.get(x.dtype)  # (None: not float32, bfloat16 or float16)
+                if (dt is not None and len(shape) >= 2 and shape[-1] == K and x.is_contiguous()
+                        and not x.is_neg()):
+                    if len(shape) == 2:
+                        M, out = shape[0], x.new_empty(shape[0], N)
+                    else:
+                        M, out = x.numel() // K, x.new_empty(*shape[:-1], N)  # (varargs: ~1 us less)
+                    # (x and the fresh out are contiguous: rows K and N elements apart)
+                    return _backend.linear_rows(x, dt, M, K, qw, bias, out, dt, N)
+        elif x.is_cuda:
             if (bias is None or type(bias) in _PLAIN) and not torch.compiler.is_compiling():
                 # a call with the signature of an earlier checked one: its bound launch
                 # (lowbit.kernels)
@@ -169,25 +188,6 @@ def linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = 
                     y = k.fast_linear(x, qw, bias)
                     if y is not None:
                         return y
-        elif (not torch.compiler.is_compiling() and not torch._C._get_tracing_state()
-              and type(qw) is QuantizedWeight and not x.requires_grad and "valid" in qw.cache
-              and qw.perm is None and qw.input_scale is None
-              and (bias is None or _plain_f32_bias(bias, qw.shape[0]))):
-            # The common eager CPU call (a decoding step calls every layer once per token): a
-            # validated weight, a contiguous x [..., K] on the CPU, no bias or a plain float32
-            # one, nothing to record: the checks below in their cheapest form (issue 3: the call
-            # within 2x of the kernel).
-            shape = x.shape
-            N, K = qw.shape
-            dt = _backend.DTYPE_IDS.get(x.dtype)  # (None: not float32, bfloat16 or float16)
-            if (dt is not None and len(shape) >= 2 and shape[-1] == K and x.is_cpu and qw.data.is_cpu
-                    and x.is_contiguous() and not x.is_neg()):
-                if len(shape) == 2:
-                    M, out = shape[0], x.new_empty(shape[0], N)
-                else:
-                    M, out = x.numel() // K, x.new_empty(*shape[:-1], N)  # (varargs: ~1 us less)
-                # (x and the fresh out are contiguous: rows K and N elements apart)
-                return _backend.linear_rows(x, dt, M, K, qw, bias, out, dt, N)
     _check_qw(qw)
     compiling = torch.compiler.is_compiling()
     if not compiling:  # (traced: the op validates its tensors at run time)

@@ -103,6 +103,9 @@ class QuantizedWeight:
         if "valid" not in self.cache:
             self.validate()
             self.cache["valid"] = True
+            if self.perm is None and self.input_scale is None and self.data.is_cpu:
+                # lowbit.linear's cheapest CPU lane (lowbit.ops) takes weights with this stamp
+                self.cache["plain_cpu"] = True
 
     # ---- layout -------------------------------------------------------------------------
     @property

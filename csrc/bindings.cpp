@@ -460,6 +460,7 @@ PYBIND11_MODULE(_C, m) {
     d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
     d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl;
     d["avx512dq"] = f.avx512dq; d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
+    d["avx_vnni"] = f.avx_vnni;
     d["amx_bf16"] = f.amx_bf16; d["neon"] = f.neon; d["dotprod"] = f.dotprod;
     return d;
   });

@@ -69,8 +69,11 @@ CpuFeatures probe() {
     const bool amx_cpu = (d & (1u << 22)) && (d & (1u << 24)) && (xcr0 & 0x60000) == 0x60000;
     f.amx_bf16 = amx_cpu && amx_permission();
   }
-  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) f.avx512bf16 = zmm_ok && (a & (1u << 5));
-  if (!ymm_ok) f.fma = f.f16c = false;
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) {
+    f.avx_vnni = ymm_ok && (a & (1u << 4));  // CPUID.(7,1):EAX bit 4
+    f.avx512bf16 = zmm_ok && (a & (1u << 5));
+  }
+  if (!ymm_ok) f.fma = f.f16c = f.avx_vnni = false;
 #endif
 #if defined(__aarch64__)
   f.neon = true;  // Advanced SIMD is mandatory on AArch64
@@ -91,6 +94,13 @@ struct IsaEntry {
   // Empty when the CPU can run it, else the missing feature's name.
   std::string (*missing)(const CpuFeatures&);
 };
+
+std::string avx2_missing(const CpuFeatures& f) {
+  if (!f.avx2) return "avx2";
+  if (!f.fma) return "fma";
+  if (!f.f16c) return "f16c";
+  return "";
+}
 
 std::string avx512_missing(const CpuFeatures& f) {
   if (!f.avx512f) return "avx512f";
@@ -135,18 +145,24 @@ const IsaEntry kIsas[] = {
      nullptr,
 #endif
      avx512_missing},
+    {"avx2vnni",
+#ifdef LOWBIT_HAVE_AVX2VNNI
+     &avx2vnni::kTable,
+#else
+     nullptr,
+#endif
+     [](const CpuFeatures& f) -> std::string {
+       const std::string m = avx2_missing(f);
+       if (!m.empty()) return m;
+       return f.avx_vnni ? "" : "avx-vnni";
+     }},
     {"avx2",
 #ifdef LOWBIT_HAVE_AVX2
      &avx2::kTable,
 #else
      nullptr,
 #endif
-     [](const CpuFeatures& f) -> std::string {
-       if (!f.avx2) return "avx2";
-       if (!f.fma) return "fma";
-       if (!f.f16c) return "f16c";
-       return "";
-     }},
+     avx2_missing},
     {"neon_dotprod",
 #ifdef LOWBIT_HAVE_NEON_DOTPROD
      &neon_dotprod::kTable,
@@ -178,7 +194,7 @@ const KernelTable& lookup(const std::string& isa) {
                                "', which this CPU (or OS) does not provide");
     return *e.table;
   }
-  throw std::runtime_error("unknown ISA '" + isa + "' (expected one of: avx512amx, avx512vnni, avx512, avx2, neon_dotprod, neon, scalar)");
+  throw std::runtime_error("unknown ISA '" + isa + "' (expected one of: avx512amx, avx512vnni, avx512, avx2vnni, avx2, neon_dotprod, neon, scalar)");
 }
 
 void choose_locked() {

@@ -1,5 +1,5 @@
 // Chooses one KernelTable per process: the best ISA this CPU supports, or the one named by
-// LOWBIT_ISA (scalar | avx2 | avx512 | avx512vnni | avx512amx | neon | neon_dotprod). Probed once, on first use.
+// LOWBIT_ISA (scalar | avx2 | avx2vnni | avx512 | avx512vnni | avx512amx | neon | neon_dotprod). Probed once, on first use.
 #pragma once
 #include <string>
 #include <vector>
@@ -10,6 +10,7 @@ namespace lowbit {
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
+  bool avx_vnni = false;  // AVX-VNNI: the VEX-encoded (256-bit) vpdpbusd
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false;
   // AMX-TILE and AMX-BF16 present, their state enabled in XCR0 and granted to this process by

@@ -259,11 +259,12 @@ struct KernelTable {
   XTileGemmFn xtgemm[kNumFormats];
 };
 
-// One table per compiled ISA, each defined in csrc/kernels/<isa>/table.cpp. avx512vnni and
-// neon_dotprod share their base ISA's exact kernels and packed layout; only their qgemm uses
+// One table per compiled ISA, each defined in csrc/kernels/<isa>/table.cpp. avx2vnni, avx512vnni
+// and neon_dotprod share their base ISA's exact kernels and packed layout; only their qgemm uses
 // the extra instructions (vpdpbusd, sdot). avx512amx is avx512vnni plus the tile path.
 namespace generic { extern const KernelTable kTable; }
 namespace avx2 { extern const KernelTable kTable; }
+namespace avx2vnni { extern const KernelTable kTable; }
 namespace avx512 { extern const KernelTable kTable; }
 namespace avx512vnni { extern const KernelTable kTable; }
 namespace avx512amx { extern const KernelTable kTable; }

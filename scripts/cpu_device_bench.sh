@@ -71,6 +71,11 @@ if [[ -x $BUILD/lowbit_bench ]]; then
     timeout 60 "${PIN[@]}" "$BUILD/lowbit_bench" --isa avx2 --shapes 4096x4096 --m 1,32,128 --threads 2 \
       --paths fast --reps 8 --max-seconds 0.4 2>&1 | tee "$OUT/cpp_avx2.txt"
   fi
+  if [[ $ISA != avx2vnni ]] && "$PY" -c "from lowbit import _backend as B; import sys; sys.exit('avx2vnni' not in B.ext().supported_isas())"; then
+    stamp "C++ fast path, the AVX-VNNI kernels on this CPU (what an Intel laptop without AVX-512 runs)"
+    timeout 60 "${PIN[@]}" "$BUILD/lowbit_bench" --isa avx2vnni --shapes 4096x4096 --m 1,32,128 --threads 2 \
+      --paths fast --reps 8 --max-seconds 0.4 2>&1 | tee "$OUT/cpp_avx2vnni.txt"
+  fi
 fi
 
 LB=("$PY" -m lowbit.cli bench --threads 2 --no-progress)

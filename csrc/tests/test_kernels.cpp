@@ -1660,8 +1660,8 @@ int main(int argc, char** argv) {
   const std::vector<std::string> compiled = compiled_isas(), supported = supported_isas();
   std::printf("compiled ISAs: %s\nsupported ISAs: %s\n", join(compiled).c_str(), join(supported).c_str());
   const CpuFeatures& cf = cpu_features();
-  std::printf("cpu features: avx2=%d fma=%d f16c=%d avx512f=%d avx512bw=%d avx512bf16=%d amx-bf16=%d neon=%d dotprod=%d\n",
-              cf.avx2, cf.fma, cf.f16c, cf.avx512f, cf.avx512bw, cf.avx512bf16, cf.amx_bf16, cf.neon, cf.dotprod);
+  std::printf("cpu features: avx2=%d fma=%d f16c=%d avx-vnni=%d avx512f=%d avx512bw=%d avx512bf16=%d amx-bf16=%d neon=%d dotprod=%d\n",
+              cf.avx2, cf.fma, cf.f16c, cf.avx_vnni, cf.avx512f, cf.avx512bw, cf.avx512bf16, cf.amx_bf16, cf.neon, cf.dotprod);
 
   g_ctx = "dispatch";
   check(std::memcmp(kNF4Codebook, kOwnNF4, sizeof kOwnNF4) == 0, "kNF4Codebook differs from the QLoRA table");

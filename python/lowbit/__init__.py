@@ -78,8 +78,9 @@ def backend_info() -> dict:
 
 
 def set_isa(isa: str) -> None:
-    """Force the CPU kernels to one ISA ('avx512', 'avx2', 'neon' or 'scalar') for this process,
-    like LOWBIT_ISA; RuntimeError if this CPU can't run it."""
+    """Force the CPU kernels to one ISA for this process, like LOWBIT_ISA: 'avx512amx',
+    'avx512vnni', 'avx512', 'avx2vnni', 'avx2', 'neon_dotprod', 'neon' or 'scalar' (those this CPU
+    runs: ``backend_info()["supported_isas"]``); RuntimeError if this CPU can't run it."""
     from . import _backend
     _backend.ext().set_isa(isa)
 

@@ -42,7 +42,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     _IMPORT_ERROR = e
 
 # every ISA lowbit has kernels for (a build compiles those of its architecture)
-ISAS = ("scalar", "avx2", "avx512", "avx512vnni", "avx512amx", "neon", "neon_dotprod")
+ISAS = ("scalar", "avx2", "avx2vnni", "avx512", "avx512vnni", "avx512amx", "neon", "neon_dotprod")
 
 DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/kernel_api.h DType
 _FMT_IDS = {"int8": 0, "int4": 1, "nf4": 2, "fp4": 3}

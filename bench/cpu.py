@@ -23,7 +23,8 @@ def main(argv=None) -> int:
                    ",".join(f"{k}x{n}" for k, n in B.FULL_SHAPES))
     p.add_argument("--m", help="M list, default " + ",".join(map(str, B.FULL_MS)))
     p.add_argument("--impls", help="default " + ",".join(B.DEFAULT_IMPLS))
-    p.add_argument("--threads", type=int, help="threads for torch and lowbit (default: torch's)")
+    p.add_argument("--threads", help="threads for torch and lowbit (default: torch's); several, e.g. "
+                   "1,2: each case with each count in turn, with a speed-up column")
     p.add_argument("--reps", type=int, default=20, help="timed calls per case (median reported)")
     p.add_argument("--max-seconds", type=float, default=3.0, help="time budget per case and impl")
     p.add_argument("--cpu-path", choices=B.CPU_PATH_CHOICES,
@@ -36,9 +37,12 @@ def main(argv=None) -> int:
     ms = B.parse_ints(args.m, "M") if args.m else list(B.FULL_MS)
     impls = args.impls.split(",") if args.impls else list(B.DEFAULT_IMPLS)
     env = B.environment()
+    threads = B.parse_ints(args.threads, "thread count") if args.threads else None
+    if threads is not None and len(threads) == 1:
+        threads = threads[0]
     print(f"CPU ISA {env['cpu_isa']}, {args.threads or env['num_threads']} threads, "
           f"LLC {env['llc_bytes'] >> 20} MB, torch {env['torch']}")
-    results = B.run_bench(shapes, ms, impls, reps=args.reps, threads=args.threads,
+    results = B.run_bench(shapes, ms, impls, reps=args.reps, threads=threads,
                           max_seconds=args.max_seconds, progress=not args.no_progress,
                           cpu_path=cpu_path)
     print(B.results_table(results))

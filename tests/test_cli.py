@@ -146,6 +146,33 @@ def test_bench_cpu_path_is_applied_and_recorded(tmp_path, capsys, path):
     assert _backend.cpu_path() == before  # restored
 
 
+def test_bench_thread_scaling_rows(tmp_path, capsys):
+    """--threads 1,2: every row measured with each count in turn (the counts recorded), each
+    with its speed-up over the same row at the first count (1.00x there, computed from the two
+    medians otherwise), torch's and lowbit's thread settings restored afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    js = tmp_path / "b.json"
+    assert cli.main(["bench", "--shapes", "64x32", "--m", "1,4", "--reps", "2", "--impls", "int4-g128",
+                     "--threads", "1,2", "--cpu-path", "exact", "--json", str(js), "--no-progress",
+                     "--no-limits"]) == 0
+    out = capsys.readouterr().out
+    assert "1/2 threads" in out and "vs 1 thr" in out
+    res = json.loads(js.read_text())["results"]
+    for impl in ("int4-g128", "torch-fp32"):
+        for M in (1, 4):
+            rows = {r["threads"]: r for r in res if r["impl"] == impl and r["M"] == M}
+            assert sorted(rows) == [1, 2]
+            assert rows[1]["extra"]["scaling"] == 1.0
+            assert rows[2]["extra"]["scaling"] == pytest.approx(rows[1]["median_us"] / rows[2]["median_us"])
+    assert torch.get_num_threads() == before and "LOWBIT_NUM_THREADS" not in __import__("os").environ
+    for bad in ("0", "1,1", "2,x", ""):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--threads", bad, "--no-progress", "--no-limits"])
+    assert cli.main(["bench", "--model", "--threads", "1,2"]) == 2
+    assert "--threads takes a list" in capsys.readouterr().err
+
+
 def test_bench_fp4_rows_only_when_named(tmp_path):
     """fp4 (lowbit's and bitsandbytes') is an optional row: --impls runs it, measured against
     the reference like the others; the default and --peers sets leave it out."""

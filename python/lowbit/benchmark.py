@@ -31,7 +31,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -487,15 +487,66 @@ def machine_limits(threads: Optional[int] = None) -> Dict[str, float]:
         torch.set_num_threads(old)
 
 
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    os.environ["LOWBIT_NUM_THREADS"] = str(n)
+
+
 def run_bench(shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES, ms: Sequence[int] = DEFAULT_MS,
-              impls: Sequence[str] = DEFAULT_IMPLS, *, reps: int = 20, threads: Optional[int] = None,
+              impls: Sequence[str] = DEFAULT_IMPLS, *, reps: int = 20,
+              threads: Union[None, int, Sequence[int]] = None,
               max_seconds: float = 2.0, progress: bool = True, cpu_path: Optional[str] = None,
               on_case: Optional[Callable[[List[BenchResult]], None]] = None,
+              bandwidth_gbps: Union[None, float, Dict[int, float]] = None,
               **kw) -> List[BenchResult]:
     """All (shape, M) cases; ``threads`` sets torch's and lowbit's thread count for the run,
     ``cpu_path`` lowbit's CPU path ("fast" or "exact"; "both": every lowbit row on each; None:
     as configured); ``on_case`` is called with each case's results as soon as they exist (e.g.
-    to print them)."""
+    to print them).
+
+    ``threads`` may list several counts (thread scaling): each case is then measured with each
+    count in turn, one right after the other (on a shared machine whose speed drifts, separate
+    runs minutes apart can skew the ratio either way), and every row records
+    ``extra["scaling"]``, its speed-up over the same row at the first count.
+    ``bandwidth_gbps`` may then map each count to the read bandwidth measured with it."""
+    counts = [threads] if threads is None or isinstance(threads, int) else [int(t) for t in threads]
+    if not counts or any(t is not None and t < 1 for t in counts):
+        raise ValueError(f"threads must be positive, got {threads!r}")
+    if len(counts) > 1:
+        old_threads = torch.get_num_threads()
+        old_env = os.environ.get("LOWBIT_NUM_THREADS")
+        bw = bandwidth_gbps if isinstance(bandwidth_gbps, dict) else {t: bandwidth_gbps for t in counts}
+        results: List[BenchResult] = []
+        cases = [(K, N, M) for (K, N) in shapes for M in ms]
+        it = cases
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(cases, desc="bench", unit="case", leave=False)
+        try:
+            for K, N, M in it:
+                case: List[BenchResult] = []
+                for t in counts:
+                    case += run_bench([(K, N)], [M], impls, reps=reps, threads=t, max_seconds=max_seconds,
+                                      progress=False, cpu_path=cpu_path, bandwidth_gbps=bw.get(t), **kw)
+                first = {(r.impl, r.extra.get("cpu_path")): r for r in case if r.threads == counts[0]}
+                for r in case:
+                    b = first.get((r.impl, r.extra.get("cpu_path")))
+                    if b is not None and b.reps and r.reps:
+                        r.extra["scaling"] = b.median_us / r.median_us
+                results += case
+                if on_case is not None:
+                    on_case(case)
+        finally:
+            torch.set_num_threads(old_threads)
+            if old_env is None:
+                os.environ.pop("LOWBIT_NUM_THREADS", None)
+            else:
+                os.environ["LOWBIT_NUM_THREADS"] = old_env
+        return results
+    threads = counts[0]
+    if isinstance(bandwidth_gbps, dict):
+        bandwidth_gbps = bandwidth_gbps.get(threads)
+    kw["bandwidth_gbps"] = bandwidth_gbps
     from . import _backend
     impls = list(impls)
     if "torch-fp32" not in impls:
@@ -506,8 +557,7 @@ def run_bench(shapes: Sequence[Tuple[int, int]] = DEFAULT_SHAPES, ms: Sequence[i
     old_threads = torch.get_num_threads()
     old_env = os.environ.get("LOWBIT_NUM_THREADS")
     if threads is not None:
-        torch.set_num_threads(threads)
-        os.environ["LOWBIT_NUM_THREADS"] = str(threads)
+        _set_threads(threads)
     try:
         cases = [(K, N, M) for (K, N) in shapes for M in ms]
         results: List[BenchResult] = []
@@ -544,17 +594,26 @@ def results_table(results: Sequence[BenchResult]) -> str:
     against the float32 weight; skipped peers say why."""
     has_bw = any("bw_fraction" in r.extra for r in results)
     mixed = _mixed_paths(r.extra.get("cpu_path") for r in results)
-    headers = ["K x N", "M", "impl", "x", "µs", "weight GB/s", "GFLOP/s", "vs fp32"]
+    counts = list(dict.fromkeys(r.threads for r in results))
+    scaling = len(counts) > 1  # rows of several thread counts (run_bench's scaling mode)
+    headers = ["K x N", "M", "impl", "x"] + (["threads"] if scaling else [])
+    headers += ["µs", "weight GB/s", "GFLOP/s", "vs fp32"]
+    headers += [f"vs {counts[0]} thr"] if scaling else []
     headers += ["of BW"] if has_bw else []
     headers += ["rel err"]
     rows = []
     for r in results:
+        lead = [f"{r.K}x{r.N}", r.M] + ([r.impl, ""] if not r.reps else [row_label(r, mixed), r.extra.get("x_dtype", "")])
+        lead += [r.threads] if scaling else []
         if not r.reps:
-            rows.append([f"{r.K}x{r.N}", r.M, r.impl, "", None, None, None,
-                         "skipped: " + r.extra.get("skipped", "")] + ([""] if has_bw else []) + [""])
+            rows.append(lead + [None, None, None, "skipped: " + r.extra.get("skipped", "")]
+                        + ([""] if scaling else []) + ([""] if has_bw else []) + [""])
             continue
-        row = [f"{r.K}x{r.N}", r.M, row_label(r, mixed), r.extra.get("x_dtype", ""), r.median_us, r.weight_gbps,
-               r.gflops, (f"{r.speedup_vs_fp32:.2f}x" if r.speedup_vs_fp32 else "")]
+        row = lead + [r.median_us, r.weight_gbps, r.gflops,
+                      (f"{r.speedup_vs_fp32:.2f}x" if r.speedup_vs_fp32 else "")]
+        if scaling:
+            sc = r.extra.get("scaling")
+            row.append(f"{sc:.2f}x" if sc is not None else "")
         if has_bw:
             f = r.extra.get("bw_fraction")
             row.append(f"{f:.0%}" if f is not None else "")
@@ -572,11 +631,16 @@ def plot_speedups(results: Sequence[BenchResult], path: str, title: str = "") ->
     import matplotlib.pyplot as plt
     shapes = sorted({(r.K, r.N) for r in results})
     mixed = _mixed_paths(r.extra.get("cpu_path") for r in results)
+    several = len({r.threads for r in results}) > 1  # scaling mode: a line per thread count
+
+    def label_of(r):
+        return row_label(r, mixed) + (f" ({r.threads} thr)" if several else "")
+
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
     for ax, (K, N) in zip(axes[0], shapes):
         rs = [r for r in results if (r.K, r.N) == (K, N) and r.reps and r.speedup_vs_fp32]
-        for label in dict.fromkeys(row_label(r, mixed) for r in rs):
-            sel = [r for r in rs if row_label(r, mixed) == label]
+        for label in dict.fromkeys(label_of(r) for r in rs):
+            sel = [r for r in rs if label_of(r) == label]
             pts = sorted((r.M, r.speedup_vs_fp32) for r in sel)
             style = ("-o" if sel[0].extra.get("cpu_path") != "exact" else ":o") \
                 if sel[0].impl in LOWBIT_IMPLS else "--."

@@ -326,6 +326,11 @@ def _path_words(path: str) -> str:
 
 
 def cmd_bench(args) -> int:
+    counts = args.threads or []
+    if len(counts) > 1 and (args.model or args.device == "cuda"):
+        raise ValueError("--threads takes a list of counts only for the CPU kernel benchmark, "
+                         "not with --model or --device cuda")
+    args.threads = counts[0] if len(counts) == 1 else (None if not counts else counts)
     if args.model:
         return _bench_model(args)
     if args.device == "cuda":
@@ -356,20 +361,27 @@ def cmd_bench(args) -> int:
                  f"{_PATH_DESC['exact']}, the default")
     else:
         words = _path_words(cpu_path or B.current_cpu_path())
-    nthreads = threads or info.get("num_threads")
+    counts = threads if isinstance(threads, list) else [threads or info.get("num_threads")]
+    nthreads = "/".join(str(t) for t in counts)
     print(f"lowbit bench: CPU ISA {info.get('cpu_isa')}, {words}, {nthreads} threads, "
           f"{args.dtype} activations, median of up to {args.reps} calls, "
           f"weights rotated over > {2 * B.last_level_cache_bytes() >> 20} MB")
     limits = None
+    bandwidth = None
     if not args.no_limits:
-        limits = B.machine_limits(threads)
-        print(f"machine: read bandwidth {limits['read_gbps']:.1f} GB/s, torch matmul fp32 "
-              f"{limits['fp32_gflops']:.0f} GFLOP/s, bf16 {limits['bf16_gflops']:.0f} GFLOP/s "
-              f"({nthreads} threads)")
+        per = {}
+        for t in counts:
+            per[t] = lim = B.machine_limits(t)
+            print(f"machine: read bandwidth {lim['read_gbps']:.1f} GB/s, torch matmul fp32 "
+                  f"{lim['fp32_gflops']:.0f} GFLOP/s, bf16 {lim['bf16_gflops']:.0f} GFLOP/s "
+                  f"({t} threads)")
+        limits = per[counts[0]] if len(counts) == 1 else {str(t): v for t, v in per.items()}
+        bandwidth = {t: v["read_gbps"] for t, v in per.items()}
+        if len(counts) == 1:
+            bandwidth = bandwidth[counts[0]]
     results = B.run_bench(shapes, ms, impls, reps=args.reps, threads=threads,
                           max_seconds=args.max_seconds, progress=not args.no_progress,
-                          cpu_path=cpu_path, dtype=dtype,
-                          bandwidth_gbps=limits["read_gbps"] if limits else None,
+                          cpu_path=cpu_path, dtype=dtype, bandwidth_gbps=bandwidth,
                           on_case=(lambda rs: print(B.results_table(rs), flush=True))
                           if args.stream else None)
     if not args.stream:
@@ -700,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run torch's int8/int4 CPU ops, dynamic int8 and bitsandbytes")
     s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="activation dtype (default fp32)")
-    s.add_argument("--threads", type=_positive_int, help="threads for torch and lowbit (default: all cores)")
+    s.add_argument("--threads", type=_thread_counts,
+                   help="threads for torch and lowbit (default: all cores); several, e.g. 1,2: each "
+                        "case measured with each count in turn, with a speed-up column (CPU kernels)")
     s.add_argument("--reps", type=_positive_int, default=20, help="timed calls per case (median reported)")
     s.add_argument("--max-seconds", type=_positive_float, default=2.0,
                    help="time budget per case; stops early after at least 3 calls")
@@ -797,6 +811,17 @@ def _int_at_least(lo: int, what: str):
 
 
 _positive_int = _int_at_least(1, "a positive integer")
+
+
+def _thread_counts(text: str) -> List[int]:
+    """--threads: one positive count or a comma-separated list of distinct ones."""
+    try:
+        counts = [_positive_int(v.strip()) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or a list like 1,2, got {text!r}") from None
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"thread counts must differ, got {text!r}")
+    return counts
 _nonnegative_int = _int_at_least(0, "a non-negative integer")
 
 

@@ -112,5 +112,24 @@ static inline int nibble_at(const uint8_t* row, int64_t k) {
   return (k & 1) ? (b >> 4) : (b & 0x0f);
 }
 
+// Whether an activation row x[0, n) may take the exact kernels' factored int4 path at M = 1
+// (sum(q * x) per group over the raw codes, then s * (that - z * sum(x)); avx2/gemm.cpp):
+// every value finite, and |x| small enough that a group's sum(q * x) (|q| <= 15)
+// cannot overflow where the reference's sum((q - z) * s * x) would not. One integer max over
+// the bit patterns (+inf is 0x7f800000, every NaN above it).
+static inline bool factor_ok(const float* x, int64_t n, int64_t group) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    u &= 0x7fffffffu;
+    m = u > m ? u : m;
+  }
+  if (m >= 0x7f800000u) return false;
+  float f;
+  std::memcpy(&f, &m, 4);
+  return double(f) * 15.0 * double(group) < 1e37;
+}
+
 }  // namespace detail
 }  // namespace lowbit

@@ -163,33 +163,6 @@ static inline __attribute__((always_inline)) void chunk4_codes(const uint8_t* co
   }
 }
 
-// Whether an activation row may take the factored int4 path (gemm_block): finite, and small
-// enough that a group's sum of q * x (|q| <= 15) cannot overflow where the reference's sum of
-// (q - z) * s * x would not.
-static inline bool factor_ok(const float* x, int64_t n, int64_t group) {
-  // max |x| on the bit patterns (as the activation quantizer does): +inf is 0x7f800000 and
-  // every NaN above it, so one integer max also finds the non-finite values
-  const __m256i absm = _mm256_set1_epi32(0x7fffffff);
-  __m256i mx = _mm256_setzero_si256();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    mx = _mm256_max_epi32(mx, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), absm));
-  alignas(32) uint32_t t[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(t), mx);
-  uint32_t m = 0;
-  for (int j = 0; j < 8; ++j) m = t[j] > m ? t[j] : m;
-  for (; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, x + i, 4);
-    u &= 0x7fffffffu;
-    m = u > m ? u : m;
-  }
-  if (m >= 0x7f800000u) return false;
-  float f;
-  std::memcpy(&f, &m, 4);
-  return double(f) * 15.0 * double(group) < 1e37;
-}
-
 // One int8 chunk (32 codes at k = c). kPartial: the chunk runs past K; its codes are copied
 // (the packed activations are zero there).
 template <int MR, int NR, int S, bool kPartial>

@@ -1106,6 +1106,12 @@ static void test_weights(const std::vector<const KernelTable*>& tabs, const Conf
       test_linear_packed(*tab, t, M1, xdt, ydt, bias, threads, ldx_pad, r3);
       test_linear_packed(*tab, t, M2, DType((c + 2) % 3), DType((c / 3 + 1) % 3), !bias, 4 - threads,
                          ldx_pad ? 0 : 3, r3);
+      if (c % 3 == 0) {
+        // larger M through linear: the exact kernels' panel path (avx2: from 32 rows), or the
+        // exact tile path where the table has one
+        Rng r6(uint64_t(c) * 47 + 13);
+        test_linear(*tab, t, 32 + c % 100, DType((c + 2) % 3), DType((c + 1) % 3), !bias, threads, ldx_pad, r6);
+      }
       if (tab->exact_tile_min_m[t.w.fmt] > 0) {
         // the exact tile path (linear from exact_tile_min_m rows; weights it does not take go
         // to the exact kernels), one to three panels of 64 rows

@@ -383,3 +383,36 @@ def test_gguf_q4_k_is_int4_float_offset_group_32():
                          group_size=32, symmetric=False, zero_point="float")
     assert _bits_equal(R.dequantize(qw), want)
     assert _bits_equal(lowbit.dequantize(qw), want)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+def test_nearest_code_equals_the_exhaustive_argmin(fmt):
+    """R.nearest_code (a binary search and two float32 distances) returns exactly what the
+    argmin over the whole codebook of |x - value| returns, ties to the lower code index
+    included: on every code value, on the midpoints of neighbouring values and the 8 floats on
+    each side of them, on +-0 and tiny values, on random values inside and far outside the
+    codebook's range, and on inf / nan."""
+    table = R.CODEBOOK_TABLES[fmt]
+    vals = torch.unique(table)  # (sorted)
+    mids = (vals[1:] + vals[:-1]) / 2
+    probes = [table, mids, -mids, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-45, -1e-45, 2.0, -2.0,
+                                                2.0000002, 3e30, -3e30, float("inf"), float("-inf"),
+                                                float("nan")])]
+    for base in (mids, vals):
+        up, down = base.clone(), base.clone()
+        for _ in range(8):
+            up = torch.nextafter(up, torch.full_like(up, float("inf")))
+            down = torch.nextafter(down, torch.full_like(down, float("-inf")))
+            probes += [up.clone(), down.clone()]
+    g = torch.Generator().manual_seed(0)
+    probes += [torch.rand(200_000, generator=g) * 5 - 2.5, torch.randn(100_000, generator=g),
+               torch.randn(10_000, generator=g) * 1e6, torch.randn(10_000, generator=g) * 1e9]
+    x = torch.cat(probes)
+    want = (x[..., None] - table).abs().argmin(dim=-1).to(torch.uint8)
+    got = R.nearest_code(x, fmt)
+    assert got.dtype == torch.uint8 and got.shape == x.shape
+    bad = (got != want).nonzero().flatten()
+    assert bad.numel() == 0, [(float(x[i]), int(got[i]), int(want[i])) for i in bad[:10]]
+    # any shape: the [N, G, block] tensors the quantizers pass
+    x3 = torch.randn(7, 5, 64, generator=g)
+    assert torch.equal(R.nearest_code(x3, fmt), (x3[..., None] - table).abs().argmin(dim=-1).to(torch.uint8))

@@ -152,9 +152,54 @@ def decode_double_quant(codes: torch.Tensor, step: torch.Tensor, lo: torch.Tenso
 
 
 def nearest_code(scaled: torch.Tensor, fmt: str = "nf4") -> torch.Tensor:
-    """Index of the nearest value of ``fmt``'s codebook (the first one on a tie)."""
+    """Index of the nearest value of ``fmt``'s codebook (the first one on a tie): the argmin
+    over the codebook of ``|scaled - value|`` computed in float32,
+    ``(scaled[..., None] - table).abs().argmin(-1)``.
+
+    Computed without the [..., 16] distance tensor: a binary search in the sorted codebook
+    finds the two neighbouring values, and the same float32 distances to those two decide
+    (the lower code index on a tie; equal values, fp4's +0 and -0, count as their lowest
+    index). Only a neighbour can be nearest, and the codes are at least 0.005 apart, so no
+    other code can tie after rounding while |scaled| <= 2 (what quantizing w / absmax gives);
+    larger or non-finite values take the full argmin. tests/test_reference.py checks the two
+    against each other on the midpoints, their neighbouring floats and random values."""
     table = CODEBOOK_TABLES[fmt].to(scaled.device)
-    return (scaled[..., None] - table).abs().argmin(dim=-1).to(torch.uint8)
+    vals, first = _sorted_codebook(fmt, scaled.device)
+    v = scaled.to(torch.float32)
+    p = torch.searchsorted(vals, v.contiguous())
+    last = vals.numel() - 1
+    lo = (p - 1).clamp(0, last)
+    hi = p.clamp(max=last)
+    dlo = (v - vals[lo]).abs()
+    dhi = (v - vals[hi]).abs()
+    ilo, ihi = first[lo], first[hi]
+    idx = torch.where((dhi < dlo) | ((dhi == dlo) & (ihi < ilo)), ihi, ilo)
+    far = ~(v.abs() <= 2.0)  # (NaN included)
+    if bool(far.any()):
+        idx[far] = (v[far][..., None] - table).abs().argmin(dim=-1)
+    return idx.to(torch.uint8)
+
+
+_SORTED_CODEBOOKS: dict = {}
+
+
+def _sorted_codebook(fmt: str, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the codebook's distinct values ascending, the lowest code index of each)."""
+    key = (fmt, str(device))
+    hit = _SORTED_CODEBOOKS.get(key)
+    if hit is None:
+        pairs = sorted((float(v), i) for i, v in enumerate(CODEBOOK_TABLES[fmt].tolist()))
+        vals, first = [], []
+        for v, i in pairs:
+            if vals and v == vals[-1]:
+                first[-1] = min(first[-1], i)
+            else:
+                vals.append(v)
+                first.append(i)
+        hit = (torch.tensor(vals, dtype=torch.float32, device=device),
+               torch.tensor(first, dtype=torch.int64, device=device))
+        _SORTED_CODEBOOKS[key] = hit
+    return hit
 
 
 def nearest_nf4(scaled: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 #include "api.h"
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstring>
 #include <stdexcept>
@@ -383,6 +384,37 @@ void linear_packed(const LinearArgs& a, const uint8_t* packed, int64_t packed_by
   const uint8_t* body_ptr = packed + kPackedHeaderBytes;
   for_row_tiles(N, nt, [&](int64_t n0, int64_t n1) { qgemm(w, body_ptr, xa, n0, n1, yf, ldyf); });
   finish_output(a, t, yf, ldyf);
+}
+
+void codebook_codes(const float* w, int64_t N, int64_t K, int64_t ldw, int64_t block, const float* absmax,
+                    const float* table, uint8_t* out, int64_t ldo, int n_threads) {
+  if (!w || !absmax || !table || !out) bad("codebook_codes: null pointer");
+  if (N <= 0 || K <= 0 || block <= 0 || ldw < K || ldo < (K + 1) / 2) bad("codebook_codes: bad sizes");
+  const int64_t G = (K + block - 1) / block;
+  float t[16];
+  std::memcpy(t, table, sizeof t);
+  const int64_t rows = std::max<int64_t>(1, (int64_t(1) << 16) / K);  // ~64k elements a task
+  parallel_for((N + rows - 1) / rows, std::max(1, n_threads), [&](int64_t task) {
+    for (int64_t n = task * rows; n < std::min(N, (task + 1) * rows); ++n) {
+      const float* wr = w + n * ldw;
+      uint8_t* o = out + n * ldo;
+      std::memset(o, 0, size_t((K + 1) / 2));
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = absmax[n * G + k / block];
+        const float v = wr[k] / (a == 0.0f ? 1.0f : a);
+        int best = 0;
+        float bd = std::fabs(v - t[0]);
+        for (int i = 1; i < 16; ++i) {
+          const float d = std::fabs(v - t[i]);
+          if (d < bd) {  // strict: the first minimum, as argmin
+            bd = d;
+            best = i;
+          }
+        }
+        o[k >> 1] = uint8_t(o[k >> 1] | (best << (4 * (k & 1))));
+      }
+    }
+  });
 }
 
 void dequantize(const QWeight& w, void* out, DType out_dtype, int64_t ldo, int n_threads,

@@ -33,6 +33,14 @@ void linear(const LinearArgs& a, const KernelTable* table = nullptr);
 void dequantize(const QWeight& w, void* out, DType out_dtype, int64_t ldo, int n_threads,
                 const KernelTable* table = nullptr);
 
+// Codebook quantization's code search (lowbit.reference.quantize_codebook): for each w[n, k]
+// (float32, row stride ldw) the index of the codebook value (table, 16 floats) nearest to
+// w / a, a = absmax[n, k / block] (1 where it is 0), the lowest index on a tie (the argmin of
+// the float32 distances), packed two per byte (even k in the low nibble) into out (row stride
+// ldo >= ceil(K / 2) bytes). Throws std::invalid_argument on bad sizes or null pointers.
+void codebook_codes(const float* w, int64_t N, int64_t K, int64_t ldw, int64_t block, const float* absmax,
+                    const float* table, uint8_t* out, int64_t ldo, int n_threads);
+
 // ---- the activation-quantized fast path (kernel_api.h, "fast path") ---------------------
 //
 // A packed weight is kPackedHeaderBytes of header (PackedHeader: which ISA, format and shape

@@ -356,6 +356,17 @@ PYBIND11_MODULE(_C, m) {
   m.add_object("call_active", py::reinterpret_steal<py::object>(
                                   PyCFunction_NewEx(&call_active_def, Py_True, m.attr("__name__").ptr())));
   m.def(
+      "codebook_codes",
+      [](uint64_t w, int64_t N, int64_t K, int64_t ldw, int64_t block, uint64_t absmax, uint64_t table,
+         uint64_t out, int64_t ldo, int n_threads) {
+        py::gil_scoped_release nogil;
+        lowbit::codebook_codes(ptr<float>(w), N, K, ldw, block, ptr<float>(absmax), ptr<float>(table),
+                               reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(out)), ldo, n_threads);
+      },
+      py::arg("w"), py::arg("N"), py::arg("K"), py::arg("ldw"), py::arg("block"), py::arg("absmax"),
+      py::arg("table"), py::arg("out"), py::arg("ldo"), py::arg("n_threads"),
+      "The packed codes of codebook quantization (lowbit.reference.quantize_codebook's search).");
+  m.def(
       "quantize_activations",
       [](uint64_t x, int x_dtype, int64_t M, int64_t K, int64_t ldx, int64_t block, uint64_t q,
          uint64_t d, uint64_t sum, const std::string& isa) {

@@ -416,3 +416,33 @@ def test_nearest_code_equals_the_exhaustive_argmin(fmt):
     # any shape: the [N, G, block] tensors the quantizers pass
     x3 = torch.randn(7, 5, 64, generator=g)
     assert torch.equal(R.nearest_code(x3, fmt), (x3[..., None] - table).abs().argmin(dim=-1).to(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize("dq", [False, True])
+def test_cpu_codebook_quantizer_is_the_reference_bit_for_bit(fmt, dq):
+    """lowbit.quantize_weight's C++ code search for nf4 / fp4 (ops._quantize_codebook_cpu)
+    gives the reference's codes, scales and double-quantization fields exactly: odd K, a ragged
+    last block, all-zero rows and blocks, values on the codebook's midpoints (ties), tiny and
+    huge magnitudes, bf16 input."""
+    from lowbit import ops
+    g = torch.Generator().manual_seed(3)
+    mids = (torch.unique(R.CODEBOOK_TABLES[fmt])[1:] + torch.unique(R.CODEBOOK_TABLES[fmt])[:-1]) / 2
+    for N, K, block in ((7, 301, 64), (33, 256, 32), (5, 1000, 256), (3, 64, 64)):
+        w = torch.randn(N, K, generator=g)
+        w[1] = 0.0                               # an all-zero row
+        w[2, : min(K, block)] = 0.0              # an all-zero block
+        w[0, :mids.numel()] = mids               # ties: w / absmax lands on a midpoint (absmax 1)
+        w[0, mids.numel()] = 1.0
+        if N > 3:
+            w[3] *= 1e-30
+            w[4] *= 1e30
+        for x in (w, w.to(torch.bfloat16)):
+            got = ops._quantize_codebook_cpu(x, fmt, group_size=block, double_quant=dq)
+            want = R.quantize_weight(x, fmt, group_size=block, double_quant=dq)
+            for name in ("data", "scales", "dq_scale", "dq_offset"):
+                a, b = getattr(got, name), getattr(want, name)
+                assert (a is None) == (b is None), name
+                if a is not None:
+                    assert a.dtype == b.dtype and torch.equal(a, b), (name, N, K, block)
+            assert got.group_size == want.group_size and got.double_quant == want.double_quant

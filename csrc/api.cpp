@@ -399,19 +399,21 @@ void codebook_codes(const float* w, int64_t N, int64_t K, int64_t ldw, int64_t b
       const float* wr = w + n * ldw;
       uint8_t* o = out + n * ldo;
       std::memset(o, 0, size_t((K + 1) / 2));
-      for (int64_t k = 0; k < K; ++k) {
-        const float a = absmax[n * G + k / block];
-        const float v = wr[k] / (a == 0.0f ? 1.0f : a);
-        int best = 0;
-        float bd = std::fabs(v - t[0]);
-        for (int i = 1; i < 16; ++i) {
-          const float d = std::fabs(v - t[i]);
-          if (d < bd) {  // strict: the first minimum, as argmin
-            bd = d;
-            best = i;
+      for (int64_t g = 0; g < G; ++g) {
+        const float a = absmax[n * G + g];
+        const float d0 = a == 0.0f ? 1.0f : a;
+        for (int64_t k = g * block; k < std::min(K, (g + 1) * block); ++k) {
+          const float v = wr[k] / d0;
+          int best = 0;
+          float bd = std::fabs(v - t[0]);
+          for (int i = 1; i < 16; ++i) {  // branch-free: the first minimum, as argmin
+            const float d = std::fabs(v - t[i]);
+            const bool lt = d < bd;
+            best = lt ? i : best;
+            bd = lt ? d : bd;
           }
+          o[k >> 1] = uint8_t(o[k >> 1] | (best << (4 * (k & 1))));
         }
-        o[k >> 1] = uint8_t(o[k >> 1] | (best << (4 * (k & 1))));
       }
     }
   });

@@ -178,16 +178,19 @@ PyObject* call_bound(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
     if (i64(i) < INT32_MIN || i64(i) > INT32_MAX) throw std::invalid_argument("argument out of range");
     return static_cast<int>(i64(i));
   };
+  // runs a handle of either type; false: declined (active_only and another ISA's handle)
+  const auto run = [&](const auto& b) {
+    if (active_only && b.table != &active_table()) return false;
+    run_bound(b, make_args(b.w, u[0], i32(1), i64(2), i64(3), u[4], u[5], i32(6), i64(7), i32(8)));
+    return true;
+  };
+  bool ran = false;
   try {
     const py::handle h(args[0]);
     if (py::isinstance<PackedLinear>(h)) {
-      const auto& b = h.cast<const PackedLinear&>();
-      if (active_only && b.table != &active_table()) Py_RETURN_FALSE;
-      run_bound(b, make_args(b.w, u[0], i32(1), i64(2), i64(3), u[4], u[5], i32(6), i64(7), i32(8)));
+      ran = run(h.cast<const PackedLinear&>());
     } else if (py::isinstance<ExactLinear>(h)) {
-      const auto& b = h.cast<const ExactLinear&>();
-      if (active_only && b.table != &active_table()) Py_RETURN_FALSE;
-      run_bound(b, make_args(b.w, u[0], i32(1), i64(2), i64(3), u[4], u[5], i32(6), i64(7), i32(8)));
+      ran = run(h.cast<const ExactLinear&>());
     } else {
       PyErr_Format(PyExc_TypeError, "call: handle must be a PackedLinear or ExactLinear, got %s",
                    Py_TYPE(args[0])->tp_name);
@@ -215,8 +218,8 @@ PyObject* call_bound(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
     return nullptr;
   }
-  if (active_only) Py_RETURN_TRUE;
-  Py_RETURN_NONE;
+  if (!active_only) Py_RETURN_NONE;
+  return PyBool_FromLong(ran);
 }
 
 PyMethodDef call_bound_def = {"call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(call_bound)),

@@ -326,3 +326,24 @@ static void qgemm(const QWeight& w, const uint8_t* packed, const QActs& x, int64
 
 }  // namespace qx86
 }  // namespace lowbit
+
+// The fast path's four qgemm entry points of an ISA's KernelTable over its vector-ops struct V,
+// written once: each ISA's qgemm.cpp expands this inside its own namespace (kernel_api.h,
+// QGemmFn; the definitions must be plain functions its table.cpp can name).
+#define LOWBIT_QX86_QGEMM_ENTRIES(V)                                                                      \
+  void qgemm_int8(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y, \
+                  int64_t ldy) {                                                                        \
+    ::lowbit::qx86::qgemm<V, ::lowbit::kInt8>(w, p, x, n0, n1, y, ldy);                                 \
+  }                                                                                                     \
+  void qgemm_int4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y, \
+                  int64_t ldy) {                                                                        \
+    ::lowbit::qx86::qgemm<V, ::lowbit::kInt4>(w, p, x, n0, n1, y, ldy);                                 \
+  }                                                                                                     \
+  void qgemm_nf4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,  \
+                 int64_t ldy) {                                                                         \
+    ::lowbit::qx86::qgemm<V, ::lowbit::kNF4>(w, p, x, n0, n1, y, ldy);                                  \
+  }                                                                                                     \
+  void qgemm_fp4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,  \
+                 int64_t ldy) {                                                                         \
+    ::lowbit::qx86::qgemm<V, ::lowbit::kFP4>(w, p, x, n0, n1, y, ldy);                                  \
+  }

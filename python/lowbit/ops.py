@@ -263,29 +263,25 @@ _QUANT_CHUNK_BYTES = 256 << 20
 def _quantize_codebook_cpu(w: torch.Tensor, fmt: str, *, group_size: Optional[int] = None,
                            symmetric: Optional[bool] = None, double_quant: bool = False,
                            zero_point: Optional[str] = None) -> QuantizedWeight:
-    """reference.quantize_weight for nf4 / fp4 on the CPU with the code search in C++
-    (_C.codebook_codes: the same float32 division by the block's absmax and distances to the
-    codebook, the lowest code on a tie; ~0.1 s for a 4096 x 4096 weight against ~1 s): the
-    absmax and its double quantization are the reference's own functions. Equal to the
-    reference bit for bit (tests/test_reference.py)."""
+    """reference.quantize_weight for nf4 / fp4 on the CPU (quantize_weight has checked the
+    options) with the code search in C++ (_C.codebook_codes: the same float32 division by the
+    block's absmax and distances to the codebook, the lowest code on a tie; 0.22 s for a
+    4096 x 4096 weight's codes against ~1.1 s), the scales by reference.codebook_scales. Equal
+    to the reference bit for bit (tests/test_reference.py)."""
     spec = F.get_format(fmt)
     gs = F.check_group_size(spec, group_size)
     w32 = w.detach().to(torch.float32).contiguous()
     reference._check_finite(w32)
     N, K = w32.shape
     group = F.effective_group(gs, K)
-    absmax = reference.to_groups(w32, group).abs().amax(dim=2)
-    used, codes_a, dq_scale, dq_offset = absmax, None, None, None
-    if double_quant:
-        codes_a, dq_scale, dq_offset = reference.double_quantize_absmax(absmax)
-        used = reference.decode_double_quant(codes_a, dq_scale, dq_offset)
-    used = used.contiguous()
+    absmax, scales, dq_scale, dq_offset = reference.codebook_scales(reference.to_groups(w32, group), double_quant)
+    absmax = absmax.contiguous()
     table = reference.CODEBOOK_TABLES[spec.name].contiguous()
     packed = torch.empty(N, (K + 1) // 2, dtype=torch.uint8)
-    _backend.ext().codebook_codes(w32.data_ptr(), N, K, K, group, used.data_ptr(), table.data_ptr(),
+    _backend.ext().codebook_codes(w32.data_ptr(), N, K, K, group, absmax.data_ptr(), table.data_ptr(),
                                   packed.data_ptr(), packed.shape[1], _backend.num_threads())
-    return QuantizedWeight(spec.name, (N, K), packed, codes_a if double_quant else absmax, group_size=gs,
-                           double_quant=double_quant, dq_scale=dq_scale, dq_offset=dq_offset)
+    return QuantizedWeight(spec.name, (N, K), packed, scales, group_size=gs, double_quant=double_quant,
+                           dq_scale=dq_scale, dq_offset=dq_offset)
 
 
 def quantize_weight(w: torch.Tensor, fmt: str = "int4", *, group_size: Optional[int] = None,

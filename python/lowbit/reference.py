@@ -207,18 +207,25 @@ def nearest_nf4(scaled: torch.Tensor) -> torch.Tensor:
     return nearest_code(scaled, "nf4")
 
 
+def codebook_scales(g: torch.Tensor, double_quant: bool):
+    """nf4 / fp4's per-block scales of the blocks g [N, G, block] (to_groups): (the absmax the
+    codes are searched against [N, G], the stored scales, dq_scale, dq_offset). With double
+    quantization the codes are searched against the decoded absmax (what is stored) and the
+    stored scales are its codes."""
+    absmax = g.abs().amax(dim=2)
+    if not double_quant:
+        return absmax, absmax, None, None
+    codes_a, dq_scale, dq_offset = double_quantize_absmax(absmax)
+    return decode_double_quant(codes_a, dq_scale, dq_offset), codes_a, dq_scale, dq_offset
+
+
 def quantize_codebook(w: torch.Tensor, block: int, double_quant: bool, fmt: str = "nf4"):
     """nf4 / fp4: block absmax (optionally double-quantized) and the nearest codebook index."""
     N, K = w.shape
     g = to_groups(w, block)
-    absmax = g.abs().amax(dim=2)
-    dq_scale = dq_offset = None
-    if double_quant:
-        codes_a, dq_scale, dq_offset = double_quantize_absmax(absmax)
-        absmax = decode_double_quant(codes_a, dq_scale, dq_offset)  # quantize against what is stored
+    absmax, scales, dq_scale, dq_offset = codebook_scales(g, double_quant)
     q = nearest_code(g / _safe(absmax)[..., None], fmt)
     packed = pack_nibbles(q.reshape(N, -1)[:, :K])
-    scales = codes_a if double_quant else absmax
     return packed, scales, dq_scale, dq_offset
 
 

@@ -10,22 +10,7 @@ namespace avx2vnni {
 using namespace detail;
 using V = avx2::V256<true>;
 
-void qgemm_int8(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
-                int64_t ldy) {
-  qx86::qgemm<V, kInt8>(w, p, x, n0, n1, y, ldy);
-}
-void qgemm_int4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
-                int64_t ldy) {
-  qx86::qgemm<V, kInt4>(w, p, x, n0, n1, y, ldy);
-}
-void qgemm_nf4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
-               int64_t ldy) {
-  qx86::qgemm<V, kNF4>(w, p, x, n0, n1, y, ldy);
-}
-void qgemm_fp4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
-               int64_t ldy) {
-  qx86::qgemm<V, kFP4>(w, p, x, n0, n1, y, ldy);
-}
+LOWBIT_QX86_QGEMM_ENTRIES(V)
 
 }  // namespace avx2vnni
 }  // namespace lowbit

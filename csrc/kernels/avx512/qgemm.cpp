@@ -21,22 +21,7 @@ void pack_int4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { qpack::
 void pack_nf4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { qpack::pack_tiles(w, n0, n1, dst, V::kT); }
 void pack_fp4(const QWeight& w, int64_t n0, int64_t n1, uint8_t* dst) { qpack::pack_tiles(w, n0, n1, dst, V::kT); }
 
-void qgemm_int8(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
-                int64_t ldy) {
-  qx86::qgemm<V, kInt8>(w, p, x, n0, n1, y, ldy);
-}
-void qgemm_int4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
-                int64_t ldy) {
-  qx86::qgemm<V, kInt4>(w, p, x, n0, n1, y, ldy);
-}
-void qgemm_nf4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
-               int64_t ldy) {
-  qx86::qgemm<V, kNF4>(w, p, x, n0, n1, y, ldy);
-}
-void qgemm_fp4(const QWeight& w, const uint8_t* p, const QActs& x, int64_t n0, int64_t n1, float* y,
-               int64_t ldy) {
-  qx86::qgemm<V, kFP4>(w, p, x, n0, n1, y, ldy);
-}
+LOWBIT_QX86_QGEMM_ENTRIES(V)
 
 }  // namespace avx512
 }  // namespace lowbit
